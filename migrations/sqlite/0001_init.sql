@@ -1,0 +1,81 @@
+-- The event log from the beginning of time: replayable, with its context.
+-- Timestamps are fixed-width UTC text (text order is time order).
+CREATE TABLE events (
+    id          TEXT PRIMARY KEY,
+    client_id   TEXT NOT NULL,
+    type        TEXT NOT NULL,
+    occurred_at TEXT NOT NULL,
+    year        INTEGER NOT NULL,
+    month       INTEGER NOT NULL,
+    day         INTEGER NOT NULL,
+    data        TEXT NOT NULL,
+    context     TEXT NOT NULL,
+    received_at TEXT NOT NULL,
+    stream_seq  INTEGER
+);
+CREATE INDEX events_client_time ON events (client_id, occurred_at);
+CREATE INDEX events_type_time ON events (type, occurred_at);
+CREATE INDEX events_date ON events (year, month, day);
+
+-- One row per client: searchable profile columns plus the whole derived
+-- state as JSON; `version` is the optimistic-concurrency counter.
+CREATE TABLE clients (
+    client_id           TEXT PRIMARY KEY,
+    version             INTEGER NOT NULL,
+    email               TEXT,
+    first_name          TEXT,
+    last_name           TEXT,
+    acquisition_channel TEXT,
+    marketing_consent   INTEGER NOT NULL DEFAULT 0,
+    unsubscribed        INTEGER NOT NULL DEFAULT 0,
+    locale              TEXT,
+    timezone            TEXT,
+    first_seen          TEXT,
+    last_seen           TEXT,
+    state               TEXT NOT NULL
+);
+CREATE INDEX clients_email ON clients (email);
+CREATE INDEX clients_last_seen ON clients (last_seen);
+
+-- The transactional outbox: effects written with their cause, sent later.
+CREATE TABLE outbox (
+    key         TEXT PRIMARY KEY,
+    kind        TEXT NOT NULL,
+    rule        TEXT NOT NULL,
+    client_id   TEXT NOT NULL,
+    event_id    TEXT NOT NULL,
+    payload     TEXT NOT NULL,
+    status      TEXT NOT NULL CHECK (status IN ('pending', 'sending', 'sent', 'failed')),
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    due_at      TEXT NOT NULL,
+    lease_until TEXT,
+    last_error  TEXT,
+    message_id  TEXT,
+    created_at  TEXT NOT NULL,
+    sent_at     TEXT
+);
+CREATE INDEX outbox_due ON outbox (status, due_at);
+CREATE INDEX outbox_client ON outbox (client_id);
+
+-- Envelopes that failed validation, with the reason. A redelivered message
+-- (same stream sequence) is kept once.
+CREATE TABLE rejected (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    received_at TEXT NOT NULL,
+    subject     TEXT NOT NULL,
+    stream_seq  INTEGER UNIQUE,
+    reason      TEXT NOT NULL,
+    payload     TEXT NOT NULL
+);
+
+-- What nudge decided and did, per client, for support staff.
+CREATE TABLE client_log (
+    id        INTEGER PRIMARY KEY AUTOINCREMENT,
+    client_id TEXT NOT NULL,
+    at        TEXT NOT NULL,
+    level     TEXT NOT NULL,
+    rule      TEXT,
+    event_id  TEXT,
+    message   TEXT NOT NULL
+);
+CREATE INDEX client_log_client ON client_log (client_id, id);

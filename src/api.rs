@@ -1,0 +1,152 @@
+//! The HTTP side: health and metrics (open), and the `/api` routes (behind
+//! the bearer token when `http.token` is set).
+
+use crate::catalog::Catalog;
+use crate::metrics::Metrics;
+use crate::store::{AnyStore, Store};
+use axum::extract::{Query, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+use std::sync::Arc;
+
+#[derive(Clone)]
+pub struct ApiState {
+    pub store: AnyStore,
+    pub nats: Option<async_nats::Client>,
+    pub catalog: Arc<Catalog>,
+    pub metrics: Arc<Metrics>,
+    pub token: Option<Arc<str>>,
+}
+
+pub fn router(state: ApiState) -> Router {
+    let api = Router::new()
+        .route("/rejected", get(rejected))
+        .route("/rules", get(rules))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .nest("/api", api)
+        .with_state(state)
+}
+
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({"error": self.1}))).into_response()
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        tracing::error!(error = %e, "api: store error");
+        ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+    }
+}
+
+async fn require_token(State(s): State<ApiState>, req: Request, next: Next) -> Response {
+    let Some(expected) = &s.token else {
+        return next.run(req).await;
+    };
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if constant_time_eq(given.as_bytes(), expected.as_bytes()) {
+        next.run(req).await
+    } else {
+        ApiError(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token".into(),
+        )
+        .into_response()
+    }
+}
+
+/// Compares without an early exit, so timing does not reveal the token.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for i in 0..a.len().max(b.len()) {
+        let x = a.get(i).copied().unwrap_or(0);
+        let y = b.get(i).copied().unwrap_or(0);
+        diff |= (x ^ y) as usize;
+    }
+    diff == 0
+}
+
+/// Ready only when both NATS and the database answer.
+async fn health(State(s): State<ApiState>) -> Response {
+    let db_ok = s.store.ping().await.is_ok();
+    let nats_ok = s
+        .nats
+        .as_ref()
+        .is_some_and(|c| c.connection_state() == async_nats::connection::State::Connected);
+    let status = if db_ok && nats_ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = json!({
+        "status": if status == StatusCode::OK { "ready" } else { "not ready" },
+        "database": if db_ok { "ok" } else { "unavailable" },
+        "nats": if nats_ok { "ok" } else { "unavailable" },
+    });
+    (status, Json(body)).into_response()
+}
+
+async fn metrics(State(s): State<ApiState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.metrics.render(),
+    )
+        .into_response()
+}
+
+#[derive(Deserialize)]
+struct Limit {
+    limit: Option<u32>,
+}
+
+async fn rejected(State(s): State<ApiState>, Query(q): Query<Limit>) -> Result<Response, ApiError> {
+    let rows = s
+        .store
+        .list_rejected(q.limit.unwrap_or(100).min(1000))
+        .await?;
+    Ok(Json(json!({ "rejected": rows })).into_response())
+}
+
+async fn rules(State(s): State<ApiState>) -> Response {
+    let set = s.catalog.rules();
+    let rules: Vec<_> = set
+        .rules
+        .iter()
+        .map(|r| {
+            let (runs, errors) = s.metrics.rule_counts(&r.name);
+            json!({"name": r.name, "file": r.path.display().to_string(),
+                   "triggers": r.triggers, "runs": runs, "errors": errors})
+        })
+        .collect();
+    let errors: Vec<String> = s.catalog.errors().iter().map(|e| e.to_string()).collect();
+    Json(json!({"rules": rules, "errors": errors})).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+        assert!(!constant_time_eq(b"", b"a"));
+    }
+}

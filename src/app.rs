@@ -1,0 +1,163 @@
+//! Startup as a value: [`Application::build`] opens the database, loads rules
+//! and templates, binds the HTTP listener and connects to NATS;
+//! [`Application::run_until_stopped`] runs every task until the token is
+//! cancelled, then lets each finish its unit of work.
+
+use crate::api::{ApiState, router};
+use crate::catalog::Catalog;
+use crate::config::Config;
+use crate::delivery::Sender;
+use crate::ingest;
+use crate::metrics::Metrics;
+use crate::pipeline::Pipeline;
+use crate::store::{AnyStore, Store};
+use anyhow::Context;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub struct Application {
+    config: Config,
+    store: AnyStore,
+    catalog: Arc<Catalog>,
+    metrics: Arc<Metrics>,
+    nats: async_nats::Client,
+    listener: tokio::net::TcpListener,
+}
+
+impl Application {
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let store = open_store(&config).await?;
+        let catalog = Arc::new(Catalog::load(&config));
+        let listener = tokio::net::TcpListener::bind(config.http.listen)
+            .await
+            .with_context(|| format!("cannot listen on http.listen {}", config.http.listen))?;
+        let nats = ingest::connect(&config.nats)
+            .await
+            .with_context(|| format!("cannot connect to nats.url {}", config.nats.url))?;
+        if config.http.token.is_none() {
+            tracing::warn!(
+                "http.token is not set: /api is open to anyone who can reach http.listen"
+            );
+        }
+        Ok(Self {
+            config,
+            store,
+            catalog,
+            metrics: Arc::new(Metrics::default()),
+            nats,
+            listener,
+        })
+    }
+
+    /// The bound HTTP address (the real port when `http.listen` used port 0).
+    pub fn http_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("bound listener has an address")
+    }
+
+    pub fn store(&self) -> &AnyStore {
+        &self.store
+    }
+
+    pub fn catalog(&self) -> Arc<Catalog> {
+        self.catalog.clone()
+    }
+
+    pub async fn run_until_stopped(self, cancel: CancellationToken) -> anyhow::Result<()> {
+        let tracker = TaskTracker::new();
+        let wake = Arc::new(Notify::new());
+
+        tracker.spawn(self.catalog.clone().watch(
+            Duration::from_millis(self.config.rules.reload_poll_ms),
+            cancel.clone(),
+        ));
+
+        let sender = Sender::new(
+            &self.config,
+            self.store.clone(),
+            self.catalog.clone(),
+            self.metrics.clone(),
+        )?;
+        tracker.spawn(sender.run(wake.clone(), cancel.clone()));
+
+        let pipeline = Arc::new(Pipeline::new(
+            self.store.clone(),
+            self.catalog.clone(),
+            self.metrics.clone(),
+            self.config.nats.max_event_bytes,
+        ));
+        let nats_cfg = self.config.nats.clone();
+        let js = async_nats::jetstream::new(self.nats.clone());
+        let ingest_cancel = cancel.clone();
+        tracker.spawn(async move {
+            // The broker may not be there yet: retry setup with backoff
+            // instead of exiting, while /health says not ready.
+            let mut delay = Duration::from_millis(250);
+            let consumer = loop {
+                let attempt = async {
+                    let stream = ingest::ensure_stream(&js, &nats_cfg).await?;
+                    ingest::ensure_consumer(&stream, &nats_cfg).await
+                };
+                match attempt.await {
+                    Ok(c) => break c,
+                    Err(e) => {
+                        tracing::warn!(error = %e, retry_in = ?delay, "nats not ready");
+                        tokio::select! {
+                            _ = ingest_cancel.cancelled() => return,
+                            _ = tokio::time::sleep(delay) => {}
+                        }
+                        delay = (delay * 2).min(Duration::from_secs(10));
+                    }
+                }
+            };
+            tracing::info!(stream = %nats_cfg.stream, consumer = %nats_cfg.consumer, "consuming");
+            ingest::run(consumer, pipeline, nats_cfg.batch_size, wake, ingest_cancel).await;
+        });
+
+        let state = ApiState {
+            store: self.store.clone(),
+            nats: Some(self.nats.clone()),
+            catalog: self.catalog.clone(),
+            metrics: self.metrics.clone(),
+            token: self.config.http.token.as_deref().map(Arc::from),
+        };
+        let http_cancel = cancel.clone();
+        let addr = self.http_addr();
+        let listener = self.listener;
+        tracker.spawn(async move {
+            tracing::info!(%addr, "http listening");
+            let served = axum::serve(listener, router(state))
+                .with_graceful_shutdown(http_cancel.cancelled_owned())
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "http server failed");
+            }
+        });
+
+        tracker.close();
+        cancel.cancelled().await;
+        tracing::info!("stopping: finishing the work in hand");
+        tracker.wait().await;
+        // Acks are buffered publishes: make sure they reach the server.
+        let _ = self.nats.flush().await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Opens the configured database and brings its schema up to date.
+pub async fn open_store(config: &Config) -> anyhow::Result<AnyStore> {
+    let store = AnyStore::connect(&config.database.url, config.database.max_connections)
+        .await
+        .with_context(|| format!("cannot open database.url {}", config.database.url))?;
+    store
+        .migrate()
+        .await
+        .context("cannot migrate the database")?;
+    Ok(store)
+}

@@ -1,0 +1,476 @@
+//! Settings: a YAML file, then `NUDGE__SECTION__KEY` environment overrides,
+//! validated once at start. An error names the key it is about.
+
+use serde::Deserialize;
+use serde_yaml::Value;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid YAML: {source}")]
+    Yaml {
+        path: PathBuf,
+        source: serde_yaml::Error,
+    },
+    #[error("config key `{key}`: {message}")]
+    Key { key: String, message: String },
+}
+
+fn key_err(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Key {
+        key: key.to_string(),
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub nats: NatsConfig,
+    pub database: DatabaseConfig,
+    pub smtp: SmtpConfig,
+    pub mail: MailConfig,
+    pub rules: RulesConfig,
+    pub templates: TemplatesConfig,
+    pub delivery: DeliveryConfig,
+    pub http: HttpConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsConfig {
+    /// Server URL(s), comma-separated for a cluster. Default `nats://127.0.0.1:4222`.
+    pub url: String,
+    /// Stream holding the shop's events; created when missing. Default `SHOP_EVENTS`.
+    pub stream: String,
+    /// Subject prefix of the shop's events. Default `shop.events`.
+    pub subject_prefix: String,
+    /// Subject prefix of the events nudge emits. Default `nudge.events`.
+    pub emit_prefix: String,
+    /// Durable consumer name shared by all instances. Default `nudge`.
+    pub consumer: String,
+    /// How long the stream keeps events when nudge creates it. Default 365 days.
+    pub max_age_days: u64,
+    /// Events pulled and committed together. Default 500.
+    pub batch_size: usize,
+    /// Envelopes larger than this are rejected. Default 65536.
+    pub max_event_bytes: usize,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            url: "nats://127.0.0.1:4222".into(),
+            stream: "SHOP_EVENTS".into(),
+            subject_prefix: "shop.events".into(),
+            emit_prefix: "nudge.events".into(),
+            consumer: "nudge".into(),
+            max_age_days: 365,
+            batch_size: 500,
+            max_event_bytes: 64 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// `sqlite://path` (created when missing) or `postgres://...`. Default `sqlite://nudge.db`.
+    pub url: String,
+    /// Connection pool size. Default 8.
+    pub max_connections: u32,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: "sqlite://nudge.db".into(),
+            max_connections: 8,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SmtpConfig {
+    /// lettre's URL form: `smtp://host:port`, `smtps://user:pass@host`, `smtp://host?tls=required`.
+    /// Default `smtp://127.0.0.1:25`.
+    pub url: String,
+    /// Sender mailbox, `Name <addr>` or `addr`. Default `nudge <nudge@localhost>`.
+    pub from: String,
+    /// Timeout of one SMTP send, in seconds. Default 30.
+    pub timeout_secs: u64,
+    /// Pooled SMTP connections. Default 4.
+    pub pool_size: u32,
+}
+
+impl Default for SmtpConfig {
+    fn default() -> Self {
+        Self {
+            url: "smtp://127.0.0.1:25".into(),
+            from: "nudge <nudge@localhost>".into(),
+            timeout_secs: 30,
+            pool_size: 4,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    Smtp,
+    File,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MailConfig {
+    /// `smtp`, or `file` to write `.eml` files into `dir`. Default `file`.
+    pub transport: Transport,
+    /// Folder for the file transport. Default `var/mail`.
+    pub dir: PathBuf,
+}
+
+impl Default for MailConfig {
+    fn default() -> Self {
+        Self {
+            transport: Transport::File,
+            dir: "var/mail".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RulesConfig {
+    /// Folder of `*.rhai` rules. Default `rules`.
+    pub dir: PathBuf,
+    /// How often the rules and templates folders are checked for changes, in ms. Default 500.
+    pub reload_poll_ms: u64,
+    /// Rhai operations one rule run may take. Default 200000.
+    pub max_operations: u64,
+    /// Nested function calls. Default 32.
+    pub max_call_depth: usize,
+    /// Longest string a rule may build, in bytes. Default 65536.
+    pub max_string_bytes: usize,
+    /// Longest array. Default 10000.
+    pub max_array_len: usize,
+    /// Largest map. Default 10000.
+    pub max_map_len: usize,
+}
+
+impl Default for RulesConfig {
+    fn default() -> Self {
+        Self {
+            dir: "rules".into(),
+            reload_poll_ms: 500,
+            max_operations: 200_000,
+            max_call_depth: 32,
+            max_string_bytes: 64 * 1024,
+            max_array_len: 10_000,
+            max_map_len: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TemplatesConfig {
+    /// Folder of `NAME.txt` + `NAME.html` templates. Default `templates`.
+    pub dir: PathBuf,
+}
+
+impl Default for TemplatesConfig {
+    fn default() -> Self {
+        Self {
+            dir: "templates".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    /// How often the outbox is checked when idle, in ms. Default 500.
+    pub poll_ms: u64,
+    /// Mails sent at once. Default 4.
+    pub concurrency: usize,
+    /// Attempts before a mail is marked failed. Default 8.
+    pub max_attempts: u32,
+    /// First retry delay, doubled each attempt, in seconds. Default 2.
+    pub retry_base_secs: u64,
+    /// How long a claimed mail is reserved for one sender, in seconds. Default 120.
+    pub lease_secs: u64,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        Self {
+            poll_ms: 500,
+            concurrency: 4,
+            max_attempts: 8,
+            retry_base_secs: 2,
+            lease_secs: 120,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address of the HTTP server. Default `127.0.0.1:8080`.
+    pub listen: SocketAddr,
+    /// Bearer token for `/api/*`; unset means the API is closed (health stays open).
+    pub token: Option<String>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".parse().expect("valid default address"),
+            token: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` or `json`. Default `text`.
+    pub format: LogFormat,
+    /// A tracing filter, e.g. `info` or `nudge=debug`. `RUST_LOG` wins when set. Default `info`.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path` (when given), applies the process environment, validates.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_with_env(path, std::env::vars())
+    }
+
+    pub fn load_with_env(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut root = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_path_buf(),
+                    source,
+                })?;
+                let v: Value = serde_yaml::from_str(&text).map_err(|source| ConfigError::Yaml {
+                    path: p.to_path_buf(),
+                    source,
+                })?;
+                if v.is_null() {
+                    Value::Mapping(Default::default())
+                } else {
+                    v
+                }
+            }
+            None => Value::Mapping(Default::default()),
+        };
+        for (name, value) in env {
+            if let Some(rest) = name.strip_prefix("NUDGE__") {
+                let keys: Vec<String> = rest.split("__").map(str::to_lowercase).collect();
+                set_path(&mut root, &keys, &value)?;
+            }
+        }
+        let config: Config = serde_path_to_error::deserialize(root).map_err(|e| {
+            let key = e.path().to_string();
+            key_err(&key, e.into_inner().to_string())
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let url = &self.database.url;
+        if !(url.starts_with("sqlite:")
+            || url.starts_with("postgres:")
+            || url.starts_with("postgresql:"))
+        {
+            return Err(key_err(
+                "database.url",
+                format!("{url:?} must start with sqlite:// or postgres://"),
+            ));
+        }
+        if self.mail.transport == Transport::Smtp {
+            // Only parsed here: building the pooled transport needs a runtime.
+            lettre::AsyncSmtpTransport::<lettre::Tokio1Executor>::from_url(&self.smtp.url)
+                .map_err(|e| key_err("smtp.url", e.to_string()))?;
+        }
+        self.smtp
+            .from
+            .parse::<lettre::message::Mailbox>()
+            .map_err(|e| {
+                key_err(
+                    "smtp.from",
+                    format!("{:?} is not a mailbox: {e}", self.smtp.from),
+                )
+            })?;
+        let positive = [
+            ("nats.batch_size", self.nats.batch_size as u64),
+            ("nats.max_event_bytes", self.nats.max_event_bytes as u64),
+            (
+                "database.max_connections",
+                self.database.max_connections as u64,
+            ),
+            ("delivery.concurrency", self.delivery.concurrency as u64),
+            ("delivery.max_attempts", self.delivery.max_attempts as u64),
+            ("rules.max_operations", self.rules.max_operations),
+            ("rules.reload_poll_ms", self.rules.reload_poll_ms),
+            ("smtp.timeout_secs", self.smtp.timeout_secs),
+        ];
+        for (key, v) in positive {
+            if v == 0 {
+                return Err(key_err(key, "must be greater than 0"));
+            }
+        }
+        if self.nats.stream.is_empty() || self.nats.stream.contains(['.', ' ', '*', '>']) {
+            return Err(key_err(
+                "nats.stream",
+                "must be a non-empty name without '.', ' ', '*' or '>'",
+            ));
+        }
+        if self.nats.consumer.is_empty() || self.nats.consumer.contains(['.', ' ', '*', '>']) {
+            return Err(key_err(
+                "nats.consumer",
+                "must be a non-empty name without '.', ' ', '*' or '>'",
+            ));
+        }
+        if let Some(t) = &self.http.token
+            && t.len() < 16
+        {
+            return Err(key_err("http.token", "must be at least 16 characters"));
+        }
+        Ok(())
+    }
+}
+
+/// Sets `root[keys...] = value`, the value read as a YAML scalar so that
+/// `NUDGE__NATS__BATCH_SIZE=100` is a number and `...=true` a boolean.
+fn set_path(root: &mut Value, keys: &[String], value: &str) -> Result<(), ConfigError> {
+    let dotted = keys.join(".");
+    let mut node = root;
+    for (i, key) in keys.iter().enumerate() {
+        if !node.is_mapping() {
+            if node.is_null() {
+                *node = Value::Mapping(Default::default());
+            } else {
+                return Err(key_err(&dotted, "overrides a value that is not a section"));
+            }
+        }
+        let map = node.as_mapping_mut().expect("checked above");
+        let k = Value::String(key.clone());
+        if i + 1 == keys.len() {
+            let parsed: Value =
+                serde_yaml::from_str(value).unwrap_or_else(|_| Value::String(value.to_string()));
+            // A value that YAML reads as a map or list is meant as text here.
+            let parsed = if parsed.is_mapping() || parsed.is_sequence() || parsed.is_null() {
+                Value::String(value.to_string())
+            } else {
+                parsed
+            };
+            map.insert(k, parsed);
+            return Ok(());
+        }
+        node = map.entry(k).or_insert(Value::Null);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.yaml");
+        Config::load_with_env(Some(&path), env(&[])).unwrap();
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let c = Config::load_with_env(
+            None,
+            env(&[
+                ("NUDGE__NATS__URL", "nats://10.0.0.1:4222"),
+                ("NUDGE__NATS__BATCH_SIZE", "42"),
+                ("NUDGE__MAIL__TRANSPORT", "smtp"),
+                ("NUDGE__SMTP__URL", "smtp://127.0.0.1:2525"),
+                ("NUDGE__HTTP__LISTEN", "127.0.0.1:9999"),
+                ("OTHER", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.nats.url, "nats://10.0.0.1:4222");
+        assert_eq!(c.nats.batch_size, 42);
+        assert_eq!(c.mail.transport, Transport::Smtp);
+        assert_eq!(c.http.listen.port(), 9999);
+    }
+
+    #[test]
+    fn a_bad_config_names_the_key() {
+        let e = Config::load_with_env(None, env(&[("NUDGE__NATS__BATCH_SIZE", "many")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nats.batch_size"), "{e}");
+        let e = Config::load_with_env(None, env(&[("NUDGE__NATS__NOPE", "1")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nope"), "{e}");
+        let e = Config::load_with_env(None, env(&[("NUDGE__DATABASE__URL", "mysql://x")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("database.url"), "{e}");
+        let e = Config::load_with_env(None, env(&[("NUDGE__SMTP__FROM", "not a mailbox")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("smtp.from"), "{e}");
+        let e = Config::load_with_env(
+            None,
+            env(&[
+                ("NUDGE__MAIL__TRANSPORT", "smtp"),
+                ("NUDGE__SMTP__URL", "ftp://x"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("smtp.url"), "{e}");
+        let e = Config::load_with_env(None, env(&[("NUDGE__HTTP__LISTEN", "nowhere")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("http.listen"), "{e}");
+    }
+}

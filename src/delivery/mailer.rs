@@ -1,0 +1,108 @@
+//! Building a MIME message from a rendered template and handing it to SMTP
+//! (pooled, async) or to `.eml` files for trying nudge without a mail server.
+
+use crate::config::{Config, SmtpConfig, Transport};
+use crate::templates::Rendered;
+use lettre::message::header::{HeaderName, HeaderValue};
+use lettre::message::{Mailbox, MultiPart};
+use lettre::transport::smtp::PoolConfig;
+use lettre::{AsyncFileTransport, AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use std::time::Duration;
+
+pub enum Mailer {
+    Smtp(AsyncSmtpTransport<Tokio1Executor>),
+    File(AsyncFileTransport<Tokio1Executor>),
+}
+
+/// Why a send did not happen; `transient` failures are retried.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct SendError {
+    pub transient: bool,
+    pub message: String,
+}
+
+pub fn smtp_transport(
+    smtp: &SmtpConfig,
+) -> Result<AsyncSmtpTransport<Tokio1Executor>, lettre::transport::smtp::Error> {
+    Ok(AsyncSmtpTransport::<Tokio1Executor>::from_url(&smtp.url)?
+        .timeout(Some(Duration::from_secs(smtp.timeout_secs)))
+        .pool_config(PoolConfig::new().max_size(smtp.pool_size))
+        .build())
+}
+
+impl Mailer {
+    pub fn from_config(config: &Config) -> anyhow::Result<Self> {
+        Ok(match config.mail.transport {
+            Transport::Smtp => Mailer::Smtp(smtp_transport(&config.smtp)?),
+            Transport::File => {
+                std::fs::create_dir_all(&config.mail.dir).map_err(|e| {
+                    anyhow::anyhow!("cannot create mail.dir {}: {e}", config.mail.dir.display())
+                })?;
+                Mailer::File(AsyncFileTransport::new(&config.mail.dir))
+            }
+        })
+    }
+
+    pub async fn send(&self, message: Message) -> Result<(), SendError> {
+        match self {
+            Mailer::Smtp(t) => t.send(message).await.map(|_| ()).map_err(|e| SendError {
+                // Connection problems and 4xx replies may pass; 5xx replies will not.
+                transient: !e.is_permanent(),
+                message: e.to_string(),
+            }),
+            Mailer::File(t) => t.send(message).await.map(|_| ()).map_err(|e| SendError {
+                transient: true,
+                message: format!("writing the mail file: {e}"),
+            }),
+        }
+    }
+}
+
+/// What goes into one message besides the rendered parts.
+pub struct Envelope<'a> {
+    pub from: &'a Mailbox,
+    pub to: &'a str,
+    pub message_id: &'a str,
+    pub rule: &'a str,
+    pub template: &'a str,
+}
+
+/// A `multipart/alternative` message with the contract's headers.
+pub fn build_message(env: &Envelope<'_>, mail: &Rendered) -> Result<Message, SendError> {
+    let permanent = |message: String| SendError {
+        transient: false,
+        message,
+    };
+    let to: Mailbox = env
+        .to
+        .parse()
+        .map_err(|e| permanent(format!("bad recipient {:?}: {e}", env.to)))?;
+    Message::builder()
+        .from(env.from.clone())
+        .to(to)
+        .subject(mail.subject.clone())
+        .message_id(Some(env.message_id.to_string()))
+        .raw_header(header("X-Nudge-Rule", env.rule))
+        .raw_header(header("X-Nudge-Template", env.template))
+        .multipart(MultiPart::alternative_plain_html(
+            mail.text.clone(),
+            mail.html.clone(),
+        ))
+        .map_err(|e| permanent(format!("cannot build the message: {e}")))
+}
+
+/// Rule and template names come from file stems: keep them to safe header text.
+fn header(name: &'static str, value: &str) -> HeaderValue {
+    let clean: String = value
+        .chars()
+        .filter(|c| c.is_ascii_graphic() || *c == ' ')
+        .collect();
+    HeaderValue::new(HeaderName::new_from_ascii_str(name), clean)
+}
+
+/// `<key@domain>`: derived from the effect key, so a resend after a crash
+/// carries the same id and can be recognised downstream.
+pub fn message_id(key: &str, from: &Mailbox) -> String {
+    format!("<{key}.nudge@{}>", from.email.domain())
+}

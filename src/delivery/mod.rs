@@ -1,0 +1,230 @@
+//! The outbox sender: claims due mails, renders them with the templates in
+//! force, sends them, and records the outcome. A small loop over one fallible
+//! step ([`Sender::send_due`]); the loop only decides how long to wait.
+//!
+//! A mail is marked sent only after the server accepted it. If nudge dies in
+//! between, the lease runs out and the mail is sent again with the same
+//! `Message-ID`: at most the mails in flight can be doubled, and each double
+//! is recognisable.
+
+pub mod mailer;
+
+use crate::catalog::Catalog;
+use crate::config::{Config, DeliveryConfig};
+use crate::effects::EffectKind;
+use crate::event::{ClientId, EventId};
+use crate::metrics::Metrics;
+use crate::store::{AnyStore, Level, LogEntry, OutboxItem, Store, StoreError};
+use chrono::{Duration as ChronoDuration, Utc};
+use lettre::message::Mailbox;
+use mailer::{Mailer, SendError, build_message, message_id};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+pub struct Sender {
+    store: AnyStore,
+    catalog: Arc<Catalog>,
+    mailer: Mailer,
+    from: Mailbox,
+    cfg: DeliveryConfig,
+    metrics: Arc<Metrics>,
+    /// Upper bound on one send, on top of lettre's per-command timeout.
+    send_timeout: Duration,
+}
+
+/// What one pass over the outbox did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Nothing was due.
+    Idle,
+    /// This many mails were handled (sent, retried or failed).
+    Handled(usize),
+}
+
+impl Sender {
+    pub fn new(
+        config: &Config,
+        store: AnyStore,
+        catalog: Arc<Catalog>,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Self> {
+        Ok(Self {
+            store,
+            catalog,
+            mailer: Mailer::from_config(config)?,
+            from: config.smtp.from.parse()?,
+            cfg: config.delivery.clone(),
+            metrics,
+            send_timeout: Duration::from_secs(config.smtp.timeout_secs * 2),
+        })
+    }
+
+    /// Runs until cancelled; wakes on `wake` (new effects committed) or every `poll_ms`.
+    pub async fn run(self, wake: Arc<Notify>, cancel: CancellationToken) {
+        let idle = Duration::from_millis(self.cfg.poll_ms);
+        let mut failures = 0u32;
+        loop {
+            if cancel.is_cancelled() {
+                return;
+            }
+            let pause = match self.send_due().await {
+                Ok(Outcome::Handled(_)) => {
+                    failures = 0;
+                    continue;
+                }
+                Ok(Outcome::Idle) => {
+                    failures = 0;
+                    idle
+                }
+                Err(e) => {
+                    failures += 1;
+                    tracing::error!(error = %e, "outbox sender: database error");
+                    idle * failures.min(20)
+                }
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+
+    /// Claims due mails and sends them, `concurrency` at a time.
+    pub async fn send_due(&self) -> Result<Outcome, StoreError> {
+        let now = Utc::now();
+        let lease = now + ChronoDuration::seconds(self.cfg.lease_secs as i64);
+        let items = self
+            .store
+            .claim_due(now, lease, self.cfg.concurrency as u32)
+            .await?;
+        if items.is_empty() {
+            return Ok(Outcome::Idle);
+        }
+        let n = items.len();
+        let results = futures::future::join_all(items.into_iter().map(|i| self.deliver(i))).await;
+        for r in results {
+            r?;
+        }
+        Ok(Outcome::Handled(n))
+    }
+
+    #[tracing::instrument(skip_all, fields(key = %item.key, rule = %item.rule, client_id = %item.client_id))]
+    async fn deliver(&self, item: OutboxItem) -> Result<(), StoreError> {
+        let log = |level, message: String| LogEntry {
+            client_id: ClientId::parse(item.client_id.clone())
+                .unwrap_or_else(|_| ClientId::parse("unknown").expect("valid id")),
+            at: Utc::now(),
+            level,
+            rule: Some(item.rule.clone()),
+            event_id: EventId::parse(item.event_id.clone()).ok(),
+            message,
+        };
+        let kind: EffectKind = match serde_json::from_value(item.payload.clone()) {
+            Ok(k) => k,
+            Err(e) => {
+                let why = format!("unreadable outbox payload: {e}");
+                return self
+                    .store
+                    .mark_failed(&item.key, &why, &log(Level::Error, why.clone()))
+                    .await;
+            }
+        };
+        let EffectKind::Mail { template, to, vars } = kind;
+        let mid = message_id(&item.key, &self.from);
+        let result = self.send_mail(&item, &template, &to, &vars, &mid).await;
+        match result {
+            Ok(()) => {
+                tracing::info!(template, to, "mail sent");
+                self.metrics.mails_sent.fetch_add(1, Relaxed);
+                let entry = log(Level::Notice, format!("mail `{template}` sent to {to}"));
+                self.store
+                    .mark_sent(&item.key, &mid, Utc::now(), &entry)
+                    .await
+            }
+            Err(e) if e.transient && item.attempts < self.cfg.max_attempts => {
+                self.metrics.mails_retried.fetch_add(1, Relaxed);
+                let delay = backoff(self.cfg.retry_base_secs, item.attempts);
+                tracing::warn!(template, error = %e, attempt = item.attempts, retry_in_secs = delay.num_seconds(), "mail not sent, will retry");
+                self.store
+                    .mark_retry(&item.key, Utc::now() + delay, &e.message)
+                    .await
+            }
+            Err(e) => {
+                tracing::error!(template, error = %e, attempt = item.attempts, "mail failed");
+                self.metrics.mails_failed.fetch_add(1, Relaxed);
+                let why = format!("mail `{template}` to {to} failed: {}", e.message);
+                self.store
+                    .mark_failed(&item.key, &e.message, &log(Level::Error, why))
+                    .await
+            }
+        }
+    }
+
+    async fn send_mail(
+        &self,
+        item: &OutboxItem,
+        template: &str,
+        to: &str,
+        vars: &serde_json::Map<String, serde_json::Value>,
+        mid: &str,
+    ) -> Result<(), SendError> {
+        // Rendered at send time with the templates in force: a fix to a
+        // template reaches mails still waiting for a retry.
+        let rendered = self
+            .catalog
+            .templates()
+            .render(template, vars)
+            .map_err(|e| SendError {
+                transient: false,
+                message: e.to_string(),
+            })?;
+        let message = build_message(
+            &mailer::Envelope {
+                from: &self.from,
+                to,
+                message_id: mid,
+                rule: &item.rule,
+                template,
+            },
+            &rendered,
+        )?;
+        match tokio::time::timeout(self.send_timeout, self.mailer.send(message)).await {
+            Ok(r) => r,
+            Err(_) => Err(SendError {
+                transient: true,
+                message: format!("send timed out after {:?}", self.send_timeout),
+            }),
+        }
+    }
+}
+
+/// `base * 2^(attempt-1)`, capped at an hour, with up to 25% jitter so that
+/// mails failing together do not retry together.
+fn backoff(base_secs: u64, attempt: u32) -> ChronoDuration {
+    let exp = base_secs.saturating_mul(1u64 << attempt.saturating_sub(1).min(16));
+    let capped = exp.clamp(1, 3600) as i64;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() as i64)
+        .unwrap_or(0);
+    let jitter_ms = (capped * 250 * (nanos % 1000)) / 1000;
+    ChronoDuration::milliseconds(capped * 1000 + jitter_ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let a = backoff(2, 1).num_milliseconds();
+        let b = backoff(2, 3).num_milliseconds();
+        assert!((2000..=2500).contains(&a), "{a}");
+        assert!((8000..=10000).contains(&b), "{b}");
+        assert!(backoff(2, 40).num_seconds() <= 4500);
+    }
+}

@@ -1,0 +1,445 @@
+//! The event envelope of the contract (`shared/contract/EVENTS.md`) and its
+//! domain types. Bytes from the wire become an [`Envelope`] here or a
+//! [`Rejection`] with a reason; nothing downstream ever sees an unchecked event.
+
+use chrono::{DateTime, Datelike, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::fmt;
+
+/// Why an envelope was refused. Kept with the raw bytes in the rejected table.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    #[error("envelope is {size} bytes, over the limit of {limit}")]
+    TooLarge { size: usize, limit: usize },
+    #[error("envelope is not valid UTF-8")]
+    NotUtf8,
+    #[error("envelope is not a JSON object: {0}")]
+    NotJson(String),
+    #[error("field `{field}` is missing")]
+    Missing { field: &'static str },
+    #[error("field `{field}` is invalid: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+macro_rules! bounded_id {
+    ($(#[$doc:meta])* $name:ident, $field:literal) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(try_from = "String", into = "String")]
+        pub struct $name(String);
+
+        impl $name {
+            /// Accepts 1..=128 characters with no control characters.
+            pub fn parse(s: impl Into<String>) -> Result<Self, Rejection> {
+                let s = s.into();
+                let n = s.chars().count();
+                if n == 0 || n > 128 {
+                    return Err(Rejection::Invalid {
+                        field: $field,
+                        reason: format!("must be 1 to 128 characters, got {n}"),
+                    });
+                }
+                if s.chars().any(char::is_control) {
+                    return Err(Rejection::Invalid {
+                        field: $field,
+                        reason: "must not contain control characters".into(),
+                    });
+                }
+                Ok(Self(s))
+            }
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = Rejection;
+            fn try_from(s: String) -> Result<Self, Rejection> {
+                Self::parse(s)
+            }
+        }
+        impl From<$name> for String {
+            fn from(v: $name) -> String {
+                v.0
+            }
+        }
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
+}
+
+bounded_id!(
+    /// The producer's unique id of an event: the key of "takes effect once".
+    EventId,
+    "id"
+);
+bounded_id!(
+    /// The shop's id of a client (a person).
+    ClientId,
+    "client_id"
+);
+
+/// What happened: `^[a-z][a-z0-9_]{0,63}$`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct EventType(String);
+
+impl EventType {
+    pub fn parse(s: impl Into<String>) -> Result<Self, Rejection> {
+        let s = s.into();
+        let mut chars = s.chars();
+        let first_ok = chars.next().is_some_and(|c| c.is_ascii_lowercase());
+        let rest_ok = chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if first_ok && rest_ok && s.len() <= 64 {
+            Ok(Self(s))
+        } else {
+            Err(Rejection::Invalid {
+                field: "type",
+                reason: format!("{s:?} does not match ^[a-z][a-z0-9_]{{0,63}}$"),
+            })
+        }
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+impl TryFrom<String> for EventType {
+    type Error = Rejection;
+    fn try_from(s: String) -> Result<Self, Rejection> {
+        Self::parse(s)
+    }
+}
+impl From<EventType> for String {
+    fn from(v: EventType) -> String {
+        v.0
+    }
+}
+impl fmt::Display for EventType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// An e-mail address, checked for shape and for header injection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Email(String);
+
+impl Email {
+    pub fn parse(s: impl Into<String>) -> Result<Self, Rejection> {
+        let s = s.into().trim().to_string();
+        let invalid = |reason: &str| Rejection::Invalid {
+            field: "data.email",
+            reason: reason.to_string(),
+        };
+        if s.len() > 254 {
+            return Err(invalid("longer than 254 characters"));
+        }
+        if s.chars()
+            .any(|c| c.is_control() || c.is_whitespace() || "<>,;\"".contains(c))
+        {
+            return Err(invalid(
+                "contains whitespace, control or separator characters",
+            ));
+        }
+        match s.rsplit_once('@') {
+            Some((local, domain)) if !local.is_empty() && domain.contains('.') => {
+                if domain.starts_with('.') || domain.ends_with('.') {
+                    Err(invalid("domain is malformed"))
+                } else {
+                    Ok(Self(s))
+                }
+            }
+            _ => Err(invalid("must look like name@domain.tld")),
+        }
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+impl TryFrom<String> for Email {
+    type Error = Rejection;
+    fn try_from(s: String) -> Result<Self, Rejection> {
+        Self::parse(s)
+    }
+}
+impl From<Email> for String {
+    fn from(v: Email) -> String {
+        v.0
+    }
+}
+
+/// A validated event. `data` and `context` keep every field the producer sent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    pub id: EventId,
+    #[serde(rename = "type")]
+    pub event_type: EventType,
+    pub client_id: ClientId,
+    pub occurred_at: DateTime<Utc>,
+    #[serde(default)]
+    pub data: Map<String, Value>,
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub context: Map<String, Value>,
+}
+
+/// Fields of `data` that carry a built-in meaning and must have the right type.
+const TYPED_DATA: &[(&str, &str, Kind)] = &[
+    ("client_registered", "email", Kind::String),
+    ("client_registered", "marketing_consent", Kind::Bool),
+    ("client_updated", "email", Kind::String),
+    ("client_updated", "marketing_consent", Kind::Bool),
+    ("order_placed", "total", Kind::Number),
+    ("order_placed", "items", Kind::Array),
+    ("product_viewed", "price", Kind::Number),
+    ("cart_item_added", "quantity", Kind::Number),
+    ("cart_item_added", "price", Kind::Number),
+];
+
+#[derive(Clone, Copy)]
+enum Kind {
+    String,
+    Bool,
+    Number,
+    Array,
+}
+
+impl Envelope {
+    /// Parses and validates raw bytes from the broker.
+    pub fn parse(bytes: &[u8], max_bytes: usize) -> Result<Self, Rejection> {
+        if bytes.len() > max_bytes {
+            return Err(Rejection::TooLarge {
+                size: bytes.len(),
+                limit: max_bytes,
+            });
+        }
+        let text = std::str::from_utf8(bytes).map_err(|_| Rejection::NotUtf8)?;
+        let value: Value =
+            serde_json::from_str(text).map_err(|e| Rejection::NotJson(e.to_string()))?;
+        Self::from_value(value)
+    }
+
+    /// Validates an already-decoded JSON value (used by `nudge publish` too).
+    pub fn from_value(value: Value) -> Result<Self, Rejection> {
+        let Value::Object(mut obj) = value else {
+            return Err(Rejection::NotJson("top level is not an object".into()));
+        };
+        let id = EventId::parse(take_string(&mut obj, "id")?)?;
+        let event_type = EventType::parse(take_string(&mut obj, "type")?)?;
+        let client_id = ClientId::parse(take_string(&mut obj, "client_id")?)?;
+        let occurred_raw = take_string(&mut obj, "occurred_at")?;
+        let occurred_at = DateTime::parse_from_rfc3339(&occurred_raw)
+            .map_err(|e| Rejection::Invalid {
+                field: "occurred_at",
+                reason: format!("{occurred_raw:?} is not an RFC 3339 timestamp: {e}"),
+            })?
+            .with_timezone(&Utc);
+        let data = take_object(&mut obj, "data")?;
+        let context = take_object(&mut obj, "context")?;
+
+        for (ty, field, kind) in TYPED_DATA {
+            if *ty != event_type.as_str() {
+                continue;
+            }
+            check_kind(&data, field, *kind)?;
+        }
+        if event_type.as_str() == "client_registered" {
+            match data.get("email") {
+                Some(Value::String(s)) => {
+                    Email::parse(s.clone())?;
+                }
+                _ => {
+                    return Err(Rejection::Missing {
+                        field: "data.email",
+                    });
+                }
+            }
+        }
+        if let Some(Value::String(s)) = data.get("email") {
+            Email::parse(s.clone())?;
+        }
+        for key in ["session_id", "channel", "timezone", "locale"] {
+            if let Some(v) = context.get(key)
+                && !v.is_string()
+                && !v.is_null()
+            {
+                return Err(Rejection::Invalid {
+                    field: "context",
+                    reason: format!("`context.{key}` must be a string"),
+                });
+            }
+        }
+        Ok(Envelope {
+            id,
+            event_type,
+            client_id,
+            occurred_at,
+            data,
+            context,
+        })
+    }
+
+    /// The session named by the producer, if any.
+    pub fn session_id(&self) -> Option<&str> {
+        self.context.get("session_id").and_then(Value::as_str)
+    }
+
+    /// (year, month, day) of `occurred_at` in UTC, kept split for reporting.
+    pub fn date_parts(&self) -> (i32, u32, u32) {
+        let d = self.occurred_at.date_naive();
+        (d.year(), d.month(), d.day())
+    }
+}
+
+fn take_string(obj: &mut Map<String, Value>, field: &'static str) -> Result<String, Rejection> {
+    match obj.remove(field) {
+        None | Some(Value::Null) => Err(Rejection::Missing { field }),
+        Some(Value::String(s)) => Ok(s),
+        Some(other) => Err(Rejection::Invalid {
+            field,
+            reason: format!("must be a string, got {}", kind_name(&other)),
+        }),
+    }
+}
+
+fn take_object(
+    obj: &mut Map<String, Value>,
+    field: &'static str,
+) -> Result<Map<String, Value>, Rejection> {
+    match obj.remove(field) {
+        None | Some(Value::Null) => Ok(Map::new()),
+        Some(Value::Object(m)) => Ok(m),
+        Some(other) => Err(Rejection::Invalid {
+            field,
+            reason: format!("must be an object, got {}", kind_name(&other)),
+        }),
+    }
+}
+
+fn check_kind(data: &Map<String, Value>, field: &str, kind: Kind) -> Result<(), Rejection> {
+    let Some(v) = data.get(field) else {
+        return Ok(());
+    };
+    let ok = v.is_null()
+        || match kind {
+            Kind::String => v.is_string(),
+            Kind::Bool => v.is_boolean(),
+            Kind::Number => v.is_number(),
+            Kind::Array => v.is_array(),
+        };
+    if ok {
+        Ok(())
+    } else {
+        let want = match kind {
+            Kind::String => "a string",
+            Kind::Bool => "a boolean",
+            Kind::Number => "a number",
+            Kind::Array => "an array",
+        };
+        Err(Rejection::Invalid {
+            field: "data",
+            reason: format!("`data.{field}` must be {want}, got {}", kind_name(v)),
+        })
+    }
+}
+
+fn kind_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(v: Value) -> Result<Envelope, Rejection> {
+        Envelope::parse(v.to_string().as_bytes(), 65536)
+    }
+
+    fn good() -> Value {
+        json!({"id": "e1", "type": "client_registered", "client_id": "c1",
+               "occurred_at": "2026-11-01T10:00:00+01:00",
+               "data": {"email": "ana@example.com", "extra": [1, 2]},
+               "context": {"session_id": "s1", "utm_source": "x"}})
+    }
+
+    #[test]
+    fn parses_a_good_envelope_and_keeps_unknown_fields() {
+        let e = parse(good()).unwrap();
+        assert_eq!(e.id.as_str(), "e1");
+        assert_eq!(e.occurred_at.to_rfc3339(), "2026-11-01T09:00:00+00:00");
+        assert_eq!(e.data["extra"], json!([1, 2]));
+        assert_eq!(e.session_id(), Some("s1"));
+        assert_eq!(e.date_parts(), (2026, 11, 1));
+    }
+
+    #[test]
+    fn rejects_with_the_reason() {
+        let mut v = good();
+        v.as_object_mut().unwrap().remove("client_id");
+        assert_eq!(
+            parse(v).unwrap_err(),
+            Rejection::Missing { field: "client_id" }
+        );
+
+        let mut v = good();
+        v["occurred_at"] = json!(12);
+        assert!(parse(v).unwrap_err().to_string().contains("occurred_at"));
+
+        let mut v = good();
+        v["type"] = json!("Order-Placed");
+        assert!(parse(v).unwrap_err().to_string().contains("type"));
+
+        let mut v = good();
+        v["data"]["email"] = json!("not an email");
+        assert!(parse(v).unwrap_err().to_string().contains("data.email"));
+
+        let v = json!({"id": "e2", "type": "order_placed", "client_id": "c1",
+                       "occurred_at": "2026-11-01T10:00:00Z", "data": {"total": "12"}});
+        assert!(parse(v).unwrap_err().to_string().contains("data.total"));
+
+        assert!(matches!(
+            Envelope::parse(b"{nope", 100),
+            Err(Rejection::NotJson(_))
+        ));
+        assert!(matches!(
+            Envelope::parse(&[0xff, 0xfe], 100),
+            Err(Rejection::NotUtf8)
+        ));
+        assert!(matches!(
+            Envelope::parse(&[b' '; 101], 100),
+            Err(Rejection::TooLarge { .. })
+        ));
+        assert!(matches!(
+            Envelope::parse(b"[1]", 100),
+            Err(Rejection::NotJson(_))
+        ));
+    }
+
+    #[test]
+    fn ids_are_bounded() {
+        assert!(EventId::parse("").is_err());
+        assert!(EventId::parse("x".repeat(129)).is_err());
+        assert!(EventId::parse("é".repeat(128)).is_ok());
+        assert!(ClientId::parse("a\nb").is_err());
+    }
+
+    #[test]
+    fn emails_refuse_header_injection() {
+        assert!(Email::parse("a@b.co").is_ok());
+        assert!(Email::parse("a@b.co\r\nBcc: x@y.z").is_err());
+        assert!(Email::parse("a@b").is_err());
+        assert!(Email::parse("@b.co").is_err());
+    }
+}

@@ -1,0 +1,164 @@
+//! The JetStream side of ingest: the stream and the durable pull consumer,
+//! pulling messages in batches, and acking a batch only after the pipeline
+//! committed it. Redelivery is harmless: the pipeline drops ids it has seen.
+
+use crate::config::NatsConfig;
+use crate::pipeline::{Incoming, Pipeline};
+use async_nats::jetstream::{self, consumer::pull, stream};
+use futures::{FutureExt, StreamExt};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// Connects, retrying in the background until the server answers, so that a
+/// broker that starts after nudge is not a crash loop.
+pub async fn connect(cfg: &NatsConfig) -> Result<async_nats::Client, async_nats::ConnectError> {
+    async_nats::ConnectOptions::new()
+        .name("nudge")
+        .retry_on_initial_connect()
+        .connection_timeout(Duration::from_secs(5))
+        .event_callback(|event| async move {
+            tracing::info!(%event, "nats connection event");
+        })
+        .connect(cfg.url.as_str())
+        .await
+}
+
+/// Creates the stream when missing; an existing one is used as it is.
+pub async fn ensure_stream(
+    js: &jetstream::Context,
+    cfg: &NatsConfig,
+) -> anyhow::Result<stream::Stream> {
+    let config = stream::Config {
+        name: cfg.stream.clone(),
+        subjects: vec![format!("{}.>", cfg.subject_prefix)],
+        storage: stream::StorageType::File,
+        retention: stream::RetentionPolicy::Limits,
+        max_age: Duration::from_secs(cfg.max_age_days * 86_400),
+        ..Default::default()
+    };
+    js.get_or_create_stream(config)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot get or create stream {}: {e}", cfg.stream))
+}
+
+pub async fn ensure_consumer(
+    stream: &stream::Stream,
+    cfg: &NatsConfig,
+) -> anyhow::Result<jetstream::consumer::Consumer<pull::Config>> {
+    let config = pull::Config {
+        durable_name: Some(cfg.consumer.clone()),
+        // All of it: events published before nudge first started are history too.
+        deliver_policy: jetstream::consumer::DeliverPolicy::All,
+        ack_policy: jetstream::consumer::AckPolicy::Explicit,
+        ack_wait: Duration::from_secs(60),
+        max_ack_pending: (cfg.batch_size as i64 * 8).max(1000),
+        ..Default::default()
+    };
+    stream
+        .get_or_create_consumer(&cfg.consumer, config)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot get or create consumer {}: {e}", cfg.consumer))
+}
+
+/// Pulls, processes and acks until cancelled. On cancel the batch in hand is
+/// committed and acked before returning.
+pub async fn run(
+    consumer: jetstream::consumer::Consumer<pull::Config>,
+    pipeline: Arc<Pipeline>,
+    batch_size: usize,
+    wake: Arc<Notify>,
+    cancel: CancellationToken,
+) {
+    let mut failures: u32 = 0;
+    'outer: while !cancel.is_cancelled() {
+        let mut messages = match consumer
+            .stream()
+            .max_messages_per_batch(batch_size)
+            .heartbeat(Duration::from_secs(5))
+            .expires(Duration::from_secs(30))
+            .messages()
+            .await
+        {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start pulling; retrying");
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            }
+        };
+        loop {
+            // Wait for one message, then take whatever else is already here:
+            // small batches when quiet (low latency), full ones under load.
+            let first = tokio::select! {
+                _ = cancel.cancelled() => break 'outer,
+                m = messages.next() => m,
+            };
+            let mut held = Vec::with_capacity(batch_size);
+            match first {
+                None => continue 'outer,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "pull error");
+                    continue;
+                }
+                Some(Ok(m)) => held.push(m),
+            }
+            while held.len() < batch_size {
+                match messages.next().now_or_never() {
+                    Some(Some(Ok(m))) => held.push(m),
+                    Some(Some(Err(e))) => {
+                        tracing::warn!(error = %e, "pull error");
+                        break;
+                    }
+                    _ => break,
+                }
+            }
+            let incoming: Vec<Incoming> = held
+                .iter()
+                .map(|m| Incoming {
+                    subject: m.subject.to_string(),
+                    payload: m.payload.clone(),
+                    stream_seq: m.info().ok().map(|i| i.stream_sequence),
+                })
+                .collect();
+            // Retry the same batch until it commits: nothing is acked that
+            // is not committed, and the stream does not move past it.
+            loop {
+                match pipeline.process(&incoming).await {
+                    Ok(report) => {
+                        failures = 0;
+                        tracing::debug!(?report, "batch committed");
+                        for m in &held {
+                            if let Err(e) = m.ack().await {
+                                // Redelivered later and dropped as a duplicate.
+                                tracing::warn!(error = %e, "ack failed");
+                            }
+                        }
+                        if report.effects > 0 {
+                            wake.notify_one();
+                        }
+                        break;
+                    }
+                    Err(e) => {
+                        failures += 1;
+                        let pause = Duration::from_millis(200 * 2u64.pow(failures.min(6)));
+                        tracing::error!(error = %e, retry_in = ?pause, "batch not committed; will retry");
+                        for m in &held {
+                            // Keep the messages ours while we wait.
+                            let _ = m.ack_with(jetstream::AckKind::Progress).await;
+                        }
+                        tokio::select! {
+                            // Not acked: the broker redelivers after ack_wait.
+                            _ = cancel.cancelled() => break 'outer,
+                            _ = tokio::time::sleep(pause) => {}
+                        }
+                    }
+                }
+            }
+        }
+    }
+    tracing::info!("ingest stopped");
+}

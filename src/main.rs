@@ -1,0 +1,140 @@
+//! The `nudge` command line: parse arguments, call into the library.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use nudge::app::{Application, open_store};
+use nudge::catalog::Catalog;
+use nudge::config::Config;
+use nudge::store::Store;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "nudge",
+    version,
+    about = "Marketing-automation rules engine daemon"
+)]
+struct Cli {
+    /// YAML configuration; every key can be overridden by NUDGE__SECTION__KEY.
+    #[arg(long, short, global = true, env = "NUDGE_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon: consume events, run rules, send mail.
+    Run,
+    /// Validate the configuration, rules and templates; exit non-zero on any error.
+    Check,
+    /// List rejected events with their reasons, newest first.
+    Rejected {
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Publish contract events from a JSON-lines file to the stream.
+    Publish { file: PathBuf },
+    /// Create or update the database schema, then exit.
+    Migrate,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("nudge: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    nudge::telemetry::init(&config.log);
+    match dispatch(cli.command, config).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("nudge: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Run => {
+            let app = Application::build(config).await?;
+            let cancel = CancellationToken::new();
+            tokio::spawn(stop_on_signal(cancel.clone()));
+            app.run_until_stopped(cancel).await?;
+        }
+        Command::Check => {
+            let catalog = Catalog::load(&config);
+            let errors = catalog.errors();
+            for e in &errors {
+                eprintln!("{e}");
+            }
+            let rules = catalog.rules();
+            let templates = catalog.templates();
+            println!(
+                "config ok; {} rules, {} templates loaded",
+                rules.rules.len(),
+                templates.names().count()
+            );
+            if !errors.is_empty() {
+                eprintln!("{} file(s) refused", errors.len());
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Rejected { limit, json } => {
+            let store = open_store(&config).await?;
+            for r in store.list_rejected(limit).await? {
+                if json {
+                    println!("{}", serde_json::to_string(&r)?);
+                } else {
+                    println!(
+                        "{}  seq={}  {}  {}\n    {}",
+                        r.received_at.to_rfc3339(),
+                        r.stream_seq.map_or("-".into(), |s| s.to_string()),
+                        r.subject,
+                        r.reason,
+                        r.payload.chars().take(200).collect::<String>()
+                    );
+                }
+            }
+        }
+        Command::Publish { file } => {
+            let n = nudge::publish::publish_file(&config.nats, &file)
+                .await
+                .context("publish failed")?;
+            println!("published {n} events to {}", config.nats.stream);
+        }
+        Command::Migrate => {
+            open_store(&config).await?;
+            println!("database is up to date");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Cancels on SIGTERM or Ctrl-C: the daemon then finishes the batch in hand.
+async fn stop_on_signal(cancel: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("can install a SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("stop requested");
+    cancel.cancel();
+}

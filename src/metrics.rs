@@ -1,0 +1,124 @@
+//! Counters the daemon keeps about itself, rendered as Prometheus text.
+
+use crate::pipeline::BatchReport;
+use crate::store::BatchWrite;
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+#[derive(Default)]
+pub struct Metrics {
+    pub events_consumed: AtomicU64,
+    pub events_accepted: AtomicU64,
+    pub events_duplicate: AtomicU64,
+    pub events_rejected: AtomicU64,
+    pub batches: AtomicU64,
+    pub effects_queued: AtomicU64,
+    pub mails_sent: AtomicU64,
+    pub mails_failed: AtomicU64,
+    pub mails_retried: AtomicU64,
+    /// (runs, errors) by rule.
+    rules: Mutex<BTreeMap<String, (u64, u64)>>,
+}
+
+impl Metrics {
+    pub fn batch_committed(&self, report: &BatchReport, write: &BatchWrite) {
+        let total = report.accepted + report.duplicates + report.rejected;
+        self.events_consumed.fetch_add(total as u64, Relaxed);
+        self.events_accepted
+            .fetch_add(report.accepted as u64, Relaxed);
+        self.events_duplicate
+            .fetch_add(report.duplicates as u64, Relaxed);
+        self.events_rejected
+            .fetch_add(report.rejected as u64, Relaxed);
+        self.effects_queued
+            .fetch_add(write.effects.len() as u64, Relaxed);
+        self.batches.fetch_add(1, Relaxed);
+    }
+
+    pub fn rule_run(&self, rule: &str, ok: bool) {
+        let mut m = self.rules.lock().unwrap_or_else(|p| p.into_inner());
+        let e = m.entry(rule.to_string()).or_default();
+        e.0 += 1;
+        if !ok {
+            e.1 += 1;
+        }
+    }
+
+    /// (runs, errors) of one rule since start.
+    pub fn rule_counts(&self, rule: &str) -> (u64, u64) {
+        let m = self.rules.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(rule).copied().unwrap_or_default()
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let counters = [
+            (
+                "nudge_events_consumed_total",
+                "Messages taken from the stream.",
+                &self.events_consumed,
+            ),
+            (
+                "nudge_events_accepted_total",
+                "Events stored and decided.",
+                &self.events_accepted,
+            ),
+            (
+                "nudge_events_duplicate_total",
+                "Events that had already taken effect.",
+                &self.events_duplicate,
+            ),
+            (
+                "nudge_events_rejected_total",
+                "Envelopes refused and kept with a reason.",
+                &self.events_rejected,
+            ),
+            ("nudge_batches_total", "Batches committed.", &self.batches),
+            (
+                "nudge_effects_queued_total",
+                "Effects written to the outbox.",
+                &self.effects_queued,
+            ),
+            (
+                "nudge_mails_sent_total",
+                "Mails accepted by the mail server.",
+                &self.mails_sent,
+            ),
+            (
+                "nudge_mails_failed_total",
+                "Mails given up on.",
+                &self.mails_failed,
+            ),
+            (
+                "nudge_mails_retried_total",
+                "Mail attempts that will be retried.",
+                &self.mails_retried,
+            ),
+        ];
+        for (name, help, v) in counters {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                v.load(Relaxed)
+            );
+        }
+        let rules = self.rules.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = writeln!(
+            out,
+            "# HELP nudge_rule_runs_total Rule runs.\n# TYPE nudge_rule_runs_total counter"
+        );
+        for (rule, (runs, _)) in rules.iter() {
+            let _ = writeln!(out, "nudge_rule_runs_total{{rule=\"{rule}\"}} {runs}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP nudge_rule_errors_total Rule runs that failed.\n# TYPE nudge_rule_errors_total counter"
+        );
+        for (rule, (_, errors)) in rules.iter() {
+            let _ = writeln!(out, "nudge_rule_errors_total{{rule=\"{rule}\"}} {errors}");
+        }
+        out
+    }
+}

@@ -1,0 +1,256 @@
+//! Marketers' rules: one Rhai file per rule in `rules/`, sandboxed, compiled
+//! once and run for every event whose type the rule declares in `const ON`.
+//!
+//! A rule file is a plain script. Its top level runs once per matching event
+//! with `event`, `client` and `now` in scope, and asks for effects through
+//! the functions in [`api`]. Constants at the top are the knobs a marketer
+//! changes.
+
+pub mod api;
+pub mod loader;
+
+use crate::config::RulesConfig;
+use rhai::{AST, Dynamic, Engine, EvalAltResult, Scope};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+pub use api::Request;
+
+/// A compiled rule.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    /// The file stem: `rules/welcome.rhai` is the rule `welcome`.
+    pub name: String,
+    pub path: PathBuf,
+    /// Event types that run this rule (`"*"` for all).
+    pub triggers: Vec<String>,
+    pub ast: Arc<AST>,
+}
+
+impl Rule {
+    pub fn matches(&self, event_type: &str) -> bool {
+        self.triggers.iter().any(|t| t == event_type || t == "*")
+    }
+}
+
+/// A rule file that could not be compiled, with where and why.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct CompileError {
+    pub file: String,
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    pub message: String,
+}
+
+impl std::fmt::Display for CompileError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.line, self.column) {
+            (Some(l), Some(c)) => write!(f, "{}:{l}:{c}: {}", self.file, self.message),
+            (Some(l), None) => write!(f, "{}:{l}: {}", self.file, self.message),
+            _ => write!(f, "{}: {}", self.file, self.message),
+        }
+    }
+}
+
+/// A rule run that failed: a script error or a limit reached.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("rule `{rule}` failed at line {line}: {message}")]
+pub struct RuleError {
+    pub rule: String,
+    pub line: usize,
+    pub message: String,
+}
+
+/// The sandboxed Rhai engine every rule runs in.
+pub struct RuleEngine {
+    engine: Engine,
+}
+
+impl RuleEngine {
+    pub fn new(limits: &RulesConfig) -> Self {
+        let mut engine = Engine::new();
+        // No way out of the sandbox: modules are compiled out (`no_module`),
+        // `eval` is refused, and nothing touching files, network or processes
+        // is registered.
+        engine.disable_symbol("eval");
+        engine.set_max_operations(limits.max_operations);
+        engine.set_max_call_levels(limits.max_call_depth);
+        engine.set_max_expr_depths(64, 64);
+        engine.set_max_string_size(limits.max_string_bytes);
+        engine.set_max_array_size(limits.max_array_len);
+        engine.set_max_map_size(limits.max_map_len);
+        engine.set_fail_on_invalid_map_property(false);
+        engine.on_print(|s| tracing::info!(target: "nudge::rule", "{s}"));
+        engine.on_debug(|s, src, pos| {
+            tracing::debug!(target: "nudge::rule", source = src, line = pos.line(), "{s}")
+        });
+        api::register(&mut engine);
+        Self { engine }
+    }
+
+    /// Compiles one rule file; its triggers come from `const ON = [...]`.
+    pub fn compile(&self, name: &str, path: PathBuf, source: &str) -> Result<Rule, CompileError> {
+        let file = path.display().to_string();
+        let ast = self.engine.compile(source).map_err(|e| {
+            let pos = e.position();
+            CompileError {
+                file: file.clone(),
+                line: pos.line(),
+                column: pos.position(),
+                message: e.err_type().to_string(),
+            }
+        })?;
+        let on = ast
+            .iter_literal_variables(true, false)
+            .find(|(n, ..)| *n == "ON")
+            .map(|(.., v)| v);
+        let triggers = match on {
+            Some(v) if v.is_string() => vec![v.into_string().unwrap_or_default()],
+            Some(v) if v.is_array() => v
+                .into_array()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|t| t.into_string())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|_| CompileError {
+                    file: file.clone(),
+                    line: None,
+                    column: None,
+                    message: "`const ON` must list event types as strings".into(),
+                })?,
+            _ => {
+                return Err(CompileError {
+                    file,
+                    line: None,
+                    column: None,
+                    message: "the rule declares no triggers: add `const ON = [\"event_type\"];`"
+                        .into(),
+                });
+            }
+        };
+        if triggers.is_empty() {
+            return Err(CompileError {
+                file,
+                line: None,
+                column: None,
+                message: "`const ON` is empty".into(),
+            });
+        }
+        Ok(Rule {
+            name: name.to_string(),
+            path,
+            triggers,
+            ast: Arc::new(ast),
+        })
+    }
+
+    /// Runs one rule for one event. Pure: what it asks for is returned, not done.
+    pub fn run(
+        &self,
+        rule: &Rule,
+        event: Dynamic,
+        client: Dynamic,
+        now: i64,
+    ) -> Result<Vec<Request>, RuleError> {
+        let mut scope = Scope::new();
+        scope.push_constant("event", event);
+        scope.push_constant("client", client);
+        scope.push_constant("now", now);
+        let (result, requests) =
+            api::collect(|| self.engine.run_ast_with_scope(&mut scope, &rule.ast));
+        match result {
+            Ok(()) => Ok(requests),
+            Err(e) => Err(RuleError {
+                rule: rule.name.clone(),
+                line: e.position().line().unwrap_or(0),
+                message: describe(&e),
+            }),
+        }
+    }
+}
+
+fn describe(e: &EvalAltResult) -> String {
+    match e {
+        EvalAltResult::ErrorTooManyOperations(_) => {
+            "stopped: too many operations (an endless loop?)".into()
+        }
+        EvalAltResult::ErrorStackOverflow(_) => "stopped: calls nested too deep".into(),
+        EvalAltResult::ErrorDataTooLarge(what, _) => format!("stopped: {what} too large"),
+        EvalAltResult::ErrorInFunctionCall(f, _, inner, _) => {
+            format!("in {f}(): {}", describe(inner))
+        }
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn engine() -> RuleEngine {
+        RuleEngine::new(&RulesConfig::default())
+    }
+
+    #[test]
+    fn triggers_come_from_const_on() {
+        let e = engine();
+        let r = e
+            .compile("w", "w.rhai".into(), r#"const ON = ["a", "b"]; mail("t");"#)
+            .unwrap();
+        assert_eq!(r.triggers, vec!["a", "b"]);
+        assert!(r.matches("b") && !r.matches("c"));
+        let err = e.compile("w", "w.rhai".into(), "mail(\"t\");").unwrap_err();
+        assert!(err.message.contains("const ON"), "{err}");
+    }
+
+    #[test]
+    fn syntax_errors_carry_file_and_line() {
+        let err = engine()
+            .compile(
+                "w",
+                "rules/w.rhai".into(),
+                "const ON = [\"a\"];\nlet x = ;\n",
+            )
+            .unwrap_err();
+        assert_eq!(err.line, Some(2));
+        assert!(err.to_string().starts_with("rules/w.rhai:2:"), "{err}");
+    }
+
+    #[test]
+    fn runaway_rules_are_stopped() {
+        let e = engine();
+        let r = e
+            .compile("loop", "l.rhai".into(), "const ON = [\"a\"];\nloop { }")
+            .unwrap();
+        let err = e.run(&r, Dynamic::UNIT, Dynamic::UNIT, 0).unwrap_err();
+        assert!(err.message.contains("too many operations"), "{err}");
+
+        let r = e
+            .compile(
+                "rec",
+                "r.rhai".into(),
+                "const ON = [\"a\"];\nfn f(n) { f(n + 1) }\nf(0);",
+            )
+            .unwrap();
+        let err = e.run(&r, Dynamic::UNIT, Dynamic::UNIT, 0).unwrap_err();
+        assert!(err.message.contains("too deep"), "{err}");
+
+        let r = e
+            .compile(
+                "big",
+                "b.rhai".into(),
+                "const ON = [\"a\"];\nlet s = \"x\"; loop { s += s; }",
+            )
+            .unwrap();
+        let err = e.run(&r, Dynamic::UNIT, Dynamic::UNIT, 0).unwrap_err();
+        assert!(err.message.contains("too large"), "{err}");
+    }
+
+    #[test]
+    fn eval_is_refused() {
+        let err = engine()
+            .compile("e", "e.rhai".into(), "const ON = [\"a\"];\neval(\"1\");")
+            .unwrap_err();
+        assert_eq!(err.line, Some(2), "{err}");
+    }
+}

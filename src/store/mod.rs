@@ -1,0 +1,297 @@
+//! Persistence. The [`Store`] trait is what the daemon needs from a database;
+//! each backend implements it once. A batch of decisions is written with
+//! [`Store::commit_batch`] in one transaction: events, client states, outbox
+//! and process log together, so an effect exists only if its cause does.
+
+pub mod sqlite;
+
+use crate::effects::Effect;
+use crate::event::{ClientId, Envelope, EventId};
+use crate::history::ClientState;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+
+pub use sqlite::SqliteStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error while {context}: {source}")]
+    Db {
+        context: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("stored data is corrupt ({context}): {message}")]
+    Corrupt {
+        context: &'static str,
+        message: String,
+    },
+    #[error("unsupported database url {0:?}")]
+    Url(String),
+}
+
+pub(crate) fn db(context: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
+    move |source| StoreError::Db { context, source }
+}
+
+/// An event as written to the log, with where it came from.
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    pub envelope: Envelope,
+    pub received_at: DateTime<Utc>,
+    /// JetStream stream sequence, when it came from the stream.
+    pub stream_seq: Option<u64>,
+}
+
+/// An envelope that failed validation, kept with its reason.
+#[derive(Debug, Clone, Serialize)]
+pub struct Rejected {
+    pub received_at: DateTime<Utc>,
+    pub subject: String,
+    /// Stream sequence: a redelivered rejection is stored once.
+    pub stream_seq: Option<u64>,
+    pub reason: String,
+    /// The raw payload, lossily decoded for display.
+    pub payload: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    Notice,
+    Warning,
+    Error,
+}
+
+impl Level {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Level::Notice => "notice",
+            Level::Warning => "warning",
+            Level::Error => "error",
+        }
+    }
+}
+
+/// One line of a client's process log: what nudge decided and did.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LogEntry {
+    pub client_id: ClientId,
+    pub at: DateTime<Utc>,
+    pub level: Level,
+    pub rule: Option<String>,
+    pub event_id: Option<EventId>,
+    pub message: String,
+}
+
+/// Everything one ingest batch writes, atomically.
+#[derive(Debug, Default)]
+pub struct BatchWrite {
+    pub events: Vec<StoredEvent>,
+    /// New states; `version` is the one loaded, the store writes `version + 1`.
+    pub clients: Vec<ClientState>,
+    pub effects: Vec<Effect>,
+    pub log: Vec<LogEntry>,
+    pub rejected: Vec<Rejected>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitOutcome {
+    Committed,
+    /// Another writer got there first (an event id already stored, or a client
+    /// changed since it was loaded). Nothing was written; reload and retry.
+    Conflict,
+}
+
+/// A mail taken from the outbox by one sender.
+#[derive(Debug, Clone)]
+pub struct OutboxItem {
+    pub key: String,
+    pub rule: String,
+    pub client_id: String,
+    pub event_id: String,
+    pub payload: serde_json::Value,
+    pub attempts: u32,
+}
+
+/// The state of an outbox entry, for listing and tests.
+#[derive(Debug, Clone, Serialize)]
+pub struct OutboxRow {
+    pub key: String,
+    pub kind: String,
+    pub rule: String,
+    pub client_id: String,
+    pub event_id: String,
+    pub status: String,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+    pub message_id: Option<String>,
+}
+
+pub trait Store: Send + Sync + 'static {
+    fn migrate(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+    fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Which of these event ids are already in the log.
+    fn known_events(
+        &self,
+        ids: &[&EventId],
+    ) -> impl Future<Output = Result<HashSet<String>, StoreError>> + Send;
+    /// Current states of these clients; absent ones are not in the map.
+    fn load_clients(
+        &self,
+        ids: &[&ClientId],
+    ) -> impl Future<Output = Result<HashMap<ClientId, ClientState>, StoreError>> + Send;
+    fn commit_batch(
+        &self,
+        batch: &BatchWrite,
+    ) -> impl Future<Output = Result<CommitOutcome, StoreError>> + Send;
+    fn list_rejected(
+        &self,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<Rejected>, StoreError>> + Send;
+    fn client_log(
+        &self,
+        client: &ClientId,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<LogEntry>, StoreError>> + Send;
+    fn list_outbox(
+        &self,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<OutboxRow>, StoreError>> + Send;
+    fn count_events(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Reserves up to `limit` due mails for this sender until `lease_until`.
+    fn claim_due(
+        &self,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<OutboxItem>, StoreError>> + Send;
+    fn mark_sent(
+        &self,
+        key: &str,
+        message_id: &str,
+        at: DateTime<Utc>,
+        log: &LogEntry,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    fn mark_retry(
+        &self,
+        key: &str,
+        due_at: DateTime<Utc>,
+        error: &str,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    fn mark_failed(
+        &self,
+        key: &str,
+        error: &str,
+        log: &LogEntry,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// The configured backend. An enum rather than `dyn Store` because the trait's
+/// async methods are not object-safe; each variant forwards to its backend.
+#[derive(Clone)]
+pub enum AnyStore {
+    Sqlite(SqliteStore),
+}
+
+impl AnyStore {
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
+        if url.starts_with("sqlite:") {
+            Ok(AnyStore::Sqlite(
+                SqliteStore::connect(url, max_connections).await?,
+            ))
+        } else {
+            Err(StoreError::Url(format!(
+                "{url} (only sqlite:// is supported in this version)"
+            )))
+        }
+    }
+}
+
+macro_rules! forward {
+    ($self:ident, $s:ident => $call:expr) => {
+        match $self {
+            AnyStore::Sqlite($s) => $call.await,
+        }
+    };
+}
+
+impl Store for AnyStore {
+    async fn migrate(&self) -> Result<(), StoreError> {
+        forward!(self, s => s.migrate())
+    }
+    async fn ping(&self) -> Result<(), StoreError> {
+        forward!(self, s => s.ping())
+    }
+    async fn known_events(&self, ids: &[&EventId]) -> Result<HashSet<String>, StoreError> {
+        forward!(self, s => s.known_events(ids))
+    }
+    async fn load_clients(
+        &self,
+        ids: &[&ClientId],
+    ) -> Result<HashMap<ClientId, ClientState>, StoreError> {
+        forward!(self, s => s.load_clients(ids))
+    }
+    async fn commit_batch(&self, batch: &BatchWrite) -> Result<CommitOutcome, StoreError> {
+        forward!(self, s => s.commit_batch(batch))
+    }
+    async fn list_rejected(&self, limit: u32) -> Result<Vec<Rejected>, StoreError> {
+        forward!(self, s => s.list_rejected(limit))
+    }
+    async fn client_log(&self, client: &ClientId, limit: u32) -> Result<Vec<LogEntry>, StoreError> {
+        forward!(self, s => s.client_log(client, limit))
+    }
+    async fn list_outbox(&self, limit: u32) -> Result<Vec<OutboxRow>, StoreError> {
+        forward!(self, s => s.list_outbox(limit))
+    }
+    async fn count_events(&self) -> Result<u64, StoreError> {
+        forward!(self, s => s.count_events())
+    }
+    async fn claim_due(
+        &self,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<OutboxItem>, StoreError> {
+        forward!(self, s => s.claim_due(now, lease_until, limit))
+    }
+    async fn mark_sent(
+        &self,
+        key: &str,
+        message_id: &str,
+        at: DateTime<Utc>,
+        log: &LogEntry,
+    ) -> Result<(), StoreError> {
+        forward!(self, s => s.mark_sent(key, message_id, at, log))
+    }
+    async fn mark_retry(
+        &self,
+        key: &str,
+        due_at: DateTime<Utc>,
+        error: &str,
+    ) -> Result<(), StoreError> {
+        forward!(self, s => s.mark_retry(key, due_at, error))
+    }
+    async fn mark_failed(&self, key: &str, error: &str, log: &LogEntry) -> Result<(), StoreError> {
+        forward!(self, s => s.mark_failed(key, error, log))
+    }
+}
+
+/// Timestamps are stored as fixed-width UTC text so that text order is time order.
+pub fn ts(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+}
+
+pub fn parse_ts(s: &str) -> Result<DateTime<Utc>, StoreError> {
+    DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| StoreError::Corrupt {
+            context: "timestamp",
+            message: format!("{s:?}: {e}"),
+        })
+}

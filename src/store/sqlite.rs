@@ -1,0 +1,486 @@
+//! The embedded default backend: SQLite in WAL mode. One writer at a time is
+//! SQLite's nature, so write transactions start `IMMEDIATE` (they queue on
+//! the busy timeout instead of failing half-way) and each batch is written
+//! with multi-row statements.
+
+use super::{
+    BatchWrite, CommitOutcome, LogEntry, OutboxItem, OutboxRow, Rejected, Store, StoreError, db,
+    parse_ts, ts,
+};
+use crate::event::{ClientId, EventId};
+use crate::history::ClientState;
+use chrono::{DateTime, Utc};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
+use std::collections::{HashMap, HashSet};
+use std::str::FromStr;
+use std::time::Duration;
+
+/// SQLite allows 32766 bound parameters per statement; stay well below.
+const MAX_PARAMS: usize = 30_000;
+
+#[derive(Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
+        let opts = SqliteConnectOptions::from_str(url)
+            .map_err(db("parsing the sqlite url"))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        if let Some(dir) = opts.get_filename().parent()
+            && !dir.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(dir).map_err(|e| StoreError::Db {
+                context: "creating the database directory",
+                source: sqlx::Error::Io(e),
+            })?;
+        }
+        let pool = SqlitePoolOptions::new()
+            .max_connections(max_connections)
+            .connect_with(opts)
+            .await
+            .map_err(db("opening the sqlite database"))?;
+        Ok(Self { pool })
+    }
+
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+}
+
+fn chunk_rows(columns: usize) -> usize {
+    (MAX_PARAMS / columns).max(1)
+}
+
+fn json(v: &impl serde::Serialize) -> String {
+    serde_json::to_string(v).expect("plain data serialises")
+}
+
+fn log_row(q: &mut QueryBuilder<'_, Sqlite>, entries: &[&LogEntry]) {
+    q.push("INSERT INTO client_log (client_id, at, level, rule, event_id, message) ");
+    q.push_values(entries, |mut b, e| {
+        b.push_bind(e.client_id.as_str().to_string())
+            .push_bind(ts(e.at))
+            .push_bind(e.level.as_str())
+            .push_bind(e.rule.clone())
+            .push_bind(e.event_id.as_ref().map(|i| i.as_str().to_string()))
+            .push_bind(e.message.clone());
+    });
+}
+
+impl Store for SqliteStore {
+    async fn migrate(&self) -> Result<(), StoreError> {
+        sqlx::migrate!("./migrations/sqlite")
+            .run(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(db("pinging the database"))?;
+        Ok(())
+    }
+
+    async fn known_events(&self, ids: &[&EventId]) -> Result<HashSet<String>, StoreError> {
+        let mut known = HashSet::new();
+        for chunk in ids.chunks(chunk_rows(1)) {
+            let mut q = QueryBuilder::<Sqlite>::new("SELECT id FROM events WHERE id IN (");
+            let mut sep = q.separated(", ");
+            for id in chunk {
+                sep.push_bind(id.as_str());
+            }
+            q.push(")");
+            let rows = q
+                .build()
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db("looking up known event ids"))?;
+            for row in rows {
+                known.insert(row.get::<String, _>(0));
+            }
+        }
+        Ok(known)
+    }
+
+    async fn load_clients(
+        &self,
+        ids: &[&ClientId],
+    ) -> Result<HashMap<ClientId, ClientState>, StoreError> {
+        let mut out = HashMap::with_capacity(ids.len());
+        for chunk in ids.chunks(chunk_rows(1)) {
+            let mut q = QueryBuilder::<Sqlite>::new(
+                "SELECT version, state FROM clients WHERE client_id IN (",
+            );
+            let mut sep = q.separated(", ");
+            for id in chunk {
+                sep.push_bind(id.as_str());
+            }
+            q.push(")");
+            let rows = q
+                .build()
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db("loading client states"))?;
+            for row in rows {
+                let mut state: ClientState =
+                    serde_json::from_str(row.get::<&str, _>(1)).map_err(|e| {
+                        StoreError::Corrupt {
+                            context: "clients.state",
+                            message: e.to_string(),
+                        }
+                    })?;
+                state.version = row.get(0);
+                out.insert(state.client_id.clone(), state);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn commit_batch(&self, batch: &BatchWrite) -> Result<CommitOutcome, StoreError> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(db("starting the batch transaction"))?;
+
+        for chunk in batch.events.chunks(chunk_rows(11)) {
+            let mut q = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO events (id, client_id, type, occurred_at, year, month, day, \
+                 data, context, received_at, stream_seq) ",
+            );
+            q.push_values(chunk, |mut b, e| {
+                let env = &e.envelope;
+                let (y, m, d) = env.date_parts();
+                b.push_bind(env.id.as_str().to_string())
+                    .push_bind(env.client_id.as_str().to_string())
+                    .push_bind(env.event_type.as_str().to_string())
+                    .push_bind(ts(env.occurred_at))
+                    .push_bind(y)
+                    .push_bind(m)
+                    .push_bind(d)
+                    .push_bind(json(&env.data))
+                    .push_bind(json(&env.context))
+                    .push_bind(ts(e.received_at))
+                    .push_bind(e.stream_seq.map(|s| s as i64));
+            });
+            q.push(" ON CONFLICT(id) DO NOTHING");
+            let done = q
+                .build()
+                .execute(&mut *tx)
+                .await
+                .map_err(db("writing events"))?;
+            if done.rows_affected() != chunk.len() as u64 {
+                return Ok(CommitOutcome::Conflict);
+            }
+        }
+
+        for chunk in batch.clients.chunks(chunk_rows(13)) {
+            let mut q = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO clients (client_id, version, email, first_name, last_name, \
+                 acquisition_channel, marketing_consent, unsubscribed, locale, timezone, \
+                 first_seen, last_seen, state) ",
+            );
+            q.push_values(chunk, |mut b, c| {
+                let p = &c.profile;
+                b.push_bind(c.client_id.as_str().to_string())
+                    .push_bind(c.version + 1)
+                    .push_bind(p.email.clone())
+                    .push_bind(p.first_name.clone())
+                    .push_bind(p.last_name.clone())
+                    .push_bind(p.acquisition_channel.clone())
+                    .push_bind(p.marketing_consent)
+                    .push_bind(p.unsubscribed)
+                    .push_bind(p.locale.clone())
+                    .push_bind(p.timezone.clone())
+                    .push_bind(p.first_seen.map(ts))
+                    .push_bind(p.last_seen.map(ts))
+                    .push_bind(json(c));
+            });
+            // The WHERE makes this a compare-and-swap on the version loaded.
+            q.push(
+                " ON CONFLICT(client_id) DO UPDATE SET version = excluded.version, \
+                 email = excluded.email, first_name = excluded.first_name, \
+                 last_name = excluded.last_name, acquisition_channel = excluded.acquisition_channel, \
+                 marketing_consent = excluded.marketing_consent, unsubscribed = excluded.unsubscribed, \
+                 locale = excluded.locale, timezone = excluded.timezone, \
+                 first_seen = excluded.first_seen, last_seen = excluded.last_seen, \
+                 state = excluded.state WHERE clients.version = excluded.version - 1",
+            );
+            let done = q
+                .build()
+                .execute(&mut *tx)
+                .await
+                .map_err(db("writing client states"))?;
+            if done.rows_affected() != chunk.len() as u64 {
+                return Ok(CommitOutcome::Conflict);
+            }
+        }
+
+        for chunk in batch.effects.chunks(chunk_rows(8)) {
+            let mut q = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO outbox (key, kind, rule, client_id, event_id, payload, status, \
+                 due_at, created_at) ",
+            );
+            let now = ts(Utc::now());
+            q.push_values(chunk, |mut b, e| {
+                b.push_bind(e.key.clone())
+                    .push_bind(e.kind.name())
+                    .push_bind(e.rule.clone())
+                    .push_bind(e.client_id.as_str().to_string())
+                    .push_bind(e.event_id.as_str().to_string())
+                    .push_bind(json(&e.kind))
+                    .push_bind("pending")
+                    .push_bind(now.clone())
+                    .push_bind(now.clone());
+            });
+            // A key already present is the same effect decided before: keep the first.
+            q.push(" ON CONFLICT(key) DO NOTHING");
+            q.build()
+                .execute(&mut *tx)
+                .await
+                .map_err(db("writing the outbox"))?;
+        }
+
+        let log: Vec<&LogEntry> = batch.log.iter().collect();
+        for chunk in log.chunks(chunk_rows(6)) {
+            let mut q = QueryBuilder::new("");
+            log_row(&mut q, chunk);
+            q.build()
+                .execute(&mut *tx)
+                .await
+                .map_err(db("writing the process log"))?;
+        }
+
+        for chunk in batch.rejected.chunks(chunk_rows(5)) {
+            let mut q = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO rejected (received_at, subject, stream_seq, reason, payload) ",
+            );
+            q.push_values(chunk, |mut b, r| {
+                b.push_bind(ts(r.received_at))
+                    .push_bind(r.subject.clone())
+                    .push_bind(r.stream_seq.map(|s| s as i64))
+                    .push_bind(r.reason.clone())
+                    .push_bind(r.payload.clone());
+            });
+            q.push(" ON CONFLICT DO NOTHING");
+            q.build()
+                .execute(&mut *tx)
+                .await
+                .map_err(db("writing rejected events"))?;
+        }
+
+        tx.commit().await.map_err(db("committing the batch"))?;
+        Ok(CommitOutcome::Committed)
+    }
+
+    async fn list_rejected(&self, limit: u32) -> Result<Vec<Rejected>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT received_at, subject, stream_seq, reason, payload FROM rejected \
+             ORDER BY id DESC LIMIT ?",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("listing rejected events"))?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(Rejected {
+                    received_at: parse_ts(r.get(0))?,
+                    subject: r.get(1),
+                    stream_seq: r.get::<Option<i64>, _>(2).map(|s| s as u64),
+                    reason: r.get(3),
+                    payload: r.get(4),
+                })
+            })
+            .collect()
+    }
+
+    async fn client_log(&self, client: &ClientId, limit: u32) -> Result<Vec<LogEntry>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT at, level, rule, event_id, message FROM client_log WHERE client_id = ? \
+             ORDER BY id DESC LIMIT ?",
+        )
+        .bind(client.as_str())
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("reading the process log"))?;
+        rows.into_iter()
+            .map(|r| {
+                let level = match r.get::<&str, _>(1) {
+                    "error" => super::Level::Error,
+                    "warning" => super::Level::Warning,
+                    _ => super::Level::Notice,
+                };
+                Ok(LogEntry {
+                    client_id: client.clone(),
+                    at: parse_ts(r.get(0))?,
+                    level,
+                    rule: r.get(2),
+                    event_id: r
+                        .get::<Option<String>, _>(3)
+                        .and_then(|s| EventId::parse(s).ok()),
+                    message: r.get(4),
+                })
+            })
+            .collect()
+    }
+
+    async fn list_outbox(&self, limit: u32) -> Result<Vec<OutboxRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT key, kind, rule, client_id, event_id, status, attempts, last_error, message_id \
+             FROM outbox ORDER BY created_at DESC, key LIMIT ?",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("listing the outbox"))?;
+        Ok(rows
+            .into_iter()
+            .map(|r| OutboxRow {
+                key: r.get(0),
+                kind: r.get(1),
+                rule: r.get(2),
+                client_id: r.get(3),
+                event_id: r.get(4),
+                status: r.get(5),
+                attempts: r.get::<i64, _>(6) as u32,
+                last_error: r.get(7),
+                message_id: r.get(8),
+            })
+            .collect())
+    }
+
+    async fn count_events(&self) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM events")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db("counting events"))?;
+        Ok(n as u64)
+    }
+
+    async fn claim_due(
+        &self,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<OutboxItem>, StoreError> {
+        // One statement: the claim is atomic, so two senders never take the
+        // same mail; an expired lease (a sender that died) is claimable again.
+        let rows = sqlx::query(
+            "UPDATE outbox SET status = 'sending', lease_until = ?1, attempts = attempts + 1 \
+             WHERE key IN (SELECT key FROM outbox \
+                 WHERE (status = 'pending' AND due_at <= ?2) \
+                    OR (status = 'sending' AND lease_until <= ?2) \
+                 ORDER BY due_at LIMIT ?3) \
+             RETURNING key, rule, client_id, event_id, payload, attempts",
+        )
+        .bind(ts(lease_until))
+        .bind(ts(now))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("claiming due mails"))?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(OutboxItem {
+                    key: r.get(0),
+                    rule: r.get(1),
+                    client_id: r.get(2),
+                    event_id: r.get(3),
+                    payload: serde_json::from_str(r.get::<&str, _>(4)).map_err(|e| {
+                        StoreError::Corrupt {
+                            context: "outbox.payload",
+                            message: e.to_string(),
+                        }
+                    })?,
+                    attempts: r.get::<i64, _>(5) as u32,
+                })
+            })
+            .collect()
+    }
+
+    async fn mark_sent(
+        &self,
+        key: &str,
+        message_id: &str,
+        at: DateTime<Utc>,
+        log: &LogEntry,
+    ) -> Result<(), StoreError> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(db("starting mark_sent"))?;
+        sqlx::query(
+            "UPDATE outbox SET status = 'sent', sent_at = ?, message_id = ?, lease_until = NULL, \
+             last_error = NULL WHERE key = ?",
+        )
+        .bind(ts(at))
+        .bind(message_id)
+        .bind(key)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("marking a mail sent"))?;
+        let mut q = QueryBuilder::new("");
+        log_row(&mut q, &[log]);
+        q.build()
+            .execute(&mut *tx)
+            .await
+            .map_err(db("logging a sent mail"))?;
+        tx.commit().await.map_err(db("committing mark_sent"))?;
+        Ok(())
+    }
+
+    async fn mark_retry(
+        &self,
+        key: &str,
+        due_at: DateTime<Utc>,
+        error: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE outbox SET status = 'pending', due_at = ?, lease_until = NULL, last_error = ? \
+             WHERE key = ?",
+        )
+        .bind(ts(due_at))
+        .bind(error)
+        .bind(key)
+        .execute(&self.pool)
+        .await
+        .map_err(db("scheduling a mail retry"))?;
+        Ok(())
+    }
+
+    async fn mark_failed(&self, key: &str, error: &str, log: &LogEntry) -> Result<(), StoreError> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(db("starting mark_failed"))?;
+        sqlx::query(
+            "UPDATE outbox SET status = 'failed', lease_until = NULL, last_error = ? WHERE key = ?",
+        )
+        .bind(error)
+        .bind(key)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("marking a mail failed"))?;
+        let mut q = QueryBuilder::new("");
+        log_row(&mut q, &[log]);
+        q.build()
+            .execute(&mut *tx)
+            .await
+            .map_err(db("logging a failed mail"))?;
+        tx.commit().await.map_err(db("committing mark_failed"))?;
+        Ok(())
+    }
+}

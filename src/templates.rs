@@ -1,0 +1,355 @@
+//! Mail templates: `templates/NAME.txt` (front matter with the subject and the
+//! kind of mail, then the text part) and `templates/NAME.html` (the HTML
+//! part), rendered with minijinja. HTML is escaped by default; the subject is
+//! kept to one line so nothing from an event can add a header.
+
+use minijinja::{Environment, Value as JinjaValue};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use crate::rules::CompileError;
+
+/// `service` mail (welcome, account) or `marketing` mail (reminders, offers).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MailKind {
+    Service,
+    #[default]
+    Marketing,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FrontMatter {
+    subject: String,
+    #[serde(default)]
+    kind: MailKind,
+}
+
+/// The sources of one template, as last read without error.
+#[derive(Debug, Clone)]
+struct Source {
+    subject: String,
+    kind: MailKind,
+    text: String,
+    html: String,
+}
+
+/// A mail ready to send.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Rendered {
+    pub subject: String,
+    pub text: String,
+    pub html: String,
+    pub kind: MailKind,
+}
+
+/// The templates in force, swapped as a whole on reload.
+pub struct TemplateSet {
+    env: Environment<'static>,
+    kinds: BTreeMap<String, MailKind>,
+    pub errors: Vec<CompileError>,
+}
+
+impl std::fmt::Debug for TemplateSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TemplateSet")
+            .field("templates", &self.kinds.keys().collect::<Vec<_>>())
+            .field("errors", &self.errors)
+            .finish()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    #[error("no template named `{0}`")]
+    Unknown(String),
+    #[error("template `{name}` failed to render: {source}")]
+    Failed {
+        name: String,
+        #[source]
+        source: minijinja::Error,
+    },
+}
+
+impl TemplateSet {
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.kinds.keys().map(String::as_str)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.kinds.contains_key(name)
+    }
+
+    pub fn kind(&self, name: &str) -> Option<MailKind> {
+        self.kinds.get(name).copied()
+    }
+
+    pub fn render(
+        &self,
+        name: &str,
+        vars: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Rendered, RenderError> {
+        let kind = self
+            .kind(name)
+            .ok_or_else(|| RenderError::Unknown(name.to_string()))?;
+        let ctx = JinjaValue::from_serialize(vars);
+        let part = |suffix: &str| -> Result<String, RenderError> {
+            self.env
+                .get_template(&format!("{name}.{suffix}"))
+                .and_then(|t| t.render(&ctx))
+                .map_err(|source| RenderError::Failed {
+                    name: name.to_string(),
+                    source,
+                })
+        };
+        let subject = part("subject")?;
+        Ok(Rendered {
+            subject: one_line(&subject),
+            text: part("txt")?,
+            html: part("html")?,
+            kind,
+        })
+    }
+}
+
+/// Collapses whitespace, CR and LF included, so a subject is one header line.
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Loads a templates directory, keeping each template's last good version.
+pub struct TemplateLoader {
+    dir: PathBuf,
+    last_good: BTreeMap<String, Source>,
+}
+
+impl TemplateLoader {
+    pub fn new(dir: PathBuf) -> Self {
+        Self {
+            dir,
+            last_good: BTreeMap::new(),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn load(&mut self) -> TemplateSet {
+        let mut errors = Vec::new();
+        let mut names = BTreeMap::new();
+        match std::fs::read_dir(&self.dir) {
+            Ok(entries) => {
+                for path in entries.flatten().map(|e| e.path()) {
+                    let ext = path.extension().and_then(|e| e.to_str());
+                    if !matches!(ext, Some("txt" | "html")) {
+                        continue;
+                    }
+                    if let Some(stem) = path.file_stem().and_then(|s| s.to_str()) {
+                        names.insert(stem.to_string(), ());
+                    }
+                }
+            }
+            Err(e) => {
+                errors.push(CompileError {
+                    file: self.dir.display().to_string(),
+                    line: None,
+                    column: None,
+                    message: format!("cannot read the templates directory: {e}"),
+                });
+                return build(&self.last_good, errors);
+            }
+        }
+        let mut good = BTreeMap::new();
+        for name in names.into_keys() {
+            match read_source(&self.dir, &name) {
+                Ok(src) => {
+                    good.insert(name, src);
+                }
+                Err(e) => {
+                    if let Some(old) = self.last_good.get(&name) {
+                        good.insert(name, old.clone());
+                    }
+                    errors.push(e);
+                }
+            }
+        }
+        self.last_good = good;
+        build(&self.last_good, errors)
+    }
+}
+
+fn new_env() -> Environment<'static> {
+    let mut env = Environment::new();
+    // `NAME.html` is escaped by minijinja's default (by file extension);
+    // subject and text are plain.
+    env.set_undefined_behavior(minijinja::UndefinedBehavior::Lenient);
+    env.set_keep_trailing_newline(true);
+    env
+}
+
+fn build(sources: &BTreeMap<String, Source>, errors: Vec<CompileError>) -> TemplateSet {
+    let mut env = new_env();
+    let mut kinds = BTreeMap::new();
+    for (name, src) in sources {
+        // Each source compiled in `read_source` already, so these succeed.
+        let added = env
+            .add_template_owned(format!("{name}.subject"), src.subject.clone())
+            .and_then(|_| env.add_template_owned(format!("{name}.txt"), src.text.clone()))
+            .and_then(|_| env.add_template_owned(format!("{name}.html"), src.html.clone()));
+        if added.is_ok() {
+            kinds.insert(name.clone(), src.kind);
+        }
+    }
+    TemplateSet { env, kinds, errors }
+}
+
+fn read_source(dir: &Path, name: &str) -> Result<Source, CompileError> {
+    let txt_path = dir.join(format!("{name}.txt"));
+    let html_path = dir.join(format!("{name}.html"));
+    let err = |path: &Path, line: Option<usize>, message: String| CompileError {
+        file: path.display().to_string(),
+        line,
+        column: None,
+        message,
+    };
+    let txt = std::fs::read_to_string(&txt_path).map_err(|e| {
+        err(
+            &txt_path,
+            None,
+            format!("cannot read the text part (every template needs NAME.txt and NAME.html): {e}"),
+        )
+    })?;
+    let html = std::fs::read_to_string(&html_path).map_err(|e| {
+        err(
+            &html_path,
+            None,
+            format!("cannot read the HTML part (every template needs NAME.txt and NAME.html): {e}"),
+        )
+    })?;
+    let (front, body, body_line) = split_front_matter(&txt).ok_or_else(|| {
+        err(
+            &txt_path,
+            Some(1),
+            "the text part must start with front matter: ---, subject: ..., kind: service|marketing, ---".into(),
+        )
+    })?;
+    let fm: FrontMatter = serde_yaml::from_str(front).map_err(|e| {
+        err(
+            &txt_path,
+            e.location().map(|l| l.line() + 1),
+            format!("front matter: {e}"),
+        )
+    })?;
+    let src = Source {
+        subject: fm.subject,
+        kind: fm.kind,
+        text: body.to_string(),
+        html,
+    };
+    // Compile each part once here so a broken one is refused with its line.
+    let mut env = new_env();
+    for (suffix, text, path, offset) in [
+        ("subject", &src.subject, &txt_path, 1),
+        ("txt", &src.text, &txt_path, body_line - 1),
+        ("html", &src.html, &html_path, 0),
+    ] {
+        env.add_template_owned(format!("{name}.{suffix}"), text.clone())
+            .map_err(|e| {
+                err(
+                    path,
+                    e.line().map(|l| l + offset),
+                    e.detail().unwrap_or(&e.to_string()).to_string(),
+                )
+            })?;
+    }
+    Ok(src)
+}
+
+/// Splits `---\nyaml\n---\nbody` into (yaml, body, 1-based line where body starts).
+fn split_front_matter(s: &str) -> Option<(&str, &str, usize)> {
+    let rest = s.strip_prefix("---")?;
+    let rest = rest
+        .strip_prefix("\r\n")
+        .or_else(|| rest.strip_prefix('\n'))?;
+    let end = rest.find("\n---")?;
+    let front = &rest[..end];
+    let after = &rest[end + 4..];
+    let body = after
+        .strip_prefix("\r\n")
+        .or_else(|| after.strip_prefix('\n'))
+        .unwrap_or(after);
+    let body_line = 1 + s[..s.len() - body.len()].matches('\n').count();
+    Some((front, body, body_line))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn write(dir: &Path, name: &str, txt: &str, html: &str) {
+        std::fs::write(dir.join(format!("{name}.txt")), txt).unwrap();
+        std::fs::write(dir.join(format!("{name}.html")), html).unwrap();
+    }
+
+    #[test]
+    fn renders_both_parts_escaping_html_and_keeping_the_subject_on_one_line() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "hi",
+            "---\nsubject: \"Hello {{ name }}\"\nkind: service\n---\nHi {{ name }}\n",
+            "<p>Hi {{ name }}</p>",
+        );
+        let set = TemplateLoader::new(dir.path().into()).load();
+        assert!(set.errors.is_empty(), "{:?}", set.errors);
+        let vars = json!({"name": "<b>Ana</b>\r\nBcc: x@y.z"});
+        let r = set.render("hi", vars.as_object().unwrap()).unwrap();
+        assert_eq!(r.subject, "Hello <b>Ana</b> Bcc: x@y.z");
+        assert_eq!(r.text, "Hi <b>Ana</b>\r\nBcc: x@y.z\n");
+        assert!(r.html.contains("&lt;b&gt;Ana"), "{}", r.html);
+        assert_eq!(r.kind, MailKind::Service);
+        assert!(matches!(
+            set.render("nope", &Default::default()),
+            Err(RenderError::Unknown(_))
+        ));
+    }
+
+    #[test]
+    fn a_broken_template_is_refused_with_its_line_and_the_old_one_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "t",
+            "---\nsubject: S\n---\none\n",
+            "<p>{{ a }}</p>",
+        );
+        let mut loader = TemplateLoader::new(dir.path().into());
+        assert!(loader.load().contains("t"));
+        write(
+            dir.path(),
+            "t",
+            "---\nsubject: S\n---\nline two\n{% if %}\n",
+            "<p>{{ a }}</p>",
+        );
+        let set = loader.load();
+        assert!(set.contains("t"));
+        assert_eq!(set.errors.len(), 1);
+        let e = &set.errors[0];
+        assert!(e.file.ends_with("t.txt"));
+        assert_eq!(e.line, Some(5), "{e}");
+        assert_eq!(set.render("t", &Default::default()).unwrap().text, "one\n");
+    }
+
+    #[test]
+    fn front_matter_is_required() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "t", "no front matter", "<p></p>");
+        let set = TemplateLoader::new(dir.path().into()).load();
+        assert!(!set.contains("t"));
+        assert!(set.errors[0].message.contains("front matter"));
+    }
+}
