@@ -1,0 +1,392 @@
+//! Test harness: each test gets its own nats-server (JetStream on a private
+//! store), its own SMTP server (aiosmtpd writing a Maildir), its own SQLite
+//! file and its own copy of the rules and templates, and runs nudge
+//! in-process. A service that cannot start fails the test.
+
+use nudge::app::Application;
+use nudge::config::Config;
+use nudge::store::{AnyStore, Store};
+use serde_json::Value;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
+use tokio_util::sync::CancellationToken;
+
+/// A port nothing listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind an ephemeral port")
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_for_port(port: u16, what: &str, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    while Instant::now() < deadline {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{what} exited before listening on {port}: {status}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{what} did not listen on {port} within 20 s");
+}
+
+/// A child process killed when dropped.
+pub struct Service {
+    child: Child,
+    pub port: u16,
+    _dir: TempDir,
+    pub dir: PathBuf,
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A private `nats-server -js`.
+pub fn start_nats() -> Service {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut child = Command::new("nats-server")
+        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nats-server must be installed (see .ci/run)");
+    wait_for_port(port, "nats-server", &mut child);
+    Service {
+        child,
+        port,
+        dir: dir.path().to_path_buf(),
+        _dir: dir,
+    }
+}
+
+/// A real SMTP server (aiosmtpd) storing every message it accepts in a Maildir.
+pub fn start_smtp() -> Service {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let maildir = dir.path().join("maildir");
+    let mut child = Command::new(std::env::var("NUDGE_TEST_PYTHON").unwrap_or("python3".into()))
+        .args(["-m", "aiosmtpd", "-n", "-l", &format!("127.0.0.1:{port}")])
+        .args(["-c", "aiosmtpd.handlers.Mailbox"])
+        .arg(&maildir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("python3 with aiosmtpd must be installed (see .ci/run)");
+    wait_for_port(port, "aiosmtpd", &mut child);
+    Service {
+        child,
+        port,
+        dir: maildir,
+        _dir: dir,
+    }
+}
+
+/// A mail as the SMTP server received it.
+#[derive(Debug, Clone)]
+pub struct Mail {
+    pub raw: String,
+    pub to: String,
+    pub subject: String,
+    pub message_id: String,
+    pub text: String,
+    pub html: String,
+}
+
+impl Mail {
+    pub fn header(&self, name: &str) -> Option<String> {
+        let parsed = mail_parser::MessageParser::default()
+            .parse(self.raw.as_bytes())
+            .expect("parsable mail");
+        parsed.header_raw(name).map(|v| v.trim().to_string())
+    }
+}
+
+pub fn read_maildir(dir: &Path) -> Vec<Mail> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir.join("new")) else {
+        return out;
+    };
+    let mut paths: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+    paths.sort();
+    for p in paths {
+        let raw = std::fs::read_to_string(&p).unwrap();
+        let m = mail_parser::MessageParser::default()
+            .parse(raw.as_bytes())
+            .expect("parsable mail");
+        let to = m
+            .to()
+            .and_then(|a| a.first())
+            .and_then(|a| a.address())
+            .unwrap_or_default()
+            .to_string();
+        out.push(Mail {
+            to,
+            subject: m.subject().unwrap_or_default().to_string(),
+            message_id: m.message_id().unwrap_or_default().to_string(),
+            text: m.body_text(0).map(|s| s.to_string()).unwrap_or_default(),
+            html: m.body_html(0).map(|s| s.to_string()).unwrap_or_default(),
+            raw,
+        });
+    }
+    out
+}
+
+/// Polls `f` until it returns `Some`, or panics with `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Private services, a database file and rule/template folders for one test.
+pub struct TestEnv {
+    /// Kept for the test's lifetime: dropping it stops the server.
+    #[allow(dead_code)]
+    pub nats: Service,
+    pub smtp: Service,
+    pub dir: TempDir,
+    pub config: Config,
+    pub js: async_nats::jetstream::Context,
+}
+
+/// nudge running in-process against a [`TestEnv`].
+pub struct TestApp {
+    pub env: TestEnv,
+    pub http: SocketAddr,
+    pub store: AnyStore,
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl std::ops::Deref for TestApp {
+    type Target = TestEnv;
+    fn deref(&self) -> &TestEnv {
+        &self.env
+    }
+}
+
+impl TestEnv {
+    pub async fn new() -> TestEnv {
+        let nats = start_nats();
+        let smtp = start_smtp();
+        let dir = tempfile::tempdir().unwrap();
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        for sub in ["rules", "templates"] {
+            let to = dir.path().join(sub);
+            std::fs::create_dir_all(&to).unwrap();
+            for e in std::fs::read_dir(root.join(sub)).unwrap().flatten() {
+                if e.path().is_file() {
+                    std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+                }
+            }
+        }
+        let d = dir.path().display();
+        let env: Vec<(String, String)> = [
+            (
+                "NUDGE__NATS__URL",
+                format!("nats://127.0.0.1:{}", nats.port),
+            ),
+            ("NUDGE__NATS__STREAM", format!("TEST_{}", free_port())),
+            ("NUDGE__DATABASE__URL", format!("sqlite://{d}/nudge.db")),
+            ("NUDGE__MAIL__TRANSPORT", "smtp".into()),
+            (
+                "NUDGE__SMTP__URL",
+                format!("smtp://127.0.0.1:{}", smtp.port),
+            ),
+            ("NUDGE__SMTP__FROM", "Shop <hello@shop.test>".into()),
+            ("NUDGE__SMTP__TIMEOUT_SECS", "5".into()),
+            ("NUDGE__RULES__DIR", format!("{d}/rules")),
+            ("NUDGE__RULES__RELOAD_POLL_MS", "100".into()),
+            ("NUDGE__TEMPLATES__DIR", format!("{d}/templates")),
+            ("NUDGE__DELIVERY__POLL_MS", "100".into()),
+            ("NUDGE__DELIVERY__RETRY_BASE_SECS", "1".into()),
+            ("NUDGE__HTTP__LISTEN", "127.0.0.1:0".into()),
+            ("NUDGE__NATS__MAX_EVENT_BYTES", "4096".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let config = Config::load_with_env(None, env).expect("test config is valid");
+        if std::env::var("TEST_LOG").is_ok() {
+            nudge::telemetry::init(&config.log);
+        }
+        let client = async_nats::connect(config.nats.url.as_str()).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        TestEnv {
+            nats,
+            smtp,
+            dir,
+            config,
+            js,
+        }
+    }
+
+    pub fn rules_dir(&self) -> PathBuf {
+        self.dir.path().join("rules")
+    }
+
+    /// Creates the stream as nudge would, for publishing before nudge starts.
+    pub async fn create_stream(&self) {
+        nudge::ingest::ensure_stream(&self.js, &self.config.nats)
+            .await
+            .unwrap();
+    }
+
+    pub async fn start(self) -> TestApp {
+        let app = Application::build(self.config.clone())
+            .await
+            .expect("app builds");
+        let http = app.http_addr();
+        let store = app.store().clone();
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(app.run_until_stopped(cancel.clone()));
+        let t = TestApp {
+            env: self,
+            http,
+            store,
+            cancel,
+            task,
+        };
+        t.wait_healthy().await;
+        t
+    }
+
+    /// Publishes an event the way the shop does.
+    pub async fn publish(&self, event: &Value) {
+        let ty = event["type"].as_str().unwrap_or("unknown");
+        let id = event["id"].as_str().unwrap_or("");
+        self.publish_raw(ty, id, serde_json::to_vec(event).unwrap())
+            .await;
+    }
+
+    pub async fn publish_raw(&self, ty: &str, msg_id: &str, payload: Vec<u8>) {
+        let mut headers = async_nats::HeaderMap::new();
+        if !msg_id.is_empty() {
+            headers.insert("Nats-Msg-Id", msg_id);
+        }
+        self.js
+            .publish_with_headers(
+                format!("{}.{ty}", self.config.nats.subject_prefix),
+                headers,
+                payload.into(),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("stream ack");
+    }
+
+    pub fn mails(&self) -> Vec<Mail> {
+        read_maildir(&self.smtp.dir)
+    }
+
+    /// Waits until at least `n` mails arrived, then returns all of them.
+    pub async fn wait_mails(&self, n: usize) -> Vec<Mail> {
+        eventually(Duration::from_secs(20), &format!("{n} mails"), || async {
+            let m = self.mails();
+            (m.len() >= n).then_some(m)
+        })
+        .await
+    }
+}
+
+impl TestApp {
+    pub async fn spawn() -> TestApp {
+        TestEnv::new().await.start().await
+    }
+
+    pub async fn wait_healthy(&self) {
+        let url = format!("http://{}/health", self.http);
+        eventually(Duration::from_secs(20), "/health ready", || {
+            let url = url.clone();
+            async move {
+                let r = reqwest::get(&url).await.ok()?;
+                r.status().is_success().then_some(())
+            }
+        })
+        .await;
+        // Healthy means connected; the stream is created by the ingest task
+        // right after: wait for it so publishes are not lost to "no stream".
+        eventually(Duration::from_secs(20), "stream created", || async {
+            self.js.get_stream(&self.config.nats.stream).await.ok()
+        })
+        .await;
+    }
+
+    /// Waits until the store holds `n` events: everything published was decided.
+    pub async fn wait_events(&self, n: u64) {
+        eventually(
+            Duration::from_secs(20),
+            &format!("{n} stored events"),
+            || async { (self.store.count_events().await.ok()? >= n).then_some(()) },
+        )
+        .await
+    }
+
+    /// Waits until the outbox has nothing pending or in flight.
+    pub async fn wait_outbox_settled(&self) {
+        eventually(Duration::from_secs(20), "the outbox to settle", || async {
+            let rows = self.store.list_outbox(10_000).await.ok()?;
+            rows.iter()
+                .all(|r| r.status == "sent" || r.status == "failed")
+                .then_some(())
+        })
+        .await
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        reqwest::get(format!("http://{}{path}", self.http))
+            .await
+            .expect("http request")
+    }
+
+    /// Stops nudge the way SIGTERM does, waits for it, and hands back the
+    /// environment for a restart.
+    pub async fn stop(self) -> TestEnv {
+        self.cancel.cancel();
+        self.task.await.unwrap().unwrap();
+        self.env
+    }
+}
+
+pub fn registered(id: &str, client: &str, channel: &str, first_name: &str) -> Value {
+    serde_json::json!({
+        "id": id,
+        "type": "client_registered",
+        "client_id": client,
+        "occurred_at": "2026-11-20T10:00:00Z",
+        "data": {
+            "email": format!("{client}@example.com"),
+            "first_name": first_name,
+            "acquisition_channel": channel,
+            "promo_code": "WELCOME10",
+            "marketing_consent": true
+        },
+        "context": {"channel": "web", "session_id": format!("s-{client}")}
+    })
+}

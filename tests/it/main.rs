@@ -1,0 +1,8 @@
+//! Integration tests: one binary, a module per feature. Each test starts its
+//! own nats-server, SMTP server and SQLite database (see `helpers`).
+
+mod helpers;
+
+mod rejects;
+mod reload;
+mod welcome;
