@@ -3,12 +3,14 @@
 
 use crate::catalog::Catalog;
 use crate::metrics::Metrics;
+use crate::scheduler::{Scheduler, TriggerError};
 use crate::store::{AnyStore, Store};
+use axum::extract::Path;
 use axum::extract::{Query, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
@@ -20,6 +22,7 @@ pub struct ApiState {
     pub nats: Option<async_nats::Client>,
     pub catalog: Arc<Catalog>,
     pub metrics: Arc<Metrics>,
+    pub scheduler: Option<Arc<Scheduler>>,
     pub token: Option<Arc<str>>,
 }
 
@@ -27,6 +30,7 @@ pub fn router(state: ApiState) -> Router {
     let api = Router::new()
         .route("/rejected", get(rejected))
         .route("/rules", get(rules))
+        .route("/rules/{name}/run", post(run_rule))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/health", get(health))
@@ -131,11 +135,38 @@ async fn rules(State(s): State<ApiState>) -> Response {
         .map(|r| {
             let (runs, errors) = s.metrics.rule_counts(&r.name);
             json!({"name": r.name, "file": r.path.display().to_string(),
-                   "triggers": r.triggers, "runs": runs, "errors": errors})
+                   "triggers": r.triggers,
+                   "schedule": r.schedule.as_ref().map(|s| s.text.clone()),
+                   "runs": runs, "errors": errors})
         })
         .collect();
     let errors: Vec<String> = s.catalog.errors().iter().map(|e| e.to_string()).collect();
     Json(json!({"rules": rules, "errors": errors})).into_response()
+}
+
+/// Runs a scheduled rule now (`nudge trigger RULE` does the same).
+async fn run_rule(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let Some(scheduler) = &s.scheduler else {
+        return Err(ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no scheduler".into(),
+        ));
+    };
+    match scheduler.trigger(&name).await {
+        Ok(report) => Ok(Json(json!({ "sweep": report })).into_response()),
+        Err(TriggerError::UnknownRule(_)) => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no rule named `{name}`"),
+        )),
+        Err(e @ TriggerError::NotScheduled(_)) => {
+            Err(ApiError(StatusCode::BAD_REQUEST, e.to_string()))
+        }
+        Err(e @ TriggerError::Busy(_)) => Err(ApiError(StatusCode::CONFLICT, e.to_string())),
+        Err(TriggerError::Store(e)) => Err(e.into()),
+    }
 }
 
 #[cfg(test)]

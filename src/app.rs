@@ -10,6 +10,7 @@ use crate::delivery::Sender;
 use crate::ingest;
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
+use crate::scheduler::Scheduler;
 use crate::store::{AnyStore, Store};
 use anyhow::Context;
 use std::net::SocketAddr;
@@ -90,7 +91,15 @@ impl Application {
             self.catalog.clone(),
             self.metrics.clone(),
             self.config.nats.max_event_bytes,
+            self.config.history.session_gap(),
         ));
+        let scheduler = Arc::new(Scheduler::new(
+            pipeline.clone(),
+            self.catalog.clone(),
+            self.config.scheduler.clone(),
+            wake.clone(),
+        ));
+        tracker.spawn(scheduler.clone().run(cancel.clone()));
         let nats_cfg = self.config.nats.clone();
         let js = async_nats::jetstream::new(self.nats.clone());
         let ingest_cancel = cancel.clone();
@@ -124,6 +133,7 @@ impl Application {
             nats: Some(self.nats.clone()),
             catalog: self.catalog.clone(),
             metrics: self.metrics.clone(),
+            scheduler: Some(scheduler),
             token: self.config.http.token.as_deref().map(Arc::from),
         };
         let http_cancel = cancel.clone();

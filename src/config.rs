@@ -39,6 +39,8 @@ pub struct Config {
     pub rules: RulesConfig,
     pub templates: TemplatesConfig,
     pub delivery: DeliveryConfig,
+    pub history: HistoryConfig,
+    pub scheduler: SchedulerConfig,
     pub http: HttpConfig,
     pub log: LogConfig,
 }
@@ -224,6 +226,51 @@ impl Default for DeliveryConfig {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+pub struct HistoryConfig {
+    /// Silence that ends a session when events carry no `context.session_id`, in minutes. Default 30.
+    pub session_gap_minutes: u32,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        Self {
+            session_gap_minutes: 30,
+        }
+    }
+}
+
+impl HistoryConfig {
+    pub fn session_gap(&self) -> chrono::Duration {
+        chrono::Duration::minutes(self.session_gap_minutes as i64)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SchedulerConfig {
+    /// How often due timers and schedules are checked, in ms. Default 1000.
+    pub tick_ms: u64,
+    /// Clients per transaction when firing timers or sweeping. Default 500.
+    pub page_size: u32,
+    /// How long one instance holds a sweep before another may take it over, in seconds. Default 300.
+    pub lease_secs: u64,
+    /// A missed schedule occurrence is still run when nudge comes back within this many hours. Default 24.
+    pub catch_up_hours: u32,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            tick_ms: 1000,
+            page_size: 500,
+            lease_secs: 300,
+            catch_up_hours: 24,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
     /// Address of the HTTP server. Default `127.0.0.1:8080`.
     pub listen: SocketAddr,
@@ -344,6 +391,13 @@ impl Config {
             ("rules.max_operations", self.rules.max_operations),
             ("rules.reload_poll_ms", self.rules.reload_poll_ms),
             ("smtp.timeout_secs", self.smtp.timeout_secs),
+            (
+                "history.session_gap_minutes",
+                self.history.session_gap_minutes as u64,
+            ),
+            ("scheduler.tick_ms", self.scheduler.tick_ms),
+            ("scheduler.page_size", self.scheduler.page_size as u64),
+            ("scheduler.lease_secs", self.scheduler.lease_secs),
         ];
         for (key, v) in positive {
             if v == 0 {

@@ -4,114 +4,270 @@
 //! the daemon would, call this one function.
 
 use crate::effects::{Effect, EffectKind, effect_key};
-use crate::event::Envelope;
-use crate::history::ClientState;
-use crate::rules::{Request, RuleEngine, loader::RuleSet};
+use crate::event::{Envelope, EventId};
+use crate::history::{ClientState, Session, Timer};
+use crate::rules::{Request, Rule, RuleEngine, RunContext, loader::RuleSet};
 use crate::store::{Level, LogEntry};
 use crate::templates::TemplateSet;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Duration, Utc};
 use rhai::Dynamic;
 use serde_json::{Map, Value, json};
 
-/// What one event led to.
+/// What one trigger led to.
 #[derive(Debug, Default)]
 pub struct Decision {
     pub effects: Vec<Effect>,
     pub log: Vec<LogEntry>,
-    /// Rules that ran, with whether they failed: for metrics and reports.
+    /// Rules that ran, with whether they succeeded: for metrics and reports.
     pub runs: Vec<(String, bool)>,
 }
 
-/// Folds `event` into `state`, then runs every rule whose triggers match.
-/// Rules see the client *after* the event; `now` is the event's time.
-pub fn decide(
-    engine: &RuleEngine,
-    rules: &RuleSet,
-    templates: &TemplateSet,
-    state: &mut ClientState,
-    event: &Envelope,
-) -> Decision {
-    state.apply(event);
-    let mut decision = Decision::default();
-    let ty = event.event_type.as_str();
-    let mut matching = rules.matching(ty).peekable();
-    if matching.peek().is_none() {
-        return decision;
+impl Decision {
+    fn extend(&mut self, other: Decision) {
+        self.effects.extend(other.effects);
+        self.log.extend(other.log);
+        self.runs.extend(other.runs);
     }
-    let event_view = rhai_value(event_view(event));
-    let client_view = rhai_value(client_view(state));
-    let now = event.occurred_at.timestamp();
+}
 
-    for rule in matching {
-        let log = |level, message: String| LogEntry {
-            client_id: state.client_id.clone(),
+/// What started a rule run.
+struct Trigger {
+    /// What the rule sees as `event`.
+    view: Value,
+    /// Unique per client and trigger: seeds effect keys and `unique_code`.
+    cause: String,
+    /// The trigger's time: the rule's `now`.
+    at: DateTime<Utc>,
+    /// The originating event, when there is one (for the process log).
+    event_id: Option<EventId>,
+}
+
+/// The rules in force and the settings that shape history.
+pub struct Core<'a> {
+    pub engine: &'a RuleEngine,
+    pub rules: &'a RuleSet,
+    pub templates: &'a TemplateSet,
+    /// Silence that ends a session when the producer sends no session id.
+    pub session_gap: Duration,
+}
+
+impl Core<'_> {
+    /// Fires the client's timers due by the event's time, folds the event into
+    /// the history, then runs every rule whose triggers match. Rules see the
+    /// client *after* the event; `now` is the event's time.
+    pub fn on_event(&self, state: &mut ClientState, event: &Envelope) -> Decision {
+        let mut decision = self.advance(state, event.occurred_at);
+        state.apply(event, self.session_gap);
+        let ty = event.event_type.as_str();
+        let mut matching = self.rules.matching(ty).peekable();
+        if matching.peek().is_none() {
+            return decision;
+        }
+        let trigger = Trigger {
+            view: event_view(event),
+            cause: event.id.as_str().to_string(),
             at: event.occurred_at,
+            event_id: Some(event.id.clone()),
+        };
+        let client = rhai_value(client_view(state));
+        let event_dyn = rhai_value(trigger.view.clone());
+        for rule in matching {
+            let d = self.run_rule(rule, &trigger, event_dyn.clone(), client.clone(), state);
+            decision.extend(d);
+        }
+        decision
+    }
+
+    /// Fires, in due order, every timer of this client due by `until`. Each
+    /// runs the rule that set it with `now` at the timer's due time.
+    pub fn advance(&self, state: &mut ClientState, until: DateTime<Utc>) -> Decision {
+        let mut decision = Decision::default();
+        while let Some(timer) = state.pop_due(until) {
+            let cause = format!(
+                "timer:{}:{}:{}:{}",
+                timer.rule,
+                timer.name,
+                timer.due.timestamp(),
+                state.client_id
+            );
+            let Some(rule) = self.rules.get(&timer.rule) else {
+                decision.log.push(LogEntry {
+                    client_id: state.client_id.clone(),
+                    at: timer.due,
+                    level: Level::Warning,
+                    rule: Some(timer.rule.clone()),
+                    event_id: None,
+                    message: format!("timer `{}` dropped: its rule no longer exists", timer.name),
+                });
+                continue;
+            };
+            let mut data = timer.data.clone();
+            data.insert("name".into(), json!(timer.name));
+            let view = json!({
+                "id": cause,
+                "type": "timer",
+                "client_id": state.client_id.as_str(),
+                "occurred_at": timer.due.timestamp(),
+                "data": data,
+                "context": {},
+            });
+            let trigger = Trigger {
+                view,
+                cause,
+                at: timer.due,
+                event_id: None,
+            };
+            let client = rhai_value(client_view(state));
+            let event_dyn = rhai_value(trigger.view.clone());
+            let d = self.run_rule(rule, &trigger, event_dyn, client, state);
+            decision.extend(d);
+        }
+        decision
+    }
+
+    /// Runs a scheduled rule for one client, as of the schedule's `slot`.
+    pub fn sweep(&self, state: &mut ClientState, rule: &Rule, slot: DateTime<Utc>) -> Decision {
+        let mut decision = self.advance(state, slot);
+        let cause = format!(
+            "sweep:{}:{}:{}",
+            rule.name,
+            slot.timestamp(),
+            state.client_id
+        );
+        let view = json!({
+            "id": cause,
+            "type": "sweep",
+            "client_id": state.client_id.as_str(),
+            "occurred_at": slot.timestamp(),
+            "data": {"rule": rule.name},
+            "context": {},
+        });
+        let trigger = Trigger {
+            view,
+            cause,
+            at: slot,
+            event_id: None,
+        };
+        let client = rhai_value(client_view(state));
+        let event_dyn = rhai_value(trigger.view.clone());
+        decision.extend(self.run_rule(rule, &trigger, event_dyn, client, state));
+        decision
+    }
+
+    /// Runs one rule and applies what it asked for to the state and the decision.
+    fn run_rule(
+        &self,
+        rule: &Rule,
+        trigger: &Trigger,
+        event: Dynamic,
+        client: Dynamic,
+        state: &mut ClientState,
+    ) -> Decision {
+        let mut decision = Decision::default();
+        let client_id = state.client_id.clone();
+        let log = |level, message: String| LogEntry {
+            client_id: client_id.clone(),
+            at: trigger.at,
             level,
             rule: Some(rule.name.clone()),
-            event_id: Some(event.id.clone()),
+            event_id: trigger.event_id.clone(),
             message,
         };
-        match engine.run(rule, event_view.clone(), client_view.clone(), now) {
+        let mut ctx = RunContext::new(&rule.name, state.client_id.as_str(), &trigger.cause);
+        ctx.facts = state.facts.get(&rule.name).cloned().unwrap_or_default();
+        ctx.timers = state
+            .timers
+            .iter()
+            .filter(|t| t.rule == rule.name)
+            .map(|t| t.name.clone())
+            .collect();
+        let ctx = match self
+            .engine
+            .run(rule, event, client, trigger.at.timestamp(), ctx)
+        {
+            Ok(ctx) => ctx,
             Err(e) => {
-                tracing::warn!(rule = %rule.name, event_id = %event.id, line = e.line, "rule failed: {}", e.message);
-                decision.log.push(log(Level::Error, e.to_string()));
+                tracing::warn!(rule = %rule.name, cause = %trigger.cause, line = e.line, "rule failed: {}", e.message);
+                decision.log.push(log(
+                    Level::Error,
+                    format!("{e} (trigger {})", trigger.cause),
+                ));
                 decision.runs.push((rule.name.clone(), false));
+                return decision;
             }
-            Ok(requests) => {
-                decision.runs.push((rule.name.clone(), true));
-                for (ordinal, req) in requests.into_iter().enumerate() {
-                    match to_effect(req, state, templates) {
-                        Ok(kind) => {
-                            decision.log.push(log(Level::Notice, describe(&kind)));
-                            decision.effects.push(Effect {
-                                key: effect_key(&rule.name, &event.id, ordinal),
-                                rule: rule.name.clone(),
-                                client_id: state.client_id.clone(),
-                                event_id: event.id.clone(),
-                                at: event.occurred_at,
-                                kind,
-                            });
-                        }
-                        Err(why) => decision.log.push(log(Level::Warning, why)),
+        };
+        decision.runs.push((rule.name.clone(), true));
+        if ctx.facts.is_empty() {
+            state.facts.remove(&rule.name);
+        } else {
+            state.facts.insert(rule.name.clone(), ctx.facts);
+        }
+        let mut ordinal = 0;
+        for req in ctx.requests {
+            match req {
+                Request::Mail { template, vars } => match self.mail(template, vars, state) {
+                    Ok(kind) => {
+                        let EffectKind::Mail { template, .. } = &kind;
+                        state.stats.mails += 1;
+                        state.stats.mailed_at.insert(template.clone(), trigger.at);
+                        decision.log.push(log(Level::Notice, describe(&kind)));
+                        decision.effects.push(Effect {
+                            key: effect_key(&rule.name, &trigger.cause, ordinal),
+                            rule: rule.name.clone(),
+                            client_id: client_id.clone(),
+                            cause: trigger.cause.clone(),
+                            at: trigger.at,
+                            kind,
+                        });
+                        ordinal += 1;
                     }
-                }
+                    Err(why) => decision.log.push(log(Level::Warning, why)),
+                },
+                Request::After {
+                    delay_secs,
+                    name,
+                    data,
+                } => state.set_timer(Timer {
+                    rule: rule.name.clone(),
+                    name,
+                    due: trigger.at + Duration::seconds(delay_secs),
+                    data,
+                }),
+                Request::Cancel { name } => state.cancel_timer(&rule.name, &name),
             }
         }
+        decision
     }
-    decision
+
+    /// Checks a mail request against what it needs now, so a mistake shows in
+    /// the process log at decision time instead of as a failed send later.
+    fn mail(
+        &self,
+        template: String,
+        vars: Map<String, Value>,
+        state: &ClientState,
+    ) -> Result<EffectKind, String> {
+        if !self.templates.contains(&template) {
+            return Err(format!("mail `{template}` not queued: no such template"));
+        }
+        let Some(to) = state.profile.email.clone() else {
+            return Err(format!(
+                "mail `{template}` not queued: the client has no e-mail address"
+            ));
+        };
+        let mut all = mail_defaults(state);
+        all.extend(vars);
+        Ok(EffectKind::Mail {
+            template,
+            to,
+            vars: all,
+        })
+    }
 }
 
 fn describe(kind: &EffectKind) -> String {
     match kind {
         EffectKind::Mail { template, to, .. } => format!("mail `{template}` queued to {to}"),
-    }
-}
-
-/// Checks a request against what it needs now, so a mistake shows in the
-/// process log at decision time instead of as a failed send later.
-fn to_effect(
-    req: Request,
-    state: &ClientState,
-    templates: &TemplateSet,
-) -> Result<EffectKind, String> {
-    match req {
-        Request::Mail { template, vars } => {
-            if !templates.contains(&template) {
-                return Err(format!("mail `{template}` not queued: no such template"));
-            }
-            let Some(to) = state.profile.email.clone() else {
-                return Err(format!(
-                    "mail `{template}` not queued: the client has no e-mail address"
-                ));
-            };
-            let mut all = mail_defaults(state);
-            all.extend(vars);
-            Ok(EffectKind::Mail {
-                template,
-                to,
-                vars: all,
-            })
-        }
     }
 }
 
@@ -169,7 +325,11 @@ pub fn client_view(s: &ClientState) -> Value {
         "registered_at": secs(p.registered_at),
         "first_seen": secs(p.first_seen),
         "last_seen": secs(p.last_seen),
+        "session": p_session(s.sessions.current.as_ref()),
+        "last_session": p_session(s.sessions.recent.first()),
+        "sessions": s.sessions.recent.iter().map(|x| p_session(Some(x))).collect::<Vec<_>>(),
         "stats": {
+            "mailed_at": st.mailed_at.iter().map(|(k, v)| (k.clone(), json!(v.timestamp()))).collect::<Map<String, Value>>(),
             "events": st.events,
             "last_at": last_at,
             "product_views": st.product_views,
@@ -179,6 +339,24 @@ pub fn client_view(s: &ClientState) -> Value {
             "spend": st.spend,
             "mails": st.mails,
         },
+    })
+}
+
+fn p_session(s: Option<&Session>) -> Value {
+    let Some(s) = s else { return Value::Null };
+    json!({
+        "id": s.id,
+        "derived": s.derived,
+        "start": s.start.timestamp(),
+        "end": s.end.timestamp(),
+        "duration": (s.end - s.start).num_seconds(),
+        "ended": s.ended,
+        "events": s.events,
+        "page_views": s.page_views,
+        "product_views": s.product_views,
+        "cart_adds": s.cart_adds,
+        "orders": s.orders,
+        "channel": s.channel,
     })
 }
 
@@ -216,6 +394,19 @@ mod tests {
         (engine, set, templates, dir)
     }
 
+    fn core<'a>(
+        engine: &'a RuleEngine,
+        rules: &'a RuleSet,
+        templates: &'a TemplateSet,
+    ) -> Core<'a> {
+        Core {
+            engine,
+            rules,
+            templates,
+            session_gap: Duration::minutes(30),
+        }
+    }
+
     fn registered(id: &str) -> Envelope {
         Envelope::from_value(
             json!({"id": id, "type": "client_registered", "client_id": "c1",
@@ -232,10 +423,10 @@ mod tests {
              if client.first_name == \"Ana\" && now == event.occurred_at { mail(\"t\", #{ extra: 1 }); }",
         );
         let mut state = ClientState::new(ClientId::parse("c1").unwrap());
-        let d = decide(&engine, &rules, &templates, &mut state, &registered("e1"));
+        let d = core(&engine, &rules, &templates).on_event(&mut state, &registered("e1"));
         assert_eq!(d.effects.len(), 1);
         let e = &d.effects[0];
-        assert_eq!(e.key, effect_key("r", &registered("e1").id, 0));
+        assert_eq!(e.key, effect_key("r", "e1", 0));
         let EffectKind::Mail { template, to, vars } = &e.kind;
         assert_eq!((template.as_str(), to.as_str()), ("t", "ana@example.com"));
         assert_eq!(vars["first_name"], "Ana");
@@ -248,13 +439,67 @@ mod tests {
         let (engine, rules, templates, _d) =
             fixture("const ON = [\"client_registered\"];\nmail(\"missing\");\nthrow \"boom\";");
         let mut state = ClientState::new(ClientId::parse("c1").unwrap());
-        let d = decide(&engine, &rules, &templates, &mut state, &registered("e1"));
+        let d = core(&engine, &rules, &templates).on_event(&mut state, &registered("e1"));
         assert!(d.effects.is_empty());
         assert_eq!(d.runs, vec![("r".to_string(), false)]);
         assert!(d.log[0].message.contains("boom"), "{:?}", d.log);
         assert_eq!(
             state.stats.events["client_registered"], 1,
             "history still applied"
+        );
+    }
+
+    fn at(id: &str, ty: &str, t: &str) -> Envelope {
+        Envelope::from_value(
+            json!({"id": id, "type": ty, "client_id": "c1", "occurred_at": t,
+            "data": {"email": "ana@example.com"}}),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn timers_fire_in_event_time_before_later_events_and_can_be_cancelled() {
+        let (engine, rules, templates, _d) = fixture(
+            "const ON = [\"page_viewed\", \"cart_item_added\", \"client_registered\"];\n\
+             if event.type == \"page_viewed\" { after(minutes(15), \"check\", #{ page: 1 }); }\n\
+             if event.type == \"cart_item_added\" { cancel(\"check\"); }\n\
+             if event.type == \"timer\" && event.data.name == \"check\" && event.data.page == 1 {\n\
+                 if now != event.occurred_at { throw \"now is the due time\"; }\n\
+                 mail(\"t\");\n\
+             }",
+        );
+        let core = core(&engine, &rules, &templates);
+        let mut state = ClientState::new(ClientId::parse("c1").unwrap());
+        core.on_event(
+            &mut state,
+            &at("r", "client_registered", "2026-11-01T09:00:00Z"),
+        );
+        core.on_event(&mut state, &at("p1", "page_viewed", "2026-11-01T10:00:00Z"));
+        assert_eq!(
+            state.next_due().unwrap().to_rfc3339(),
+            "2026-11-01T10:15:00+00:00"
+        );
+        // An event after the due time fires the timer first, at its due time.
+        let d = core.on_event(
+            &mut state,
+            &at("x", "login_succeeded", "2026-11-01T11:00:00Z"),
+        );
+        assert_eq!(d.effects.len(), 1, "{:?}", d.log);
+        assert_eq!(d.effects[0].at.to_rfc3339(), "2026-11-01T10:15:00+00:00");
+        assert!(d.effects[0].cause.starts_with("timer:r:check:"));
+        assert!(state.timers.is_empty());
+
+        // Cancelled by a cart add: nothing fires.
+        core.on_event(&mut state, &at("p2", "page_viewed", "2026-11-02T10:00:00Z"));
+        core.on_event(
+            &mut state,
+            &at("c", "cart_item_added", "2026-11-02T10:05:00Z"),
+        );
+        let d = core.advance(&mut state, "2026-11-03T00:00:00Z".parse().unwrap());
+        assert!(d.effects.is_empty());
+        assert_eq!(
+            state.stats.mailed_at["t"].to_rfc3339(),
+            "2026-11-01T10:15:00+00:00"
         );
     }
 }

@@ -4,9 +4,9 @@
 //! derive the same history from the same events.
 
 use crate::event::{ClientId, Envelope};
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 
 /// Everything nudge keeps about one client besides the raw event log.
@@ -18,6 +18,54 @@ pub struct ClientState {
     pub version: i64,
     pub profile: Profile,
     pub stats: Stats,
+    #[serde(default)]
+    pub sessions: Sessions,
+    /// Pending follow-ups set by rules, soonest first.
+    #[serde(default)]
+    pub timers: Vec<Timer>,
+    /// What each rule chose to remember about this client (`remember`/`recall`).
+    #[serde(default)]
+    pub facts: BTreeMap<String, Map<String, Value>>,
+}
+
+/// A visit: the producer's `context.session_id`, or derived from a gap in activity.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Session {
+    pub id: String,
+    /// True when nudge derived the session from an inactivity gap.
+    pub derived: bool,
+    pub start: DateTime<Utc>,
+    /// Time of the last event of the session (or of its `session_ended`).
+    pub end: DateTime<Utc>,
+    /// A `session_ended` event closed it.
+    pub ended: bool,
+    pub events: u64,
+    pub page_views: u64,
+    pub product_views: u64,
+    pub cart_adds: u64,
+    pub orders: u64,
+    pub channel: Option<String>,
+}
+
+/// The current session and the ones before it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Sessions {
+    pub current: Option<Session>,
+    /// Earlier sessions, newest first, at most [`RECENT_SESSIONS`].
+    pub recent: Vec<Session>,
+}
+
+/// How many past sessions are kept per client.
+pub const RECENT_SESSIONS: usize = 10;
+
+/// A follow-up a rule asked for: it runs that rule again at `due`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Timer {
+    pub rule: String,
+    pub name: String,
+    pub due: DateTime<Utc>,
+    #[serde(default)]
+    pub data: Map<String, Value>,
 }
 
 /// Contact details and preferences, from `client_registered` / `client_updated`.
@@ -53,7 +101,11 @@ pub struct Stats {
     pub orders_cancelled: u64,
     /// Sum of `order_placed.total`, in the shop's currency.
     pub spend: f64,
+    /// Mails queued for this client.
     pub mails: u64,
+    /// When each template was last queued for this client.
+    #[serde(default)]
+    pub mailed_at: BTreeMap<String, DateTime<Utc>>,
 }
 
 /// Profile fields that `client_registered` and `client_updated` may set.
@@ -75,13 +127,38 @@ impl ClientState {
             version: 0,
             profile: Profile::default(),
             stats: Stats::default(),
+            sessions: Sessions::default(),
+            timers: Vec::new(),
+            facts: BTreeMap::new(),
         }
+    }
+
+    /// The soonest pending timer, which the scheduler indexes.
+    pub fn next_due(&self) -> Option<DateTime<Utc>> {
+        self.timers.iter().map(|t| t.due).min()
+    }
+
+    /// Sets a timer, replacing one of the same rule and name.
+    pub fn set_timer(&mut self, timer: Timer) {
+        self.cancel_timer(&timer.rule, &timer.name);
+        let at = self.timers.partition_point(|t| t.due <= timer.due);
+        self.timers.insert(at, timer);
+    }
+
+    pub fn cancel_timer(&mut self, rule: &str, name: &str) {
+        self.timers.retain(|t| !(t.rule == rule && t.name == name));
+    }
+
+    /// Removes and returns the soonest timer due at or before `until`.
+    pub fn pop_due(&mut self, until: DateTime<Utc>) -> Option<Timer> {
+        (self.timers.first()?.due <= until).then(|| self.timers.remove(0))
     }
 
     /// Folds one event into the history. Order-insensitive where it can be:
     /// first and last seen are a min and a max of event time.
-    pub fn apply(&mut self, event: &Envelope) {
+    pub fn apply(&mut self, event: &Envelope, session_gap: Duration) {
         let at = event.occurred_at;
+        self.track_session(event, session_gap);
         let p = &mut self.profile;
         p.first_seen = Some(p.first_seen.map_or(at, |t| t.min(at)));
         p.last_seen = Some(p.last_seen.map_or(at, |t| t.max(at)));
@@ -135,6 +212,58 @@ impl ClientState {
     }
 }
 
+impl ClientState {
+    /// Puts the event in a session: the producer's `session_id` when given,
+    /// else the current session unless `session_gap` passed since its last event.
+    fn track_session(&mut self, event: &Envelope, gap: Duration) {
+        let at = event.occurred_at;
+        let sid = event.session_id();
+        let same = match (&self.sessions.current, sid) {
+            (None, _) => false,
+            (Some(cur), Some(sid)) => cur.id == sid,
+            (Some(cur), None) => !cur.ended && at - cur.end <= gap && at >= cur.start,
+        };
+        if !same {
+            if let Some(old) = self.sessions.current.take() {
+                self.sessions.recent.insert(0, old);
+                self.sessions.recent.truncate(RECENT_SESSIONS);
+            }
+            self.sessions.current = Some(Session {
+                id: sid.map_or_else(
+                    || format!("{}:{}", self.client_id, at.timestamp()),
+                    str::to_string,
+                ),
+                derived: sid.is_none(),
+                start: at,
+                end: at,
+                ended: false,
+                events: 0,
+                page_views: 0,
+                product_views: 0,
+                cart_adds: 0,
+                orders: 0,
+                channel: event
+                    .context
+                    .get("channel")
+                    .and_then(Value::as_str)
+                    .map(str::to_string),
+            });
+        }
+        let cur = self.sessions.current.as_mut().expect("set above");
+        cur.events += 1;
+        cur.start = cur.start.min(at);
+        cur.end = cur.end.max(at);
+        match event.event_type.as_str() {
+            "page_viewed" => cur.page_views += 1,
+            "product_viewed" => cur.product_views += 1,
+            "cart_item_added" => cur.cart_adds += 1,
+            "order_placed" => cur.orders += 1,
+            "session_ended" => cur.ended = true,
+            _ => {}
+        }
+    }
+}
+
 fn set_profile_string(p: &mut Profile, field: &str, v: &str) {
     let slot = match field {
         "email" => &mut p.email,
@@ -181,32 +310,48 @@ mod tests {
     #[test]
     fn registration_then_activity_builds_the_profile_and_counters() {
         let mut s = ClientState::new(ClientId::parse("c1").unwrap());
-        s.apply(&ev(
-            "1",
-            "client_registered",
-            "2026-11-01T10:00:00Z",
-            json!({"email": "a@b.co", "first_name": " Ana ", "acquisition_channel": "promo",
+        let gap = Duration::minutes(30);
+        s.apply(
+            &ev(
+                "1",
+                "client_registered",
+                "2026-11-01T10:00:00Z",
+                json!({"email": "a@b.co", "first_name": " Ana ", "acquisition_channel": "promo",
                    "marketing_consent": true}),
-        ));
-        s.apply(&ev(
-            "2",
-            "product_viewed",
-            "2026-11-01T09:00:00Z",
-            json!({"product_id": 7}),
-        ));
-        s.apply(&ev(
-            "3",
-            "product_viewed",
-            "2026-11-02T09:00:00Z",
-            json!({"product_id": "7"}),
-        ));
-        s.apply(&ev(
-            "4",
-            "order_placed",
-            "2026-11-03T09:00:00Z",
-            json!({"total": 120.5}),
-        ));
-        s.apply(&ev("5", "unsubscribed", "2026-11-04T09:00:00Z", json!({})));
+            ),
+            gap,
+        );
+        s.apply(
+            &ev(
+                "2",
+                "product_viewed",
+                "2026-11-01T09:00:00Z",
+                json!({"product_id": 7}),
+            ),
+            gap,
+        );
+        s.apply(
+            &ev(
+                "3",
+                "product_viewed",
+                "2026-11-02T09:00:00Z",
+                json!({"product_id": "7"}),
+            ),
+            gap,
+        );
+        s.apply(
+            &ev(
+                "4",
+                "order_placed",
+                "2026-11-03T09:00:00Z",
+                json!({"total": 120.5}),
+            ),
+            gap,
+        );
+        s.apply(
+            &ev("5", "unsubscribed", "2026-11-04T09:00:00Z", json!({})),
+            gap,
+        );
 
         let p = &s.profile;
         assert_eq!(p.first_name.as_deref(), Some("Ana"));
@@ -225,5 +370,73 @@ mod tests {
         assert_eq!(s.stats.orders, 1);
         assert_eq!(s.stats.spend, 120.5);
         assert_eq!(s.stats.events["product_viewed"], 2);
+    }
+
+    fn sev(id: &str, ty: &str, at: &str, sid: Option<&str>) -> Envelope {
+        let mut v = json!({"id": id, "type": ty, "client_id": "c1", "occurred_at": at});
+        if let Some(sid) = sid {
+            v["context"] = json!({"session_id": sid});
+        }
+        Envelope::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn sessions_follow_the_producer_id_or_an_inactivity_gap() {
+        let mut s = ClientState::new(ClientId::parse("c1").unwrap());
+        let gap = Duration::minutes(30);
+        s.apply(&sev("1", "page_viewed", "2026-11-01T10:00:00Z", None), gap);
+        s.apply(
+            &sev("2", "product_viewed", "2026-11-01T10:20:00Z", None),
+            gap,
+        );
+        let cur = s.sessions.current.clone().unwrap();
+        assert!(cur.derived);
+        assert_eq!((cur.page_views, cur.product_views, cur.events), (1, 1, 2));
+        // 31 minutes of silence: a new derived session.
+        s.apply(&sev("3", "page_viewed", "2026-11-01T10:51:00Z", None), gap);
+        assert_eq!(s.sessions.recent.len(), 1);
+        assert_eq!(s.sessions.current.as_ref().unwrap().page_views, 1);
+        // The producer's session id wins over the gap.
+        s.apply(
+            &sev("4", "session_started", "2026-11-01T10:52:00Z", Some("A")),
+            gap,
+        );
+        s.apply(
+            &sev("5", "cart_item_added", "2026-11-01T12:00:00Z", Some("A")),
+            gap,
+        );
+        s.apply(
+            &sev("6", "session_ended", "2026-11-01T12:01:00Z", Some("A")),
+            gap,
+        );
+        let a = s.sessions.current.clone().unwrap();
+        assert_eq!(a.id, "A");
+        assert!(a.ended && !a.derived);
+        assert_eq!(a.cart_adds, 1);
+        assert_eq!((a.end - a.start).num_minutes(), 69);
+        assert_eq!(s.sessions.recent.len(), 2);
+    }
+
+    #[test]
+    fn timers_are_replaced_by_name_and_pop_in_due_order() {
+        let mut s = ClientState::new(ClientId::parse("c1").unwrap());
+        let t = |name: &str, at: &str| Timer {
+            rule: "r".into(),
+            name: name.into(),
+            due: at.parse().unwrap(),
+            data: Map::new(),
+        };
+        s.set_timer(t("b", "2026-11-01T12:00:00Z"));
+        s.set_timer(t("a", "2026-11-01T11:00:00Z"));
+        s.set_timer(t("b", "2026-11-01T10:00:00Z"));
+        assert_eq!(s.timers.len(), 2);
+        assert_eq!(
+            s.next_due().unwrap().to_rfc3339(),
+            "2026-11-01T10:00:00+00:00"
+        );
+        let until = "2026-11-01T11:00:00Z".parse().unwrap();
+        assert_eq!(s.pop_due(until).unwrap().name, "b");
+        assert_eq!(s.pop_due(until).unwrap().name, "a");
+        assert!(s.pop_due(until).is_none());
     }
 }

@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod publish;
 pub mod rules;
+pub mod scheduler;
 pub mod store;
 pub mod telemetry;
 pub mod templates;

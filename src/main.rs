@@ -5,9 +5,14 @@ use clap::{Parser, Subcommand};
 use nudge::app::{Application, open_store};
 use nudge::catalog::Catalog;
 use nudge::config::Config;
+use nudge::metrics::Metrics;
+use nudge::pipeline::Pipeline;
+use nudge::scheduler::Scheduler;
 use nudge::store::Store;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -42,6 +47,8 @@ enum Command {
     Publish { file: PathBuf },
     /// Create or update the database schema, then exit.
     Migrate,
+    /// Run a scheduled rule's sweep now; the running daemon sends what it queues.
+    Trigger { rule: String },
 }
 
 #[tokio::main]
@@ -112,6 +119,28 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> 
                 .await
                 .context("publish failed")?;
             println!("published {n} events to {}", config.nats.stream);
+        }
+        Command::Trigger { rule } => {
+            let store = open_store(&config).await?;
+            let catalog = Arc::new(Catalog::load(&config));
+            let pipeline = Arc::new(Pipeline::new(
+                store,
+                catalog.clone(),
+                Arc::new(Metrics::default()),
+                config.nats.max_event_bytes,
+                config.history.session_gap(),
+            ));
+            let scheduler = Scheduler::new(
+                pipeline,
+                catalog,
+                config.scheduler.clone(),
+                Arc::new(Notify::new()),
+            );
+            let report = scheduler.trigger(&rule).await?;
+            println!(
+                "rule {}: swept {} clients, queued {} effects",
+                report.rule, report.clients, report.effects
+            );
         }
         Command::Migrate => {
             open_store(&config).await?;

@@ -1,17 +1,20 @@
-//! One batch of raw messages in, one committed transaction out: validate,
-//! drop what already took effect, fold each event into its client's history
-//! in event-time order, run the rules, and write events, states, effects and
-//! rejections together. Knows nothing of NATS, so the daemon, tests and
-//! benchmarks drive the same code.
+//! Batches of work in, one committed transaction out. Work is events from the
+//! broker, timers coming due, or a page of a sweep; each becomes a step on one
+//! client's history, decided by the pure core, and the batch's events, client
+//! states, effects, log lines and rejections are committed together. Knows
+//! nothing of NATS, so the daemon, the scheduler, tests and benchmarks all
+//! drive the same code.
 
 use crate::catalog::Catalog;
-use crate::decide::decide;
+use crate::decide::Core;
 use crate::event::{ClientId, Envelope, EventId};
 use crate::history::ClientState;
 use crate::metrics::Metrics;
-use crate::store::{AnyStore, BatchWrite, CommitOutcome, Rejected, Store, StoreError, StoredEvent};
+use crate::store::{
+    AnyStore, BatchWrite, CommitOutcome, Rejected, Store, StoreError, StoredEvent, SweepProgress,
+};
 use bytes::Bytes;
-use chrono::Utc;
+use chrono::{DateTime, Duration, Utc};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
@@ -32,6 +35,25 @@ pub struct BatchReport {
     pub effects: usize,
 }
 
+/// One unit of work on one client's history.
+#[derive(Debug, Clone)]
+enum Step {
+    Event(StoredEvent),
+    /// Fire the client's timers due by this time.
+    Advance(ClientId, DateTime<Utc>),
+    /// Run a scheduled rule for the client at the sweep's slot.
+    Sweep(ClientId, String, DateTime<Utc>),
+}
+
+impl Step {
+    fn client(&self) -> &ClientId {
+        match self {
+            Step::Event(e) => &e.envelope.client_id,
+            Step::Advance(c, _) | Step::Sweep(c, ..) => c,
+        }
+    }
+}
+
 /// How often a batch is retried when another writer changed the same clients.
 const MAX_CONFLICT_RETRIES: usize = 8;
 
@@ -40,6 +62,7 @@ pub struct Pipeline {
     catalog: Arc<Catalog>,
     metrics: Arc<Metrics>,
     max_event_bytes: usize,
+    session_gap: Duration,
 }
 
 impl Pipeline {
@@ -48,17 +71,23 @@ impl Pipeline {
         catalog: Arc<Catalog>,
         metrics: Arc<Metrics>,
         max_event_bytes: usize,
+        session_gap: Duration,
     ) -> Self {
         Self {
             store,
             catalog,
             metrics,
             max_event_bytes,
+            session_gap,
         }
     }
 
-    /// Processes and commits one batch. On `Ok` every message in it is safe to
-    /// ack: it was stored, rejected and kept, or had taken effect before.
+    pub fn store(&self) -> &AnyStore {
+        &self.store
+    }
+
+    /// Processes and commits one batch of messages. On `Ok` every message is
+    /// safe to ack: it was stored, rejected and kept, or had taken effect before.
     pub async fn process(&self, batch: &[Incoming]) -> Result<BatchReport, StoreError> {
         let received_at = Utc::now();
         let mut rejected = Vec::new();
@@ -80,15 +109,13 @@ impl Pipeline {
                 }
                 Err(reason) => {
                     tracing::warn!(subject = %m.subject, seq = ?m.stream_seq, %reason, "event rejected");
+                    let shown = &m.payload[..m.payload.len().min(self.max_event_bytes)];
                     rejected.push(Rejected {
                         received_at,
                         subject: m.subject.clone(),
                         stream_seq: m.stream_seq,
                         reason: reason.to_string(),
-                        payload: String::from_utf8_lossy(
-                            &m.payload[..m.payload.len().min(self.max_event_bytes)],
-                        )
-                        .into_owned(),
+                        payload: String::from_utf8_lossy(shown).into_owned(),
                     });
                 }
             }
@@ -99,27 +126,82 @@ impl Pipeline {
             (&a.envelope.client_id, a.envelope.occurred_at)
                 .cmp(&(&b.envelope.client_id, b.envelope.occurred_at))
         });
+        let steps: Vec<Step> = events.into_iter().map(Step::Event).collect();
+        let mut report = self.commit_steps(steps, rejected, None).await?;
+        report.duplicates += duplicates;
+        Ok(report)
+    }
 
+    /// Fires the timers of these clients that are due by `now`.
+    pub async fn advance(
+        &self,
+        clients: Vec<ClientId>,
+        now: DateTime<Utc>,
+    ) -> Result<BatchReport, StoreError> {
+        let steps = clients.into_iter().map(|c| Step::Advance(c, now)).collect();
+        self.commit_steps(steps, Vec::new(), None).await
+    }
+
+    /// Runs scheduled rule `rule` at `slot` for a page of clients, recording
+    /// the sweep's progress in the same transaction.
+    pub async fn sweep_page(
+        &self,
+        rule: &str,
+        slot: DateTime<Utc>,
+        after: Option<ClientId>,
+        clients: Vec<ClientId>,
+        done: bool,
+    ) -> Result<BatchReport, StoreError> {
+        let progress = SweepProgress {
+            rule: rule.to_string(),
+            slot,
+            cursor: clients.last().cloned().or(after),
+            done,
+        };
+        let steps = clients
+            .into_iter()
+            .map(|c| Step::Sweep(c, rule.to_string(), slot))
+            .collect();
+        self.commit_steps(steps, Vec::new(), Some(progress)).await
+    }
+
+    async fn commit_steps(
+        &self,
+        steps: Vec<Step>,
+        rejected: Vec<Rejected>,
+        sweep: Option<SweepProgress>,
+    ) -> Result<BatchReport, StoreError> {
         for _ in 0..MAX_CONFLICT_RETRIES {
-            let ids: Vec<&EventId> = events.iter().map(|e| &e.envelope.id).collect();
-            let known = self.store.known_events(&ids).await?;
-            let fresh: Vec<StoredEvent> = events
+            let ids: Vec<&EventId> = steps
                 .iter()
-                .filter(|e| !known.contains(e.envelope.id.as_str()))
+                .filter_map(|s| match s {
+                    Step::Event(e) => Some(&e.envelope.id),
+                    _ => None,
+                })
+                .collect();
+            let known = if ids.is_empty() {
+                HashSet::new()
+            } else {
+                self.store.known_events(&ids).await?
+            };
+            let fresh: Vec<Step> = steps
+                .iter()
+                .filter(|s| match s {
+                    Step::Event(e) => !known.contains(e.envelope.id.as_str()),
+                    _ => true,
+                })
                 .cloned()
                 .collect();
-            let report_dups = duplicates + (events.len() - fresh.len());
-
-            let client_ids: Vec<&ClientId> = {
-                let mut v: Vec<&ClientId> = fresh.iter().map(|e| &e.envelope.client_id).collect();
-                v.dedup();
-                v
-            };
+            let mut client_ids: Vec<&ClientId> = fresh.iter().map(Step::client).collect();
+            client_ids.sort();
+            client_ids.dedup();
             let states = self.store.load_clients(&client_ids).await?;
-            let write = self.decide_all(fresh, states, rejected.clone()).await;
+            let mut write = self.decide_all(fresh, states).await;
+            write.rejected = rejected.clone();
+            write.sweep = sweep.clone();
             let report = BatchReport {
                 accepted: write.events.len(),
-                duplicates: report_dups,
+                duplicates: known.len(),
                 rejected: write.rejected.len(),
                 effects: write.effects.len(),
             };
@@ -130,7 +212,6 @@ impl Pipeline {
                 }
                 CommitOutcome::Conflict => {
                     tracing::debug!("batch conflicted with another writer; retrying");
-                    continue;
                 }
             }
         }
@@ -140,36 +221,61 @@ impl Pipeline {
         })
     }
 
-    /// Runs the decision core for every event, off the async workers: rules
+    /// Runs the decision core for every step, off the async workers: rules
     /// are CPU work and must not stall I/O.
     async fn decide_all(
         &self,
-        events: Vec<StoredEvent>,
+        steps: Vec<Step>,
         mut states: HashMap<ClientId, ClientState>,
-        rejected: Vec<Rejected>,
     ) -> BatchWrite {
         let rules = self.catalog.rules();
         let templates = self.catalog.templates();
         let engine = self.catalog.engine.clone();
         let metrics = self.metrics.clone();
+        let session_gap = self.session_gap;
         let run = move || {
-            let mut write = BatchWrite {
-                rejected,
-                ..Default::default()
+            let core = Core {
+                engine: &engine,
+                rules: &rules,
+                templates: &templates,
+                session_gap,
             };
-            for e in &events {
+            let mut write = BatchWrite::default();
+            let mut touched: HashSet<ClientId> = HashSet::new();
+            for step in steps {
+                let id = step.client().clone();
                 let state = states
-                    .entry(e.envelope.client_id.clone())
-                    .or_insert_with(|| ClientState::new(e.envelope.client_id.clone()));
-                let d = decide(&engine, &rules, &templates, state, &e.envelope);
+                    .entry(id.clone())
+                    .or_insert_with(|| ClientState::new(id.clone()));
+                let d = match &step {
+                    Step::Event(e) => core.on_event(state, &e.envelope),
+                    Step::Advance(_, until) => core.advance(state, *until),
+                    Step::Sweep(_, rule, slot) => match rules.get(rule) {
+                        Some(r) => core.sweep(state, r, *slot),
+                        None => Default::default(),
+                    },
+                };
+                // A state is written only if something changed it: a due
+                // timer fired, a sweep found work, or an event arrived.
+                let changed =
+                    matches!(step, Step::Event(_)) || !d.runs.is_empty() || !d.log.is_empty();
+                if changed {
+                    touched.insert(id);
+                }
                 for (rule, ok) in &d.runs {
                     metrics.rule_run(rule, *ok);
                 }
                 write.effects.extend(d.effects);
                 write.log.extend(d.log);
+                if let Step::Event(e) = step {
+                    write.events.push(e);
+                }
             }
-            write.events = events;
-            write.clients = states.into_values().collect();
+            write.clients = states
+                .into_iter()
+                .filter(|(id, _)| touched.contains(id))
+                .map(|(_, s)| s)
+                .collect();
             write
         };
         match tokio::task::spawn_blocking(run).await {

@@ -32,9 +32,12 @@ CREATE TABLE clients (
     timezone            TEXT,
     first_seen          TEXT,
     last_seen           TEXT,
+    -- The soonest pending timer (from `state`), for the scheduler to find.
+    next_due            TEXT,
     state               TEXT NOT NULL
 );
 CREATE INDEX clients_email ON clients (email);
+CREATE INDEX clients_next_due ON clients (next_due) WHERE next_due IS NOT NULL;
 CREATE INDEX clients_last_seen ON clients (last_seen);
 
 -- The transactional outbox: effects written with their cause, sent later.
@@ -43,7 +46,8 @@ CREATE TABLE outbox (
     kind        TEXT NOT NULL,
     rule        TEXT NOT NULL,
     client_id   TEXT NOT NULL,
-    event_id    TEXT NOT NULL,
+    -- What caused the effect: an event id, or a timer's or a sweep's id.
+    cause       TEXT NOT NULL,
     payload     TEXT NOT NULL,
     status      TEXT NOT NULL CHECK (status IN ('pending', 'sending', 'sent', 'failed')),
     attempts    INTEGER NOT NULL DEFAULT 0,
@@ -79,3 +83,14 @@ CREATE TABLE client_log (
     message   TEXT NOT NULL
 );
 CREATE INDEX client_log_client ON client_log (client_id, id);
+
+-- Scheduled rules: the sweep in progress or last done, claimed with a lease
+-- so that one instance runs each occurrence, resuming from `cursor` if the
+-- instance that had it died.
+CREATE TABLE schedules (
+    rule        TEXT PRIMARY KEY,
+    slot        TEXT NOT NULL,
+    cursor      TEXT,
+    done        INTEGER NOT NULL DEFAULT 0,
+    lease_until TEXT NOT NULL
+);

@@ -120,7 +120,7 @@ impl Sender {
             at: Utc::now(),
             level,
             rule: Some(item.rule.clone()),
-            event_id: EventId::parse(item.event_id.clone()).ok(),
+            event_id: EventId::parse(item.cause.clone()).ok(),
             message,
         };
         let kind: EffectKind = match serde_json::from_value(item.payload.clone()) {

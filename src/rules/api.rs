@@ -9,7 +9,7 @@ use rhai::{Dynamic, Engine, EvalAltResult, Map as RhaiMap, Position};
 use serde_json::{Map, Value};
 use std::cell::RefCell;
 
-/// What a rule asked for, before it becomes an effect.
+/// What a rule asked for, before it becomes an effect or a change of state.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Request {
     /// `mail(template)` / `mail(template, vars)`: mail the client.
@@ -17,35 +17,76 @@ pub enum Request {
         template: String,
         vars: Map<String, Value>,
     },
+    /// `after(seconds, name)` / `after(seconds, name, data)`: run this rule
+    /// again for this client later; replaces a pending timer of that name.
+    After {
+        delay_secs: i64,
+        name: String,
+        data: Map<String, Value>,
+    },
+    /// `cancel(name)`: drop a pending timer.
+    Cancel { name: String },
+}
+
+/// The state of one rule run: what the rule may read and what it asked for.
+#[derive(Debug, Default)]
+pub struct RunContext {
+    /// Requests in the order made.
+    pub requests: Vec<Request>,
+    /// This rule's memory about this client, changed in place by `remember`.
+    pub facts: Map<String, Value>,
+    /// Names of this rule's pending timers for this client.
+    pub timers: Vec<String>,
+    /// Id of what started the run (event id, timer or sweep): seeds `unique_code`.
+    pub cause: String,
+    pub rule: String,
+    pub client_id: String,
+    /// `unique_code` calls so far, so two codes in one run differ.
+    codes: u32,
+}
+
+impl RunContext {
+    pub fn new(rule: &str, client_id: &str, cause: &str) -> Self {
+        Self {
+            rule: rule.to_string(),
+            client_id: client_id.to_string(),
+            cause: cause.to_string(),
+            ..Default::default()
+        }
+    }
 }
 
 thread_local! {
-    static REQUESTS: RefCell<Option<Vec<Request>>> = const { RefCell::new(None) };
+    static CONTEXT: RefCell<Option<RunContext>> = const { RefCell::new(None) };
 }
 
-/// Runs `f` with a fresh request buffer and returns its result with what it asked for.
-pub fn collect<T>(f: impl FnOnce() -> T) -> (T, Vec<Request>) {
-    let previous = REQUESTS.with(|r| r.borrow_mut().replace(Vec::new()));
+/// Runs `f` with `ctx` installed and returns its result with the context as the run left it.
+pub fn collect<T>(ctx: RunContext, f: impl FnOnce() -> T) -> (T, RunContext) {
+    let previous = CONTEXT.with(|c| c.borrow_mut().replace(ctx));
     let out = f();
-    let requests = REQUESTS.with(|r| std::mem::replace(&mut *r.borrow_mut(), previous));
-    (out, requests.unwrap_or_default())
+    let ctx = CONTEXT.with(|c| std::mem::replace(&mut *c.borrow_mut(), previous));
+    (out, ctx.expect("installed above"))
 }
 
-fn push(req: Request) -> Result<(), Box<EvalAltResult>> {
-    REQUESTS.with(|r| match r.borrow_mut().as_mut() {
-        Some(v) => {
-            v.push(req);
-            Ok(())
-        }
-        // Only reachable if a function is called outside a rule run (e.g.
-        // from `nudge check`'s compile step): refuse rather than lose it.
-        None => Err("effects can only be requested while a rule runs".into()),
+fn with_ctx<T>(f: impl FnOnce(&mut RunContext) -> T) -> Result<T, Box<EvalAltResult>> {
+    CONTEXT.with(|c| match c.borrow_mut().as_mut() {
+        Some(ctx) => Ok(f(ctx)),
+        // Only reachable if a function is called outside a rule run: refuse
+        // rather than lose what it asked for.
+        None => Err("this function can only be called while a rule runs".into()),
     })
 }
 
+fn push(req: Request) -> Result<(), Box<EvalAltResult>> {
+    with_ctx(|ctx| ctx.requests.push(req))
+}
+
+fn to_json(v: Dynamic) -> Result<Value, Box<EvalAltResult>> {
+    rhai::serde::from_dynamic(&v)
+}
+
 fn to_json_map(vars: RhaiMap) -> Result<Map<String, Value>, Box<EvalAltResult>> {
-    let value: Value = rhai::serde::from_dynamic(&Dynamic::from_map(vars))?;
-    match value {
+    match to_json(Dynamic::from_map(vars))? {
         Value::Object(m) => Ok(m),
         _ => {
             Err(
@@ -54,6 +95,34 @@ fn to_json_map(vars: RhaiMap) -> Result<Map<String, Value>, Box<EvalAltResult>> 
             )
         }
     }
+}
+
+/// A code unique to this client, rule and cause, the same on every replay:
+/// `PREFIX-` and 10 characters of Crockford base32 from a hash.
+fn unique_code(prefix: &str) -> Result<String, Box<EvalAltResult>> {
+    use sha2::{Digest, Sha256};
+    with_ctx(|ctx| {
+        ctx.codes += 1;
+        let mut h = Sha256::new();
+        for part in [&ctx.rule, &ctx.client_id, &ctx.cause] {
+            h.update(part.as_bytes());
+            h.update([0]);
+        }
+        h.update(ctx.codes.to_le_bytes());
+        let digest = h.finalize();
+        const ALPHABET: &[u8] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
+        let mut bits: u64 = u64::from_be_bytes(digest[..8].try_into().expect("8 bytes"));
+        let mut code = String::with_capacity(prefix.len() + 11);
+        code.push_str(prefix);
+        if !prefix.is_empty() {
+            code.push('-');
+        }
+        for _ in 0..10 {
+            code.push(ALPHABET[(bits & 31) as usize] as char);
+            bits >>= 5;
+        }
+        code
+    })
 }
 
 pub fn register(engine: &mut Engine) {
@@ -69,6 +138,54 @@ pub fn register(engine: &mut Engine) {
             vars: to_json_map(vars)?,
         })
     });
+    engine.register_fn("after", |delay: i64, name: &str| {
+        push(Request::After {
+            delay_secs: delay.max(0),
+            name: name.to_string(),
+            data: Map::new(),
+        })
+    });
+    engine.register_fn("after", |delay: i64, name: &str, data: RhaiMap| {
+        push(Request::After {
+            delay_secs: delay.max(0),
+            name: name.to_string(),
+            data: to_json_map(data)?,
+        })
+    });
+    engine.register_fn("cancel", |name: &str| {
+        push(Request::Cancel {
+            name: name.to_string(),
+        })
+    });
+    engine.register_fn("pending", |name: &str| {
+        with_ctx(|ctx| {
+            // The latest request wins: a timer set or cancelled in this run counts.
+            for r in ctx.requests.iter().rev() {
+                match r {
+                    Request::After { name: n, .. } if n == name => return true,
+                    Request::Cancel { name: n } if n == name => return false,
+                    _ => {}
+                }
+            }
+            ctx.timers.iter().any(|t| t == name)
+        })
+    });
+    engine.register_fn("remember", |key: &str, value: Dynamic| {
+        let value = to_json(value)?;
+        with_ctx(|ctx| {
+            ctx.facts.insert(key.to_string(), value);
+        })
+    });
+    engine.register_fn("recall", |key: &str| {
+        with_ctx(|ctx| ctx.facts.get(key).cloned())
+            .and_then(|v| v.map_or(Ok(Dynamic::UNIT), rhai::serde::to_dynamic))
+    });
+    engine.register_fn("forget", |key: &str| {
+        with_ctx(|ctx| {
+            ctx.facts.remove(key);
+        })
+    });
+    engine.register_fn("unique_code", unique_code);
     // Durations in seconds, to compare with `now` and the times in `client`.
     engine.register_fn("seconds", |n: i64| n);
     engine.register_fn("minutes", |n: i64| n * 60);
@@ -84,8 +201,11 @@ mod tests {
     fn collect_scopes_requests_to_one_run() {
         let mut engine = Engine::new();
         register(&mut engine);
-        let (res, reqs) = collect(|| engine.run(r#"mail("a"); mail("b", #{ x: 1, y: [true] });"#));
+        let (res, ctx) = collect(RunContext::new("r", "c", "e"), || {
+            engine.run(r#"mail("a"); mail("b", #{ x: 1, y: [true] });"#)
+        });
         res.unwrap();
+        let reqs = ctx.requests;
         assert_eq!(reqs.len(), 2);
         assert_eq!(
             reqs[1],
@@ -97,9 +217,41 @@ mod tests {
                     .clone()
             }
         );
-        let (res, reqs) = collect(|| engine.run("1 + 1;"));
+        let (res, ctx) = collect(RunContext::new("r", "c", "e"), || engine.run("1 + 1;"));
         res.unwrap();
-        assert!(reqs.is_empty());
+        assert!(ctx.requests.is_empty());
         assert!(engine.run(r#"mail("outside");"#).is_err());
+    }
+
+    #[test]
+    fn memory_timers_and_codes() {
+        let mut engine = Engine::new();
+        register(&mut engine);
+        let mut ctx = RunContext::new("r", "c1", "e1");
+        ctx.facts.insert("seen".into(), Value::from(2));
+        ctx.timers.push("old".into());
+        let script = r#"
+            remember("seen", recall("seen") + 1);
+            if recall("nothing") != () { throw "unset keys are ()"; }
+            after(minutes(15), "check", #{ n: 1 });
+            cancel("old");
+            if !pending("check") || pending("old") { throw "pending() sees this run"; }
+            let a = unique_code("BROWSE");
+            let b = unique_code("BROWSE");
+            if a == b || a.len != 17 { throw `bad codes ${a} ${b}`; }
+            remember("code", a);
+        "#;
+        let (res, ctx) = collect(ctx, || engine.run(script));
+        res.unwrap();
+        assert_eq!(ctx.facts["seen"], 3);
+        assert_eq!(ctx.requests.len(), 2);
+        assert!(
+            matches!(&ctx.requests[0], Request::After { delay_secs: 900, name, .. } if name == "check")
+        );
+        // Same rule, client and cause: the same code on a replay.
+        let (_, again) = collect(RunContext::new("r", "c1", "e1"), || {
+            engine.run(r#"remember("code", unique_code("BROWSE"));"#)
+        });
+        assert_eq!(again.facts["code"], ctx.facts["code"]);
     }
 }

@@ -14,7 +14,7 @@ use rhai::{AST, Dynamic, Engine, EvalAltResult, Scope};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-pub use api::Request;
+pub use api::{Request, RunContext};
 
 /// A compiled rule.
 #[derive(Debug, Clone)]
@@ -24,7 +24,16 @@ pub struct Rule {
     pub path: PathBuf,
     /// Event types that run this rule (`"*"` for all).
     pub triggers: Vec<String>,
+    /// `const SCHEDULE`: when the rule sweeps all clients (cron syntax, UTC).
+    pub schedule: Option<Schedule>,
     pub ast: Arc<AST>,
+}
+
+/// A parsed `const SCHEDULE`, with its source text for display.
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    pub text: String,
+    pub cron: cron::Schedule,
 }
 
 impl Rule {
@@ -100,11 +109,18 @@ impl RuleEngine {
                 message: e.err_type().to_string(),
             }
         })?;
-        let on = ast
+        let consts: std::collections::HashMap<&str, Dynamic> = ast
             .iter_literal_variables(true, false)
-            .find(|(n, ..)| *n == "ON")
-            .map(|(.., v)| v);
-        let triggers = match on {
+            .map(|(n, _, v)| (n, v))
+            .collect();
+        let refuse = |message: String| CompileError {
+            file: file.clone(),
+            line: None,
+            column: None,
+            message,
+        };
+        let triggers = match consts.get("ON").cloned() {
+            None => vec![],
             Some(v) if v.is_string() => vec![v.into_string().unwrap_or_default()],
             Some(v) if v.is_array() => v
                 .into_array()
@@ -112,54 +128,59 @@ impl RuleEngine {
                 .into_iter()
                 .map(|t| t.into_string())
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(|_| CompileError {
-                    file: file.clone(),
-                    line: None,
-                    column: None,
-                    message: "`const ON` must list event types as strings".into(),
-                })?,
-            _ => {
-                return Err(CompileError {
-                    file,
-                    line: None,
-                    column: None,
-                    message: "the rule declares no triggers: add `const ON = [\"event_type\"];`"
-                        .into(),
-                });
+                .map_err(|_| refuse("`const ON` must list event types as strings".into()))?,
+            Some(_) => return Err(refuse("`const ON` must be a list of event types".into())),
+        };
+        let schedule = match consts.get("SCHEDULE").cloned() {
+            None => None,
+            Some(v) => {
+                let text = v
+                    .into_string()
+                    .map_err(|_| refuse("`const SCHEDULE` must be a string".into()))?;
+                let cron = text.parse::<cron::Schedule>().map_err(|e| {
+                    refuse(format!(
+                        "`const SCHEDULE = {text:?}` is not a cron schedule \
+                         (sec min hour day-of-month month day-of-week): {e}"
+                    ))
+                })?;
+                Some(Schedule { text, cron })
             }
         };
-        if triggers.is_empty() {
-            return Err(CompileError {
-                file,
-                line: None,
-                column: None,
-                message: "`const ON` is empty".into(),
-            });
+        if triggers.is_empty() && schedule.is_none() {
+            return Err(refuse(
+                "the rule declares no triggers: add `const ON = [\"event_type\"];` \
+                 or `const SCHEDULE = \"0 0 9 * * *\";`"
+                    .into(),
+            ));
         }
         Ok(Rule {
             name: name.to_string(),
             path,
             triggers,
+            schedule,
             ast: Arc::new(ast),
         })
     }
 
-    /// Runs one rule for one event. Pure: what it asks for is returned, not done.
+    /// Runs one rule for one trigger. Pure: what it asks for is returned in
+    /// the context, not done.
     pub fn run(
         &self,
         rule: &Rule,
         event: Dynamic,
         client: Dynamic,
         now: i64,
-    ) -> Result<Vec<Request>, RuleError> {
+        ctx: RunContext,
+    ) -> Result<RunContext, RuleError> {
         let mut scope = Scope::new();
         scope.push_constant("event", event);
         scope.push_constant("client", client);
         scope.push_constant("now", now);
-        let (result, requests) =
-            api::collect(|| self.engine.run_ast_with_scope(&mut scope, &rule.ast));
+        let (result, ctx) = api::collect(ctx, || {
+            self.engine.run_ast_with_scope(&mut scope, &rule.ast)
+        });
         match result {
-            Ok(()) => Ok(requests),
+            Ok(()) => Ok(ctx),
             Err(e) => Err(RuleError {
                 rule: rule.name.clone(),
                 line: e.position().line().unwrap_or(0),
@@ -201,6 +222,14 @@ mod tests {
         assert!(r.matches("b") && !r.matches("c"));
         let err = e.compile("w", "w.rhai".into(), "mail(\"t\");").unwrap_err();
         assert!(err.message.contains("const ON"), "{err}");
+        let r = e
+            .compile("s", "s.rhai".into(), "const SCHEDULE = \"0 0 9 * * *\";")
+            .unwrap();
+        assert!(r.triggers.is_empty() && r.schedule.is_some());
+        let err = e
+            .compile("s", "s.rhai".into(), "const SCHEDULE = \"every day\";")
+            .unwrap_err();
+        assert!(err.message.contains("not a cron schedule"), "{err}");
     }
 
     #[test]
@@ -222,7 +251,9 @@ mod tests {
         let r = e
             .compile("loop", "l.rhai".into(), "const ON = [\"a\"];\nloop { }")
             .unwrap();
-        let err = e.run(&r, Dynamic::UNIT, Dynamic::UNIT, 0).unwrap_err();
+        let err = e
+            .run(&r, Dynamic::UNIT, Dynamic::UNIT, 0, RunContext::default())
+            .unwrap_err();
         assert!(err.message.contains("too many operations"), "{err}");
 
         let r = e
@@ -232,7 +263,9 @@ mod tests {
                 "const ON = [\"a\"];\nfn f(n) { f(n + 1) }\nf(0);",
             )
             .unwrap();
-        let err = e.run(&r, Dynamic::UNIT, Dynamic::UNIT, 0).unwrap_err();
+        let err = e
+            .run(&r, Dynamic::UNIT, Dynamic::UNIT, 0, RunContext::default())
+            .unwrap_err();
         assert!(err.message.contains("too deep"), "{err}");
 
         let r = e
@@ -242,7 +275,9 @@ mod tests {
                 "const ON = [\"a\"];\nlet s = \"x\"; loop { s += s; }",
             )
             .unwrap();
-        let err = e.run(&r, Dynamic::UNIT, Dynamic::UNIT, 0).unwrap_err();
+        let err = e
+            .run(&r, Dynamic::UNIT, Dynamic::UNIT, 0, RunContext::default())
+            .unwrap_err();
         assert!(err.message.contains("too large"), "{err}");
     }
 

@@ -97,6 +97,25 @@ pub struct BatchWrite {
     pub effects: Vec<Effect>,
     pub log: Vec<LogEntry>,
     pub rejected: Vec<Rejected>,
+    /// When this batch is a page of a sweep: how far the sweep got.
+    pub sweep: Option<SweepProgress>,
+}
+
+/// A sweep's position, committed with the page it covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SweepProgress {
+    pub rule: String,
+    pub slot: DateTime<Utc>,
+    /// The last client swept.
+    pub cursor: Option<ClientId>,
+    pub done: bool,
+}
+
+/// A sweep this instance may run: from the start or from `cursor`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SweepClaim {
+    pub slot: DateTime<Utc>,
+    pub cursor: Option<ClientId>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,7 +132,7 @@ pub struct OutboxItem {
     pub key: String,
     pub rule: String,
     pub client_id: String,
-    pub event_id: String,
+    pub cause: String,
     pub payload: serde_json::Value,
     pub attempts: u32,
 }
@@ -125,7 +144,7 @@ pub struct OutboxRow {
     pub kind: String,
     pub rule: String,
     pub client_id: String,
-    pub event_id: String,
+    pub cause: String,
     pub status: String,
     pub attempts: u32,
     pub last_error: Option<String>,
@@ -163,6 +182,28 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> impl Future<Output = Result<Vec<OutboxRow>, StoreError>> + Send;
     fn count_events(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Clients with a timer due by `now`, soonest first.
+    fn due_clients(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<ClientId>, StoreError>> + Send;
+    /// Client ids in id order after `after`: the pages of a sweep.
+    fn client_page(
+        &self,
+        after: Option<&ClientId>,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<ClientId>, StoreError>> + Send;
+    /// Claims the sweep of `rule` at `slot` until `lease_until`, unless that
+    /// slot (or a later one) is done or another instance holds a live lease.
+    fn claim_sweep(
+        &self,
+        rule: &str,
+        slot: DateTime<Utc>,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+    ) -> impl Future<Output = Result<Option<SweepClaim>, StoreError>> + Send;
 
     /// Reserves up to `limit` due mails for this sender until `lease_until`.
     fn claim_due(
@@ -251,6 +292,29 @@ impl Store for AnyStore {
     }
     async fn count_events(&self) -> Result<u64, StoreError> {
         forward!(self, s => s.count_events())
+    }
+    async fn due_clients(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<ClientId>, StoreError> {
+        forward!(self, s => s.due_clients(now, limit))
+    }
+    async fn client_page(
+        &self,
+        after: Option<&ClientId>,
+        limit: u32,
+    ) -> Result<Vec<ClientId>, StoreError> {
+        forward!(self, s => s.client_page(after, limit))
+    }
+    async fn claim_sweep(
+        &self,
+        rule: &str,
+        slot: DateTime<Utc>,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+    ) -> Result<Option<SweepClaim>, StoreError> {
+        forward!(self, s => s.claim_sweep(rule, slot, now, lease_until))
     }
     async fn claim_due(
         &self,

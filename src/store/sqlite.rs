@@ -4,8 +4,8 @@
 //! with multi-row statements.
 
 use super::{
-    BatchWrite, CommitOutcome, LogEntry, OutboxItem, OutboxRow, Rejected, Store, StoreError, db,
-    parse_ts, ts,
+    BatchWrite, CommitOutcome, LogEntry, OutboxItem, OutboxRow, Rejected, Store, StoreError,
+    SweepClaim, db, parse_ts, ts,
 };
 use crate::event::{ClientId, EventId};
 use crate::history::ClientState;
@@ -183,11 +183,11 @@ impl Store for SqliteStore {
             }
         }
 
-        for chunk in batch.clients.chunks(chunk_rows(13)) {
+        for chunk in batch.clients.chunks(chunk_rows(14)) {
             let mut q = QueryBuilder::<Sqlite>::new(
                 "INSERT INTO clients (client_id, version, email, first_name, last_name, \
                  acquisition_channel, marketing_consent, unsubscribed, locale, timezone, \
-                 first_seen, last_seen, state) ",
+                 first_seen, last_seen, next_due, state) ",
             );
             q.push_values(chunk, |mut b, c| {
                 let p = &c.profile;
@@ -203,6 +203,7 @@ impl Store for SqliteStore {
                     .push_bind(p.timezone.clone())
                     .push_bind(p.first_seen.map(ts))
                     .push_bind(p.last_seen.map(ts))
+                    .push_bind(c.next_due().map(ts))
                     .push_bind(json(c));
             });
             // The WHERE makes this a compare-and-swap on the version loaded.
@@ -213,7 +214,7 @@ impl Store for SqliteStore {
                  marketing_consent = excluded.marketing_consent, unsubscribed = excluded.unsubscribed, \
                  locale = excluded.locale, timezone = excluded.timezone, \
                  first_seen = excluded.first_seen, last_seen = excluded.last_seen, \
-                 state = excluded.state WHERE clients.version = excluded.version - 1",
+                 next_due = excluded.next_due, state = excluded.state WHERE clients.version = excluded.version - 1",
             );
             let done = q
                 .build()
@@ -227,7 +228,7 @@ impl Store for SqliteStore {
 
         for chunk in batch.effects.chunks(chunk_rows(8)) {
             let mut q = QueryBuilder::<Sqlite>::new(
-                "INSERT INTO outbox (key, kind, rule, client_id, event_id, payload, status, \
+                "INSERT INTO outbox (key, kind, rule, client_id, cause, payload, status, \
                  due_at, created_at) ",
             );
             let now = ts(Utc::now());
@@ -236,7 +237,7 @@ impl Store for SqliteStore {
                     .push_bind(e.kind.name())
                     .push_bind(e.rule.clone())
                     .push_bind(e.client_id.as_str().to_string())
-                    .push_bind(e.event_id.as_str().to_string())
+                    .push_bind(e.cause.clone())
                     .push_bind(json(&e.kind))
                     .push_bind("pending")
                     .push_bind(now.clone())
@@ -276,6 +277,17 @@ impl Store for SqliteStore {
                 .execute(&mut *tx)
                 .await
                 .map_err(db("writing rejected events"))?;
+        }
+
+        if let Some(sw) = &batch.sweep {
+            sqlx::query("UPDATE schedules SET cursor = ?, done = ? WHERE rule = ? AND slot = ?")
+                .bind(sw.cursor.as_ref().map(|c| c.as_str().to_string()))
+                .bind(sw.done)
+                .bind(&sw.rule)
+                .bind(ts(sw.slot))
+                .execute(&mut *tx)
+                .await
+                .map_err(db("recording sweep progress"))?;
         }
 
         tx.commit().await.map_err(db("committing the batch"))?;
@@ -337,7 +349,7 @@ impl Store for SqliteStore {
 
     async fn list_outbox(&self, limit: u32) -> Result<Vec<OutboxRow>, StoreError> {
         let rows = sqlx::query(
-            "SELECT key, kind, rule, client_id, event_id, status, attempts, last_error, message_id \
+            "SELECT key, kind, rule, client_id, cause, status, attempts, last_error, message_id \
              FROM outbox ORDER BY created_at DESC, key LIMIT ?",
         )
         .bind(limit)
@@ -351,7 +363,7 @@ impl Store for SqliteStore {
                 kind: r.get(1),
                 rule: r.get(2),
                 client_id: r.get(3),
-                event_id: r.get(4),
+                cause: r.get(4),
                 status: r.get(5),
                 attempts: r.get::<i64, _>(6) as u32,
                 last_error: r.get(7),
@@ -368,6 +380,76 @@ impl Store for SqliteStore {
         Ok(n as u64)
     }
 
+    async fn due_clients(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<ClientId>, StoreError> {
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT client_id FROM clients WHERE next_due IS NOT NULL AND next_due <= ? \
+             ORDER BY next_due LIMIT ?",
+        )
+        .bind(ts(now))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("finding due timers"))?;
+        ids.into_iter().map(stored_client_id).collect()
+    }
+
+    async fn client_page(
+        &self,
+        after: Option<&ClientId>,
+        limit: u32,
+    ) -> Result<Vec<ClientId>, StoreError> {
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT client_id FROM clients WHERE client_id > ? ORDER BY client_id LIMIT ?",
+        )
+        .bind(after.map_or("", |c| c.as_str()))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("paging clients"))?;
+        ids.into_iter().map(stored_client_id).collect()
+    }
+
+    async fn claim_sweep(
+        &self,
+        rule: &str,
+        slot: DateTime<Utc>,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+    ) -> Result<Option<SweepClaim>, StoreError> {
+        // One statement: a new slot replaces a finished (or abandoned) one; the
+        // same unfinished slot is taken over, with its cursor, once its lease ran out.
+        let row = sqlx::query(
+            "INSERT INTO schedules (rule, slot, cursor, done, lease_until) VALUES (?1, ?2, NULL, 0, ?3) \
+             ON CONFLICT(rule) DO UPDATE SET \
+                 cursor = CASE WHEN schedules.slot = excluded.slot THEN schedules.cursor ELSE NULL END, \
+                 slot = excluded.slot, done = 0, lease_until = excluded.lease_until \
+             WHERE (schedules.slot < excluded.slot AND (schedules.done = 1 OR schedules.lease_until <= ?4)) \
+                OR (schedules.slot = excluded.slot AND schedules.done = 0 AND schedules.lease_until <= ?4) \
+             RETURNING slot, cursor",
+        )
+        .bind(rule)
+        .bind(ts(slot))
+        .bind(ts(lease_until))
+        .bind(ts(now))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db("claiming a sweep"))?;
+        row.map(|r| {
+            Ok(SweepClaim {
+                slot: parse_ts(r.get(0))?,
+                cursor: r
+                    .get::<Option<String>, _>(1)
+                    .map(stored_client_id)
+                    .transpose()?,
+            })
+        })
+        .transpose()
+    }
+
     async fn claim_due(
         &self,
         now: DateTime<Utc>,
@@ -382,7 +464,7 @@ impl Store for SqliteStore {
                  WHERE (status = 'pending' AND due_at <= ?2) \
                     OR (status = 'sending' AND lease_until <= ?2) \
                  ORDER BY due_at LIMIT ?3) \
-             RETURNING key, rule, client_id, event_id, payload, attempts",
+             RETURNING key, rule, client_id, cause, payload, attempts",
         )
         .bind(ts(lease_until))
         .bind(ts(now))
@@ -396,7 +478,7 @@ impl Store for SqliteStore {
                     key: r.get(0),
                     rule: r.get(1),
                     client_id: r.get(2),
-                    event_id: r.get(3),
+                    cause: r.get(3),
                     payload: serde_json::from_str(r.get::<&str, _>(4)).map_err(|e| {
                         StoreError::Corrupt {
                             context: "outbox.payload",
@@ -483,4 +565,11 @@ impl Store for SqliteStore {
         tx.commit().await.map_err(db("committing mark_failed"))?;
         Ok(())
     }
+}
+
+fn stored_client_id(s: String) -> Result<ClientId, StoreError> {
+    ClientId::parse(s).map_err(|e| StoreError::Corrupt {
+        context: "client_id",
+        message: e.to_string(),
+    })
 }

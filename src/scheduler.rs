@@ -1,0 +1,181 @@
+//! Time-driven work: timers coming due and scheduled rules (sweeps). Both go
+//! through the pipeline like events, so they are decided by the same core and
+//! committed with the same compare-and-swap on client versions: two instances
+//! that fire the same timer conflict, and only one commit stands. A sweep is
+//! claimed per occurrence with a lease and records its cursor with each page,
+//! so a sweep cut short is resumed, not restarted.
+
+use crate::catalog::Catalog;
+use crate::config::SchedulerConfig;
+use crate::event::ClientId;
+use crate::pipeline::Pipeline;
+use crate::store::{Store, StoreError};
+use chrono::{DateTime, Duration, DurationRound, Utc};
+use serde::Serialize;
+use std::sync::Arc;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+pub struct Scheduler {
+    pipeline: Arc<Pipeline>,
+    catalog: Arc<Catalog>,
+    cfg: SchedulerConfig,
+    /// Woken when effects were queued, so the sender goes at once.
+    outbox: Arc<Notify>,
+}
+
+/// What one sweep did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct SweepReport {
+    pub rule: String,
+    pub slot: DateTime<Utc>,
+    pub clients: usize,
+    pub effects: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TriggerError {
+    #[error("no rule named `{0}`")]
+    UnknownRule(String),
+    #[error("rule `{0}` has no `const SCHEDULE`: it runs on events, not on a schedule")]
+    NotScheduled(String),
+    #[error("a sweep of rule `{0}` is already running")]
+    Busy(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl Scheduler {
+    pub fn new(
+        pipeline: Arc<Pipeline>,
+        catalog: Arc<Catalog>,
+        cfg: SchedulerConfig,
+        outbox: Arc<Notify>,
+    ) -> Self {
+        Self {
+            pipeline,
+            catalog,
+            cfg,
+            outbox,
+        }
+    }
+
+    pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(self.cfg.tick_ms));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            if let Err(e) = self.tick(Utc::now()).await {
+                tracing::error!(error = %e, "scheduler tick failed; will retry");
+            }
+        }
+    }
+
+    /// Fires due timers, then runs any schedule whose occurrence has come.
+    pub async fn tick(&self, now: DateTime<Utc>) -> Result<(), StoreError> {
+        self.fire_timers(now).await?;
+        let rules = self.catalog.rules();
+        for rule in rules.rules.iter().filter(|r| r.schedule.is_some()) {
+            let Some(slot) = self.latest_slot(rule, now) else {
+                continue;
+            };
+            if let Some(report) = self.sweep(&rule.name, slot, now).await? {
+                tracing::info!(?report, "scheduled sweep done");
+            }
+        }
+        Ok(())
+    }
+
+    /// Fires every timer due by `now`, a page of clients per transaction.
+    pub async fn fire_timers(&self, now: DateTime<Utc>) -> Result<usize, StoreError> {
+        let mut fired = 0;
+        loop {
+            let due = self
+                .pipeline
+                .store()
+                .due_clients(now, self.cfg.page_size)
+                .await?;
+            if due.is_empty() {
+                return Ok(fired);
+            }
+            let n = due.len();
+            let report = self.pipeline.advance(due, now).await?;
+            fired += n;
+            if report.effects > 0 {
+                self.outbox.notify_one();
+            }
+            if n < self.cfg.page_size as usize {
+                return Ok(fired);
+            }
+        }
+    }
+
+    /// The latest occurrence of the rule's schedule that is not older than
+    /// the catch-up window.
+    fn latest_slot(&self, rule: &crate::rules::Rule, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        let schedule = rule.schedule.as_ref()?;
+        let from = now - Duration::hours(self.cfg.catch_up_hours as i64);
+        schedule.cron.after(&from).take_while(|t| *t <= now).last()
+    }
+
+    /// Runs the schedule of `rule` now, for a marketer who does not want to wait.
+    pub async fn trigger(&self, rule: &str) -> Result<SweepReport, TriggerError> {
+        let rules = self.catalog.rules();
+        let r = rules
+            .get(rule)
+            .ok_or_else(|| TriggerError::UnknownRule(rule.to_string()))?;
+        if r.schedule.is_none() {
+            return Err(TriggerError::NotScheduled(rule.to_string()));
+        }
+        let now = Utc::now();
+        let slot = now.duration_trunc(Duration::seconds(1)).unwrap_or(now);
+        self.sweep(rule, slot, now)
+            .await?
+            .ok_or_else(|| TriggerError::Busy(rule.to_string()))
+    }
+
+    /// Claims the sweep of `rule` at `slot` and runs it to the end, a page of
+    /// clients per transaction. `None` when it is done or held elsewhere.
+    pub async fn sweep(
+        &self,
+        rule: &str,
+        slot: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<Option<SweepReport>, StoreError> {
+        let store = self.pipeline.store();
+        let lease = now + Duration::seconds(self.cfg.lease_secs as i64);
+        let Some(claim) = store.claim_sweep(rule, slot, now, lease).await? else {
+            return Ok(None);
+        };
+        let mut report = SweepReport {
+            rule: rule.to_string(),
+            slot,
+            ..Default::default()
+        };
+        let mut cursor: Option<ClientId> = claim.cursor;
+        loop {
+            let page = store
+                .client_page(cursor.as_ref(), self.cfg.page_size)
+                .await?;
+            let done = page.len() < self.cfg.page_size as usize;
+            let n = page.len();
+            let next = page.last().cloned().or(cursor.clone());
+            let r = self
+                .pipeline
+                .sweep_page(rule, slot, cursor.clone(), page, done)
+                .await?;
+            report.clients += n;
+            report.effects += r.effects;
+            if r.effects > 0 {
+                self.outbox.notify_one();
+            }
+            if done {
+                return Ok(Some(report));
+            }
+            cursor = next;
+        }
+    }
+}
