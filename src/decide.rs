@@ -8,7 +8,7 @@ use crate::event::{Envelope, EventId};
 use crate::history::{ClientState, Session, Timer};
 use crate::rules::{Request, Rule, RuleEngine, RunContext, loader::RuleSet};
 use crate::store::{Level, LogEntry};
-use crate::templates::TemplateSet;
+use crate::templates::{MailKind, TemplateSet};
 use chrono::{DateTime, Duration, Utc};
 use rhai::Dynamic;
 use serde_json::{Map, Value, json};
@@ -221,7 +221,7 @@ impl Core<'_> {
                         });
                         ordinal += 1;
                     }
-                    Err(why) => decision.log.push(log(Level::Warning, why)),
+                    Err((level, why)) => decision.log.push(log(level, why)),
                 },
                 Request::After {
                     delay_secs,
@@ -246,13 +246,29 @@ impl Core<'_> {
         template: String,
         vars: Map<String, Value>,
         state: &ClientState,
-    ) -> Result<EffectKind, String> {
-        if !self.templates.contains(&template) {
-            return Err(format!("mail `{template}` not queued: no such template"));
+    ) -> Result<EffectKind, (Level, String)> {
+        let Some(kind) = self.templates.kind(&template) else {
+            return Err((
+                Level::Warning,
+                format!("mail `{template}` not queued: no such template"),
+            ));
+        };
+        let p = &state.profile;
+        if kind == MailKind::Marketing && (p.unsubscribed || !p.marketing_consent) {
+            let why = if p.unsubscribed {
+                "the client unsubscribed"
+            } else {
+                "the client has not given marketing consent"
+            };
+            return Err((
+                Level::Notice,
+                format!("marketing mail `{template}` skipped: {why}"),
+            ));
         }
         let Some(to) = state.profile.email.clone() else {
-            return Err(format!(
-                "mail `{template}` not queued: the client has no e-mail address"
+            return Err((
+                Level::Warning,
+                format!("mail `{template}` not queued: the client has no e-mail address"),
             ));
         };
         let mut all = mail_defaults(state);
@@ -383,10 +399,16 @@ mod tests {
         std::fs::write(rules.join("r.rhai"), rule).unwrap();
         std::fs::write(
             tpl.join("t.txt"),
-            "---\nsubject: Hi\n---\nHi {{ first_name }}",
+            "---\nsubject: Hi\nkind: service\n---\nHi {{ first_name }}",
         )
         .unwrap();
         std::fs::write(tpl.join("t.html"), "<p>Hi</p>").unwrap();
+        std::fs::write(
+            tpl.join("m.txt"),
+            "---\nsubject: Offer\nkind: marketing\n---\nBuy",
+        )
+        .unwrap();
+        std::fs::write(tpl.join("m.html"), "<p>Buy</p>").unwrap();
         let engine = Arc::new(RuleEngine::new(&RulesConfig::default()));
         let set = RuleLoader::new(engine.clone(), rules).load();
         assert!(set.errors.is_empty(), "{:?}", set.errors);
@@ -501,5 +523,43 @@ mod tests {
             state.stats.mailed_at["t"].to_rfc3339(),
             "2026-11-01T10:15:00+00:00"
         );
+    }
+
+    #[test]
+    fn marketing_mail_needs_consent_and_no_unsubscribe() {
+        let (engine, rules, templates, _d) =
+            fixture("const ON = [\"client_registered\", \"login_succeeded\"];\nmail(\"m\");");
+        let core = core(&engine, &rules, &templates);
+        let mut state = ClientState::new(ClientId::parse("c1").unwrap());
+        let d = core.on_event(&mut state, &registered("e1"));
+        assert!(d.effects.is_empty());
+        assert_eq!(d.log[0].level, Level::Notice);
+        assert!(
+            d.log[0].message.contains("marketing consent"),
+            "{:?}",
+            d.log
+        );
+
+        let consent = Envelope::from_value(json!({"id": "e2", "type": "client_updated",
+            "client_id": "c1", "occurred_at": "2026-11-01T11:00:00Z",
+            "data": {"marketing_consent": true}}))
+        .unwrap();
+        core.on_event(&mut state, &consent);
+        let d = core.on_event(
+            &mut state,
+            &at("e3", "login_succeeded", "2026-11-01T12:00:00Z"),
+        );
+        assert_eq!(d.effects.len(), 1);
+
+        core.on_event(
+            &mut state,
+            &at("e4", "unsubscribed", "2026-11-01T13:00:00Z"),
+        );
+        let d = core.on_event(
+            &mut state,
+            &at("e5", "login_succeeded", "2026-11-01T14:00:00Z"),
+        );
+        assert!(d.effects.is_empty());
+        assert!(d.log[0].message.contains("unsubscribed"), "{:?}", d.log);
     }
 }

@@ -289,16 +289,28 @@ impl TestEnv {
         if !msg_id.is_empty() {
             headers.insert("Nats-Msg-Id", msg_id);
         }
-        self.js
-            .publish_with_headers(
-                format!("{}.{ty}", self.config.nats.subject_prefix),
-                headers,
-                payload.into(),
-            )
-            .await
-            .expect("publish")
-            .await
-            .expect("stream ack");
+        let subject = format!("{}.{ty}", self.config.nats.subject_prefix);
+        // Right after a stream is created the server can briefly answer "no
+        // stream" (no responders); retry that, and only that, for a moment.
+        for attempt in 0.. {
+            let ack = self
+                .js
+                .publish_with_headers(subject.clone(), headers.clone(), payload.clone().into())
+                .await
+                .expect("publish")
+                .await;
+            match ack {
+                Ok(_) => return,
+                Err(e)
+                    if attempt < 50
+                        && e.kind()
+                            == async_nats::jetstream::context::PublishErrorKind::StreamNotFound =>
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("stream ack: {e:?}"),
+            }
+        }
     }
 
     pub fn mails(&self) -> Vec<Mail> {
@@ -359,6 +371,14 @@ impl TestApp {
         .await
     }
 
+    pub async fn post(&self, path: &str) -> reqwest::Response {
+        reqwest::Client::new()
+            .post(format!("http://{}{path}", self.http))
+            .send()
+            .await
+            .expect("http request")
+    }
+
     pub async fn get(&self, path: &str) -> reqwest::Response {
         reqwest::get(format!("http://{}{path}", self.http))
             .await
@@ -389,4 +409,25 @@ pub fn registered(id: &str, client: &str, channel: &str, first_name: &str) -> Va
         },
         "context": {"channel": "web", "session_id": format!("s-{client}")}
     })
+}
+
+/// An RFC 3339 time `secs` seconds before now: back-dated events let tests
+/// cover hours and days without waiting for them.
+pub fn ago(secs: i64) -> String {
+    (chrono::Utc::now() - chrono::Duration::seconds(secs)).to_rfc3339()
+}
+
+/// A contract event.
+pub fn event(id: &str, ty: &str, client: &str, at: &str, data: Value, context: Value) -> Value {
+    serde_json::json!({
+        "id": id, "type": ty, "client_id": client, "occurred_at": at,
+        "data": data, "context": context,
+    })
+}
+
+/// A registration at a given time, with marketing consent.
+pub fn registered_at(id: &str, client: &str, at: &str) -> Value {
+    let mut e = registered(id, client, "organic", &client.to_uppercase());
+    e["occurred_at"] = Value::String(at.to_string());
+    e
 }

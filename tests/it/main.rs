@@ -5,4 +5,5 @@ mod helpers;
 
 mod rejects;
 mod reload;
+mod timers;
 mod welcome;
