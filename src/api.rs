@@ -2,9 +2,10 @@
 //! the bearer token when `http.token` is set).
 
 use crate::catalog::Catalog;
+use crate::event::ClientId;
 use crate::metrics::Metrics;
 use crate::scheduler::{Scheduler, TriggerError};
-use crate::store::{AnyStore, Store};
+use crate::store::{AnyStore, Store, TaskFilter};
 use axum::extract::Path;
 use axum::extract::{Query, Request, State};
 use axum::http::{StatusCode, header};
@@ -31,6 +32,9 @@ pub fn router(state: ApiState) -> Router {
         .route("/rejected", get(rejected))
         .route("/rules", get(rules))
         .route("/rules/{name}/run", post(run_rule))
+        .route("/tasks", get(tasks))
+        .route("/tasks/{id}/done", post(task_done))
+        .route("/clients/{id}/log", get(client_log))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/health", get(health))
@@ -142,6 +146,70 @@ async fn rules(State(s): State<ApiState>) -> Response {
         .collect();
     let errors: Vec<String> = s.catalog.errors().iter().map(|e| e.to_string()).collect();
     Json(json!({"rules": rules, "errors": errors})).into_response()
+}
+
+#[derive(Deserialize)]
+struct TaskQuery {
+    /// `open` (default), `done` or `all`.
+    status: Option<String>,
+    team: Option<String>,
+    client: Option<String>,
+    limit: Option<u32>,
+}
+
+async fn tasks(
+    State(s): State<ApiState>,
+    Query(q): Query<TaskQuery>,
+) -> Result<Response, ApiError> {
+    let status = match q.status.as_deref() {
+        None | Some("open") => Some("open".to_string()),
+        Some("done") => Some("done".to_string()),
+        Some("all") => None,
+        Some(other) => {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("status {other:?}: use open, done or all"),
+            ));
+        }
+    };
+    let filter = TaskFilter {
+        status,
+        team: q.team,
+        client_id: q.client,
+    };
+    let rows = s
+        .store
+        .list_tasks(&filter, q.limit.unwrap_or(100).min(1000))
+        .await?;
+    Ok(Json(json!({ "tasks": rows })).into_response())
+}
+
+async fn task_done(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    if s.store.close_task(&id, chrono::Utc::now()).await? {
+        Ok(Json(json!({ "id": id, "status": "done" })).into_response())
+    } else {
+        Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no open task {id:?}"),
+        ))
+    }
+}
+
+async fn client_log(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+    Query(q): Query<Limit>,
+) -> Result<Response, ApiError> {
+    let client =
+        ClientId::parse(id).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let rows = s
+        .store
+        .client_log(&client, q.limit.unwrap_or(100).min(1000))
+        .await?;
+    Ok(Json(json!({ "client_id": client, "log": rows })).into_response())
 }
 
 /// Runs a scheduled rule now (`nudge trigger RULE` does the same).

@@ -83,6 +83,7 @@ impl Application {
             self.store.clone(),
             self.catalog.clone(),
             self.metrics.clone(),
+            Some(self.nats.clone()),
         )?;
         tracker.spawn(sender.run(wake.clone(), cancel.clone()));
 
@@ -90,8 +91,7 @@ impl Application {
             self.store.clone(),
             self.catalog.clone(),
             self.metrics.clone(),
-            self.config.nats.max_event_bytes,
-            self.config.history.session_gap(),
+            &self.config,
         ));
         let scheduler = Arc::new(Scheduler::new(
             pipeline.clone(),

@@ -41,6 +41,8 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     pub history: HistoryConfig,
     pub scheduler: SchedulerConfig,
+    /// Staff teams that rules hand tasks to (`task("sales", ...)`), by name.
+    pub teams: std::collections::BTreeMap<String, TeamConfig>,
     pub http: HttpConfig,
     pub log: LogConfig,
 }
@@ -166,6 +168,10 @@ pub struct RulesConfig {
     pub max_array_len: usize,
     /// Largest map. Default 10000.
     pub max_map_len: usize,
+    /// How many secondary events deep an emit may go before it is stopped. Default 4.
+    pub max_emit_depth: u32,
+    /// Free-form values rules read as `settings` (e.g. partner shares). Default empty.
+    pub settings: serde_json::Map<String, serde_json::Value>,
 }
 
 impl Default for RulesConfig {
@@ -178,6 +184,8 @@ impl Default for RulesConfig {
             max_string_bytes: 64 * 1024,
             max_array_len: 10_000,
             max_map_len: 10_000,
+            max_emit_depth: 4,
+            settings: Default::default(),
         }
     }
 }
@@ -225,21 +233,36 @@ impl Default for DeliveryConfig {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TeamConfig {
+    /// Where the team's tasks are mailed.
+    pub email: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HistoryConfig {
     /// Silence that ends a session when events carry no `context.session_id`, in minutes. Default 30.
     pub session_gap_minutes: u32,
+    /// IANA timezone of the business: shared counters' days, weeks, quarters. Default `UTC`.
+    pub business_timezone: String,
 }
 
 impl Default for HistoryConfig {
     fn default() -> Self {
         Self {
             session_gap_minutes: 30,
+            business_timezone: "UTC".into(),
         }
     }
 }
 
 impl HistoryConfig {
+    pub fn business_tz(&self) -> chrono_tz::Tz {
+        // Validated at load.
+        self.business_timezone.parse().unwrap_or(chrono_tz::Tz::UTC)
+    }
+
     pub fn session_gap(&self) -> chrono::Duration {
         chrono::Duration::minutes(self.session_gap_minutes as i64)
     }
@@ -274,8 +297,10 @@ impl Default for SchedulerConfig {
 pub struct HttpConfig {
     /// Address of the HTTP server. Default `127.0.0.1:8080`.
     pub listen: SocketAddr,
-    /// Bearer token for `/api/*`; unset means the API is closed (health stays open).
+    /// Bearer token for `/api/*`; unset means the API is open (a warning is logged).
     pub token: Option<String>,
+    /// The address people reach nudge at, for links in mails. Default `http://127.0.0.1:8080`.
+    pub public_url: String,
 }
 
 impl Default for HttpConfig {
@@ -283,6 +308,7 @@ impl Default for HttpConfig {
         Self {
             listen: "127.0.0.1:8080".parse().expect("valid default address"),
             token: None,
+            public_url: "http://127.0.0.1:8080".into(),
         }
     }
 }
@@ -415,6 +441,24 @@ impl Config {
                 "nats.consumer",
                 "must be a non-empty name without '.', ' ', '*' or '>'",
             ));
+        }
+        if self
+            .history
+            .business_timezone
+            .parse::<chrono_tz::Tz>()
+            .is_err()
+        {
+            return Err(key_err(
+                "history.business_timezone",
+                format!(
+                    "{:?} is not an IANA timezone",
+                    self.history.business_timezone
+                ),
+            ));
+        }
+        for (name, team) in &self.teams {
+            crate::event::Email::parse(team.email.clone())
+                .map_err(|e| key_err(&format!("teams.{name}.email"), e.to_string()))?;
         }
         if let Some(t) = &self.http.token
             && t.len() < 16

@@ -1,10 +1,14 @@
-//! The decision core, free of I/O: given a client's history, an event and the
-//! rules in force, it folds the event into the history and returns the effects
-//! and the process-log lines. The daemon, and every tool that must decide as
-//! the daemon would, call this one function.
+//! The decision core, free of I/O: given a client's history, a trigger (an
+//! event, a timer coming due, a sweep) and the rules in force, it folds the
+//! trigger into the history and returns the effects and the process-log
+//! lines. The daemon, and every tool that must decide as the daemon would,
+//! call this one core. Shared counters are the one thing it reads from
+//! outside, through [`Counters`], which the caller fills from where it keeps them.
 
+use crate::config::Config;
+use crate::counters::Counters;
 use crate::effects::{Effect, EffectKind, effect_key};
-use crate::event::{Envelope, EventId};
+use crate::event::{ClientId, Envelope, EventId, EventType};
 use crate::history::{ClientState, Session, Timer};
 use crate::rules::{Request, Rule, RuleEngine, RunContext, loader::RuleSet};
 use crate::store::{Level, LogEntry};
@@ -12,6 +16,7 @@ use crate::templates::{MailKind, TemplateSet};
 use chrono::{DateTime, Duration, Utc};
 use rhai::Dynamic;
 use serde_json::{Map, Value, json};
+use std::collections::BTreeMap;
 
 /// What one trigger led to.
 #[derive(Debug, Default)]
@@ -20,6 +25,10 @@ pub struct Decision {
     pub log: Vec<LogEntry>,
     /// Rules that ran, with whether they succeeded: for metrics and reports.
     pub runs: Vec<(String, bool)>,
+    /// Secondary events the rules emitted (already decided): stored with the batch.
+    pub events: Vec<Envelope>,
+    /// A counter could not be read: the batch must not be committed.
+    pub counter_failure: Option<String>,
 }
 
 impl Decision {
@@ -27,6 +36,10 @@ impl Decision {
         self.effects.extend(other.effects);
         self.log.extend(other.log);
         self.runs.extend(other.runs);
+        self.events.extend(other.events);
+        if self.counter_failure.is_none() {
+            self.counter_failure = other.counter_failure;
+        }
     }
 }
 
@@ -40,6 +53,45 @@ struct Trigger {
     at: DateTime<Utc>,
     /// The originating event, when there is one (for the process log).
     event_id: Option<EventId>,
+    /// How many emits deep this trigger is (0 for the shop's events).
+    depth: u32,
+}
+
+/// Settings that shape decisions, read once from the configuration.
+#[derive(Debug, Clone)]
+pub struct CoreSettings {
+    /// Silence that ends a session when the producer sends no session id.
+    pub session_gap: Duration,
+    /// How deep secondary events may cause further ones.
+    pub max_emit_depth: u32,
+    /// Team name -> the address its tasks are mailed to.
+    pub teams: BTreeMap<String, String>,
+    /// `rules.settings` from the configuration, visible to rules as `settings`.
+    pub rule_settings: Value,
+    /// Base URL of links to nudge in mails (staff links to a client).
+    pub public_url: String,
+}
+
+impl CoreSettings {
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            session_gap: config.history.session_gap(),
+            max_emit_depth: config.rules.max_emit_depth,
+            teams: config
+                .teams
+                .iter()
+                .map(|(k, v)| (k.clone(), v.email.clone()))
+                .collect(),
+            rule_settings: serde_json::to_value(&config.rules.settings).unwrap_or(Value::Null),
+            public_url: config.http.public_url.trim_end_matches('/').to_string(),
+        }
+    }
+}
+
+impl Default for CoreSettings {
+    fn default() -> Self {
+        Self::from_config(&Config::default())
+    }
 }
 
 /// The rules in force and the settings that shape history.
@@ -47,17 +99,27 @@ pub struct Core<'a> {
     pub engine: &'a RuleEngine,
     pub rules: &'a RuleSet,
     pub templates: &'a TemplateSet,
-    /// Silence that ends a session when the producer sends no session id.
-    pub session_gap: Duration,
+    pub settings: &'a CoreSettings,
 }
 
 impl Core<'_> {
     /// Fires the client's timers due by the event's time, folds the event into
     /// the history, then runs every rule whose triggers match. Rules see the
-    /// client *after* the event; `now` is the event's time.
-    pub fn on_event(&self, state: &mut ClientState, event: &Envelope) -> Decision {
-        let mut decision = self.advance(state, event.occurred_at);
-        state.apply(event, self.session_gap);
+    /// client *after* the event; `now` is the event's time. Secondary events
+    /// the rules emit are decided right after, for the same client.
+    pub fn on_event(
+        &self,
+        state: &mut ClientState,
+        event: &Envelope,
+        counters: &mut Counters,
+    ) -> Decision {
+        let depth = event
+            .context
+            .get("nudge_depth")
+            .and_then(Value::as_u64)
+            .unwrap_or(0) as u32;
+        let mut decision = self.advance(state, event.occurred_at, counters);
+        state.apply(event, self.settings.session_gap);
         let ty = event.event_type.as_str();
         let mut matching = self.rules.matching(ty).peekable();
         if matching.peek().is_none() {
@@ -68,19 +130,35 @@ impl Core<'_> {
             cause: event.id.as_str().to_string(),
             at: event.occurred_at,
             event_id: Some(event.id.clone()),
+            depth,
         };
         let client = rhai_value(client_view(state));
         let event_dyn = rhai_value(trigger.view.clone());
+        let mut emitted = Vec::new();
         for rule in matching {
-            let d = self.run_rule(rule, &trigger, event_dyn.clone(), client.clone(), state);
+            let (d, e) = self.run_rule(
+                rule,
+                &trigger,
+                event_dyn.clone(),
+                client.clone(),
+                state,
+                counters,
+            );
             decision.extend(d);
+            emitted.extend(e);
         }
+        self.follow(emitted, state, counters, &mut decision);
         decision
     }
 
     /// Fires, in due order, every timer of this client due by `until`. Each
     /// runs the rule that set it with `now` at the timer's due time.
-    pub fn advance(&self, state: &mut ClientState, until: DateTime<Utc>) -> Decision {
+    pub fn advance(
+        &self,
+        state: &mut ClientState,
+        until: DateTime<Utc>,
+        counters: &mut Counters,
+    ) -> Decision {
         let mut decision = Decision::default();
         while let Some(timer) = state.pop_due(until) {
             let cause = format!(
@@ -116,18 +194,26 @@ impl Core<'_> {
                 cause,
                 at: timer.due,
                 event_id: None,
+                depth: 0,
             };
             let client = rhai_value(client_view(state));
             let event_dyn = rhai_value(trigger.view.clone());
-            let d = self.run_rule(rule, &trigger, event_dyn, client, state);
+            let (d, emitted) = self.run_rule(rule, &trigger, event_dyn, client, state, counters);
             decision.extend(d);
+            self.follow(emitted, state, counters, &mut decision);
         }
         decision
     }
 
     /// Runs a scheduled rule for one client, as of the schedule's `slot`.
-    pub fn sweep(&self, state: &mut ClientState, rule: &Rule, slot: DateTime<Utc>) -> Decision {
-        let mut decision = self.advance(state, slot);
+    pub fn sweep(
+        &self,
+        state: &mut ClientState,
+        rule: &Rule,
+        slot: DateTime<Utc>,
+        counters: &mut Counters,
+    ) -> Decision {
+        let mut decision = self.advance(state, slot, counters);
         let cause = format!(
             "sweep:{}:{}:{}",
             rule.name,
@@ -147,14 +233,33 @@ impl Core<'_> {
             cause,
             at: slot,
             event_id: None,
+            depth: 0,
         };
         let client = rhai_value(client_view(state));
         let event_dyn = rhai_value(trigger.view.clone());
-        decision.extend(self.run_rule(rule, &trigger, event_dyn, client, state));
+        let (d, emitted) = self.run_rule(rule, &trigger, event_dyn, client, state, counters);
+        decision.extend(d);
+        self.follow(emitted, state, counters, &mut decision);
         decision
     }
 
-    /// Runs one rule and applies what it asked for to the state and the decision.
+    /// Decides the secondary events a trigger emitted, and keeps them to store.
+    fn follow(
+        &self,
+        emitted: Vec<Envelope>,
+        state: &mut ClientState,
+        counters: &mut Counters,
+        decision: &mut Decision,
+    ) {
+        for env in emitted {
+            decision.events.push(env.clone());
+            let d = self.on_event(state, &env, counters);
+            decision.extend(d);
+        }
+    }
+
+    /// Runs one rule and applies what it asked for to the state and the
+    /// decision; returns the secondary events it emitted, still to decide.
     fn run_rule(
         &self,
         rule: &Rule,
@@ -162,8 +267,10 @@ impl Core<'_> {
         event: Dynamic,
         client: Dynamic,
         state: &mut ClientState,
-    ) -> Decision {
+        counters: &mut Counters,
+    ) -> (Decision, Vec<Envelope>) {
         let mut decision = Decision::default();
+        let mut emitted = Vec::new();
         let client_id = state.client_id.clone();
         let log = |level, message: String| LogEntry {
             client_id: client_id.clone(),
@@ -174,6 +281,7 @@ impl Core<'_> {
             message,
         };
         let mut ctx = RunContext::new(&rule.name, state.client_id.as_str(), &trigger.cause);
+        ctx.now = trigger.at;
         ctx.facts = state.facts.get(&rule.name).cloned().unwrap_or_default();
         ctx.timers = state
             .timers
@@ -181,45 +289,68 @@ impl Core<'_> {
             .filter(|t| t.rule == rule.name)
             .map(|t| t.name.clone())
             .collect();
-        let ctx = match self
+        ctx.client_counters = std::mem::take(&mut state.counters);
+        ctx.counters = std::mem::take(counters);
+        let settings = rhai_value(self.settings.rule_settings.clone());
+        let result = self
             .engine
-            .run(rule, event, client, trigger.at.timestamp(), ctx)
-        {
+            .run(rule, event, client, settings, trigger.at.timestamp(), ctx);
+        let ctx = match result {
             Ok(ctx) => ctx,
-            Err(e) => {
+            Err((e, mut ctx)) => {
+                // What the failed run changed is dropped, but the lent state comes back.
+                state.counters = ctx.client_counters;
+                *counters = std::mem::take(&mut ctx.counters);
+                decision.counter_failure = ctx.counter_failure;
                 tracing::warn!(rule = %rule.name, cause = %trigger.cause, line = e.line, "rule failed: {}", e.message);
                 decision.log.push(log(
                     Level::Error,
                     format!("{e} (trigger {})", trigger.cause),
                 ));
                 decision.runs.push((rule.name.clone(), false));
-                return decision;
+                return (decision, emitted);
             }
         };
+        let RunContext {
+            requests,
+            facts,
+            client_counters,
+            counters: lent,
+            counter_failure,
+            ..
+        } = ctx;
+        state.counters = client_counters;
+        *counters = lent;
+        decision.counter_failure = counter_failure;
         decision.runs.push((rule.name.clone(), true));
-        if ctx.facts.is_empty() {
+        if facts.is_empty() {
             state.facts.remove(&rule.name);
         } else {
-            state.facts.insert(rule.name.clone(), ctx.facts);
+            state.facts.insert(rule.name.clone(), facts);
         }
         let mut ordinal = 0;
-        for req in ctx.requests {
+        let mut next_key = || {
+            ordinal += 1;
+            effect_key(&rule.name, &trigger.cause, ordinal - 1)
+        };
+        let effect = |key: String, kind: EffectKind, decision: &mut Decision| {
+            decision.log.push(log(Level::Notice, describe(&kind)));
+            decision.effects.push(Effect {
+                key: key.clone(),
+                rule: rule.name.clone(),
+                client_id: client_id.clone(),
+                cause: trigger.cause.clone(),
+                at: trigger.at,
+                kind,
+            });
+        };
+        for req in requests {
             match req {
-                Request::Mail { template, vars } => match self.mail(template, vars, state) {
+                Request::Mail { template, vars } => match self.mail(&template, vars, state) {
                     Ok(kind) => {
-                        let EffectKind::Mail { template, .. } = &kind;
                         state.stats.mails += 1;
-                        state.stats.mailed_at.insert(template.clone(), trigger.at);
-                        decision.log.push(log(Level::Notice, describe(&kind)));
-                        decision.effects.push(Effect {
-                            key: effect_key(&rule.name, &trigger.cause, ordinal),
-                            rule: rule.name.clone(),
-                            client_id: client_id.clone(),
-                            cause: trigger.cause.clone(),
-                            at: trigger.at,
-                            kind,
-                        });
-                        ordinal += 1;
+                        state.stats.mailed_at.insert(template, trigger.at);
+                        effect(next_key(), kind, &mut decision);
                     }
                     Err((level, why)) => decision.log.push(log(level, why)),
                 },
@@ -234,20 +365,88 @@ impl Core<'_> {
                     data,
                 }),
                 Request::Cancel { name } => state.cancel_timer(&rule.name, &name),
+                Request::Emit { event_type, data } => {
+                    if trigger.depth >= self.settings.max_emit_depth {
+                        decision.log.push(log(
+                            Level::Error,
+                            format!(
+                                "emit of `{event_type}` stopped: {} secondary events deep \
+                                 (limit rules.max_emit_depth; a rule emitting in a cycle?)",
+                                trigger.depth
+                            ),
+                        ));
+                        continue;
+                    }
+                    let key = next_key();
+                    match self.secondary(&rule.name, trigger, &client_id, &event_type, data, &key) {
+                        Ok(env) => {
+                            let event = serde_json::to_value(&env).unwrap_or(Value::Null);
+                            effect(key, EffectKind::Emit { event_type, event }, &mut decision);
+                            emitted.push(env);
+                        }
+                        Err(why) => decision.log.push(log(Level::Warning, why)),
+                    }
+                }
+                Request::Task { team, title, data } => match self.settings.teams.get(&team) {
+                    Some(to) => {
+                        effect(
+                            next_key(),
+                            EffectKind::Task {
+                                team,
+                                title,
+                                to: to.clone(),
+                                data,
+                            },
+                            &mut decision,
+                        );
+                    }
+                    None => decision.log.push(log(
+                        Level::Warning,
+                        format!("task for team `{team}` not made: no such team in `teams`"),
+                    )),
+                },
             }
         }
-        decision
+        (decision, emitted)
+    }
+
+    /// The envelope of a secondary event: its id derives from the rule, the
+    /// cause and the position, so a replay emits the very same event.
+    fn secondary(
+        &self,
+        rule: &str,
+        trigger: &Trigger,
+        client_id: &ClientId,
+        event_type: &str,
+        mut data: Map<String, Value>,
+        key: &str,
+    ) -> Result<Envelope, String> {
+        let ty = EventType::parse(event_type).map_err(|e| format!("emit refused: {e}"))?;
+        let id = format!("nudge-{key}");
+        data.insert("caused_by".into(), json!(trigger.cause));
+        let mut context = Map::new();
+        context.insert("source".into(), json!("nudge"));
+        context.insert("rule".into(), json!(rule));
+        context.insert("nudge_depth".into(), json!(trigger.depth + 1));
+        Ok(Envelope {
+            id: EventId::parse(id).map_err(|e| e.to_string())?,
+            event_type: ty,
+            client_id: client_id.clone(),
+            occurred_at: trigger.at,
+            data,
+            context,
+        })
     }
 
     /// Checks a mail request against what it needs now, so a mistake shows in
     /// the process log at decision time instead of as a failed send later.
     fn mail(
         &self,
-        template: String,
+        template: &str,
         vars: Map<String, Value>,
         state: &ClientState,
     ) -> Result<EffectKind, (Level, String)> {
-        let Some(kind) = self.templates.kind(&template) else {
+        let Some(kind) = self.templates.kind(template) else {
             return Err((
                 Level::Warning,
                 format!("mail `{template}` not queued: no such template"),
@@ -265,7 +464,7 @@ impl Core<'_> {
                 format!("marketing mail `{template}` skipped: {why}"),
             ));
         }
-        let Some(to) = state.profile.email.clone() else {
+        let Some(to) = p.email.clone() else {
             return Err((
                 Level::Warning,
                 format!("mail `{template}` not queued: the client has no e-mail address"),
@@ -274,7 +473,7 @@ impl Core<'_> {
         let mut all = mail_defaults(state);
         all.extend(vars);
         Ok(EffectKind::Mail {
-            template,
+            template: template.to_string(),
             to,
             vars: all,
         })
@@ -284,6 +483,8 @@ impl Core<'_> {
 fn describe(kind: &EffectKind) -> String {
     match kind {
         EffectKind::Mail { template, to, .. } => format!("mail `{template}` queued to {to}"),
+        EffectKind::Emit { event_type, .. } => format!("event `{event_type}` emitted"),
+        EffectKind::Task { team, title, .. } => format!("task for {team}: {title}"),
     }
 }
 
@@ -425,7 +626,7 @@ mod tests {
             engine,
             rules,
             templates,
-            session_gap: Duration::minutes(30),
+            settings: Box::leak(Box::new(CoreSettings::default())),
         }
     }
 
@@ -445,11 +646,17 @@ mod tests {
              if client.first_name == \"Ana\" && now == event.occurred_at { mail(\"t\", #{ extra: 1 }); }",
         );
         let mut state = ClientState::new(ClientId::parse("c1").unwrap());
-        let d = core(&engine, &rules, &templates).on_event(&mut state, &registered("e1"));
+        let d = core(&engine, &rules, &templates).on_event(
+            &mut state,
+            &registered("e1"),
+            &mut Counters::default(),
+        );
         assert_eq!(d.effects.len(), 1);
         let e = &d.effects[0];
         assert_eq!(e.key, effect_key("r", "e1", 0));
-        let EffectKind::Mail { template, to, vars } = &e.kind;
+        let EffectKind::Mail { template, to, vars } = &e.kind else {
+            panic!("a mail")
+        };
         assert_eq!((template.as_str(), to.as_str()), ("t", "ana@example.com"));
         assert_eq!(vars["first_name"], "Ana");
         assert_eq!(vars["extra"], 1);
@@ -461,7 +668,11 @@ mod tests {
         let (engine, rules, templates, _d) =
             fixture("const ON = [\"client_registered\"];\nmail(\"missing\");\nthrow \"boom\";");
         let mut state = ClientState::new(ClientId::parse("c1").unwrap());
-        let d = core(&engine, &rules, &templates).on_event(&mut state, &registered("e1"));
+        let d = core(&engine, &rules, &templates).on_event(
+            &mut state,
+            &registered("e1"),
+            &mut Counters::default(),
+        );
         assert!(d.effects.is_empty());
         assert_eq!(d.runs, vec![("r".to_string(), false)]);
         assert!(d.log[0].message.contains("boom"), "{:?}", d.log);
@@ -495,8 +706,13 @@ mod tests {
         core.on_event(
             &mut state,
             &at("r", "client_registered", "2026-11-01T09:00:00Z"),
+            &mut Counters::default(),
         );
-        core.on_event(&mut state, &at("p1", "page_viewed", "2026-11-01T10:00:00Z"));
+        core.on_event(
+            &mut state,
+            &at("p1", "page_viewed", "2026-11-01T10:00:00Z"),
+            &mut Counters::default(),
+        );
         assert_eq!(
             state.next_due().unwrap().to_rfc3339(),
             "2026-11-01T10:15:00+00:00"
@@ -505,6 +721,7 @@ mod tests {
         let d = core.on_event(
             &mut state,
             &at("x", "login_succeeded", "2026-11-01T11:00:00Z"),
+            &mut Counters::default(),
         );
         assert_eq!(d.effects.len(), 1, "{:?}", d.log);
         assert_eq!(d.effects[0].at.to_rfc3339(), "2026-11-01T10:15:00+00:00");
@@ -512,12 +729,21 @@ mod tests {
         assert!(state.timers.is_empty());
 
         // Cancelled by a cart add: nothing fires.
-        core.on_event(&mut state, &at("p2", "page_viewed", "2026-11-02T10:00:00Z"));
+        core.on_event(
+            &mut state,
+            &at("p2", "page_viewed", "2026-11-02T10:00:00Z"),
+            &mut Counters::default(),
+        );
         core.on_event(
             &mut state,
             &at("c", "cart_item_added", "2026-11-02T10:05:00Z"),
+            &mut Counters::default(),
         );
-        let d = core.advance(&mut state, "2026-11-03T00:00:00Z".parse().unwrap());
+        let d = core.advance(
+            &mut state,
+            "2026-11-03T00:00:00Z".parse().unwrap(),
+            &mut Counters::default(),
+        );
         assert!(d.effects.is_empty());
         assert_eq!(
             state.stats.mailed_at["t"].to_rfc3339(),
@@ -531,7 +757,7 @@ mod tests {
             fixture("const ON = [\"client_registered\", \"login_succeeded\"];\nmail(\"m\");");
         let core = core(&engine, &rules, &templates);
         let mut state = ClientState::new(ClientId::parse("c1").unwrap());
-        let d = core.on_event(&mut state, &registered("e1"));
+        let d = core.on_event(&mut state, &registered("e1"), &mut Counters::default());
         assert!(d.effects.is_empty());
         assert_eq!(d.log[0].level, Level::Notice);
         assert!(
@@ -544,22 +770,114 @@ mod tests {
             "client_id": "c1", "occurred_at": "2026-11-01T11:00:00Z",
             "data": {"marketing_consent": true}}))
         .unwrap();
-        core.on_event(&mut state, &consent);
+        core.on_event(&mut state, &consent, &mut Counters::default());
         let d = core.on_event(
             &mut state,
             &at("e3", "login_succeeded", "2026-11-01T12:00:00Z"),
+            &mut Counters::default(),
         );
         assert_eq!(d.effects.len(), 1);
 
         core.on_event(
             &mut state,
             &at("e4", "unsubscribed", "2026-11-01T13:00:00Z"),
+            &mut Counters::default(),
         );
         let d = core.on_event(
             &mut state,
             &at("e5", "login_succeeded", "2026-11-01T14:00:00Z"),
+            &mut Counters::default(),
         );
         assert!(d.effects.is_empty());
         assert!(d.log[0].message.contains("unsubscribed"), "{:?}", d.log);
+    }
+
+    #[test]
+    fn an_emit_cycle_is_stopped_at_the_depth_limit_and_reported() {
+        let (engine, rules, templates, _d) =
+            fixture("const ON = [\"ping\"];\nemit(\"ping\", #{ n: 1 });");
+        let core = core(&engine, &rules, &templates);
+        let mut state = ClientState::new(ClientId::parse("c1").unwrap());
+        let d = core.on_event(
+            &mut state,
+            &at("p", "ping", "2026-11-01T10:00:00Z"),
+            &mut Counters::default(),
+        );
+        let limit = CoreSettings::default().max_emit_depth as usize;
+        assert_eq!(d.events.len(), limit);
+        assert_eq!(d.effects.len(), limit);
+        let e = &d.events[0];
+        assert!(e.id.as_str().starts_with("nudge-"));
+        assert_eq!(e.data["caused_by"], "p");
+        assert_eq!(d.events[1].data["caused_by"], e.id.as_str());
+        let stop = d
+            .log
+            .iter()
+            .find(|l| l.level == Level::Error)
+            .expect("reported");
+        assert!(stop.message.contains("secondary events deep"), "{stop:?}");
+        // Deterministic: the same event gives the same secondary ids.
+        let mut again = ClientState::new(ClientId::parse("c1").unwrap());
+        let d2 = core.on_event(
+            &mut again,
+            &at("p", "ping", "2026-11-01T10:00:00Z"),
+            &mut Counters::default(),
+        );
+        assert_eq!(d2.events[0].id, e.id);
+    }
+
+    #[test]
+    fn shared_counters_are_read_and_changed_through_the_batch() {
+        use crate::counters::{CounterKey, MemorySource, Stored};
+        let (engine, rules, templates, _d) = fixture(
+            "const ON = [\"order_placed\"];\n\
+             if add_distinct(\"big\", \"quarter\", client.id) && distinct(\"big\", \"quarter\") == 3 {\n\
+                 mail(\"t\");\n\
+             }\n\
+             add(\"spend\", \"all\", 10);\n\
+             if client_add(\"orders\", \"month\", 1) == 2.0 { mail(\"t\"); }",
+        );
+        let core = core(&engine, &rules, &templates);
+        let key = CounterKey {
+            name: "big".into(),
+            period: "2026-Q4".into(),
+        };
+        let mut src = MemorySource::default();
+        src.values.insert(
+            key.clone(),
+            Stored {
+                value: 2.0,
+                version: 5,
+            },
+        );
+        src.members.insert((key.clone(), "other".into()));
+        let mut counters = Counters::new(Box::new(src), chrono_tz::Tz::UTC);
+        let mut state = ClientState::new(ClientId::parse("c1").unwrap());
+        state.profile.email = Some("ana@example.com".into());
+        let d = core.on_event(
+            &mut state,
+            &at("o1", "order_placed", "2026-11-01T10:00:00Z"),
+            &mut counters,
+        );
+        assert_eq!(d.effects.len(), 1, "third distinct client: {:?}", d.log);
+        let d = core.on_event(
+            &mut state,
+            &at("o2", "order_placed", "2026-11-02T10:00:00Z"),
+            &mut counters,
+        );
+        assert_eq!(
+            d.effects.len(),
+            1,
+            "second order this month, not a new distinct client"
+        );
+        let (writes, members) = counters.writes();
+        let big = writes.iter().find(|w| w.key == key).unwrap();
+        assert_eq!((big.value, big.version), (3.0, 5));
+        assert_eq!(
+            writes.iter().find(|w| w.key.name == "spend").unwrap().value,
+            20.0
+        );
+        assert_eq!(members.len(), 1);
+        assert_eq!(state.counters["orders/2026-11"], 2.0);
     }
 }

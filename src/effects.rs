@@ -33,12 +33,23 @@ pub enum EffectKind {
         to: String,
         vars: Map<String, Value>,
     },
+    /// A secondary event to publish on `<emit_prefix>.<type>`.
+    Emit { event_type: String, event: Value },
+    /// A task for a team of staff: stored, and mailed to the team's address.
+    Task {
+        team: String,
+        title: String,
+        to: String,
+        data: Map<String, Value>,
+    },
 }
 
 impl EffectKind {
     pub fn name(&self) -> &'static str {
         match self {
             EffectKind::Mail { .. } => "mail",
+            EffectKind::Emit { .. } => "emit",
+            EffectKind::Task { .. } => "task",
         }
     }
 }

@@ -26,6 +26,9 @@ pub struct ClientState {
     /// What each rule chose to remember about this client (`remember`/`recall`).
     #[serde(default)]
     pub facts: BTreeMap<String, Map<String, Value>>,
+    /// The client's own counters (`client_add`), by `name/period-key`.
+    #[serde(default)]
+    pub counters: BTreeMap<String, f64>,
 }
 
 /// A visit: the producer's `context.session_id`, or derived from a gap in activity.
@@ -130,6 +133,7 @@ impl ClientState {
             sessions: Sessions::default(),
             timers: Vec::new(),
             facts: BTreeMap::new(),
+            counters: BTreeMap::new(),
         }
     }
 

@@ -127,8 +127,7 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> 
                 store,
                 catalog.clone(),
                 Arc::new(Metrics::default()),
-                config.nats.max_event_bytes,
-                config.history.session_gap(),
+                &config,
             ));
             let scheduler = Scheduler::new(
                 pipeline,

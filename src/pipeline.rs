@@ -6,15 +6,19 @@
 //! drive the same code.
 
 use crate::catalog::Catalog;
-use crate::decide::Core;
+use crate::config::Config;
+use crate::counters::{CounterKey, CounterSource, Counters, Stored};
+use crate::decide::{Core, CoreSettings};
 use crate::event::{ClientId, Envelope, EventId};
 use crate::history::ClientState;
 use crate::metrics::Metrics;
 use crate::store::{
-    AnyStore, BatchWrite, CommitOutcome, Rejected, Store, StoreError, StoredEvent, SweepProgress,
+    AnyStore, BatchWrite, CommitOutcome, Level, LogEntry, Rejected, Store, StoreError, StoredEvent,
+    SweepProgress,
 };
 use bytes::Bytes;
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Utc};
+use chrono_tz::Tz;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
@@ -62,7 +66,28 @@ pub struct Pipeline {
     catalog: Arc<Catalog>,
     metrics: Arc<Metrics>,
     max_event_bytes: usize,
-    session_gap: Duration,
+    settings: Arc<CoreSettings>,
+    business_tz: Tz,
+}
+
+/// Shared counters read from the store on first use in a batch. The core
+/// runs on a blocking thread, so waiting for the query there is fine.
+struct StoreCounters {
+    store: AnyStore,
+    runtime: tokio::runtime::Handle,
+}
+
+impl CounterSource for StoreCounters {
+    fn load(&mut self, key: &CounterKey) -> Result<Stored, String> {
+        self.runtime
+            .block_on(self.store.load_counter(key))
+            .map_err(|e| e.to_string())
+    }
+    fn is_member(&mut self, key: &CounterKey, member: &str) -> Result<bool, String> {
+        self.runtime
+            .block_on(self.store.is_member(key, member))
+            .map_err(|e| e.to_string())
+    }
 }
 
 impl Pipeline {
@@ -70,15 +95,15 @@ impl Pipeline {
         store: AnyStore,
         catalog: Arc<Catalog>,
         metrics: Arc<Metrics>,
-        max_event_bytes: usize,
-        session_gap: Duration,
+        config: &Config,
     ) -> Self {
         Self {
             store,
             catalog,
             metrics,
-            max_event_bytes,
-            session_gap,
+            max_event_bytes: config.nats.max_event_bytes,
+            settings: Arc::new(CoreSettings::from_config(config)),
+            business_tz: config.history.business_tz(),
         }
     }
 
@@ -91,6 +116,7 @@ impl Pipeline {
     pub async fn process(&self, batch: &[Incoming]) -> Result<BatchReport, StoreError> {
         let received_at = Utc::now();
         let mut rejected = Vec::new();
+        let mut log = Vec::new();
         let mut events: Vec<StoredEvent> = Vec::with_capacity(batch.len());
         let mut seen_ids: HashSet<EventId> = HashSet::with_capacity(batch.len());
         let mut duplicates = 0;
@@ -110,6 +136,17 @@ impl Pipeline {
                 Err(reason) => {
                     tracing::warn!(subject = %m.subject, seq = ?m.stream_seq, %reason, "event rejected");
                     let shown = &m.payload[..m.payload.len().min(self.max_event_bytes)];
+                    // Where the envelope still names a client, their log says so.
+                    if let Some(client_id) = loose_client_id(shown) {
+                        log.push(LogEntry {
+                            client_id,
+                            at: received_at,
+                            level: Level::Error,
+                            rule: None,
+                            event_id: None,
+                            message: format!("event rejected: {reason}"),
+                        });
+                    }
                     rejected.push(Rejected {
                         received_at,
                         subject: m.subject.clone(),
@@ -127,7 +164,7 @@ impl Pipeline {
                 .cmp(&(&b.envelope.client_id, b.envelope.occurred_at))
         });
         let steps: Vec<Step> = events.into_iter().map(Step::Event).collect();
-        let mut report = self.commit_steps(steps, rejected, None).await?;
+        let mut report = self.commit_steps(steps, rejected, log, None).await?;
         report.duplicates += duplicates;
         Ok(report)
     }
@@ -139,7 +176,7 @@ impl Pipeline {
         now: DateTime<Utc>,
     ) -> Result<BatchReport, StoreError> {
         let steps = clients.into_iter().map(|c| Step::Advance(c, now)).collect();
-        self.commit_steps(steps, Vec::new(), None).await
+        self.commit_steps(steps, Vec::new(), Vec::new(), None).await
     }
 
     /// Runs scheduled rule `rule` at `slot` for a page of clients, recording
@@ -162,13 +199,15 @@ impl Pipeline {
             .into_iter()
             .map(|c| Step::Sweep(c, rule.to_string(), slot))
             .collect();
-        self.commit_steps(steps, Vec::new(), Some(progress)).await
+        self.commit_steps(steps, Vec::new(), Vec::new(), Some(progress))
+            .await
     }
 
     async fn commit_steps(
         &self,
         steps: Vec<Step>,
         rejected: Vec<Rejected>,
+        log: Vec<LogEntry>,
         sweep: Option<SweepProgress>,
     ) -> Result<BatchReport, StoreError> {
         for _ in 0..MAX_CONFLICT_RETRIES {
@@ -196,8 +235,9 @@ impl Pipeline {
             client_ids.sort();
             client_ids.dedup();
             let states = self.store.load_clients(&client_ids).await?;
-            let mut write = self.decide_all(fresh, states).await;
+            let mut write = self.decide_all(fresh, states).await?;
             write.rejected = rejected.clone();
+            write.log.extend(log.iter().cloned());
             write.sweep = sweep.clone();
             let report = BatchReport {
                 accepted: write.events.len(),
@@ -227,19 +267,27 @@ impl Pipeline {
         &self,
         steps: Vec<Step>,
         mut states: HashMap<ClientId, ClientState>,
-    ) -> BatchWrite {
+    ) -> Result<BatchWrite, StoreError> {
         let rules = self.catalog.rules();
         let templates = self.catalog.templates();
         let engine = self.catalog.engine.clone();
         let metrics = self.metrics.clone();
-        let session_gap = self.session_gap;
+        let settings = self.settings.clone();
+        let source = StoreCounters {
+            store: self.store.clone(),
+            runtime: tokio::runtime::Handle::current(),
+        };
+        let tz = self.business_tz;
         let run = move || {
             let core = Core {
                 engine: &engine,
                 rules: &rules,
                 templates: &templates,
-                session_gap,
+                settings: &settings,
             };
+            let mut counters = Counters::new(Box::new(source), tz);
+            let mut failure = None;
+            let received_at = Utc::now();
             let mut write = BatchWrite::default();
             let mut touched: HashSet<ClientId> = HashSet::new();
             for step in steps {
@@ -248,13 +296,16 @@ impl Pipeline {
                     .entry(id.clone())
                     .or_insert_with(|| ClientState::new(id.clone()));
                 let d = match &step {
-                    Step::Event(e) => core.on_event(state, &e.envelope),
-                    Step::Advance(_, until) => core.advance(state, *until),
+                    Step::Event(e) => core.on_event(state, &e.envelope, &mut counters),
+                    Step::Advance(_, until) => core.advance(state, *until, &mut counters),
                     Step::Sweep(_, rule, slot) => match rules.get(rule) {
-                        Some(r) => core.sweep(state, r, *slot),
+                        Some(r) => core.sweep(state, r, *slot, &mut counters),
                         None => Default::default(),
                     },
                 };
+                if failure.is_none() {
+                    failure = d.counter_failure.clone();
+                }
                 // A state is written only if something changed it: a due
                 // timer fired, a sweep found work, or an event arrived.
                 let changed =
@@ -270,18 +321,37 @@ impl Pipeline {
                 if let Step::Event(e) = step {
                     write.events.push(e);
                 }
+                write
+                    .events
+                    .extend(d.events.into_iter().map(|envelope| StoredEvent {
+                        envelope,
+                        received_at,
+                        stream_seq: None,
+                    }));
             }
+            let (counter_writes, members) = counters.writes();
+            write.counters = counter_writes;
+            write.members = members;
             write.clients = states
                 .into_iter()
                 .filter(|(id, _)| touched.contains(id))
                 .map(|(_, s)| s)
                 .collect();
-            write
+            (write, failure)
         };
         match tokio::task::spawn_blocking(run).await {
-            Ok(w) => w,
+            // A counter that could not be read means a rule decided on
+            // nothing: retry the batch rather than commit that.
+            Ok((_, Some(failure))) => Err(StoreError::Counters(failure)),
+            Ok((w, None)) => Ok(w),
             // A panic in the core is a bug; surface it rather than ack silently.
             Err(e) => std::panic::resume_unwind(e.into_panic()),
         }
     }
+}
+
+/// The client id of an envelope that failed validation, if it has a usable one.
+fn loose_client_id(payload: &[u8]) -> Option<ClientId> {
+    let v: serde_json::Value = serde_json::from_slice(payload).ok()?;
+    ClientId::parse(v.get("client_id")?.as_str()?).ok()
 }

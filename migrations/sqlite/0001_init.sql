@@ -94,3 +94,38 @@ CREATE TABLE schedules (
     done        INTEGER NOT NULL DEFAULT 0,
     lease_until TEXT NOT NULL
 );
+
+-- Counters shared by all clients, per period; `version` makes each update a
+-- compare-and-swap so concurrent instances stay exact.
+CREATE TABLE counters (
+    name    TEXT NOT NULL,
+    period  TEXT NOT NULL,
+    value   REAL NOT NULL,
+    version INTEGER NOT NULL,
+    PRIMARY KEY (name, period)
+);
+
+-- Members of distinct counters ("clients who ...").
+CREATE TABLE counter_members (
+    name   TEXT NOT NULL,
+    period TEXT NOT NULL,
+    member TEXT NOT NULL,
+    PRIMARY KEY (name, period, member)
+);
+
+-- Work for staff that rules hand out; the id is the effect key.
+CREATE TABLE tasks (
+    id         TEXT PRIMARY KEY,
+    team       TEXT NOT NULL,
+    title      TEXT NOT NULL,
+    client_id  TEXT NOT NULL,
+    rule       TEXT NOT NULL,
+    cause      TEXT NOT NULL,
+    data       TEXT NOT NULL,
+    status     TEXT NOT NULL CHECK (status IN ('open', 'done')),
+    at         TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    done_at    TEXT
+);
+CREATE INDEX tasks_status ON tasks (status, created_at);
+CREATE INDEX tasks_client ON tasks (client_id);

@@ -24,6 +24,9 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+/// The template staff task mails are rendered with (`templates/staff_task.*`).
+pub const TASK_TEMPLATE: &str = "staff_task";
+
 pub struct Sender {
     store: AnyStore,
     catalog: Arc<Catalog>,
@@ -31,6 +34,10 @@ pub struct Sender {
     from: Mailbox,
     cfg: DeliveryConfig,
     metrics: Arc<Metrics>,
+    /// Where secondary events are published; `None` in one-shot commands.
+    nats: Option<async_nats::Client>,
+    emit_prefix: String,
+    public_url: String,
     /// Upper bound on one send, on top of lettre's per-command timeout.
     send_timeout: Duration,
 }
@@ -50,6 +57,7 @@ impl Sender {
         store: AnyStore,
         catalog: Arc<Catalog>,
         metrics: Arc<Metrics>,
+        nats: Option<async_nats::Client>,
     ) -> anyhow::Result<Self> {
         Ok(Self {
             store,
@@ -58,6 +66,9 @@ impl Sender {
             from: config.smtp.from.parse()?,
             cfg: config.delivery.clone(),
             metrics,
+            nats,
+            emit_prefix: config.nats.emit_prefix.clone(),
+            public_url: config.http.public_url.trim_end_matches('/').to_string(),
             send_timeout: Duration::from_secs(config.smtp.timeout_secs * 2),
         })
     }
@@ -133,35 +144,90 @@ impl Sender {
                     .await;
             }
         };
-        let EffectKind::Mail { template, to, vars } = kind;
-        let mid = message_id(&item.key, &self.from);
-        let result = self.send_mail(&item, &template, &to, &vars, &mid).await;
+        let (what, result) = match kind {
+            EffectKind::Mail { template, to, vars } => {
+                let mid = message_id(&item.key, &self.from);
+                let r = self.send_mail(&item, &template, &to, &vars, &mid).await;
+                (format!("mail `{template}` to {to}"), r.map(|_| mid))
+            }
+            EffectKind::Task {
+                team,
+                title,
+                to,
+                data,
+            } => {
+                let mid = message_id(&item.key, &self.from);
+                let mut vars = serde_json::Map::new();
+                vars.insert("team".into(), team.clone().into());
+                vars.insert("title".into(), title.clone().into());
+                vars.insert("client_id".into(), item.client_id.clone().into());
+                vars.insert(
+                    "client_url".into(),
+                    format!("{}/#client={}", self.public_url, item.client_id).into(),
+                );
+                vars.insert("data".into(), data.into());
+                let r = self.send_mail(&item, TASK_TEMPLATE, &to, &vars, &mid).await;
+                (format!("task mail to {team} ({to})"), r.map(|_| mid))
+            }
+            EffectKind::Emit { event_type, event } => {
+                let r = self.publish(&event_type, &event).await;
+                let id = event["id"].as_str().unwrap_or_default().to_string();
+                (format!("event `{event_type}`"), r.map(|_| id))
+            }
+        };
         match result {
-            Ok(()) => {
-                tracing::info!(template, to, "mail sent");
+            Ok(id) => {
+                tracing::info!(what, "delivered");
                 self.metrics.mails_sent.fetch_add(1, Relaxed);
-                let entry = log(Level::Notice, format!("mail `{template}` sent to {to}"));
+                let entry = log(Level::Notice, format!("{what} sent"));
                 self.store
-                    .mark_sent(&item.key, &mid, Utc::now(), &entry)
+                    .mark_sent(&item.key, &id, Utc::now(), &entry)
                     .await
             }
             Err(e) if e.transient && item.attempts < self.cfg.max_attempts => {
                 self.metrics.mails_retried.fetch_add(1, Relaxed);
                 let delay = backoff(self.cfg.retry_base_secs, item.attempts);
-                tracing::warn!(template, error = %e, attempt = item.attempts, retry_in_secs = delay.num_seconds(), "mail not sent, will retry");
+                tracing::warn!(what, error = %e, attempt = item.attempts, retry_in_secs = delay.num_seconds(), "not delivered, will retry");
                 self.store
                     .mark_retry(&item.key, Utc::now() + delay, &e.message)
                     .await
             }
             Err(e) => {
-                tracing::error!(template, error = %e, attempt = item.attempts, "mail failed");
+                tracing::error!(what, error = %e, attempt = item.attempts, "delivery failed");
                 self.metrics.mails_failed.fetch_add(1, Relaxed);
-                let why = format!("mail `{template}` to {to} failed: {}", e.message);
+                let why = format!("{what} failed: {}", e.message);
                 self.store
                     .mark_failed(&item.key, &e.message, &log(Level::Error, why))
                     .await
             }
         }
+    }
+
+    /// Publishes a secondary event, with `Nats-Msg-Id` set to its id.
+    async fn publish(&self, event_type: &str, event: &serde_json::Value) -> Result<(), SendError> {
+        let transient = |message: String| SendError {
+            transient: true,
+            message,
+        };
+        let Some(client) = &self.nats else {
+            return Err(transient("no NATS connection in this process".into()));
+        };
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", event["id"].as_str().unwrap_or_default());
+        let payload = serde_json::to_vec(event).map_err(|e| transient(e.to_string()))?;
+        client
+            .publish_with_headers(
+                format!("{}.{event_type}", self.emit_prefix),
+                headers,
+                payload.into(),
+            )
+            .await
+            .map_err(|e| transient(format!("publishing: {e}")))?;
+        // Published means the server has it, not that it sits in a buffer here.
+        client
+            .flush()
+            .await
+            .map_err(|e| transient(format!("flushing: {e}")))
     }
 
     async fn send_mail(

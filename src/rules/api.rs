@@ -5,9 +5,12 @@
 //! no per-call state of ours to write into; [`collect`] scopes it to exactly
 //! one rule run on the current thread.
 
+use crate::counters::{CounterKey, Counters};
+use chrono::{DateTime, Utc};
 use rhai::{Dynamic, Engine, EvalAltResult, Map as RhaiMap, Position};
 use serde_json::{Map, Value};
 use std::cell::RefCell;
+use std::collections::BTreeMap;
 
 /// What a rule asked for, before it becomes an effect or a change of state.
 #[derive(Debug, Clone, PartialEq)]
@@ -26,6 +29,17 @@ pub enum Request {
     },
     /// `cancel(name)`: drop a pending timer.
     Cancel { name: String },
+    /// `emit(type, data)`: a secondary event, published and decided like any other.
+    Emit {
+        event_type: String,
+        data: Map<String, Value>,
+    },
+    /// `task(team, title)` / `task(team, title, data)`: work for staff.
+    Task {
+        team: String,
+        title: String,
+        data: Map<String, Value>,
+    },
 }
 
 /// The state of one rule run: what the rule may read and what it asked for.
@@ -41,6 +55,14 @@ pub struct RunContext {
     pub cause: String,
     pub rule: String,
     pub client_id: String,
+    /// The trigger's time: counters count in its period.
+    pub now: DateTime<Utc>,
+    /// Counters shared by all clients, lent to this run by the batch.
+    pub counters: Counters,
+    /// This client's own counters, by `name/period-key`.
+    pub client_counters: BTreeMap<String, f64>,
+    /// A counter could not be read: the batch must be retried, not committed.
+    pub counter_failure: Option<String>,
     /// `unique_code` calls so far, so two codes in one run differ.
     codes: u32,
 }
@@ -75,6 +97,33 @@ fn with_ctx<T>(f: impl FnOnce(&mut RunContext) -> T) -> Result<T, Box<EvalAltRes
         // rather than lose what it asked for.
         None => Err("this function can only be called while a rule runs".into()),
     })
+}
+
+/// Runs `f` on the batch's shared counters for the counter `name` in the
+/// trigger's `period`.
+fn with_counter<T>(
+    name: &str,
+    period: &str,
+    f: impl FnOnce(&mut Counters, &CounterKey) -> Result<T, String>,
+) -> Result<T, Box<EvalAltResult>> {
+    with_ctx(|ctx| {
+        let now = ctx.now;
+        let key = ctx.counters.key(name, period, now)?;
+        f(&mut ctx.counters, &key).inspect_err(|e| {
+            ctx.counter_failure.get_or_insert_with(|| e.clone());
+        })
+    })?
+    .map_err(|e| e.into())
+}
+
+fn client_counter_key(
+    name: &str,
+    period: &str,
+    now: DateTime<Utc>,
+) -> Result<String, Box<EvalAltResult>> {
+    // The client's own counters use UTC periods: they are about one person.
+    let p = crate::counters::period_key(period, now, chrono_tz::Tz::UTC)?;
+    Ok(format!("{name}/{p}"))
 }
 
 fn push(req: Request) -> Result<(), Box<EvalAltResult>> {
@@ -186,6 +235,67 @@ pub fn register(engine: &mut Engine) {
         })
     });
     engine.register_fn("unique_code", unique_code);
+    engine.register_fn("emit", |event_type: &str, data: RhaiMap| {
+        push(Request::Emit {
+            event_type: event_type.to_string(),
+            data: to_json_map(data)?,
+        })
+    });
+    engine.register_fn("task", |team: &str, title: &str| {
+        push(Request::Task {
+            team: team.to_string(),
+            title: title.to_string(),
+            data: Map::new(),
+        })
+    });
+    engine.register_fn("task", |team: &str, title: &str, data: RhaiMap| {
+        push(Request::Task {
+            team: team.to_string(),
+            title: title.to_string(),
+            data: to_json_map(data)?,
+        })
+    });
+    // Shared counters: `add` returns the new total, `total` reads it;
+    // `add_distinct` is true when the member was new, `distinct` counts members.
+    engine.register_fn("add", |name: &str, period: &str, amount: f64| {
+        with_counter(name, period, |c, k| c.add(k, amount))
+    });
+    engine.register_fn("add", |name: &str, period: &str, amount: i64| {
+        with_counter(name, period, |c, k| c.add(k, amount as f64))
+    });
+    engine.register_fn("total", |name: &str, period: &str| {
+        with_counter(name, period, |c, k| c.get(k))
+    });
+    engine.register_fn("add_distinct", |name: &str, period: &str, member: &str| {
+        with_counter(name, period, |c, k| c.add_distinct(k, member))
+    });
+    engine.register_fn("distinct", |name: &str, period: &str| {
+        with_counter(name, period, |c, k| c.get(k).map(|v| v as i64))
+    });
+    // The client's own counters.
+    engine.register_fn("client_add", |name: &str, period: &str, amount: f64| {
+        let now = with_ctx(|ctx| ctx.now)?;
+        let key = client_counter_key(name, period, now)?;
+        with_ctx(|ctx| {
+            let v = ctx.client_counters.entry(key).or_default();
+            *v += amount;
+            *v
+        })
+    });
+    engine.register_fn("client_add", |name: &str, period: &str, amount: i64| {
+        let now = with_ctx(|ctx| ctx.now)?;
+        let key = client_counter_key(name, period, now)?;
+        with_ctx(|ctx| {
+            let v = ctx.client_counters.entry(key).or_default();
+            *v += amount as f64;
+            *v
+        })
+    });
+    engine.register_fn("client_total", |name: &str, period: &str| {
+        let now = with_ctx(|ctx| ctx.now)?;
+        let key = client_counter_key(name, period, now)?;
+        with_ctx(|ctx| ctx.client_counters.get(&key).copied().unwrap_or(0.0))
+    });
     // Durations in seconds, to compare with `now` and the times in `client`.
     engine.register_fn("seconds", |n: i64| n);
     engine.register_fn("minutes", |n: i64| n * 60);

@@ -164,28 +164,34 @@ impl RuleEngine {
 
     /// Runs one rule for one trigger. Pure: what it asks for is returned in
     /// the context, not done.
+    /// On failure the context comes back too, with what it had been lent.
     pub fn run(
         &self,
         rule: &Rule,
         event: Dynamic,
         client: Dynamic,
+        settings: Dynamic,
         now: i64,
         ctx: RunContext,
-    ) -> Result<RunContext, RuleError> {
+    ) -> Result<RunContext, (RuleError, RunContext)> {
         let mut scope = Scope::new();
         scope.push_constant("event", event);
         scope.push_constant("client", client);
+        scope.push_constant("settings", settings);
         scope.push_constant("now", now);
         let (result, ctx) = api::collect(ctx, || {
             self.engine.run_ast_with_scope(&mut scope, &rule.ast)
         });
         match result {
             Ok(()) => Ok(ctx),
-            Err(e) => Err(RuleError {
-                rule: rule.name.clone(),
-                line: e.position().line().unwrap_or(0),
-                message: describe(&e),
-            }),
+            Err(e) => Err((
+                RuleError {
+                    rule: rule.name.clone(),
+                    line: e.position().line().unwrap_or(0),
+                    message: describe(&e),
+                },
+                ctx,
+            )),
         }
     }
 }
@@ -252,8 +258,16 @@ mod tests {
             .compile("loop", "l.rhai".into(), "const ON = [\"a\"];\nloop { }")
             .unwrap();
         let err = e
-            .run(&r, Dynamic::UNIT, Dynamic::UNIT, 0, RunContext::default())
-            .unwrap_err();
+            .run(
+                &r,
+                Dynamic::UNIT,
+                Dynamic::UNIT,
+                Dynamic::UNIT,
+                0,
+                RunContext::default(),
+            )
+            .unwrap_err()
+            .0;
         assert!(err.message.contains("too many operations"), "{err}");
 
         let r = e
@@ -264,8 +278,16 @@ mod tests {
             )
             .unwrap();
         let err = e
-            .run(&r, Dynamic::UNIT, Dynamic::UNIT, 0, RunContext::default())
-            .unwrap_err();
+            .run(
+                &r,
+                Dynamic::UNIT,
+                Dynamic::UNIT,
+                Dynamic::UNIT,
+                0,
+                RunContext::default(),
+            )
+            .unwrap_err()
+            .0;
         assert!(err.message.contains("too deep"), "{err}");
 
         let r = e
@@ -276,8 +298,16 @@ mod tests {
             )
             .unwrap();
         let err = e
-            .run(&r, Dynamic::UNIT, Dynamic::UNIT, 0, RunContext::default())
-            .unwrap_err();
+            .run(
+                &r,
+                Dynamic::UNIT,
+                Dynamic::UNIT,
+                Dynamic::UNIT,
+                0,
+                RunContext::default(),
+            )
+            .unwrap_err()
+            .0;
         assert!(err.message.contains("too large"), "{err}");
     }
 

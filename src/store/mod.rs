@@ -5,6 +5,7 @@
 
 pub mod sqlite;
 
+use crate::counters::{CounterKey, CounterWrite, Stored};
 use crate::effects::Effect;
 use crate::event::{ClientId, Envelope, EventId};
 use crate::history::ClientState;
@@ -32,6 +33,8 @@ pub enum StoreError {
     },
     #[error("unsupported database url {0:?}")]
     Url(String),
+    #[error("shared counters could not be read: {0}")]
+    Counters(String),
 }
 
 pub(crate) fn db(context: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
@@ -99,6 +102,34 @@ pub struct BatchWrite {
     pub rejected: Vec<Rejected>,
     /// When this batch is a page of a sweep: how far the sweep got.
     pub sweep: Option<SweepProgress>,
+    /// Shared counters changed, each written only if its version still holds.
+    pub counters: Vec<CounterWrite>,
+    /// New members of distinct counters.
+    pub members: Vec<(CounterKey, String)>,
+}
+
+/// A staff task, as listed and closed over HTTP.
+#[derive(Debug, Clone, Serialize)]
+pub struct TaskRow {
+    pub id: String,
+    pub team: String,
+    pub title: String,
+    pub client_id: String,
+    pub rule: String,
+    pub data: serde_json::Value,
+    pub status: String,
+    /// Event time of what caused it.
+    pub at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+    pub done_at: Option<DateTime<Utc>>,
+}
+
+/// Which tasks to list.
+#[derive(Debug, Clone, Default)]
+pub struct TaskFilter {
+    pub status: Option<String>,
+    pub team: Option<String>,
+    pub client_id: Option<String>,
 }
 
 /// A sweep's position, committed with the page it covers.
@@ -182,6 +213,27 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> impl Future<Output = Result<Vec<OutboxRow>, StoreError>> + Send;
     fn count_events(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    fn load_counter(
+        &self,
+        key: &CounterKey,
+    ) -> impl Future<Output = Result<Stored, StoreError>> + Send;
+    fn is_member(
+        &self,
+        key: &CounterKey,
+        member: &str,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+    fn list_tasks(
+        &self,
+        filter: &TaskFilter,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<TaskRow>, StoreError>> + Send;
+    /// Marks a task done; false when there is no such open task.
+    fn close_task(
+        &self,
+        id: &str,
+        at: DateTime<Utc>,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
     /// Clients with a timer due by `now`, soonest first.
     fn due_clients(
@@ -292,6 +344,22 @@ impl Store for AnyStore {
     }
     async fn count_events(&self) -> Result<u64, StoreError> {
         forward!(self, s => s.count_events())
+    }
+    async fn load_counter(&self, key: &CounterKey) -> Result<Stored, StoreError> {
+        forward!(self, s => s.load_counter(key))
+    }
+    async fn is_member(&self, key: &CounterKey, member: &str) -> Result<bool, StoreError> {
+        forward!(self, s => s.is_member(key, member))
+    }
+    async fn list_tasks(
+        &self,
+        filter: &TaskFilter,
+        limit: u32,
+    ) -> Result<Vec<TaskRow>, StoreError> {
+        forward!(self, s => s.list_tasks(filter, limit))
+    }
+    async fn close_task(&self, id: &str, at: DateTime<Utc>) -> Result<bool, StoreError> {
+        forward!(self, s => s.close_task(id, at))
     }
     async fn due_clients(
         &self,

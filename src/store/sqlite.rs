@@ -5,8 +5,10 @@
 
 use super::{
     BatchWrite, CommitOutcome, LogEntry, OutboxItem, OutboxRow, Rejected, Store, StoreError,
-    SweepClaim, db, parse_ts, ts,
+    SweepClaim, TaskFilter, TaskRow, db, parse_ts, ts,
 };
+use crate::counters::{CounterKey, Stored};
+use crate::effects::EffectKind;
 use crate::event::{ClientId, EventId};
 use crate::history::ClientState;
 use chrono::{DateTime, Utc};
@@ -251,6 +253,89 @@ impl Store for SqliteStore {
                 .map_err(db("writing the outbox"))?;
         }
 
+        // Shared counters: compare-and-swap on the version read.
+        for c in &batch.counters {
+            let done = if c.version == 0 {
+                sqlx::query(
+                    "INSERT INTO counters (name, period, value, version) VALUES (?, ?, ?, 1) \
+                     ON CONFLICT DO NOTHING",
+                )
+                .bind(&c.key.name)
+                .bind(&c.key.period)
+                .bind(c.value)
+                .execute(&mut *tx)
+                .await
+            } else {
+                sqlx::query(
+                    "UPDATE counters SET value = ?, version = version + 1 \
+                     WHERE name = ? AND period = ? AND version = ?",
+                )
+                .bind(c.value)
+                .bind(&c.key.name)
+                .bind(&c.key.period)
+                .bind(c.version)
+                .execute(&mut *tx)
+                .await
+            }
+            .map_err(db("writing counters"))?;
+            if done.rows_affected() != 1 {
+                return Ok(CommitOutcome::Conflict);
+            }
+        }
+        for chunk in batch.members.chunks(chunk_rows(3)) {
+            let mut q =
+                QueryBuilder::<Sqlite>::new("INSERT INTO counter_members (name, period, member) ");
+            q.push_values(chunk, |mut b, (k, m)| {
+                b.push_bind(k.name.clone())
+                    .push_bind(k.period.clone())
+                    .push_bind(m.clone());
+            });
+            q.push(" ON CONFLICT DO NOTHING");
+            let done = q
+                .build()
+                .execute(&mut *tx)
+                .await
+                .map_err(db("writing counter members"))?;
+            if done.rows_affected() != chunk.len() as u64 {
+                return Ok(CommitOutcome::Conflict);
+            }
+        }
+
+        let tasks: Vec<_> = batch
+            .effects
+            .iter()
+            .filter_map(|e| match &e.kind {
+                EffectKind::Task {
+                    team, title, data, ..
+                } => Some((e, team, title, data)),
+                _ => None,
+            })
+            .collect();
+        for chunk in tasks.chunks(chunk_rows(10)) {
+            let mut q = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO tasks (id, team, title, client_id, rule, cause, data, status, at, \
+                 created_at) ",
+            );
+            let now = ts(Utc::now());
+            q.push_values(chunk, |mut b, (e, team, title, data)| {
+                b.push_bind(e.key.clone())
+                    .push_bind((*team).clone())
+                    .push_bind((*title).clone())
+                    .push_bind(e.client_id.as_str().to_string())
+                    .push_bind(e.rule.clone())
+                    .push_bind(e.cause.clone())
+                    .push_bind(json(data))
+                    .push_bind("open")
+                    .push_bind(ts(e.at))
+                    .push_bind(now.clone());
+            });
+            q.push(" ON CONFLICT(id) DO NOTHING");
+            q.build()
+                .execute(&mut *tx)
+                .await
+                .map_err(db("writing tasks"))?;
+        }
+
         let log: Vec<&LogEntry> = batch.log.iter().collect();
         for chunk in log.chunks(chunk_rows(6)) {
             let mut q = QueryBuilder::new("");
@@ -378,6 +463,87 @@ impl Store for SqliteStore {
             .await
             .map_err(db("counting events"))?;
         Ok(n as u64)
+    }
+
+    async fn load_counter(&self, key: &CounterKey) -> Result<Stored, StoreError> {
+        let row = sqlx::query("SELECT value, version FROM counters WHERE name = ? AND period = ?")
+            .bind(&key.name)
+            .bind(&key.period)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db("reading a counter"))?;
+        Ok(row.map_or_else(Stored::default, |r| Stored {
+            value: r.get(0),
+            version: r.get(1),
+        }))
+    }
+
+    async fn is_member(&self, key: &CounterKey, member: &str) -> Result<bool, StoreError> {
+        let found: Option<i64> = sqlx::query_scalar(
+            "SELECT 1 FROM counter_members WHERE name = ? AND period = ? AND member = ?",
+        )
+        .bind(&key.name)
+        .bind(&key.period)
+        .bind(member)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db("reading a distinct counter"))?;
+        Ok(found.is_some())
+    }
+
+    async fn list_tasks(
+        &self,
+        filter: &TaskFilter,
+        limit: u32,
+    ) -> Result<Vec<TaskRow>, StoreError> {
+        let mut q = QueryBuilder::<Sqlite>::new(
+            "SELECT id, team, title, client_id, rule, data, status, at, created_at, done_at \
+             FROM tasks WHERE 1 = 1",
+        );
+        if let Some(s) = &filter.status {
+            q.push(" AND status = ").push_bind(s.clone());
+        }
+        if let Some(t) = &filter.team {
+            q.push(" AND team = ").push_bind(t.clone());
+        }
+        if let Some(c) = &filter.client_id {
+            q.push(" AND client_id = ").push_bind(c.clone());
+        }
+        q.push(" ORDER BY created_at DESC, id LIMIT ")
+            .push_bind(limit);
+        let rows = q
+            .build()
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("listing tasks"))?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(TaskRow {
+                    id: r.get(0),
+                    team: r.get(1),
+                    title: r.get(2),
+                    client_id: r.get(3),
+                    rule: r.get(4),
+                    data: serde_json::from_str(r.get::<&str, _>(5)).unwrap_or_default(),
+                    status: r.get(6),
+                    at: parse_ts(r.get(7))?,
+                    created_at: parse_ts(r.get(8))?,
+                    done_at: r.get::<Option<&str>, _>(9).map(parse_ts).transpose()?,
+                })
+            })
+            .collect()
+    }
+
+    async fn close_task(&self, id: &str, at: DateTime<Utc>) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE tasks SET status = 'done', done_at = ? WHERE id = ? AND status = 'open'",
+        )
+        .bind(ts(at))
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .map_err(db("closing a task"))?;
+        Ok(done.rows_affected() == 1)
     }
 
     async fn due_clients(
