@@ -292,12 +292,13 @@ impl Core<'_> {
         ctx.client_counters = std::mem::take(&mut state.counters);
         ctx.counters = std::mem::take(counters);
         let settings = rhai_value(self.settings.rule_settings.clone());
-        let result = self
-            .engine
-            .run(rule, event, client, settings, trigger.at.timestamp(), ctx);
+        let (ctx, result) =
+            self.engine
+                .run(rule, event, client, settings, trigger.at.timestamp(), ctx);
         let ctx = match result {
-            Ok(ctx) => ctx,
-            Err((e, mut ctx)) => {
+            Ok(()) => ctx,
+            Err(e) => {
+                let mut ctx = ctx;
                 // What the failed run changed is dropped, but the lent state comes back.
                 state.counters = ctx.client_counters;
                 *counters = std::mem::take(&mut ctx.counters);

@@ -164,7 +164,8 @@ impl RuleEngine {
 
     /// Runs one rule for one trigger. Pure: what it asks for is returned in
     /// the context, not done.
-    /// On failure the context comes back too, with what it had been lent.
+    /// The context always comes back, with what it had been lent, whether
+    /// the run succeeded or not.
     pub fn run(
         &self,
         rule: &Rule,
@@ -173,7 +174,7 @@ impl RuleEngine {
         settings: Dynamic,
         now: i64,
         ctx: RunContext,
-    ) -> Result<RunContext, (RuleError, RunContext)> {
+    ) -> (RunContext, Result<(), RuleError>) {
         let mut scope = Scope::new();
         scope.push_constant("event", event);
         scope.push_constant("client", client);
@@ -182,17 +183,12 @@ impl RuleEngine {
         let (result, ctx) = api::collect(ctx, || {
             self.engine.run_ast_with_scope(&mut scope, &rule.ast)
         });
-        match result {
-            Ok(()) => Ok(ctx),
-            Err(e) => Err((
-                RuleError {
-                    rule: rule.name.clone(),
-                    line: e.position().line().unwrap_or(0),
-                    message: describe(&e),
-                },
-                ctx,
-            )),
-        }
+        let result = result.map_err(|e| RuleError {
+            rule: rule.name.clone(),
+            line: e.position().line().unwrap_or(0),
+            message: describe(&e),
+        });
+        (ctx, result)
     }
 }
 
@@ -266,8 +262,8 @@ mod tests {
                 0,
                 RunContext::default(),
             )
-            .unwrap_err()
-            .0;
+            .1
+            .unwrap_err();
         assert!(err.message.contains("too many operations"), "{err}");
 
         let r = e
@@ -286,8 +282,8 @@ mod tests {
                 0,
                 RunContext::default(),
             )
-            .unwrap_err()
-            .0;
+            .1
+            .unwrap_err();
         assert!(err.message.contains("too deep"), "{err}");
 
         let r = e
@@ -306,8 +302,8 @@ mod tests {
                 0,
                 RunContext::default(),
             )
-            .unwrap_err()
-            .0;
+            .1
+            .unwrap_err();
         assert!(err.message.contains("too large"), "{err}");
     }
 
