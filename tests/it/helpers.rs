@@ -227,6 +227,10 @@ impl TestEnv {
             ("NUDGE__DELIVERY__RETRY_BASE_SECS", "1".into()),
             ("NUDGE__HTTP__LISTEN", "127.0.0.1:0".into()),
             ("NUDGE__NATS__MAX_EVENT_BYTES", "4096".into()),
+            ("NUDGE__TEAMS__SALES__EMAIL", "sales@shop.test".into()),
+            ("NUDGE__RULES__SETTINGS__PARTNER_SHARES__ACME", "10".into()),
+            ("NUDGE__RULES__SETTINGS__DEFAULT_PARTNER_SHARE", "5".into()),
+            ("NUDGE__SCHEDULER__TICK_MS", "200".into()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
@@ -327,7 +331,29 @@ impl TestEnv {
     }
 }
 
+/// A second nudge instance on the same database, stream and consumer.
+pub struct Peer {
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Peer {
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
 impl TestApp {
+    pub async fn start_peer(&self) -> Peer {
+        let app = Application::build(self.config.clone())
+            .await
+            .expect("peer builds");
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(app.run_until_stopped(cancel.clone()));
+        Peer { cancel, task }
+    }
+
     pub async fn spawn() -> TestApp {
         TestEnv::new().await.start().await
     }

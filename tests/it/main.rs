@@ -3,6 +3,8 @@
 
 mod helpers;
 
+mod campaigns;
+
 mod rejects;
 mod reload;
 mod timers;
