@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod publish;
 pub mod rules;
+pub mod ruletest;
 pub mod scheduler;
 pub mod store;
 pub mod telemetry;

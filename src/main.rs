@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use nudge::app::{Application, open_store};
 use nudge::catalog::Catalog;
 use nudge::config::Config;
+use nudge::decide::CoreSettings;
 use nudge::metrics::Metrics;
 use nudge::pipeline::Pipeline;
 use nudge::scheduler::Scheduler;
@@ -49,6 +50,8 @@ enum Command {
     Migrate,
     /// Run a scheduled rule's sweep now; the running daemon sends what it queues.
     Trigger { rule: String },
+    /// Run the rule tests (YAML files; default: `<rules.dir>/tests`).
+    Test { paths: Vec<PathBuf> },
 }
 
 #[tokio::main]
@@ -140,6 +143,38 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> 
                 "rule {}: swept {} clients, queued {} effects",
                 report.rule, report.clients, report.effects
             );
+        }
+        Command::Test { paths } => {
+            let catalog = Catalog::load(&config);
+            let errors = catalog.errors();
+            for e in &errors {
+                eprintln!("{e}");
+            }
+            if !errors.is_empty() {
+                eprintln!("{} file(s) refused: fix them before testing", errors.len());
+                return Ok(ExitCode::FAILURE);
+            }
+            let paths = if paths.is_empty() {
+                vec![nudge::ruletest::default_dir(&config.rules.dir)]
+            } else {
+                paths
+            };
+            let files = nudge::ruletest::collect_files(&paths)?;
+            let rules = catalog.rules();
+            let templates = catalog.templates();
+            let settings = CoreSettings::from_config(&config);
+            let subject = nudge::ruletest::Subject {
+                engine: &catalog.engine,
+                rules: &rules,
+                templates: &templates,
+                settings: &settings,
+                business_tz: config.history.business_tz(),
+            };
+            let report = nudge::ruletest::run_files(&subject, &files);
+            print!("{}", report.output);
+            if report.failed > 0 || report.passed == 0 {
+                return Ok(ExitCode::FAILURE);
+            }
         }
         Command::Migrate => {
             open_store(&config).await?;

@@ -4,6 +4,7 @@
 mod helpers;
 
 mod campaigns;
+mod cli;
 
 mod rejects;
 mod reload;
