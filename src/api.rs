@@ -35,6 +35,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/tasks", get(tasks))
         .route("/tasks/{id}/done", post(task_done))
         .route("/clients/{id}/log", get(client_log))
+        .route("/templates/{name}/preview", get(preview))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/health", get(health))
@@ -210,6 +211,29 @@ async fn client_log(
         .client_log(&client, q.limit.unwrap_or(100).min(1000))
         .await?;
     Ok(Json(json!({ "client_id": client, "log": rows })).into_response())
+}
+
+#[derive(Deserialize)]
+struct PreviewQuery {
+    client: String,
+}
+
+/// A template rendered with a client's history, for the staff page.
+async fn preview(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    Query(q): Query<PreviewQuery>,
+) -> Result<Response, ApiError> {
+    let vars = crate::tools::client_vars(&s.store, &q.client)
+        .await
+        .map_err(|e| ApiError(StatusCode::NOT_FOUND, e.to_string()))?;
+    let r = crate::tools::preview(&s.catalog.templates(), &name, &vars)
+        .map_err(|e| ApiError(StatusCode::NOT_FOUND, e.to_string()))?;
+    Ok(Json(
+        json!({"template": name, "client_id": q.client, "subject": r.subject,
+                   "text": r.text, "html": r.html, "kind": r.kind}),
+    )
+    .into_response())
 }
 
 /// Runs a scheduled rule now (`nudge trigger RULE` does the same).

@@ -490,7 +490,7 @@ fn describe(kind: &EffectKind) -> String {
 }
 
 /// Variables every mail template can use, before the rule's own.
-fn mail_defaults(state: &ClientState) -> Map<String, Value> {
+pub fn mail_defaults(state: &ClientState) -> Map<String, Value> {
     let p = &state.profile;
     let mut m = Map::new();
     m.insert("client_id".into(), json!(state.client_id.as_str()));

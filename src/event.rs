@@ -2,7 +2,7 @@
 //! domain types. Bytes from the wire become an [`Envelope`] here or a
 //! [`Rejection`] with a reason; nothing downstream ever sees an unchecked event.
 
-use chrono::{DateTime, Datelike, Utc};
+use chrono::{DateTime, Datelike, SubsecRound, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::fmt;
@@ -237,7 +237,10 @@ impl Envelope {
                 field: "occurred_at",
                 reason: format!("{occurred_raw:?} is not an RFC 3339 timestamp: {e}"),
             })?
-            .with_timezone(&Utc);
+            .with_timezone(&Utc)
+            // Microseconds are what the databases keep: deciding on the
+            // same precision live and in a replay gives the same history.
+            .trunc_subsecs(6);
         let data = take_object(&mut obj, "data")?;
         let context = take_object(&mut obj, "context")?;
 

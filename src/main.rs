@@ -10,6 +10,7 @@ use nudge::metrics::Metrics;
 use nudge::pipeline::Pipeline;
 use nudge::scheduler::Scheduler;
 use nudge::store::Store;
+use nudge::tools;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -52,6 +53,38 @@ enum Command {
     Trigger { rule: String },
     /// Run the rule tests (YAML files; default: `<rules.dir>/tests`).
     Test { paths: Vec<PathBuf> },
+    /// Render a template with a client's history or with given variables.
+    Preview {
+        template: String,
+        /// Use this client's history from the database.
+        #[arg(long, conflicts_with = "vars")]
+        client: Option<String>,
+        /// Use the variables in this YAML or JSON file.
+        #[arg(long)]
+        vars: Option<PathBuf>,
+        /// Also write the HTML part to this file, for a browser.
+        #[arg(long)]
+        html: Option<PathBuf>,
+    },
+    /// Rebuild clients, sessions, timers and counters from the event log with
+    /// the rules in force; nothing is sent. Stop the daemons first.
+    Replay,
+    /// Run rules over the stored history on a scratch copy and report what
+    /// they would have done. Sends nothing, changes nothing.
+    Backtest {
+        /// The rules to try (default: rules.dir).
+        #[arg(long)]
+        rules: Option<PathBuf>,
+        /// Report effects from this time on (RFC 3339); history before it still counts.
+        #[arg(long)]
+        since: Option<chrono::DateTime<chrono::Utc>>,
+        /// Stop at this time (RFC 3339).
+        #[arg(long)]
+        until: Option<chrono::DateTime<chrono::Utc>>,
+        /// One JSON line per effect instead of a summary.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[tokio::main]
@@ -174,6 +207,84 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> 
             print!("{}", report.output);
             if report.failed > 0 || report.passed == 0 {
                 return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Preview {
+            template,
+            client,
+            vars,
+            html,
+        } => {
+            let catalog = Catalog::load(&config);
+            let vars = match (client, vars) {
+                (Some(c), _) => {
+                    let store = open_store(&config).await?;
+                    tools::client_vars(&store, &c).await?
+                }
+                (None, Some(f)) => tools::vars_file(&f)?,
+                (None, None) => anyhow::bail!("give --client ID or --vars FILE"),
+            };
+            let r = tools::preview(&catalog.templates(), &template, &vars)?;
+            println!(
+                "Subject: {}\nKind: {:?}\n\n--- text ---\n{}\n--- html ---\n{}",
+                r.subject, r.kind, r.text, r.html
+            );
+            if let Some(path) = html {
+                std::fs::write(&path, &r.html)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+                eprintln!("HTML written to {}", path.display());
+            }
+        }
+        Command::Replay => {
+            let store = open_store(&config).await?;
+            eprintln!(
+                "replaying the event log into {} (stop every nudge daemon first)",
+                config.database.url
+            );
+            let p = tools::replay(&config, &store, |p| {
+                eprintln!("  {} events, {} sweeps", p.events, p.sweeps)
+            })
+            .await?;
+            println!(
+                "replayed {} events and {} sweeps; derived history replaced",
+                p.events, p.sweeps
+            );
+        }
+        Command::Backtest {
+            rules,
+            since,
+            until,
+            json,
+        } => {
+            let store = open_store(&config).await?;
+            let dir = rules.unwrap_or_else(|| config.rules.dir.clone());
+            let report = tools::backtest(&config, &store, &dir, since, until).await?;
+            if json {
+                for e in &report.effects {
+                    println!("{}", serde_json::to_string(e)?);
+                }
+            } else {
+                println!(
+                    "{} events and {} sweeps replayed with the rules in {}",
+                    report.events,
+                    report.sweeps,
+                    dir.display()
+                );
+                for (rule, s) in &report.rules {
+                    println!("{rule}:");
+                    for (t, n) in &s.mails {
+                        println!("  mail {t}: {n}");
+                    }
+                    for (t, n) in &s.events {
+                        println!("  event {t}: {n}");
+                    }
+                    for (t, n) in &s.tasks {
+                        println!("  task for {t}: {n}");
+                    }
+                    if s.errors > 0 {
+                        println!("  rule errors: {}", s.errors);
+                    }
+                }
             }
         }
         Command::Migrate => {

@@ -95,6 +95,14 @@ CREATE TABLE schedules (
     lease_until TEXT NOT NULL
 );
 
+-- Every sweep that ran: a replay runs them again at their times, since what
+-- a scheduled rule remembered is history too.
+CREATE TABLE sweep_log (
+    rule TEXT NOT NULL,
+    slot TEXT NOT NULL,
+    PRIMARY KEY (rule, slot)
+);
+
 -- Counters shared by all clients, per period; `version` makes each update a
 -- compare-and-swap so concurrent instances stay exact.
 CREATE TABLE counters (

@@ -108,6 +108,22 @@ pub struct BatchWrite {
     pub members: Vec<(CounterKey, String)>,
 }
 
+/// Where a walk through the event log got to: `(occurred_at, stream_seq, id)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogCursor {
+    pub occurred_at: DateTime<Utc>,
+    pub seq: i64,
+    pub id: String,
+}
+
+/// Derived history rebuilt by a replay, to replace what the store holds.
+#[derive(Debug, Default)]
+pub struct Derived {
+    pub clients: Vec<ClientState>,
+    pub counters: Vec<(CounterKey, f64)>,
+    pub members: Vec<(CounterKey, String)>,
+}
+
 /// A staff task, as listed and closed over HTTP.
 #[derive(Debug, Clone, Serialize)]
 pub struct TaskRow {
@@ -235,6 +251,22 @@ pub trait Store: Send + Sync + 'static {
         at: DateTime<Utc>,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
+    /// The shop's events (not nudge's own) in event-time order, after `after`.
+    fn events_page(
+        &self,
+        after: Option<&LogCursor>,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<(Envelope, LogCursor)>, StoreError>> + Send;
+    /// Every sweep that ran, in slot order.
+    fn sweep_log(
+        &self,
+    ) -> impl Future<Output = Result<Vec<(String, DateTime<Utc>)>, StoreError>> + Send;
+    /// Replaces clients and shared counters in one transaction.
+    fn replace_derived(
+        &self,
+        derived: &Derived,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
     /// Clients with a timer due by `now`, soonest first.
     fn due_clients(
         &self,
@@ -360,6 +392,19 @@ impl Store for AnyStore {
     }
     async fn close_task(&self, id: &str, at: DateTime<Utc>) -> Result<bool, StoreError> {
         forward!(self, s => s.close_task(id, at))
+    }
+    async fn events_page(
+        &self,
+        after: Option<&LogCursor>,
+        limit: u32,
+    ) -> Result<Vec<(Envelope, LogCursor)>, StoreError> {
+        forward!(self, s => s.events_page(after, limit))
+    }
+    async fn sweep_log(&self) -> Result<Vec<(String, DateTime<Utc>)>, StoreError> {
+        forward!(self, s => s.sweep_log())
+    }
+    async fn replace_derived(&self, derived: &Derived) -> Result<(), StoreError> {
+        forward!(self, s => s.replace_derived(derived))
     }
     async fn due_clients(
         &self,

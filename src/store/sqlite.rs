@@ -4,11 +4,12 @@
 //! with multi-row statements.
 
 use super::{
-    BatchWrite, CommitOutcome, LogEntry, OutboxItem, OutboxRow, Rejected, Store, StoreError,
-    SweepClaim, TaskFilter, TaskRow, db, parse_ts, ts,
+    BatchWrite, CommitOutcome, Derived, LogCursor, LogEntry, OutboxItem, OutboxRow, Rejected,
+    Store, StoreError, SweepClaim, TaskFilter, TaskRow, db, parse_ts, ts,
 };
 use crate::counters::{CounterKey, Stored};
 use crate::effects::EffectKind;
+use crate::event::Envelope;
 use crate::event::{ClientId, EventId};
 use crate::history::ClientState;
 use chrono::{DateTime, Utc};
@@ -546,6 +547,133 @@ impl Store for SqliteStore {
         Ok(done.rows_affected() == 1)
     }
 
+    async fn events_page(
+        &self,
+        after: Option<&LogCursor>,
+        limit: u32,
+    ) -> Result<Vec<(Envelope, LogCursor)>, StoreError> {
+        let (t, seq, id) = after.map_or((String::new(), i64::MIN, String::new()), |c| {
+            (ts(c.occurred_at), c.seq, c.id.clone())
+        });
+        let rows = sqlx::query(
+            "SELECT id, client_id, type, occurred_at, data, context, stream_seq FROM events \
+             WHERE stream_seq IS NOT NULL AND (occurred_at, stream_seq, id) > (?, ?, ?) \
+             ORDER BY occurred_at, stream_seq, id LIMIT ?",
+        )
+        .bind(t)
+        .bind(seq)
+        .bind(id)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("reading the event log"))?;
+        rows.into_iter()
+            .map(|r| {
+                let corrupt = |message: String| StoreError::Corrupt {
+                    context: "events",
+                    message,
+                };
+                let occurred_at = parse_ts(r.get(3))?;
+                let value = serde_json::json!({
+                    "id": r.get::<&str, _>(0),
+                    "client_id": r.get::<&str, _>(1),
+                    "type": r.get::<&str, _>(2),
+                    "occurred_at": occurred_at.to_rfc3339(),
+                    "data": serde_json::from_str::<serde_json::Value>(r.get(4)).map_err(|e| corrupt(e.to_string()))?,
+                    "context": serde_json::from_str::<serde_json::Value>(r.get(5)).map_err(|e| corrupt(e.to_string()))?,
+                });
+                let env = Envelope::from_value(value).map_err(|e| corrupt(e.to_string()))?;
+                let cursor = LogCursor {
+                    occurred_at,
+                    seq: r.get(6),
+                    id: env.id.as_str().to_string(),
+                };
+                Ok((env, cursor))
+            })
+            .collect()
+    }
+
+    async fn sweep_log(&self) -> Result<Vec<(String, DateTime<Utc>)>, StoreError> {
+        let rows = sqlx::query("SELECT rule, slot FROM sweep_log ORDER BY slot, rule")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("reading the sweep log"))?;
+        rows.into_iter()
+            .map(|r| Ok((r.get(0), parse_ts(r.get(1))?)))
+            .collect()
+    }
+
+    async fn replace_derived(&self, derived: &Derived) -> Result<(), StoreError> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(db("starting the replay transaction"))?;
+        for table in ["clients", "counters", "counter_members"] {
+            sqlx::query(&format!("DELETE FROM {table}"))
+                .execute(&mut *tx)
+                .await
+                .map_err(db("wiping derived history"))?;
+        }
+        for chunk in derived.clients.chunks(chunk_rows(14)) {
+            let mut q = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO clients (client_id, version, email, first_name, last_name, \
+                 acquisition_channel, marketing_consent, unsubscribed, locale, timezone, \
+                 first_seen, last_seen, next_due, state) ",
+            );
+            q.push_values(chunk, |mut b, c| {
+                let p = &c.profile;
+                b.push_bind(c.client_id.as_str().to_string())
+                    .push_bind(1i64)
+                    .push_bind(p.email.clone())
+                    .push_bind(p.first_name.clone())
+                    .push_bind(p.last_name.clone())
+                    .push_bind(p.acquisition_channel.clone())
+                    .push_bind(p.marketing_consent)
+                    .push_bind(p.unsubscribed)
+                    .push_bind(p.locale.clone())
+                    .push_bind(p.timezone.clone())
+                    .push_bind(p.first_seen.map(ts))
+                    .push_bind(p.last_seen.map(ts))
+                    .push_bind(c.next_due().map(ts))
+                    .push_bind(json(c));
+            });
+            q.build()
+                .execute(&mut *tx)
+                .await
+                .map_err(db("writing replayed clients"))?;
+        }
+        for chunk in derived.counters.chunks(chunk_rows(3)) {
+            let mut q =
+                QueryBuilder::<Sqlite>::new("INSERT INTO counters (name, period, value, version) ");
+            q.push_values(chunk, |mut b, (k, v)| {
+                b.push_bind(k.name.clone())
+                    .push_bind(k.period.clone())
+                    .push_bind(*v)
+                    .push_bind(1i64);
+            });
+            q.build()
+                .execute(&mut *tx)
+                .await
+                .map_err(db("writing replayed counters"))?;
+        }
+        for chunk in derived.members.chunks(chunk_rows(3)) {
+            let mut q =
+                QueryBuilder::<Sqlite>::new("INSERT INTO counter_members (name, period, member) ");
+            q.push_values(chunk, |mut b, (k, m)| {
+                b.push_bind(k.name.clone())
+                    .push_bind(k.period.clone())
+                    .push_bind(m.clone());
+            });
+            q.build()
+                .execute(&mut *tx)
+                .await
+                .map_err(db("writing replayed counter members"))?;
+        }
+        tx.commit().await.map_err(db("committing the replay"))?;
+        Ok(())
+    }
+
     async fn due_clients(
         &self,
         now: DateTime<Utc>,
@@ -604,6 +732,14 @@ impl Store for SqliteStore {
         .fetch_optional(&self.pool)
         .await
         .map_err(db("claiming a sweep"))?;
+        if row.is_some() {
+            sqlx::query("INSERT INTO sweep_log (rule, slot) VALUES (?, ?) ON CONFLICT DO NOTHING")
+                .bind(rule)
+                .bind(ts(slot))
+                .execute(&self.pool)
+                .await
+                .map_err(db("logging a sweep"))?;
+        }
         row.map(|r| {
             Ok(SweepClaim {
                 slot: parse_ts(r.get(0))?,

@@ -9,4 +9,5 @@ mod cli;
 mod rejects;
 mod reload;
 mod timers;
+mod tools;
 mod welcome;

@@ -1,0 +1,186 @@
+//! Marketers' and operators' tools over the stored history: template
+//! previews, replay of the derived history, and backtests of rules.
+
+use crate::catalog::Catalog;
+use crate::config::Config;
+use crate::decide::{Core, CoreSettings, client_view, mail_defaults};
+use crate::effects::EffectKind;
+use crate::event::ClientId;
+use crate::replay::{Progress, Replay, walk};
+use crate::rules::RuleEngine;
+use crate::rules::loader::RuleLoader;
+use crate::store::{AnyStore, Store};
+use crate::templates::{Rendered, TemplateSet};
+use anyhow::{Context, bail};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+/// The variables a mail to this client would get by default, plus the
+/// whole client as `client`.
+pub async fn client_vars(store: &AnyStore, client: &str) -> anyhow::Result<Map<String, Value>> {
+    let id = ClientId::parse(client).map_err(|e| anyhow::anyhow!("client id: {e}"))?;
+    let states = store.load_clients(&[&id]).await?;
+    let Some(state) = states.get(&id) else {
+        bail!("no client {client:?} in the database");
+    };
+    let mut vars = mail_defaults(state);
+    vars.insert("client".into(), client_view(state));
+    Ok(vars)
+}
+
+/// Renders a template with the given variables.
+pub fn preview(
+    templates: &TemplateSet,
+    name: &str,
+    vars: &Map<String, Value>,
+) -> anyhow::Result<Rendered> {
+    Ok(templates.render(name, vars)?)
+}
+
+/// Reads variables for a preview from a YAML or JSON file (a map).
+pub fn vars_file(path: &Path) -> anyhow::Result<Map<String, Value>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let v: Value = serde_yaml::from_str(&text)
+        .with_context(|| format!("{} is not YAML or JSON", path.display()))?;
+    match v {
+        Value::Object(m) => Ok(m),
+        _ => bail!("{} must hold a map of variables", path.display()),
+    }
+}
+
+/// Rebuilds clients, sessions, timers and counters from the event log with
+/// the rules in force, effects suppressed, and swaps them in at once.
+pub async fn replay(
+    config: &Config,
+    store: &AnyStore,
+    on_progress: impl FnMut(Progress),
+) -> anyhow::Result<Progress> {
+    let catalog = Catalog::load(config);
+    let errors = catalog.errors();
+    if !errors.is_empty() {
+        let list: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+        bail!(
+            "rules or templates are refused; fix them before replaying:\n{}",
+            list.join("\n")
+        );
+    }
+    let rules = catalog.rules();
+    let templates = catalog.templates();
+    let settings = CoreSettings::from_config(config);
+    let core = Core {
+        engine: &catalog.engine,
+        rules: &rules,
+        templates: &templates,
+        settings: &settings,
+    };
+    let mut replay = Replay::new(core, config.history.business_tz());
+    let progress = walk(store, &mut replay, None, |_, _| {}, on_progress).await?;
+    store.replace_derived(&replay.into_derived()).await?;
+    Ok(progress)
+}
+
+/// One effect a backtest found.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct FoundEffect {
+    pub rule: String,
+    pub kind: String,
+    /// The template (mails), event type (emits) or team (tasks).
+    pub template: String,
+    pub client_id: String,
+    pub at: DateTime<Utc>,
+}
+
+/// Per rule: counts of mails by template, events and tasks.
+#[derive(Debug, Default, Serialize)]
+pub struct RuleSummary {
+    pub mails: BTreeMap<String, u64>,
+    pub events: BTreeMap<String, u64>,
+    pub tasks: BTreeMap<String, u64>,
+    pub errors: u64,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Backtest {
+    pub events: u64,
+    pub sweeps: u64,
+    pub rules: BTreeMap<String, RuleSummary>,
+    pub effects: Vec<FoundEffect>,
+}
+
+/// Runs the rules in `rules_dir` over the stored history in event-time order,
+/// in memory: reports what they would have done between `since` and `until`.
+pub async fn backtest(
+    config: &Config,
+    store: &AnyStore,
+    rules_dir: &Path,
+    since: Option<DateTime<Utc>>,
+    until: Option<DateTime<Utc>>,
+) -> anyhow::Result<Backtest> {
+    let engine = Arc::new(RuleEngine::new(&config.rules));
+    let rules = RuleLoader::new(engine.clone(), rules_dir.to_path_buf()).load();
+    if !rules.errors.is_empty() {
+        let list: Vec<String> = rules.errors.iter().map(|e| e.to_string()).collect();
+        bail!("refused:\n{}", list.join("\n"));
+    }
+    let catalog = Catalog::load(config);
+    let templates = catalog.templates();
+    let settings = CoreSettings::from_config(config);
+    let core = Core {
+        engine: &engine,
+        rules: &rules,
+        templates: &templates,
+        settings: &settings,
+    };
+    let mut replay = Replay::new(core, config.history.business_tz());
+    let mut report = Backtest::default();
+    let in_window = |t: DateTime<Utc>| since.is_none_or(|s| t >= s);
+    let progress = walk(
+        store,
+        &mut replay,
+        until,
+        |_, d| {
+            for (rule, ok) in &d.runs {
+                if !ok {
+                    report.rules.entry(rule.clone()).or_default().errors += 1;
+                }
+            }
+            for e in d.effects {
+                if !in_window(e.at) {
+                    continue;
+                }
+                let summary = report.rules.entry(e.rule.clone()).or_default();
+                let (kind, name) = match &e.kind {
+                    EffectKind::Mail { template, .. } => {
+                        *summary.mails.entry(template.clone()).or_default() += 1;
+                        ("mail", template.clone())
+                    }
+                    EffectKind::Emit { event_type, .. } => {
+                        *summary.events.entry(event_type.clone()).or_default() += 1;
+                        ("emit", event_type.clone())
+                    }
+                    EffectKind::Task { team, .. } => {
+                        *summary.tasks.entry(team.clone()).or_default() += 1;
+                        ("task", team.clone())
+                    }
+                };
+                report.effects.push(FoundEffect {
+                    rule: e.rule,
+                    kind: kind.to_string(),
+                    template: name,
+                    client_id: e.client_id.to_string(),
+                    at: e.at,
+                });
+            }
+        },
+        |_| {},
+    )
+    .await?;
+    report.events = progress.events;
+    report.sweeps = progress.sweeps;
+    Ok(report)
+}
