@@ -162,7 +162,7 @@ echo "nudge is up: $(curl -fsS "$HEALTH" 2>/dev/null || true)"
 
 # --- Publish the sample events, as the shop would.
 say "publishing samples/events.jsonl"
-if ! "$NUDGE" publish samples/events.jsonl --config "$CONFIG"; then
+if ! RUST_LOG=${RUST_LOG:-warn} "$NUDGE" publish samples/events.jsonl --config "$CONFIG"; then
     show_log var/nudge.log
     die "publishing the sample events failed"
 fi
@@ -210,7 +210,7 @@ $nats_note.
 Try:
   curl $HEALTH
   curl http://127.0.0.1:8080/api/rules
-  curl http://127.0.0.1:8080/api/clients/c-cleo/log
+  curl http://127.0.0.1:8080/api/clients/c-cleo/log     # why Cleo got no quick_leave mail
 Edit rules/*.rhai or templates/*, then publish events of your own (new ids) with
   $NUDGE publish FILE.jsonl --config $CONFIG
 Stop it with:
