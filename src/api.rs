@@ -6,6 +6,7 @@ use crate::event::ClientId;
 use crate::metrics::Metrics;
 use crate::scheduler::{Scheduler, TriggerError};
 use crate::store::{AnyStore, Store, TaskFilter};
+use crate::unsubscribe::Signer;
 use axum::extract::Path;
 use axum::extract::{Query, Request, State};
 use axum::http::{StatusCode, header};
@@ -24,6 +25,10 @@ pub struct ApiState {
     pub catalog: Arc<Catalog>,
     pub metrics: Arc<Metrics>,
     pub scheduler: Option<Arc<Scheduler>>,
+    /// Checks unsubscribe links.
+    pub signer: Option<Arc<Signer>>,
+    /// Where the shop's events go: an unsubscribe click becomes one of them.
+    pub subject_prefix: String,
     pub token: Option<Arc<str>>,
 }
 
@@ -35,11 +40,17 @@ pub fn router(state: ApiState) -> Router {
         .route("/tasks", get(tasks))
         .route("/tasks/{id}/done", post(task_done))
         .route("/clients/{id}/log", get(client_log))
+        .route("/clients/{id}/export", get(export_client))
+        .route("/clients/{id}", axum::routing::delete(erase_client))
         .route("/templates/{name}/preview", get(preview))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
+        .route(
+            "/unsubscribe/{token}",
+            get(unsubscribe_page).post(unsubscribe),
+        )
         .nest("/api", api)
         .with_state(state)
 }
@@ -234,6 +245,136 @@ async fn preview(
                    "text": r.text, "html": r.html, "kind": r.kind}),
     )
     .into_response())
+}
+
+fn client_id(id: String) -> Result<ClientId, ApiError> {
+    ClientId::parse(id).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))
+}
+
+/// GDPR: everything nudge holds on a client.
+async fn export_client(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let client = client_id(id)?;
+    match s.store.export_client(&client).await? {
+        Some(v) => Ok(Json(v).into_response()),
+        None => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no client {client}"),
+        )),
+    }
+}
+
+/// GDPR: erase a client's personal data (`nudge forget` does the same).
+async fn erase_client(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let client = client_id(id)?;
+    if s.store.erase_client(&client, chrono::Utc::now()).await? {
+        tracing::info!("a client was erased on request");
+        Ok(Json(json!({"client_id": client, "erased": true})).into_response())
+    } else {
+        Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no client {client}"),
+        ))
+    }
+}
+
+fn page(status: StatusCode, title: &str, body: &str) -> Response {
+    let html = format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>{title}</title>\
+         <meta name=\"viewport\" content=\"width=device-width\"></head>\
+         <body style=\"font-family: sans-serif; max-width: 32em; margin: 3em auto\">\
+         <h1>{title}</h1>{body}</body></html>"
+    );
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        html,
+    )
+        .into_response()
+}
+
+fn refused_link() -> Response {
+    page(
+        StatusCode::BAD_REQUEST,
+        "This link is not valid",
+        "<p>The unsubscribe link is damaged or was not made by us. Please use the link from the mail as it is.</p>",
+    )
+}
+
+/// The confirmation page behind the link in a mail: a person clicks a button.
+async fn unsubscribe_page(State(s): State<ApiState>, Path(token): Path<String>) -> Response {
+    if s.signer.as_ref().and_then(|sg| sg.verify(&token)).is_none() {
+        return refused_link();
+    }
+    page(
+        StatusCode::OK,
+        "Unsubscribe",
+        "<p>Do you want to stop receiving our offers and news by mail?</p>\
+         <form method=\"post\"><button type=\"submit\">Unsubscribe</button></form>\
+         <p>Mails about your account and orders will still reach you.</p>",
+    )
+}
+
+/// RFC 8058 one-click unsubscribe (and the page's button): the click becomes
+/// an `unsubscribed` event on the stream, so it is in the event log like the
+/// shop's own and holds across replays.
+async fn unsubscribe(State(s): State<ApiState>, Path(token): Path<String>) -> Response {
+    let Some(client) = s.signer.as_ref().and_then(|sg| sg.verify(&token)) else {
+        return refused_link();
+    };
+    let Some(nats) = &s.nats else {
+        return page(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Please try again",
+            "<p>We could not record your request just now.</p>",
+        );
+    };
+    let now = chrono::Utc::now();
+    let id = format!("unsubscribe-{}-{}", client, now.timestamp_millis());
+    let event = json!({
+        "id": id,
+        "type": "unsubscribed",
+        "client_id": client,
+        "occurred_at": now.to_rfc3339(),
+        "data": {"scope": "marketing", "source": "link"},
+        "context": {"channel": "email"},
+    });
+    let js = async_nats::jetstream::new(nats.clone());
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", id.as_str());
+    let published = async {
+        js.publish_with_headers(
+            format!("{}.unsubscribed", s.subject_prefix),
+            headers,
+            serde_json::to_vec(&event).unwrap_or_default().into(),
+        )
+        .await?
+        .await
+        .map_err(async_nats::Error::from)
+    };
+    match published.await {
+        Ok(_) => {
+            tracing::info!(client_id = %client, "unsubscribed through a mail link");
+            page(
+                StatusCode::OK,
+                "You are unsubscribed",
+                "<p>You will not receive our offers and news by mail any more.</p>",
+            )
+        }
+        Err(e) => {
+            tracing::error!(error = %e, client_id = %client, "could not record an unsubscribe");
+            page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Please try again",
+                "<p>We could not record your request just now. Please try the link again in a minute.</p>",
+            )
+        }
+    }
 }
 
 /// Runs a scheduled rule now (`nudge trigger RULE` does the same).

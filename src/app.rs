@@ -6,12 +6,13 @@
 use crate::api::{ApiState, router};
 use crate::catalog::Catalog;
 use crate::config::Config;
-use crate::delivery::Sender;
+use crate::delivery::{Clock, Sender, system_clock};
 use crate::ingest;
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
 use crate::scheduler::Scheduler;
 use crate::store::{AnyStore, Store};
+use crate::unsubscribe::Signer;
 use anyhow::Context;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,6 +28,8 @@ pub struct Application {
     metrics: Arc<Metrics>,
     nats: async_nats::Client,
     listener: tokio::net::TcpListener,
+    signer: Arc<Signer>,
+    clock: Clock,
 }
 
 impl Application {
@@ -39,6 +42,11 @@ impl Application {
         let nats = ingest::connect(&config.nats)
             .await
             .with_context(|| format!("cannot connect to nats.url {}", config.nats.url))?;
+        let signer = Arc::new(
+            Signer::load(config.mail.unsubscribe_secret.as_deref(), &store)
+                .await
+                .context("cannot load the unsubscribe signing key")?,
+        );
         if config.http.token.is_none() {
             tracing::warn!(
                 "http.token is not set: /api is open to anyone who can reach http.listen"
@@ -51,7 +59,16 @@ impl Application {
             metrics: Arc::new(Metrics::default()),
             nats,
             listener,
+            signer,
+            clock: system_clock(),
         })
+    }
+
+    /// Replaces the wall clock of the mail sender (quiet hours, retries):
+    /// for tests that must not wait for hours.
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// The bound HTTP address (the real port when `http.listen` used port 0).
@@ -84,6 +101,8 @@ impl Application {
             self.catalog.clone(),
             self.metrics.clone(),
             Some(self.nats.clone()),
+            self.signer.clone(),
+            self.clock.clone(),
         )?;
         tracker.spawn(sender.run(wake.clone(), cancel.clone()));
 
@@ -134,6 +153,8 @@ impl Application {
             catalog: self.catalog.clone(),
             metrics: self.metrics.clone(),
             scheduler: Some(scheduler),
+            signer: Some(self.signer.clone()),
+            subject_prefix: self.config.nats.subject_prefix.clone(),
             token: self.config.http.token.as_deref().map(Arc::from),
         };
         let http_cancel = cancel.clone();

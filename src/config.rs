@@ -140,6 +140,45 @@ pub struct MailConfig {
     pub transport: Transport,
     /// Folder for the file transport. Default `var/mail`.
     pub dir: PathBuf,
+    /// Key that signs unsubscribe links. Default: a random key kept in the database.
+    pub unsubscribe_secret: Option<String>,
+    /// Marketing mails a client may get per day (0: no cap). Default 2.
+    pub max_marketing_per_day: u32,
+    /// Marketing mails a client may get per week (0: no cap). Default 5.
+    pub max_marketing_per_week: u32,
+    /// No marketing mail in these local hours of the client (their timezone,
+    /// else the business one): deferred, not dropped. `null` turns it off.
+    /// Default 21:00 to 08:00.
+    pub quiet_hours: Option<QuietHours>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuietHours {
+    /// `HH:MM`, local time.
+    #[serde(deserialize_with = "hh_mm")]
+    pub start: chrono::NaiveTime,
+    /// `HH:MM`, local time.
+    #[serde(deserialize_with = "hh_mm")]
+    pub end: chrono::NaiveTime,
+}
+
+fn hh_mm<'de, D: serde::Deserializer<'de>>(d: D) -> Result<chrono::NaiveTime, D::Error> {
+    let s = String::deserialize(d)?;
+    chrono::NaiveTime::parse_from_str(&s, "%H:%M")
+        .or_else(|_| chrono::NaiveTime::parse_from_str(&s, "%H:%M:%S"))
+        .map_err(|_| serde::de::Error::custom(format!("{s:?} is not a time like 21:00")))
+}
+
+impl QuietHours {
+    /// Whether `t` falls in the quiet window (which may wrap past midnight).
+    pub fn contains(&self, t: chrono::NaiveTime) -> bool {
+        if self.start <= self.end {
+            t >= self.start && t < self.end
+        } else {
+            t >= self.start || t < self.end
+        }
+    }
 }
 
 impl Default for MailConfig {
@@ -147,6 +186,13 @@ impl Default for MailConfig {
         Self {
             transport: Transport::File,
             dir: "var/mail".into(),
+            unsubscribe_secret: None,
+            max_marketing_per_day: 2,
+            max_marketing_per_week: 5,
+            quiet_hours: Some(QuietHours {
+                start: chrono::NaiveTime::from_hms_opt(21, 0, 0).expect("valid time"),
+                end: chrono::NaiveTime::from_hms_opt(8, 0, 0).expect("valid time"),
+            }),
         }
     }
 }
@@ -212,8 +258,11 @@ pub struct DeliveryConfig {
     pub poll_ms: u64,
     /// Mails sent at once. Default 4.
     pub concurrency: usize,
-    /// Attempts before a mail is marked failed. Default 8.
+    /// Attempts before a mail is marked failed; with the backoff, 12 attempts
+    /// ride out an SMTP server that is down for about two hours. Default 12.
     pub max_attempts: u32,
+    /// Mails sent per second at most (0: no limit). Default 0.
+    pub rate_per_sec: f64,
     /// First retry delay, doubled each attempt, in seconds. Default 2.
     pub retry_base_secs: u64,
     /// How long a claimed mail is reserved for one sender, in seconds. Default 120.
@@ -225,7 +274,8 @@ impl Default for DeliveryConfig {
         Self {
             poll_ms: 500,
             concurrency: 4,
-            max_attempts: 8,
+            max_attempts: 12,
+            rate_per_sec: 0.0,
             retry_base_secs: 2,
             lease_secs: 120,
         }
@@ -460,6 +510,20 @@ impl Config {
             crate::event::Email::parse(team.email.clone())
                 .map_err(|e| key_err(&format!("teams.{name}.email"), e.to_string()))?;
         }
+        if let Some(secret) = &self.mail.unsubscribe_secret
+            && secret.len() < 16
+        {
+            return Err(key_err(
+                "mail.unsubscribe_secret",
+                "must be at least 16 characters",
+            ));
+        }
+        if !(self.delivery.rate_per_sec >= 0.0 && self.delivery.rate_per_sec.is_finite()) {
+            return Err(key_err(
+                "delivery.rate_per_sec",
+                "must be 0 (no limit) or more",
+            ));
+        }
         if let Some(t) = &self.http.token
             && t.len() < 16
         {
@@ -487,8 +551,9 @@ fn set_path(root: &mut Value, keys: &[String], value: &str) -> Result<(), Config
         if i + 1 == keys.len() {
             let parsed: Value =
                 serde_yaml::from_str(value).unwrap_or_else(|_| Value::String(value.to_string()));
-            // A value that YAML reads as a map or list is meant as text here.
-            let parsed = if parsed.is_mapping() || parsed.is_sequence() || parsed.is_null() {
+            // A value that YAML reads as a map or list is meant as text here;
+            // `null` stays null, to turn off an optional setting.
+            let parsed = if parsed.is_mapping() || parsed.is_sequence() {
                 Value::String(value.to_string())
             } else {
                 parsed
@@ -536,6 +601,26 @@ mod tests {
         assert_eq!(c.nats.batch_size, 42);
         assert_eq!(c.mail.transport, Transport::Smtp);
         assert_eq!(c.http.listen.port(), 9999);
+    }
+
+    #[test]
+    fn quiet_hours_wrap_past_midnight() {
+        let c = Config::load_with_env(
+            None,
+            env(&[
+                ("NUDGE__MAIL__QUIET_HOURS__START", "21:30"),
+                ("NUDGE__MAIL__QUIET_HOURS__END", "07:00"),
+            ]),
+        )
+        .unwrap();
+        let q = c.mail.quiet_hours.unwrap();
+        let t = |s: &str| chrono::NaiveTime::parse_from_str(s, "%H:%M").unwrap();
+        assert!(q.contains(t("23:00")) && q.contains(t("03:00")) && q.contains(t("21:30")));
+        assert!(!q.contains(t("07:00")) && !q.contains(t("12:00")));
+        let e = Config::load_with_env(None, env(&[("NUDGE__MAIL__QUIET_HOURS__START", "late")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("mail.quiet_hours.start"), "{e}");
     }
 
     #[test]

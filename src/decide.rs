@@ -9,7 +9,7 @@ use crate::config::Config;
 use crate::counters::Counters;
 use crate::effects::{Effect, EffectKind, effect_key};
 use crate::event::{ClientId, Envelope, EventId, EventType};
-use crate::history::{ClientState, Session, Timer};
+use crate::history::{ClientState, RECENT_MAILS, SentMail, Session, Timer};
 use crate::rules::{Request, Rule, RuleEngine, RunContext, loader::RuleSet};
 use crate::store::{Level, LogEntry};
 use crate::templates::{MailKind, TemplateSet};
@@ -70,6 +70,9 @@ pub struct CoreSettings {
     pub rule_settings: Value,
     /// Base URL of links to nudge in mails (staff links to a client).
     pub public_url: String,
+    /// Marketing mails per client per day and per week (0: no cap).
+    pub max_marketing_per_day: u32,
+    pub max_marketing_per_week: u32,
 }
 
 impl CoreSettings {
@@ -84,6 +87,8 @@ impl CoreSettings {
                 .collect(),
             rule_settings: serde_json::to_value(&config.rules.settings).unwrap_or(Value::Null),
             public_url: config.http.public_url.trim_end_matches('/').to_string(),
+            max_marketing_per_day: config.mail.max_marketing_per_day,
+            max_marketing_per_week: config.mail.max_marketing_per_week,
         }
     }
 }
@@ -121,6 +126,9 @@ impl Core<'_> {
         let mut decision = self.advance(state, event.occurred_at, counters);
         state.apply(event, self.settings.session_gap);
         let ty = event.event_type.as_str();
+        if let Err(e) = self.count_engagement(state, event, counters) {
+            decision.counter_failure = Some(e);
+        }
         let mut matching = self.rules.matching(ty).peekable();
         if matching.peek().is_none() {
             return decision;
@@ -243,6 +251,48 @@ impl Core<'_> {
         decision
     }
 
+    /// Ties `email_opened` / `email_clicked` to the mail they name (by its
+    /// Message-ID) and counts them per rule and template, for everyone.
+    fn count_engagement(
+        &self,
+        state: &mut ClientState,
+        event: &Envelope,
+        counters: &mut Counters,
+    ) -> Result<(), String> {
+        let what = match event.event_type.as_str() {
+            "email_opened" => "opened",
+            "email_clicked" => "clicked",
+            _ => return Ok(()),
+        };
+        let Some(key) = event
+            .data
+            .get("message_id")
+            .and_then(Value::as_str)
+            .and_then(crate::delivery::mailer::key_of_message_id)
+        else {
+            return Ok(());
+        };
+        let Some(mail) = state
+            .stats
+            .recent_mails
+            .iter()
+            .find(|m| m.key == key)
+            .cloned()
+        else {
+            return Ok(());
+        };
+        match what {
+            "opened" => state.stats.opens += 1,
+            _ => state.stats.clicks += 1,
+        }
+        let key = counters.key(
+            &format!("mail_{what}:{}:{}", mail.rule, mail.template),
+            "all",
+            event.occurred_at,
+        )?;
+        counters.add(&key, 1.0).map(|_| ())
+    }
+
     /// Decides the secondary events a trigger emitted, and keeps them to store.
     fn follow(
         &self,
@@ -347,14 +397,31 @@ impl Core<'_> {
         };
         for req in requests {
             match req {
-                Request::Mail { template, vars } => match self.mail(&template, vars, state) {
-                    Ok(kind) => {
-                        state.stats.mails += 1;
-                        state.stats.mailed_at.insert(template, trigger.at);
-                        effect(next_key(), kind, &mut decision);
+                Request::Mail { template, vars } => {
+                    match self.mail(&template, vars, state, trigger.at) {
+                        Ok(kind) => {
+                            let key = next_key();
+                            let st = &mut state.stats;
+                            st.mails += 1;
+                            st.mailed_at.insert(template.clone(), trigger.at);
+                            if self.templates.kind(&template) == Some(MailKind::Marketing) {
+                                st.marketing_sent
+                                    .retain(|t| trigger.at - *t < Duration::days(7));
+                                st.marketing_sent.push(trigger.at);
+                            }
+                            st.recent_mails.push(SentMail {
+                                key: key.clone(),
+                                rule: rule.name.clone(),
+                                template,
+                                at: trigger.at,
+                            });
+                            let excess = st.recent_mails.len().saturating_sub(RECENT_MAILS);
+                            st.recent_mails.drain(..excess);
+                            effect(key, kind, &mut decision);
+                        }
+                        Err((level, why)) => decision.log.push(log(level, why)),
                     }
-                    Err((level, why)) => decision.log.push(log(level, why)),
-                },
+                }
                 Request::After {
                     delay_secs,
                     name,
@@ -446,6 +513,7 @@ impl Core<'_> {
         template: &str,
         vars: Map<String, Value>,
         state: &ClientState,
+        at: DateTime<Utc>,
     ) -> Result<EffectKind, (Level, String)> {
         let Some(kind) = self.templates.kind(template) else {
             return Err((
@@ -464,6 +532,24 @@ impl Core<'_> {
                 Level::Notice,
                 format!("marketing mail `{template}` skipped: {why}"),
             ));
+        }
+        if kind == MailKind::Marketing {
+            let sent = &state.stats.marketing_sent;
+            let within = |d: Duration| sent.iter().filter(|t| at - **t < d).count() as u32;
+            let s = self.settings;
+            for (cap, period, n) in [
+                (s.max_marketing_per_day, "day", within(Duration::days(1))),
+                (s.max_marketing_per_week, "week", within(Duration::days(7))),
+            ] {
+                if cap > 0 && n >= cap {
+                    return Err((
+                        Level::Notice,
+                        format!(
+                            "marketing mail `{template}` skipped: the cap of {cap} per {period} is reached"
+                        ),
+                    ));
+                }
+            }
         }
         let Some(to) = p.email.clone() else {
             return Err((
@@ -499,6 +585,8 @@ pub fn mail_defaults(state: &ClientState) -> Map<String, Value> {
     m.insert("last_name".into(), json!(p.last_name));
     m.insert("acquisition_channel".into(), json!(p.acquisition_channel));
     m.insert("promo_code".into(), json!(p.promo_code));
+    // The sender keeps quiet hours in the client's own timezone.
+    m.insert("timezone".into(), json!(p.timezone));
     m
 }
 

@@ -286,6 +286,27 @@ impl Envelope {
         })
     }
 
+    /// An event from the store's own log. It was validated when it came in;
+    /// only its identity is checked again, because an erasure (GDPR) empties
+    /// `data` and `context` on purpose.
+    pub fn from_stored(
+        id: &str,
+        event_type: &str,
+        client_id: &str,
+        occurred_at: DateTime<Utc>,
+        data: Map<String, Value>,
+        context: Map<String, Value>,
+    ) -> Result<Self, Rejection> {
+        Ok(Envelope {
+            id: EventId::parse(id)?,
+            event_type: EventType::parse(event_type)?,
+            client_id: ClientId::parse(client_id)?,
+            occurred_at,
+            data,
+            context,
+        })
+    }
+
     /// The session named by the producer, if any.
     pub fn session_id(&self) -> Option<&str> {
         self.context.get("session_id").and_then(Value::as_str)

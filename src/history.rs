@@ -109,7 +109,31 @@ pub struct Stats {
     /// When each template was last queued for this client.
     #[serde(default)]
     pub mailed_at: BTreeMap<String, DateTime<Utc>>,
+    /// Times of the marketing mails of the last week, for frequency caps.
+    #[serde(default)]
+    pub marketing_sent: Vec<DateTime<Utc>>,
+    /// The client's recent mails by effect key, so opens and clicks (which
+    /// name the mail's Message-ID) can be tied to their rule and template.
+    #[serde(default)]
+    pub recent_mails: Vec<SentMail>,
+    /// Opens and clicks of nudge's mails.
+    #[serde(default)]
+    pub opens: u64,
+    #[serde(default)]
+    pub clicks: u64,
 }
+
+/// A mail nudge queued for this client, remembered for opens and clicks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SentMail {
+    pub key: String,
+    pub rule: String,
+    pub template: String,
+    pub at: DateTime<Utc>,
+}
+
+/// How many recent mails are remembered per client.
+pub const RECENT_MAILS: usize = 50;
 
 /// Profile fields that `client_registered` and `client_updated` may set.
 const PROFILE_STRINGS: &[&str] = &[

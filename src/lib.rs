@@ -28,3 +28,4 @@ pub mod store;
 pub mod telemetry;
 pub mod templates;
 pub mod tools;
+pub mod unsubscribe;

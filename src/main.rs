@@ -49,6 +49,8 @@ enum Command {
     Publish { file: PathBuf },
     /// Create or update the database schema, then exit.
     Migrate,
+    /// Erase a client's personal data everywhere (GDPR), keeping anonymous aggregates.
+    Forget { client: String },
     /// Run a scheduled rule's sweep now; the running daemon sends what it queues.
     Trigger { rule: String },
     /// Run the rule tests (YAML files; default: `<rules.dir>/tests`).
@@ -285,6 +287,17 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> 
                         println!("  rule errors: {}", s.errors);
                     }
                 }
+            }
+        }
+        Command::Forget { client } => {
+            let store = open_store(&config).await?;
+            let id = nudge::event::ClientId::parse(client)
+                .map_err(|e| anyhow::anyhow!("client id: {e}"))?;
+            if store.erase_client(&id, chrono::Utc::now()).await? {
+                println!("client {id} erased");
+            } else {
+                println!("no client {id}; nothing to erase");
+                return Ok(ExitCode::FAILURE);
             }
         }
         Command::Migrate => {

@@ -98,6 +98,8 @@ pub async fn walk<S: Store>(
 ) -> Result<Progress, StoreError> {
     const PAGE: u32 = 10_000;
     let mut sweeps = store.sweep_log().await?.into_iter().peekable();
+    // Erased clients stay erased: their events are not replayed.
+    let erased = store.erased().await?;
     let mut cursor: Option<LogCursor> = None;
     let mut progress = Progress::default();
     let mut past_until = false;
@@ -108,6 +110,11 @@ pub async fn walk<S: Store>(
             if until.is_some_and(|u| event.occurred_at > u) {
                 past_until = true;
                 break;
+            }
+            if !erased.is_empty() && erased.contains(&crate::store::erasure_hash(&event.client_id))
+            {
+                cursor = Some(at);
+                continue;
             }
             while let Some((rule, slot)) = sweeps.next_if(|(_, slot)| *slot <= event.occurred_at) {
                 for d in replay.sweep(&rule, slot) {

@@ -137,3 +137,15 @@ CREATE TABLE tasks (
 );
 CREATE INDEX tasks_status ON tasks (status, created_at);
 CREATE INDEX tasks_client ON tasks (client_id);
+
+-- Small settings nudge keeps for itself (e.g. the unsubscribe signing key).
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+
+-- Clients erased on request (GDPR): when, so it can be shown it was done.
+CREATE TABLE erasures (
+    client_id TEXT PRIMARY KEY,
+    at        TEXT NOT NULL
+);

@@ -66,6 +66,8 @@ pub struct Envelope<'a> {
     pub message_id: &'a str,
     pub rule: &'a str,
     pub template: &'a str,
+    /// For marketing mail: the one-click unsubscribe URL (RFC 8058).
+    pub unsubscribe: Option<&'a str>,
 }
 
 /// A `multipart/alternative` message with the contract's headers.
@@ -78,13 +80,22 @@ pub fn build_message(env: &Envelope<'_>, mail: &Rendered) -> Result<Message, Sen
         .to
         .parse()
         .map_err(|e| permanent(format!("bad recipient {:?}: {e}", env.to)))?;
-    Message::builder()
+    let mut builder = Message::builder()
         .from(env.from.clone())
         .to(to)
         .subject(mail.subject.clone())
         .message_id(Some(env.message_id.to_string()))
         .raw_header(header("X-Nudge-Rule", env.rule))
-        .raw_header(header("X-Nudge-Template", env.template))
+        .raw_header(header("X-Nudge-Template", env.template));
+    if let Some(url) = env.unsubscribe {
+        builder = builder
+            .raw_header(header("List-Unsubscribe", &format!("<{url}>")))
+            .raw_header(header(
+                "List-Unsubscribe-Post",
+                "List-Unsubscribe=One-Click",
+            ));
+    }
+    builder
         .multipart(MultiPart::alternative_plain_html(
             mail.text.clone(),
             mail.html.clone(),
@@ -101,8 +112,16 @@ fn header(name: &'static str, value: &str) -> HeaderValue {
     HeaderValue::new(HeaderName::new_from_ascii_str(name), clean)
 }
 
-/// `<key@domain>`: derived from the effect key, so a resend after a crash
-/// carries the same id and can be recognised downstream.
+/// `<key.nudge@domain>`: derived from the effect key, so a resend after a
+/// crash carries the same id and can be recognised downstream, and an open or
+/// a click that names it can be tied back to its rule and template.
 pub fn message_id(key: &str, from: &Mailbox) -> String {
     format!("<{key}.nudge@{}>", from.email.domain())
+}
+
+/// The effect key inside one of our Message-IDs (with or without the `<>`).
+pub fn key_of_message_id(id: &str) -> Option<&str> {
+    let id = id.trim().trim_start_matches('<').trim_end_matches('>');
+    let (key, _) = id.split_once(".nudge@")?;
+    (!key.is_empty()).then_some(key)
 }

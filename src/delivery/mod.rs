@@ -10,12 +10,16 @@
 pub mod mailer;
 
 use crate::catalog::Catalog;
+use crate::config::QuietHours;
 use crate::config::{Config, DeliveryConfig};
 use crate::effects::EffectKind;
 use crate::event::{ClientId, EventId};
 use crate::metrics::Metrics;
 use crate::store::{AnyStore, Level, LogEntry, OutboxItem, Store, StoreError};
-use chrono::{Duration as ChronoDuration, Utc};
+use crate::templates::MailKind;
+use crate::unsubscribe::Signer;
+use chrono::{DateTime, Duration as ChronoDuration, TimeZone, Utc};
+use chrono_tz::Tz;
 use lettre::message::Mailbox;
 use mailer::{Mailer, SendError, build_message, message_id};
 use std::sync::Arc;
@@ -38,6 +42,12 @@ pub struct Sender {
     nats: Option<async_nats::Client>,
     emit_prefix: String,
     public_url: String,
+    signer: Arc<Signer>,
+    quiet_hours: Option<QuietHours>,
+    business_tz: Tz,
+    clock: Clock,
+    /// The earliest time the next send may start, for `delivery.rate_per_sec`.
+    next_slot: tokio::sync::Mutex<tokio::time::Instant>,
     /// Upper bound on one send, on top of lettre's per-command timeout.
     send_timeout: Duration,
 }
@@ -58,6 +68,8 @@ impl Sender {
         catalog: Arc<Catalog>,
         metrics: Arc<Metrics>,
         nats: Option<async_nats::Client>,
+        signer: Arc<Signer>,
+        clock: Clock,
     ) -> anyhow::Result<Self> {
         Ok(Self {
             store,
@@ -69,6 +81,11 @@ impl Sender {
             nats,
             emit_prefix: config.nats.emit_prefix.clone(),
             public_url: config.http.public_url.trim_end_matches('/').to_string(),
+            signer,
+            quiet_hours: config.mail.quiet_hours,
+            business_tz: config.history.business_tz(),
+            clock,
+            next_slot: tokio::sync::Mutex::new(tokio::time::Instant::now()),
             send_timeout: Duration::from_secs(config.smtp.timeout_secs * 2),
         })
     }
@@ -106,7 +123,7 @@ impl Sender {
 
     /// Claims due mails and sends them, `concurrency` at a time.
     pub async fn send_due(&self) -> Result<Outcome, StoreError> {
-        let now = Utc::now();
+        let now = (self.clock)();
         let lease = now + ChronoDuration::seconds(self.cfg.lease_secs as i64);
         let items = self
             .store
@@ -128,7 +145,7 @@ impl Sender {
         let log = |level, message: String| LogEntry {
             client_id: ClientId::parse(item.client_id.clone())
                 .unwrap_or_else(|_| ClientId::parse("unknown").expect("valid id")),
-            at: Utc::now(),
+            at: (self.clock)(),
             level,
             rule: Some(item.rule.clone()),
             event_id: EventId::parse(item.cause.clone()).ok(),
@@ -147,8 +164,14 @@ impl Sender {
         let (what, result) = match kind {
             EffectKind::Mail { template, to, vars } => {
                 let mid = message_id(&item.key, &self.from);
-                let r = self.send_mail(&item, &template, &to, &vars, &mid).await;
-                (format!("mail `{template}` to {to}"), r.map(|_| mid))
+                match self.send_mail(&item, &template, &to, &vars, &mid).await {
+                    Ok(Sent::Deferred(until)) => {
+                        tracing::info!(template, to, %until, "marketing mail deferred: quiet hours");
+                        let why = format!("deferred to {until}: quiet hours of the client");
+                        return self.store.defer(&item.key, until, &why).await;
+                    }
+                    r => (format!("mail `{template}` to {to}"), r.map(|_| mid)),
+                }
             }
             EffectKind::Task {
                 team,
@@ -189,7 +212,7 @@ impl Sender {
                 let delay = backoff(self.cfg.retry_base_secs, item.attempts);
                 tracing::warn!(what, error = %e, attempt = item.attempts, retry_in_secs = delay.num_seconds(), "not delivered, will retry");
                 self.store
-                    .mark_retry(&item.key, Utc::now() + delay, &e.message)
+                    .mark_retry(&item.key, (self.clock)() + delay, &e.message)
                     .await
             }
             Err(e) => {
@@ -237,17 +260,28 @@ impl Sender {
         to: &str,
         vars: &serde_json::Map<String, serde_json::Value>,
         mid: &str,
-    ) -> Result<(), SendError> {
+    ) -> Result<Sent, SendError> {
+        let client = ClientId::parse(item.client_id.clone()).map_err(|e| SendError {
+            transient: false,
+            message: e.to_string(),
+        })?;
+        let unsubscribe = self.signer.url(&self.public_url, &client);
+        let mut vars = vars.clone();
+        vars.insert("unsubscribe_url".into(), unsubscribe.clone().into());
         // Rendered at send time with the templates in force: a fix to a
         // template reaches mails still waiting for a retry.
         let rendered = self
             .catalog
             .templates()
-            .render(template, vars)
+            .render(template, &vars)
             .map_err(|e| SendError {
                 transient: false,
                 message: e.to_string(),
             })?;
+        let marketing = rendered.kind == MailKind::Marketing;
+        if marketing && let Some(until) = self.quiet_until(&vars) {
+            return Ok(Sent::Deferred(until));
+        }
         let message = build_message(
             &mailer::Envelope {
                 from: &self.from,
@@ -255,17 +289,73 @@ impl Sender {
                 message_id: mid,
                 rule: &item.rule,
                 template,
+                unsubscribe: marketing.then_some(unsubscribe.as_str()),
             },
             &rendered,
         )?;
+        self.wait_for_rate_slot().await;
         match tokio::time::timeout(self.send_timeout, self.mailer.send(message)).await {
-            Ok(r) => r,
+            Ok(r) => r.map(|_| Sent::Done),
             Err(_) => Err(SendError {
                 transient: true,
                 message: format!("send timed out after {:?}", self.send_timeout),
             }),
         }
     }
+
+    /// When the client's quiet hours end, if they are in them now. The
+    /// client's timezone comes with the mail; else the business one.
+    fn quiet_until(
+        &self,
+        vars: &serde_json::Map<String, serde_json::Value>,
+    ) -> Option<DateTime<Utc>> {
+        let q = self.quiet_hours?;
+        let tz: Tz = vars
+            .get("timezone")
+            .and_then(|v| v.as_str())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(self.business_tz);
+        let local = (self.clock)().with_timezone(&tz);
+        if !q.contains(local.time()) {
+            return None;
+        }
+        let mut day = local.date_naive();
+        if local.time() >= q.end {
+            day = day.succ_opt()?;
+        }
+        tz.from_local_datetime(&day.and_time(q.end))
+            .earliest()
+            .map(|t| t.with_timezone(&Utc))
+    }
+
+    /// Spaces sends out to `delivery.rate_per_sec`.
+    async fn wait_for_rate_slot(&self) {
+        if self.cfg.rate_per_sec <= 0.0 {
+            return;
+        }
+        let gap = Duration::from_secs_f64(1.0 / self.cfg.rate_per_sec);
+        let start = {
+            let mut next = self.next_slot.lock().await;
+            let start = (*next).max(tokio::time::Instant::now());
+            *next = start + gap;
+            start
+        };
+        tokio::time::sleep_until(start).await;
+    }
+}
+
+/// What became of a mail that did not fail.
+enum Sent {
+    Done,
+    /// Not now: quiet hours of the client until then.
+    Deferred(DateTime<Utc>),
+}
+
+/// The time source of the sender: the wall clock, or a test's.
+pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
+
+pub fn system_clock() -> Clock {
+    Arc::new(Utc::now)
 }
 
 /// `base * 2^(attempt-1)`, capped at an hour, with up to 25% jitter so that

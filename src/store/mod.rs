@@ -251,6 +251,35 @@ pub trait Store: Send + Sync + 'static {
         at: DateTime<Utc>,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
+    /// Everything kept about one client, for a GDPR export; `None` if unknown.
+    fn export_client(
+        &self,
+        client: &ClientId,
+    ) -> impl Future<Output = Result<Option<serde_json::Value>, StoreError>> + Send;
+    /// Erases a client's personal data everywhere (event payloads included),
+    /// keeping anonymous aggregates, and records the erasure. False if unknown.
+    fn erase_client(
+        &self,
+        client: &ClientId,
+        at: DateTime<Utc>,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+    /// Hashes ([`erasure_hash`]) of the erased clients.
+    fn erased(&self) -> impl Future<Output = Result<HashSet<String>, StoreError>> + Send;
+
+    /// The value kept under `key`, first setting it to `init` if there is none.
+    fn meta_get_or_init(
+        &self,
+        key: &str,
+        init: &str,
+    ) -> impl Future<Output = Result<String, StoreError>> + Send;
+    /// Puts a claimed mail back for later without counting an attempt.
+    fn defer(
+        &self,
+        key: &str,
+        due_at: DateTime<Utc>,
+        why: &str,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
     /// The shop's events (not nudge's own) in event-time order, after `after`.
     fn events_page(
         &self,
@@ -400,6 +429,24 @@ impl Store for AnyStore {
     ) -> Result<Vec<(Envelope, LogCursor)>, StoreError> {
         forward!(self, s => s.events_page(after, limit))
     }
+    async fn meta_get_or_init(&self, key: &str, init: &str) -> Result<String, StoreError> {
+        forward!(self, s => s.meta_get_or_init(key, init))
+    }
+    async fn export_client(
+        &self,
+        client: &ClientId,
+    ) -> Result<Option<serde_json::Value>, StoreError> {
+        forward!(self, s => s.export_client(client))
+    }
+    async fn erase_client(&self, client: &ClientId, at: DateTime<Utc>) -> Result<bool, StoreError> {
+        forward!(self, s => s.erase_client(client, at))
+    }
+    async fn erased(&self) -> Result<HashSet<String>, StoreError> {
+        forward!(self, s => s.erased())
+    }
+    async fn defer(&self, key: &str, due_at: DateTime<Utc>, why: &str) -> Result<(), StoreError> {
+        forward!(self, s => s.defer(key, due_at, why))
+    }
     async fn sweep_log(&self) -> Result<Vec<(String, DateTime<Utc>)>, StoreError> {
         forward!(self, s => s.sweep_log())
     }
@@ -457,6 +504,12 @@ impl Store for AnyStore {
     async fn mark_failed(&self, key: &str, error: &str, log: &LogEntry) -> Result<(), StoreError> {
         forward!(self, s => s.mark_failed(key, error, log))
     }
+}
+
+/// How an erased client is recorded: not by id, which is personal data too.
+pub fn erasure_hash(client: &ClientId) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(client.as_str().as_bytes()))
 }
 
 /// Timestamps are stored as fixed-width UTC text so that text order is time order.

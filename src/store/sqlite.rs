@@ -547,6 +547,170 @@ impl Store for SqliteStore {
         Ok(done.rows_affected() == 1)
     }
 
+    async fn export_client(
+        &self,
+        client: &ClientId,
+    ) -> Result<Option<serde_json::Value>, StoreError> {
+        let id = client.as_str();
+        let state: Option<String> =
+            sqlx::query_scalar("SELECT state FROM clients WHERE client_id = ?")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db("exporting a client"))?;
+        let Some(state) = state else {
+            return Ok(None);
+        };
+        let parse = |s: &str| serde_json::from_str::<serde_json::Value>(s).unwrap_or_default();
+        let events: Vec<serde_json::Value> = sqlx::query(
+            "SELECT id, type, occurred_at, data, context FROM events WHERE client_id = ? \
+             ORDER BY occurred_at, id",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("exporting events"))?
+        .iter()
+        .map(|r| {
+            serde_json::json!({"id": r.get::<&str, _>(0), "type": r.get::<&str, _>(1),
+                "occurred_at": r.get::<&str, _>(2), "data": parse(r.get(3)), "context": parse(r.get(4))})
+        })
+        .collect();
+        let mails: Vec<serde_json::Value> = sqlx::query(
+            "SELECT key, kind, rule, status, payload, created_at, sent_at, message_id FROM outbox \
+             WHERE client_id = ? ORDER BY created_at, key",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("exporting mails"))?
+        .iter()
+        .map(|r| {
+            serde_json::json!({"key": r.get::<&str, _>(0), "kind": r.get::<&str, _>(1),
+                "rule": r.get::<&str, _>(2), "status": r.get::<&str, _>(3),
+                "payload": parse(r.get(4)), "created_at": r.get::<&str, _>(5),
+                "sent_at": r.get::<Option<&str>, _>(6), "message_id": r.get::<Option<&str>, _>(7)})
+        })
+        .collect();
+        let filter = TaskFilter {
+            client_id: Some(id.to_string()),
+            ..Default::default()
+        };
+        let tasks = self.list_tasks(&filter, 10_000).await?;
+        let log = self.client_log(client, 10_000).await?;
+        Ok(Some(serde_json::json!({
+            "client_id": id,
+            "history": parse(&state),
+            "events": events,
+            "mails": mails,
+            "tasks": tasks,
+            "log": log,
+        })))
+    }
+
+    async fn erase_client(&self, client: &ClientId, at: DateTime<Utc>) -> Result<bool, StoreError> {
+        let id = client.as_str();
+        let hash = super::erasure_hash(client);
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(db("starting an erasure"))?;
+        let known = sqlx::query("DELETE FROM clients WHERE client_id = ?")
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("erasing a client"))?
+            .rows_affected()
+            > 0;
+        let statements: [(&str, &str); 5] = [
+            (
+                "UPDATE events SET data = '{}', context = '{}' WHERE client_id = ?",
+                "erasing event payloads",
+            ),
+            (
+                "DELETE FROM client_log WHERE client_id = ?",
+                "erasing the process log",
+            ),
+            (
+                "UPDATE outbox SET payload = '{}', \
+                 last_error = CASE WHEN status IN ('pending', 'sending') THEN 'client erased' ELSE last_error END, \
+                 status = CASE WHEN status IN ('pending', 'sending') THEN 'failed' ELSE status END \
+                 WHERE client_id = ?",
+                "erasing mails",
+            ),
+            (
+                "UPDATE tasks SET title = '(erased)', data = '{}' WHERE client_id = ?",
+                "erasing tasks",
+            ),
+            (
+                // Payloads that are not JSON cannot name the client; CASE keeps
+                // json_extract away from them.
+                "DELETE FROM rejected WHERE CASE WHEN json_valid(payload) \
+                 THEN json_extract(payload, '$.client_id') END = ?",
+                "erasing rejected envelopes",
+            ),
+        ];
+        for (sql, what) in statements {
+            sqlx::query(sql)
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(db(what))?;
+        }
+        // Distinct counts keep their numbers, not who was counted.
+        sqlx::query("UPDATE counter_members SET member = 'erased:' || ? WHERE member = ?")
+            .bind(&hash)
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("anonymising counters"))?;
+        sqlx::query("INSERT INTO erasures (client_id, at) VALUES (?, ?) ON CONFLICT DO NOTHING")
+            .bind(&hash)
+            .bind(ts(at))
+            .execute(&mut *tx)
+            .await
+            .map_err(db("recording an erasure"))?;
+        tx.commit().await.map_err(db("committing an erasure"))?;
+        Ok(known)
+    }
+
+    async fn erased(&self) -> Result<HashSet<String>, StoreError> {
+        let rows: Vec<String> = sqlx::query_scalar("SELECT client_id FROM erasures")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("reading erasures"))?;
+        Ok(rows.into_iter().collect())
+    }
+
+    async fn meta_get_or_init(&self, key: &str, init: &str) -> Result<String, StoreError> {
+        sqlx::query("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT DO NOTHING")
+            .bind(key)
+            .bind(init)
+            .execute(&self.pool)
+            .await
+            .map_err(db("initialising a setting"))?;
+        sqlx::query_scalar("SELECT value FROM meta WHERE key = ?")
+            .bind(key)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db("reading a setting"))
+    }
+
+    async fn defer(&self, key: &str, due_at: DateTime<Utc>, why: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE outbox SET status = 'pending', due_at = ?, lease_until = NULL, \
+             attempts = MAX(attempts - 1, 0), last_error = ? WHERE key = ?",
+        )
+        .bind(ts(due_at))
+        .bind(why)
+        .bind(key)
+        .execute(&self.pool)
+        .await
+        .map_err(db("deferring a mail"))?;
+        Ok(())
+    }
+
     async fn events_page(
         &self,
         after: Option<&LogCursor>,
@@ -574,15 +738,19 @@ impl Store for SqliteStore {
                     message,
                 };
                 let occurred_at = parse_ts(r.get(3))?;
-                let value = serde_json::json!({
-                    "id": r.get::<&str, _>(0),
-                    "client_id": r.get::<&str, _>(1),
-                    "type": r.get::<&str, _>(2),
-                    "occurred_at": occurred_at.to_rfc3339(),
-                    "data": serde_json::from_str::<serde_json::Value>(r.get(4)).map_err(|e| corrupt(e.to_string()))?,
-                    "context": serde_json::from_str::<serde_json::Value>(r.get(5)).map_err(|e| corrupt(e.to_string()))?,
-                });
-                let env = Envelope::from_value(value).map_err(|e| corrupt(e.to_string()))?;
+                let map = |i: usize| {
+                    serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(r.get(i))
+                        .map_err(|e| corrupt(e.to_string()))
+                };
+                let env = Envelope::from_stored(
+                    r.get(0),
+                    r.get(2),
+                    r.get(1),
+                    occurred_at,
+                    map(4)?,
+                    map(5)?,
+                )
+                .map_err(|e| corrupt(e.to_string()))?;
                 let cursor = LogCursor {
                     occurred_at,
                     seq: r.get(6),

@@ -73,25 +73,47 @@ pub fn start_nats() -> Service {
     }
 }
 
-/// A real SMTP server (aiosmtpd) storing every message it accepts in a Maildir.
+/// A real SMTP server (aiosmtpd, `tests/smtp_sink.py`) storing every message
+/// it accepts in a Maildir; recipients `reject*@` get a 550, `busy*@` a 451.
 pub fn start_smtp() -> Service {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let maildir = dir.path().join("maildir");
-    let mut child = Command::new(std::env::var("NUDGE_TEST_PYTHON").unwrap_or("python3".into()))
-        .args(["-m", "aiosmtpd", "-n", "-l", &format!("127.0.0.1:{port}")])
-        .args(["-c", "aiosmtpd.handlers.Mailbox"])
-        .arg(&maildir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("python3 with aiosmtpd must be installed (see .ci/run)");
-    wait_for_port(port, "aiosmtpd", &mut child);
+    let child = spawn_smtp(port, &maildir);
     Service {
         child,
         port,
         dir: maildir,
         _dir: dir,
+    }
+}
+
+fn spawn_smtp(port: u16, maildir: &Path) -> Child {
+    let tests = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests");
+    let mut child = Command::new(std::env::var("NUDGE_TEST_PYTHON").unwrap_or("python3".into()))
+        .args(["-m", "aiosmtpd", "-n", "-l", &format!("127.0.0.1:{port}")])
+        .args(["-c", "smtp_sink.Sink"])
+        .arg(maildir)
+        .env("PYTHONPATH", tests)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("python3 with aiosmtpd must be installed (see .ci/run)");
+    wait_for_port(port, "aiosmtpd", &mut child);
+    child
+}
+
+impl Service {
+    /// Stops the SMTP server (the port then refuses connections).
+    pub fn stop_smtp(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the SMTP server again on the same port and Maildir.
+    pub fn restart_smtp(&mut self) {
+        self.stop_smtp();
+        self.child = spawn_smtp(self.port, &self.dir);
     }
 }
 
@@ -192,6 +214,11 @@ impl std::ops::Deref for TestApp {
 
 impl TestEnv {
     pub async fn new() -> TestEnv {
+        Self::with_env(&[]).await
+    }
+
+    /// A test environment with extra `NUDGE__...` settings.
+    pub async fn with_env(extra: &[(&str, &str)]) -> TestEnv {
         let nats = start_nats();
         let smtp = start_smtp();
         let dir = tempfile::tempdir().unwrap();
@@ -231,9 +258,12 @@ impl TestEnv {
             ("NUDGE__RULES__SETTINGS__PARTNER_SHARES__ACME", "10".into()),
             ("NUDGE__RULES__SETTINGS__DEFAULT_PARTNER_SHARE", "5".into()),
             ("NUDGE__SCHEDULER__TICK_MS", "200".into()),
+            // Tests run at any hour; the quiet-hours test turns them on.
+            ("NUDGE__MAIL__QUIET_HOURS", "null".into()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
+        .chain(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())))
         .collect();
         let config = Config::load_with_env(None, env).expect("test config is valid");
         if std::env::var("TEST_LOG").is_ok() {
@@ -262,9 +292,15 @@ impl TestEnv {
     }
 
     pub async fn start(self) -> TestApp {
+        self.start_with_clock(nudge::delivery::system_clock()).await
+    }
+
+    /// Starts nudge with a mail sender that reads the time from `clock`.
+    pub async fn start_with_clock(self, clock: nudge::delivery::Clock) -> TestApp {
         let app = Application::build(self.config.clone())
             .await
-            .expect("app builds");
+            .expect("app builds")
+            .with_clock(clock);
         let http = app.http_addr();
         let store = app.store().clone();
         let cancel = CancellationToken::new();

@@ -10,4 +10,5 @@ mod rejects;
 mod reload;
 mod timers;
 mod tools;
+mod trust;
 mod welcome;
