@@ -157,7 +157,8 @@ async fn rules(State(s): State<ApiState>) -> Response {
         })
         .collect();
     let errors: Vec<String> = s.catalog.errors().iter().map(|e| e.to_string()).collect();
-    Json(json!({"rules": rules, "errors": errors})).into_response()
+    Json(json!({"rules": rules, "errors": errors, "quarantined": s.catalog.quarantined()}))
+        .into_response()
 }
 
 #[derive(Deserialize)]

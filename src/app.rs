@@ -5,7 +5,7 @@
 
 use crate::api::{ApiState, router};
 use crate::catalog::Catalog;
-use crate::config::Config;
+use crate::config::{Config, redact};
 use crate::delivery::{Clock, Sender, system_clock};
 use crate::ingest;
 use crate::metrics::Metrics;
@@ -41,7 +41,7 @@ impl Application {
             .with_context(|| format!("cannot listen on http.listen {}", config.http.listen))?;
         let nats = ingest::connect(&config.nats)
             .await
-            .with_context(|| format!("cannot connect to nats.url {}", config.nats.url))?;
+            .with_context(|| format!("cannot connect to nats.url {}", redact(&config.nats.url)))?;
         let signer = Arc::new(
             Signer::load(config.mail.unsubscribe_secret.as_deref(), &store)
                 .await
@@ -185,7 +185,7 @@ impl Application {
 pub async fn open_store(config: &Config) -> anyhow::Result<AnyStore> {
     let store = AnyStore::connect(&config.database.url, config.database.max_connections)
         .await
-        .with_context(|| format!("cannot open database.url {}", config.database.url))?;
+        .with_context(|| format!("cannot open database.url {}", redact(&config.database.url)))?;
     store
         .migrate()
         .await

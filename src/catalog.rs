@@ -20,6 +20,33 @@ pub struct Catalog {
     rules: ArcSwap<RuleSet>,
     templates: ArcSwap<TemplateSet>,
     loaders: Mutex<Loaders>,
+    health: Mutex<Health>,
+    /// Consecutive failures that take a rule out of service (0: never).
+    quarantine_after: u32,
+}
+
+/// How the rules have been doing, and which are out of service.
+#[derive(Default)]
+struct Health {
+    consecutive_failures: std::collections::HashMap<String, u32>,
+    quarantined: std::collections::BTreeMap<String, Quarantined>,
+}
+
+/// A rule taken out of service until its file changes.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Quarantined {
+    pub rule: String,
+    pub reason: String,
+    pub since: chrono::DateTime<chrono::Utc>,
+    /// The file as it was: saving a new version lifts the quarantine.
+    #[serde(skip)]
+    stamp: Option<(u64, Option<SystemTime>)>,
+}
+
+fn stamp(path: &Path) -> Option<(u64, Option<SystemTime>)> {
+    std::fs::metadata(path)
+        .ok()
+        .map(|m| (m.len(), m.modified().ok()))
 }
 
 struct Loaders {
@@ -49,7 +76,56 @@ impl Catalog {
                 templates,
                 fingerprint,
             }),
+            health: Mutex::new(Health::default()),
+            quarantine_after: config.rules.quarantine_after,
         }
+    }
+
+    /// Counts rule runs; a rule failing `rules.quarantine_after` times in a
+    /// row is taken out of service (until its file is saved again), so one
+    /// broken rule cannot flood the logs while the others go on.
+    pub fn record_runs(&self, runs: &[(String, bool)]) {
+        if self.quarantine_after == 0 || runs.is_empty() {
+            return;
+        }
+        let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        let mut newly = Vec::new();
+        for (rule, ok) in runs {
+            let n = h.consecutive_failures.entry(rule.clone()).or_default();
+            *n = if *ok { 0 } else { *n + 1 };
+            if *n >= self.quarantine_after && !h.quarantined.contains_key(rule) {
+                newly.push(rule.clone());
+            }
+        }
+        if newly.is_empty() {
+            return;
+        }
+        let set = self.rules();
+        for rule in &newly {
+            let path = set.get(rule).map(|r| r.path.clone());
+            let reason = format!(
+                "failed {} times in a row; fix and save the file to bring it back",
+                self.quarantine_after
+            );
+            tracing::error!(rule, "rule quarantined: {reason}");
+            h.quarantined.insert(
+                rule.clone(),
+                Quarantined {
+                    rule: rule.clone(),
+                    reason,
+                    since: chrono::Utc::now(),
+                    stamp: path.as_deref().and_then(stamp),
+                },
+            );
+            h.consecutive_failures.remove(rule);
+        }
+        self.rules.store(Arc::new(without(&set, &h.quarantined)));
+    }
+
+    /// Rules out of service, with why.
+    pub fn quarantined(&self) -> Vec<Quarantined> {
+        let h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        h.quarantined.values().cloned().collect()
     }
 
     pub fn rules(&self) -> Arc<RuleSet> {
@@ -85,6 +161,18 @@ impl Catalog {
             templates = template_set.names().count(),
             "rules and templates reloaded"
         );
+        // A quarantined rule stays out while its file is as it was.
+        let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        h.quarantined.retain(|name, q| {
+            let path = rule_set.get(name).map(|r| r.path.clone());
+            let same = path.as_deref().and_then(stamp) == q.stamp && q.stamp.is_some();
+            if !same {
+                tracing::info!(rule = name, "quarantine lifted: the rule's file changed");
+            }
+            same
+        });
+        let rule_set = without(&rule_set, &h.quarantined);
+        drop(h);
         self.rules.store(Arc::new(rule_set));
         self.templates.store(Arc::new(template_set));
         true
@@ -104,6 +192,18 @@ impl Catalog {
                 }
             }
         }
+    }
+}
+
+fn without(set: &RuleSet, out: &std::collections::BTreeMap<String, Quarantined>) -> RuleSet {
+    RuleSet {
+        rules: set
+            .rules
+            .iter()
+            .filter(|r| !out.contains_key(&r.name))
+            .cloned()
+            .collect(),
+        errors: set.errors.clone(),
     }
 }
 

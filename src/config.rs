@@ -216,6 +216,9 @@ pub struct RulesConfig {
     pub max_map_len: usize,
     /// How many secondary events deep an emit may go before it is stopped. Default 4.
     pub max_emit_depth: u32,
+    /// Consecutive failures after which a rule is quarantined until its file
+    /// changes (0: never). Default 20.
+    pub quarantine_after: u32,
     /// Free-form values rules read as `settings` (e.g. partner shares). Default empty.
     pub settings: serde_json::Map<String, serde_json::Value>,
 }
@@ -231,6 +234,7 @@ impl Default for RulesConfig {
             max_array_len: 10_000,
             max_map_len: 10_000,
             max_emit_depth: 4,
+            quarantine_after: 20,
             settings: Default::default(),
         }
     }
@@ -438,7 +442,7 @@ impl Config {
         {
             return Err(key_err(
                 "database.url",
-                format!("{url:?} must start with sqlite:// or postgres://"),
+                format!("{:?} must start with sqlite:// or postgres://", redact(url)),
             ));
         }
         if self.mail.transport == Transport::Smtp {
@@ -533,6 +537,27 @@ impl Config {
     }
 }
 
+/// A URL fit for logs and error messages: any password in it is masked
+/// (`postgres://nudge:secret@db/x` -> `postgres://nudge:***@db/x`).
+pub fn redact(url: &str) -> String {
+    url.split(',')
+        .map(|u| {
+            let Some((scheme, rest)) = u.split_once("://") else {
+                return u.to_string();
+            };
+            let (auth, host) = match rest.split_once('@') {
+                Some(x) => x,
+                None => return u.to_string(),
+            };
+            match auth.split_once(':') {
+                Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+                None => format!("{scheme}://***@{host}"),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// Sets `root[keys...] = value`, the value read as a YAML scalar so that
 /// `NUDGE__NATS__BATCH_SIZE=100` is a number and `...=true` a boolean.
 fn set_path(root: &mut Value, keys: &[String], value: &str) -> Result<(), ConfigError> {
@@ -601,6 +626,23 @@ mod tests {
         assert_eq!(c.nats.batch_size, 42);
         assert_eq!(c.mail.transport, Transport::Smtp);
         assert_eq!(c.http.listen.port(), 9999);
+    }
+
+    #[test]
+    fn passwords_never_reach_messages() {
+        assert_eq!(
+            redact("postgres://nudge:s3cret@db:5432/x"),
+            "postgres://nudge:***@db:5432/x"
+        );
+        assert_eq!(
+            redact("nats://tok@a:4222,nats://b:4222"),
+            "nats://***@a:4222,nats://b:4222"
+        );
+        assert_eq!(redact("sqlite://var/nudge.db"), "sqlite://var/nudge.db");
+        let e = Config::load_with_env(None, env(&[("NUDGE__DATABASE__URL", "mysql://u:pw@h/db")]))
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("pw"), "{e}");
     }
 
     #[test]

@@ -218,6 +218,14 @@ impl Envelope {
             });
         }
         let text = std::str::from_utf8(bytes).map_err(|_| Rejection::NotUtf8)?;
+        // NUL is valid JSON but no database keeps it in text: refuse it here,
+        // with a reason, rather than fail to store the batch later.
+        if text.contains("\\u0000") {
+            return Err(Rejection::Invalid {
+                field: "envelope",
+                reason: "contains a NUL character (\\u0000)".into(),
+            });
+        }
         let value: Value =
             serde_json::from_str(text).map_err(|e| Rejection::NotJson(e.to_string()))?;
         Self::from_value(value)
@@ -449,6 +457,9 @@ mod tests {
             Envelope::parse(b"[1]", 100),
             Err(Rejection::NotJson(_))
         ));
+        let mut v = good();
+        v["data"]["first_name"] = json!("A\u{0}na");
+        assert!(parse(v).unwrap_err().to_string().contains("NUL"));
     }
 
     #[test]
@@ -465,5 +476,62 @@ mod tests {
         assert!(Email::parse("a@b.co\r\nBcc: x@y.z").is_err());
         assert!(Email::parse("a@b").is_err());
         assert!(Email::parse("@b.co").is_err());
+    }
+
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn json_value() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::from),
+                any::<i64>().prop_map(Value::from),
+                any::<f64>()
+                    .prop_filter("finite", |f| f.is_finite())
+                    .prop_map(Value::from),
+                ".{0,40}".prop_map(Value::from),
+            ];
+            leaf.prop_recursive(6, 64, 8, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..8).prop_map(Value::from),
+                    prop::collection::btree_map(".{0,12}", inner, 0..8)
+                        .prop_map(|m| Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..2048)) {
+                let _ = Envelope::parse(&bytes, 1024);
+            }
+
+            #[test]
+            fn arbitrary_json_is_accepted_or_refused_with_a_reason(
+                id in prop_oneof![Just(Value::Null), ".{0,140}".prop_map(Value::from), json_value()],
+                ty in prop_oneof![".{0,70}".prop_map(Value::from), "[a-z][a-z0-9_]{0,70}".prop_map(Value::from), json_value()],
+                client in prop_oneof![".{0,140}".prop_map(Value::from), json_value()],
+                at in prop_oneof![Just(Value::from("2026-11-01T10:00:00Z")), ".{0,30}".prop_map(Value::from), json_value()],
+                data in json_value(),
+                context in json_value(),
+            ) {
+                let v = serde_json::json!({"id": id, "type": ty, "client_id": client,
+                    "occurred_at": at, "data": data, "context": context});
+                let bytes = serde_json::to_vec(&v).unwrap();
+                match Envelope::parse(&bytes, 1 << 20) {
+                    Ok(e) => {
+                        prop_assert!(!e.id.as_str().is_empty() && e.id.as_str().chars().count() <= 128);
+                        prop_assert!(EventType::parse(e.event_type.as_str()).is_ok());
+                        // A parsed envelope survives the trip to the store and back.
+                        let again = Envelope::parse(&serde_json::to_vec(&e).unwrap(), 1 << 20);
+                        prop_assert_eq!(again.ok(), Some(e));
+                    }
+                    Err(r) => prop_assert!(!r.to_string().is_empty()),
+                }
+            }
+        }
     }
 }

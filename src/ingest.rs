@@ -62,6 +62,32 @@ pub async fn ensure_consumer(
         .map_err(|e| anyhow::anyhow!("cannot get or create consumer {}: {e}", cfg.consumer))
 }
 
+/// Failed attempts of one batch before its messages are tried one by one.
+const ISOLATE_AFTER: u32 = 3;
+
+/// Commits the messages one at a time; a message that alone cannot be
+/// committed while the database answers is a poison message: it is kept as
+/// rejected with the error, so the stream goes on. If the database does not
+/// answer, nothing is rejected and the error comes back.
+async fn isolate(
+    pipeline: &Pipeline,
+    incoming: &[Incoming],
+) -> Result<crate::pipeline::BatchReport, crate::store::StoreError> {
+    let mut total = crate::pipeline::BatchReport::default();
+    for m in incoming {
+        let one = std::slice::from_ref(m);
+        let report = match pipeline.process(one).await {
+            Ok(r) => r,
+            Err(_) => pipeline.quarantine_poison(m).await?,
+        };
+        total.accepted += report.accepted;
+        total.duplicates += report.duplicates;
+        total.rejected += report.rejected;
+        total.effects += report.effects;
+    }
+    Ok(total)
+}
+
 /// Pulls, processes and acks until cancelled. On cancel the batch in hand is
 /// committed and acked before returning.
 pub async fn run(
@@ -127,7 +153,16 @@ pub async fn run(
             // Retry the same batch until it commits: nothing is acked that
             // is not committed, and the stream does not move past it.
             loop {
-                match pipeline.process(&incoming).await {
+                let result = if failures >= ISOLATE_AFTER && incoming.len() > 1 {
+                    // The batch keeps failing: find out whether one message
+                    // is to blame rather than hold up the stream behind it.
+                    isolate(&pipeline, &incoming).await
+                } else if failures >= ISOLATE_AFTER {
+                    pipeline.quarantine_poison(&incoming[0]).await
+                } else {
+                    pipeline.process(&incoming).await
+                };
+                match result {
                     Ok(report) => {
                         failures = 0;
                         tracing::debug!(?report, "batch committed");

@@ -241,7 +241,7 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> 
             let store = open_store(&config).await?;
             eprintln!(
                 "replaying the event log into {} (stop every nudge daemon first)",
-                config.database.url
+                nudge::config::redact(&config.database.url)
             );
             let p = tools::replay(&config, &store, |p| {
                 eprintln!("  {} events, {} sweeps", p.events, p.sweeps)

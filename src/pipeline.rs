@@ -169,6 +169,34 @@ impl Pipeline {
         Ok(report)
     }
 
+    /// Keeps a message that cannot be committed (with the error of one more
+    /// try) as rejected, once the database is known to answer; so a poison
+    /// message is recorded, not redelivered forever.
+    pub async fn quarantine_poison(&self, m: &Incoming) -> Result<BatchReport, StoreError> {
+        let error = match self.process(std::slice::from_ref(m)).await {
+            Ok(report) => return Ok(report),
+            Err(e) => e,
+        };
+        self.store.ping().await?;
+        tracing::error!(subject = %m.subject, seq = ?m.stream_seq, %error, "poison message kept as rejected");
+        let shown = &m.payload[..m.payload.len().min(self.max_event_bytes)];
+        let write = BatchWrite {
+            rejected: vec![Rejected {
+                received_at: Utc::now(),
+                subject: m.subject.clone(),
+                stream_seq: m.stream_seq,
+                reason: format!("could not be stored: {error}"),
+                payload: String::from_utf8_lossy(shown).into_owned(),
+            }],
+            ..Default::default()
+        };
+        self.store.commit_batch(&write).await?;
+        Ok(BatchReport {
+            rejected: 1,
+            ..Default::default()
+        })
+    }
+
     /// Fires the timers of these clients that are due by `now`.
     pub async fn advance(
         &self,
@@ -272,6 +300,7 @@ impl Pipeline {
         let templates = self.catalog.templates();
         let engine = self.catalog.engine.clone();
         let metrics = self.metrics.clone();
+        let catalog = self.catalog.clone();
         let settings = self.settings.clone();
         let source = StoreCounters {
             store: self.store.clone(),
@@ -316,6 +345,7 @@ impl Pipeline {
                 for (rule, ok) in &d.runs {
                     metrics.rule_run(rule, *ok);
                 }
+                catalog.record_runs(&d.runs);
                 write.effects.extend(d.effects);
                 write.log.extend(d.log);
                 if let Step::Event(e) = step {

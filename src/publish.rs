@@ -25,7 +25,12 @@ pub async fn publish_file(cfg: &NatsConfig, path: &Path) -> anyhow::Result<usize
     }
     let client = async_nats::connect(cfg.url.as_str())
         .await
-        .with_context(|| format!("cannot connect to nats.url {}", cfg.url))?;
+        .with_context(|| {
+            format!(
+                "cannot connect to nats.url {}",
+                crate::config::redact(&cfg.url)
+            )
+        })?;
     let js = async_nats::jetstream::new(client);
     crate::ingest::ensure_stream(&js, cfg).await?;
     let mut acks = Vec::with_capacity(events.len());

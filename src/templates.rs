@@ -352,4 +352,32 @@ mod tests {
         assert!(!set.contains("t"));
         assert!(set.errors[0].message.contains("front matter"));
     }
+
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// Whatever an event carries, rendering neither panics nor lets it
+            /// add HTML or a header line.
+            #[test]
+            fn values_from_events_cannot_break_out(name in ".{0,200}", code in ".{0,50}") {
+                let dir = tempfile::tempdir().unwrap();
+                write(
+                    dir.path(),
+                    "t",
+                    "---\nsubject: \"Hi {{ name }} {{ code }}\"\n---\n{{ name }}\n",
+                    "<p>{{ name }}</p><p>{{ code }}</p>",
+                );
+                let set = TemplateLoader::new(dir.path().into()).load();
+                let vars = serde_json::json!({"name": name, "code": code});
+                let r = set.render("t", vars.as_object().unwrap()).unwrap();
+                prop_assert!(!r.subject.contains('\n') && !r.subject.contains('\r'));
+                let inner = r.html.trim_start_matches("<p>").trim_end_matches("</p>").replace("</p><p>", "");
+                prop_assert!(!inner.contains('<') && !inner.contains('>'), "{}", r.html);
+            }
+        }
+    }
 }

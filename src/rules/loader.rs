@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// The rules in force, swapped as a whole on reload.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct RuleSet {
     /// Sorted by name, so rules run in a stable order.
     pub rules: Vec<Rule>,

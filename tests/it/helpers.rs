@@ -44,6 +44,13 @@ pub struct Service {
     pub port: u16,
     _dir: TempDir,
     pub dir: PathBuf,
+    kind: Kind,
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Nats,
+    Smtp,
 }
 
 impl Drop for Service {
@@ -57,20 +64,26 @@ impl Drop for Service {
 pub fn start_nats() -> Service {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let mut child = Command::new("nats-server")
-        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-        .arg(dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("nats-server must be installed (see .ci/run)");
-    wait_for_port(port, "nats-server", &mut child);
+    let child = spawn_nats(port, dir.path());
     Service {
         child,
         port,
         dir: dir.path().to_path_buf(),
         _dir: dir,
+        kind: Kind::Nats,
     }
+}
+
+fn spawn_nats(port: u16, store: &Path) -> Child {
+    let mut child = Command::new("nats-server")
+        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+        .arg(store)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nats-server must be installed (see .ci/run)");
+    wait_for_port(port, "nats-server", &mut child);
+    child
 }
 
 /// A real SMTP server (aiosmtpd, `tests/smtp_sink.py`) storing every message
@@ -85,6 +98,7 @@ pub fn start_smtp() -> Service {
         port,
         dir: maildir,
         _dir: dir,
+        kind: Kind::Smtp,
     }
 }
 
@@ -104,16 +118,19 @@ fn spawn_smtp(port: u16, maildir: &Path) -> Child {
 }
 
 impl Service {
-    /// Stops the SMTP server (the port then refuses connections).
-    pub fn stop_smtp(&mut self) {
+    /// Stops the server (the port then refuses connections).
+    pub fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 
-    /// Starts the SMTP server again on the same port and Maildir.
-    pub fn restart_smtp(&mut self) {
-        self.stop_smtp();
-        self.child = spawn_smtp(self.port, &self.dir);
+    /// Starts the server again on the same port with the same data.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.child = match self.kind {
+            Kind::Nats => spawn_nats(self.port, &self.dir),
+            Kind::Smtp => spawn_smtp(self.port, &self.dir),
+        };
     }
 }
 
@@ -293,6 +310,24 @@ impl TestEnv {
 
     pub async fn start(self) -> TestApp {
         self.start_with_clock(nudge::delivery::system_clock()).await
+    }
+
+    /// Starts nudge without waiting for it to be ready.
+    pub async fn start_unready(self) -> TestApp {
+        let app = Application::build(self.config.clone())
+            .await
+            .expect("app builds");
+        let http = app.http_addr();
+        let store = app.store().clone();
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(app.run_until_stopped(cancel.clone()));
+        TestApp {
+            env: self,
+            http,
+            store,
+            cancel,
+            task,
+        }
     }
 
     /// Starts nudge with a mail sender that reads the time from `clock`.

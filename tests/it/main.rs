@@ -5,6 +5,7 @@ mod helpers;
 
 mod campaigns;
 mod cli;
+mod faults;
 
 mod rejects;
 mod reload;

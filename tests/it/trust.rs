@@ -245,7 +245,7 @@ async fn a_marketing_mail_in_quiet_hours_waits_for_the_morning() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smtp_down_for_a_while_then_back_every_mail_arrives_once_and_a_550_fails() {
     let mut env = TestEnv::new().await;
-    env.smtp.stop_smtp();
+    env.smtp.stop();
     let app = env.start().await;
     for c in ["sam", "sia", "sol"] {
         app.publish(&registered_at(&format!("r-{c}"), c, &ago(DAY)))
@@ -265,7 +265,7 @@ async fn smtp_down_for_a_while_then_back_every_mail_arrives_once_and_a_550_fails
     })
     .await;
     let mut env = app.stop().await;
-    env.smtp.restart_smtp();
+    env.smtp.restart();
     let app = env.start().await;
     app.wait_outbox_settled().await;
     let mails = app.mails();

@@ -1,0 +1,346 @@
+//! Faults: broken rules, poison messages, a killed daemon, a restarted broker.
+//! The numbers each proves are printed (`cargo test -- --nocapture` shows them).
+
+use crate::helpers::{TestApp, TestEnv, ago, event, eventually, registered_at};
+use nudge::store::Store;
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_failing_again_and_again_is_quarantined_until_its_file_changes() {
+    let env = TestEnv::with_env(&[("NUDGE__RULES__QUARANTINE_AFTER", "3")]).await;
+    std::fs::write(
+        env.rules_dir().join("broken.rhai"),
+        "const ON = [\"page_viewed\"];\nlet x = event.data.missing.deeper;\n",
+    )
+    .unwrap();
+    let app = env.start().await;
+    for i in 0..5 {
+        app.publish(&event(
+            &format!("p{i}"),
+            "page_viewed",
+            "qa",
+            &ago(100 - i),
+            json!({"url": "/"}),
+            json!({"session_id": "s"}),
+        ))
+        .await;
+    }
+    app.wait_events(5).await;
+    let rules: Value = app.get("/api/rules").await.json().await.unwrap();
+    let q = rules["quarantined"].as_array().unwrap();
+    assert_eq!(q.len(), 1, "{rules}");
+    assert_eq!(q[0]["rule"], "broken");
+    assert!(
+        !rules["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["name"] == "broken")
+    );
+    // Once out of service it runs no more; the other rules go on.
+    let count = |m: &str, metric: &str, rule: &str| -> u64 {
+        let prefix = format!("{metric}{{rule=\"{rule}\"}} ");
+        m.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let before = app.get("/metrics").await.text().await.unwrap();
+    assert!(
+        count(&before, "nudge_rule_errors_total", "broken") >= 3,
+        "{before}"
+    );
+    for i in 5..8 {
+        app.publish(&event(
+            &format!("p{i}"),
+            "page_viewed",
+            "qa",
+            &ago(100 - i),
+            json!({"url": "/"}),
+            json!({"session_id": "s"}),
+        ))
+        .await;
+    }
+    app.wait_events(8).await;
+    let after = app.get("/metrics").await.text().await.unwrap();
+    assert_eq!(
+        count(&after, "nudge_rule_errors_total", "broken"),
+        count(&before, "nudge_rule_errors_total", "broken"),
+        "{after}"
+    );
+    assert_eq!(
+        count(&after, "nudge_rule_runs_total", "quick_leave"),
+        8,
+        "{after}"
+    );
+
+    // Saving a fixed version brings it back.
+    std::fs::write(
+        app.rules_dir().join("broken.rhai"),
+        "const ON = [\"page_viewed\"];\nlet x = 1;\n",
+    )
+    .unwrap();
+    eventually(Duration::from_secs(5), "the quarantine lifted", || async {
+        let r: Value = app.get("/api/rules").await.json().await.ok()?;
+        (r["quarantined"].as_array()?.is_empty()
+            && r["rules"].as_array()?.iter().any(|x| x["name"] == "broken"))
+        .then_some(())
+    })
+    .await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_message_is_recorded_and_the_stream_goes_on() {
+    let app = TestApp::spawn().await;
+    // An event the database refuses to store, whatever the batch around it.
+    let pool = sqlx::SqlitePool::connect(&app.config.database.url)
+        .await
+        .unwrap();
+    sqlx::query(
+        "CREATE TRIGGER poison BEFORE INSERT ON events WHEN NEW.id = 'poison' \
+         BEGIN SELECT RAISE(ABORT, 'this row is poison'); END",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    app.publish(&registered_at("before", "pa", &ago(60))).await;
+    app.publish(&registered_at("poison", "pb", &ago(50))).await;
+    app.publish(&registered_at("after", "pc", &ago(40))).await;
+    app.wait_events(2).await;
+    let rejected = eventually(
+        Duration::from_secs(30),
+        "the poison kept as rejected",
+        || async {
+            let r = app.store.list_rejected(10).await.ok()?;
+            (!r.is_empty()).then_some(r)
+        },
+    )
+    .await;
+    assert!(
+        rejected[0].reason.contains("this row is poison"),
+        "{rejected:?}"
+    );
+    let mails = app.wait_mails(2).await;
+    let mut to: Vec<_> = mails.iter().map(|m| m.to.clone()).collect();
+    to.sort();
+    assert_eq!(to, ["pa@example.com", "pc@example.com"]);
+    pool.close().await;
+    app.stop().await;
+}
+
+fn spawn_daemon(vars: &[(String, String)]) -> Child {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nudge"));
+    cmd.args(["run"]).current_dir(env!("CARGO_MANIFEST_DIR"));
+    for (k, v) in vars {
+        cmd.env(k, v);
+    }
+    if std::env::var("TEST_LOG").is_err() {
+        cmd.stderr(Stdio::null()).stdout(Stdio::null());
+    }
+    cmd.spawn().expect("nudge starts")
+}
+
+/// How many kills; `NUDGE_FAULT_LONG=1` runs the long variant.
+fn kills() -> usize {
+    if std::env::var("NUDGE_FAULT_LONG").is_ok() {
+        10
+    } else {
+        3
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_while_events_stream_in_loses_nothing_and_doubles_only_mails_in_flight() {
+    let env = TestEnv::new().await;
+    let d = env.dir.path().display().to_string();
+    let http_port = crate::helpers::free_port();
+    let vars: Vec<(String, String)> = [
+        ("NUDGE__NATS__URL", env.config.nats.url.clone()),
+        ("NUDGE__NATS__STREAM", env.config.nats.stream.clone()),
+        ("NUDGE__DATABASE__URL", format!("sqlite://{d}/kill.db")),
+        ("NUDGE__MAIL__TRANSPORT", "smtp".into()),
+        (
+            "NUDGE__SMTP__URL",
+            format!("smtp://127.0.0.1:{}", env.smtp.port),
+        ),
+        ("NUDGE__SMTP__FROM", "Shop <hello@shop.test>".into()),
+        ("NUDGE__RULES__DIR", format!("{d}/rules")),
+        ("NUDGE__TEMPLATES__DIR", format!("{d}/templates")),
+        ("NUDGE__HTTP__LISTEN", format!("127.0.0.1:{http_port}")),
+        ("NUDGE__NATS__BATCH_SIZE", "100".into()),
+        ("NUDGE__DELIVERY__POLL_MS", "50".into()),
+        ("NUDGE__MAIL__QUIET_HOURS", "null".into()),
+        // A killed sender's claims come back quickly.
+        ("NUDGE__DELIVERY__LEASE_SECS", "3".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    env.create_stream().await;
+
+    let total = 5000usize;
+    let registrations = 1000usize;
+    let events: Vec<Value> = (0..total)
+        .map(|i| {
+            if i % 5 == 0 {
+                registered_at(&format!("k{i}"), &format!("c{}", i / 5), &ago(3600))
+            } else {
+                event(
+                    &format!("k{i}"),
+                    "page_viewed",
+                    &format!("c{}", i / 5),
+                    &ago(3000),
+                    json!({"url": "/"}),
+                    json!({"session_id": "s"}),
+                )
+            }
+        })
+        .collect();
+
+    let mut daemon = spawn_daemon(&vars);
+    let kills = kills();
+    let chunk = total / (kills + 1);
+    let mut published = 0;
+    for k in 0..=kills {
+        let end = if k == kills { total } else { published + chunk };
+        for e in &events[published..end] {
+            env.publish(e).await;
+        }
+        published = end;
+        if k < kills {
+            // A random moment: somewhere in the middle of batches and sends.
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .subsec_nanos();
+            tokio::time::sleep(Duration::from_millis(50 + (nanos % 400) as u64)).await;
+            daemon.kill().unwrap(); // SIGKILL
+            daemon.wait().unwrap();
+            daemon = spawn_daemon(&vars);
+        }
+    }
+
+    let store = nudge::store::AnyStore::connect(&format!("sqlite://{d}/kill.db"), 2)
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(120), "every event stored", || async {
+        (store.count_events().await.ok()? == total as u64).then_some(())
+    })
+    .await;
+    eventually(Duration::from_secs(120), "every mail sent", || async {
+        let rows = store.list_outbox(100_000).await.ok()?;
+        (rows.len() == registrations && rows.iter().all(|r| r.status == "sent")).then_some(())
+    })
+    .await;
+    daemon.kill().unwrap();
+    daemon.wait().unwrap();
+
+    let mails = env.mails();
+    let mut by_id: HashMap<String, usize> = HashMap::new();
+    for m in &mails {
+        *by_id.entry(m.message_id.clone()).or_default() += 1;
+    }
+    let distinct = by_id.len();
+    let duplicates = mails.len() - distinct;
+    let concurrency = 4;
+    println!(
+        "fault suite: {total} events, {kills} SIGKILLs, {registrations} welcome mails expected, \
+         {} received, {distinct} distinct, {duplicates} duplicates (allowed: {})",
+        mails.len(),
+        kills * concurrency
+    );
+    assert_eq!(distinct, registrations, "every welcome mail arrived");
+    assert!(
+        duplicates <= kills * concurrency,
+        "only mails in flight at a kill may be doubled"
+    );
+    let mut recipients: Vec<_> = mails.iter().map(|m| m.to.clone()).collect();
+    recipients.sort();
+    recipients.dedup();
+    assert_eq!(
+        recipients.len(),
+        registrations,
+        "one welcome per client, duplicates share the Message-ID"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_down_at_start_then_up_and_restarted_under_load() {
+    // No broker yet: nudge starts, says not ready, and waits.
+    let mut env = TestEnv::new().await;
+    env.nats.stop();
+    let mut app = env.start_unready().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let health = app.get("/health").await;
+    assert_eq!(health.status(), 503);
+    let body: Value = health.json().await.unwrap();
+    assert_eq!(body["nats"], "unavailable", "{body}");
+    assert_eq!(body["database"], "ok", "{body}");
+
+    // The broker comes up: nudge connects by itself and consumes.
+    app.env.nats.restart();
+    app.wait_healthy().await;
+    let total = 600;
+    for i in 0..total {
+        if i == total / 2 {
+            // Restarted under load; JetStream keeps its data.
+            app.env.nats.restart();
+        }
+        let e = if i % 3 == 0 {
+            registered_at(&format!("n{i}"), &format!("c{i}"), &ago(600))
+        } else {
+            event(
+                &format!("n{i}"),
+                "login_succeeded",
+                &format!("c{}", i - i % 3),
+                &ago(500),
+                json!({}),
+                json!({}),
+            )
+        };
+        publish_retrying(&app, &e).await;
+    }
+    eventually(
+        Duration::from_secs(60),
+        "every event after the restart",
+        || async { (app.store.count_events().await.ok()? == total as u64).then_some(()) },
+    )
+    .await;
+    app.wait_outbox_settled().await;
+    let mails = app.mails();
+    assert_eq!(mails.len(), total / 3, "one welcome per registration");
+    println!(
+        "fault suite: {total} events across a NATS restart, {} mails, none lost",
+        mails.len()
+    );
+    app.stop().await;
+}
+
+/// Publishes, riding out the moment the broker is restarting.
+async fn publish_retrying(app: &TestApp, e: &Value) {
+    let ty = e["type"].as_str().unwrap();
+    let id = e["id"].as_str().unwrap();
+    let payload = serde_json::to_vec(e).unwrap();
+    for _ in 0..100 {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", id);
+        let sent = app
+            .js
+            .publish_with_headers(format!("shop.events.{ty}"), headers, payload.clone().into())
+            .await;
+        if let Ok(ack) = sent
+            && tokio::time::timeout(Duration::from_secs(2), ack)
+                .await
+                .is_ok_and(|a| a.is_ok())
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("could not publish {id}");
+}
