@@ -3,6 +3,7 @@
 
 use crate::catalog::Catalog;
 use crate::event::ClientId;
+use crate::live::Live;
 use crate::metrics::Metrics;
 use crate::scheduler::{Scheduler, TriggerError};
 use crate::store::{AnyStore, Store, TaskFilter};
@@ -29,11 +30,18 @@ pub struct ApiState {
     pub signer: Option<Arc<Signer>>,
     /// Where the shop's events go: an unsubscribe click becomes one of them.
     pub subject_prefix: String,
+    /// The stream and consumer, for the consumer's lag in `/metrics`.
+    pub stream: String,
+    pub consumer: String,
+    pub live: Live,
     pub token: Option<Arc<str>>,
 }
 
 pub fn router(state: ApiState) -> Router {
     let api = Router::new()
+        .route("/clients", get(search))
+        .route("/clients/{id}/events", get(client_events))
+        .route("/live", get(live))
         .route("/rejected", get(rejected))
         .route("/rules", get(rules))
         .route("/rules/{name}/run", post(run_rule))
@@ -41,10 +49,11 @@ pub fn router(state: ApiState) -> Router {
         .route("/tasks/{id}/done", post(task_done))
         .route("/clients/{id}/log", get(client_log))
         .route("/clients/{id}/export", get(export_client))
-        .route("/clients/{id}", axum::routing::delete(erase_client))
+        .route("/clients/{id}", get(client_360).delete(erase_client))
         .route("/templates/{name}/preview", get(preview))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
+        .route("/", get(staff_page))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route(
@@ -74,12 +83,20 @@ async fn require_token(State(s): State<ApiState>, req: Request, next: Next) -> R
     let Some(expected) = &s.token else {
         return next.run(req).await;
     };
+    // The header, or `?token=` for EventSource, which cannot set headers.
+    let from_query = req.uri().query().and_then(|q| {
+        q.split('&')
+            .find_map(|kv| kv.strip_prefix("token="))
+            .map(|t| t.to_string())
+    });
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
+        .map(str::to_string)
+        .or(from_query)
+        .unwrap_or_default();
     if constant_time_eq(given.as_bytes(), expected.as_bytes()) {
         next.run(req).await
     } else {
@@ -123,10 +140,145 @@ async fn health(State(s): State<ApiState>) -> Response {
 }
 
 async fn metrics(State(s): State<ApiState>) -> Response {
+    let depth = s.store.outbox_depth().await.unwrap_or(0);
+    let lag = consumer_lag(&s).await.unwrap_or(0);
+    let gauges = [
+        (
+            "nudge_outbox_depth",
+            "Effects waiting to be delivered.",
+            depth,
+        ),
+        (
+            "nudge_consumer_lag",
+            "Events in the stream not yet taken by nudge.",
+            lag,
+        ),
+    ];
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        s.metrics.render(),
+        s.metrics.render(&gauges),
     )
+        .into_response()
+}
+
+async fn consumer_lag(s: &ApiState) -> Option<u64> {
+    let js = async_nats::jetstream::new(s.nats.clone()?);
+    let stream = js.get_stream(&s.stream).await.ok()?;
+    let info = stream.consumer_info(&s.consumer).await.ok()?;
+    Some(info.num_pending)
+}
+
+/// The staff page: one static file, no build step (see `src/staff.html`).
+async fn staff_page() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        include_str!("staff.html"),
+    )
+        .into_response()
+}
+
+#[derive(Deserialize)]
+struct SearchQuery {
+    q: String,
+    limit: Option<u32>,
+}
+
+async fn search(
+    State(s): State<ApiState>,
+    Query(q): Query<SearchQuery>,
+) -> Result<Response, ApiError> {
+    let found = s
+        .store
+        .search_clients(q.q.trim(), q.limit.unwrap_or(20).min(100))
+        .await?;
+    Ok(Json(json!({ "clients": found })).into_response())
+}
+
+/// The 360 view of a client, from the history nudge keeps (real time: what
+/// was committed a moment ago is here).
+async fn client_360(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let client = client_id(id)?;
+    let states = s.store.load_clients(&[&client]).await?;
+    let Some(c) = states.get(&client) else {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no client {client}"),
+        ));
+    };
+    let mails = s.store.client_mails(&client, 20).await?;
+    let filter = TaskFilter {
+        status: Some("open".into()),
+        client_id: Some(client.to_string()),
+        ..Default::default()
+    };
+    let tasks = s.store.list_tasks(&filter, 50).await?;
+    Ok(Json(crate::view::client_360(c, &mails, &tasks)).into_response())
+}
+
+#[derive(Deserialize)]
+struct EventsQuery {
+    #[serde(rename = "type")]
+    event_type: Option<String>,
+    /// `next` from the previous page, or an RFC 3339 time.
+    before: Option<String>,
+    limit: Option<u32>,
+}
+
+async fn client_events(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+    Query(q): Query<EventsQuery>,
+) -> Result<Response, ApiError> {
+    let client = client_id(id)?;
+    let before = match q.before.as_deref() {
+        None | Some("") => None,
+        Some(b) => {
+            let (t, id) = b.split_once('~').unwrap_or((b, "\u{10FFFF}"));
+            let t = chrono::DateTime::parse_from_rfc3339(t)
+                .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("before: {e}")))?;
+            Some((t.with_timezone(&chrono::Utc), id.to_string()))
+        }
+    };
+    let limit = q.limit.unwrap_or(50).clamp(1, 500);
+    let events = s
+        .store
+        .client_events(&client, q.event_type.as_deref(), before, limit)
+        .await?;
+    let next = (events.len() == limit as usize)
+        .then(|| {
+            events
+                .last()
+                .map(|e| format!("{}~{}", e.occurred_at.to_rfc3339(), e.id))
+        })
+        .flatten();
+    Ok(Json(json!({ "client_id": client, "events": events, "next": next })).into_response())
+}
+
+/// Server-Sent Events: tasks, mails and notable events as they happen.
+async fn live(State(s): State<ApiState>) -> Response {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    let rx = s.live.subscribe();
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        loop {
+            match rx.recv().await {
+                Ok(item) => {
+                    let ev = Event::default()
+                        .event(item.kind)
+                        .json_data(&item)
+                        .unwrap_or_else(|_| Event::default());
+                    return Some((Ok::<_, std::convert::Infallible>(ev), rx));
+                }
+                // A slow page missed some news; it goes on with the rest.
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    Sse::new(stream)
+        .keep_alive(KeepAlive::default())
         .into_response()
 }
 

@@ -8,6 +8,7 @@ use crate::catalog::Catalog;
 use crate::config::{Config, redact};
 use crate::delivery::{Clock, Sender, system_clock};
 use crate::ingest;
+use crate::live::Live;
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
 use crate::scheduler::Scheduler;
@@ -30,6 +31,7 @@ pub struct Application {
     listener: tokio::net::TcpListener,
     signer: Arc<Signer>,
     clock: Clock,
+    live: Live,
 }
 
 impl Application {
@@ -61,6 +63,7 @@ impl Application {
             listener,
             signer,
             clock: system_clock(),
+            live: Live::default(),
         })
     }
 
@@ -103,15 +106,19 @@ impl Application {
             Some(self.nats.clone()),
             self.signer.clone(),
             self.clock.clone(),
-        )?;
+        )?
+        .with_live(self.live.clone());
         tracker.spawn(sender.run(wake.clone(), cancel.clone()));
 
-        let pipeline = Arc::new(Pipeline::new(
-            self.store.clone(),
-            self.catalog.clone(),
-            self.metrics.clone(),
-            &self.config,
-        ));
+        let pipeline = Arc::new(
+            Pipeline::new(
+                self.store.clone(),
+                self.catalog.clone(),
+                self.metrics.clone(),
+                &self.config,
+            )
+            .with_live(self.live.clone()),
+        );
         let scheduler = Arc::new(Scheduler::new(
             pipeline.clone(),
             self.catalog.clone(),
@@ -155,6 +162,9 @@ impl Application {
             scheduler: Some(scheduler),
             signer: Some(self.signer.clone()),
             subject_prefix: self.config.nats.subject_prefix.clone(),
+            stream: self.config.nats.stream.clone(),
+            consumer: self.config.nats.consumer.clone(),
+            live: self.live.clone(),
             token: self.config.http.token.as_deref().map(Arc::from),
         };
         let http_cancel = cancel.clone();

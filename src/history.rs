@@ -104,6 +104,15 @@ pub struct Stats {
     pub orders_cancelled: u64,
     /// Sum of `order_placed.total`, in the shop's currency.
     pub spend: f64,
+    /// Orders by `order_placed.channel` (`online`, `instore`, ...).
+    #[serde(default)]
+    pub orders_by_channel: BTreeMap<String, ChannelOrders>,
+    /// Products bought, by product id.
+    #[serde(default)]
+    pub purchases: BTreeMap<String, Purchase>,
+    /// The last errors the client met (`error_occurred`), newest last.
+    #[serde(default)]
+    pub recent_errors: Vec<ErrorSeen>,
     /// Mails queued for this client.
     pub mails: u64,
     /// When each template was last queued for this client.
@@ -122,6 +131,34 @@ pub struct Stats {
     #[serde(default)]
     pub clicks: u64,
 }
+
+/// Orders through one channel.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ChannelOrders {
+    pub count: u64,
+    /// Items (sum of quantities) over these orders.
+    pub items: u64,
+    pub total: f64,
+}
+
+/// How much of one product a client bought.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Purchase {
+    pub name: Option<String>,
+    pub quantity: u64,
+}
+
+/// An error the client met in the shop.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorSeen {
+    pub page: Option<String>,
+    pub message: Option<String>,
+    pub code: Option<String>,
+    pub at: DateTime<Utc>,
+}
+
+/// How many recent errors are kept per client.
+pub const RECENT_ERRORS: usize = 10;
 
 /// A mail nudge queued for this client, remembered for opens and clicks.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -227,8 +264,49 @@ impl ClientState {
             }
             "cart_item_added" => self.stats.cart_adds += 1,
             "order_placed" => {
+                let total = data.get("total").and_then(Value::as_f64).unwrap_or(0.0);
                 self.stats.orders += 1;
-                self.stats.spend += data.get("total").and_then(Value::as_f64).unwrap_or(0.0);
+                self.stats.spend += total;
+                let channel = data
+                    .get("channel")
+                    .and_then(Value::as_str)
+                    .unwrap_or("online")
+                    .to_string();
+                let mut items = 0;
+                for item in data
+                    .get("items")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    let quantity = item.get("quantity").and_then(Value::as_u64).unwrap_or(1);
+                    items += quantity;
+                    if let Some(pid) = item.get("product_id").and_then(value_as_key) {
+                        let p = self.stats.purchases.entry(pid).or_default();
+                        p.quantity += quantity;
+                        if let Some(name) = item.get("name").and_then(Value::as_str) {
+                            p.name = Some(name.to_string());
+                        }
+                    }
+                }
+                let c = self.stats.orders_by_channel.entry(channel).or_default();
+                c.count += 1;
+                c.items += items;
+                c.total += total;
+            }
+            "error_occurred" => {
+                let text = |k: &str| {
+                    data.get(k)
+                        .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string))
+                };
+                self.stats.recent_errors.push(ErrorSeen {
+                    page: text("page"),
+                    message: text("message"),
+                    code: text("code"),
+                    at,
+                });
+                let excess = self.stats.recent_errors.len().saturating_sub(RECENT_ERRORS);
+                self.stats.recent_errors.drain(..excess);
             }
             "order_cancelled" => self.stats.orders_cancelled += 1,
             "unsubscribed" => {
@@ -397,6 +475,7 @@ mod tests {
         assert_eq!(s.stats.product_views["7"], 2);
         assert_eq!(s.stats.orders, 1);
         assert_eq!(s.stats.spend, 120.5);
+        assert_eq!(s.stats.orders_by_channel["online"].count, 1);
         assert_eq!(s.stats.events["product_viewed"], 2);
     }
 

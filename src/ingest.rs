@@ -148,6 +148,7 @@ pub async fn run(
                     subject: m.subject.to_string(),
                     payload: m.payload.clone(),
                     stream_seq: m.info().ok().map(|i| i.stream_sequence),
+                    published: m.info().ok().map(|i| i.published),
                 })
                 .collect();
             // Retry the same batch until it commits: nothing is acked that

@@ -20,6 +20,20 @@ pub struct Metrics {
     pub mails_retried: AtomicU64,
     /// (runs, errors) by rule.
     rules: Mutex<BTreeMap<String, (u64, u64)>>,
+    /// Publish-to-commit latency: counts per bucket, then sum and count.
+    latency: Mutex<Histogram>,
+}
+
+/// Upper bounds of the latency buckets, in seconds.
+const BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+#[derive(Default)]
+struct Histogram {
+    counts: [u64; 13],
+    sum: f64,
+    count: u64,
 }
 
 impl Metrics {
@@ -37,6 +51,16 @@ impl Metrics {
         self.batches.fetch_add(1, Relaxed);
     }
 
+    pub fn observe_latency(&self, d: std::time::Duration) {
+        let secs = d.as_secs_f64();
+        let mut h = self.latency.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
+            h.counts[i] += 1;
+        }
+        h.sum += secs;
+        h.count += 1;
+    }
+
     pub fn rule_run(&self, rule: &str, ok: bool) {
         let mut m = self.rules.lock().unwrap_or_else(|p| p.into_inner());
         let e = m.entry(rule.to_string()).or_default();
@@ -52,8 +76,30 @@ impl Metrics {
         m.get(rule).copied().unwrap_or_default()
     }
 
-    pub fn render(&self) -> String {
+    /// The metrics in Prometheus' text format, with gauges measured by the caller.
+    pub fn render(&self, gauges: &[(&str, &str, u64)]) -> String {
         let mut out = String::new();
+        for (name, help, v) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        }
+        {
+            let h = self.latency.lock().unwrap_or_else(|p| p.into_inner());
+            let name = "nudge_event_latency_seconds";
+            let _ = writeln!(
+                out,
+                "# HELP {name} From publish to committed decision.\n# TYPE {name} histogram"
+            );
+            let mut cumulative = 0;
+            for (b, n) in BUCKETS.iter().zip(h.counts) {
+                cumulative += n;
+                let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cumulative}");
+            }
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{le=\"+Inf\"}} {}\n{name}_sum {}\n{name}_count {}",
+                h.count, h.sum, h.count
+            );
+        }
         let counters = [
             (
                 "nudge_events_consumed_total",

@@ -11,6 +11,7 @@ use crate::counters::{CounterKey, CounterSource, Counters, Stored};
 use crate::decide::{Core, CoreSettings};
 use crate::event::{ClientId, Envelope, EventId};
 use crate::history::ClientState;
+use crate::live::{Live, LiveItem};
 use crate::metrics::Metrics;
 use crate::store::{
     AnyStore, BatchWrite, CommitOutcome, Level, LogEntry, Rejected, Store, StoreError, StoredEvent,
@@ -28,6 +29,8 @@ pub struct Incoming {
     pub subject: String,
     pub payload: Bytes,
     pub stream_seq: Option<u64>,
+    /// When the broker took it from the producer: latency is measured from here.
+    pub published: Option<DateTime<Utc>>,
 }
 
 /// What a committed batch held.
@@ -65,6 +68,7 @@ pub struct Pipeline {
     store: AnyStore,
     catalog: Arc<Catalog>,
     metrics: Arc<Metrics>,
+    live: Live,
     max_event_bytes: usize,
     settings: Arc<CoreSettings>,
     business_tz: Tz,
@@ -101,10 +105,17 @@ impl Pipeline {
             store,
             catalog,
             metrics,
+            live: Live::default(),
             max_event_bytes: config.nats.max_event_bytes,
             settings: Arc::new(CoreSettings::from_config(config)),
             business_tz: config.history.business_tz(),
         }
+    }
+
+    /// Sends tasks and notable events to this live feed after each commit.
+    pub fn with_live(mut self, live: Live) -> Self {
+        self.live = live;
+        self
     }
 
     pub fn store(&self) -> &AnyStore {
@@ -166,6 +177,11 @@ impl Pipeline {
         let steps: Vec<Step> = events.into_iter().map(Step::Event).collect();
         let mut report = self.commit_steps(steps, rejected, log, None).await?;
         report.duplicates += duplicates;
+        let now = Utc::now();
+        for published in batch.iter().filter_map(|m| m.published) {
+            self.metrics
+                .observe_latency((now - published).to_std().unwrap_or_default());
+        }
         Ok(report)
     }
 
@@ -276,6 +292,7 @@ impl Pipeline {
             match self.store.commit_batch(&write).await? {
                 CommitOutcome::Committed => {
                     self.metrics.batch_committed(&report, &write);
+                    self.announce(&write);
                     return Ok(report);
                 }
                 CommitOutcome::Conflict => {
@@ -287,6 +304,35 @@ impl Pipeline {
             context: "batch commit",
             message: format!("still conflicting after {MAX_CONFLICT_RETRIES} attempts"),
         })
+    }
+
+    /// Tells the live feed about notable events, then the tasks they led to.
+    fn announce(&self, write: &BatchWrite) {
+        for e in &write.events {
+            let env = &e.envelope;
+            if crate::live::NOTABLE.contains(&env.event_type.as_str()) {
+                self.live.send(LiveItem {
+                    kind: "event",
+                    client_id: env.client_id.to_string(),
+                    at: env.occurred_at,
+                    text: env.event_type.to_string(),
+                    id: None,
+                    team: None,
+                });
+            }
+        }
+        for e in &write.effects {
+            if let crate::effects::EffectKind::Task { team, title, .. } = &e.kind {
+                self.live.send(LiveItem {
+                    kind: "task",
+                    client_id: e.client_id.to_string(),
+                    at: e.at,
+                    text: title.clone(),
+                    id: Some(e.key.clone()),
+                    team: Some(team.clone()),
+                });
+            }
+        }
     }
 
     /// Runs the decision core for every step, off the async workers: rules

@@ -14,6 +14,7 @@ use crate::config::QuietHours;
 use crate::config::{Config, DeliveryConfig};
 use crate::effects::EffectKind;
 use crate::event::{ClientId, EventId};
+use crate::live::{Live, LiveItem};
 use crate::metrics::Metrics;
 use crate::store::{AnyStore, Level, LogEntry, OutboxItem, Store, StoreError};
 use crate::templates::MailKind;
@@ -46,6 +47,8 @@ pub struct Sender {
     quiet_hours: Option<QuietHours>,
     business_tz: Tz,
     clock: Clock,
+    /// Mails sent and failed go to the staff page's live feed.
+    live: Live,
     /// The earliest time the next send may start, for `delivery.rate_per_sec`.
     next_slot: tokio::sync::Mutex<tokio::time::Instant>,
     /// Upper bound on one send, on top of lettre's per-command timeout.
@@ -86,8 +89,14 @@ impl Sender {
             business_tz: config.history.business_tz(),
             clock,
             next_slot: tokio::sync::Mutex::new(tokio::time::Instant::now()),
+            live: Live::default(),
             send_timeout: Duration::from_secs(config.smtp.timeout_secs * 2),
         })
+    }
+
+    pub fn with_live(mut self, live: Live) -> Self {
+        self.live = live;
+        self
     }
 
     /// Runs until cancelled; wakes on `wake` (new effects committed) or every `poll_ms`.
@@ -203,6 +212,7 @@ impl Sender {
                 tracing::info!(what, "delivered");
                 self.metrics.mails_sent.fetch_add(1, Relaxed);
                 let entry = log(Level::Notice, format!("{what} sent"));
+                self.announce(&item, format!("{what} sent"));
                 self.store
                     .mark_sent(&item.key, &id, Utc::now(), &entry)
                     .await
@@ -219,11 +229,23 @@ impl Sender {
                 tracing::error!(what, error = %e, attempt = item.attempts, "delivery failed");
                 self.metrics.mails_failed.fetch_add(1, Relaxed);
                 let why = format!("{what} failed: {}", e.message);
+                self.announce(&item, why.clone());
                 self.store
                     .mark_failed(&item.key, &e.message, &log(Level::Error, why))
                     .await
             }
         }
+    }
+
+    fn announce(&self, item: &OutboxItem, text: String) {
+        self.live.send(LiveItem {
+            kind: "mail",
+            client_id: item.client_id.clone(),
+            at: (self.clock)(),
+            text,
+            id: None,
+            team: None,
+        });
     }
 
     /// Publishes a secondary event, with `Nats-Msg-Id` set to its id.

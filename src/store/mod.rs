@@ -124,6 +124,39 @@ pub struct Derived {
     pub members: Vec<(CounterKey, String)>,
 }
 
+/// One event of a client's timeline.
+#[derive(Debug, Clone, Serialize)]
+pub struct EventRow {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub event_type: String,
+    pub occurred_at: DateTime<Utc>,
+    pub data: serde_json::Value,
+    pub context: serde_json::Value,
+}
+
+/// A client found by a search.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClientSummary {
+    pub client_id: String,
+    pub email: Option<String>,
+    pub first_name: Option<String>,
+    pub last_name: Option<String>,
+    pub last_seen: Option<DateTime<Utc>>,
+}
+
+/// A mail (or other effect) of one client, for the 360 view.
+#[derive(Debug, Clone, Serialize)]
+pub struct MailRow {
+    pub rule: String,
+    pub kind: String,
+    pub template: Option<String>,
+    pub status: String,
+    pub at: DateTime<Utc>,
+    pub sent_at: Option<DateTime<Utc>>,
+    pub last_error: Option<String>,
+}
+
 /// A staff task, as listed and closed over HTTP.
 #[derive(Debug, Clone, Serialize)]
 pub struct TaskRow {
@@ -265,6 +298,29 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
     /// Hashes ([`erasure_hash`]) of the erased clients.
     fn erased(&self) -> impl Future<Output = Result<HashSet<String>, StoreError>> + Send;
+
+    /// A client's events, newest first, before `(time, id)` when given.
+    fn client_events(
+        &self,
+        client: &ClientId,
+        event_type: Option<&str>,
+        before: Option<(DateTime<Utc>, String)>,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<EventRow>, StoreError>> + Send;
+    /// Clients whose id, e-mail or name contains `q` (case-insensitive).
+    fn search_clients(
+        &self,
+        q: &str,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<ClientSummary>, StoreError>> + Send;
+    /// A client's mails and other effects, newest first.
+    fn client_mails(
+        &self,
+        client: &ClientId,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<MailRow>, StoreError>> + Send;
+    /// Effects waiting to be delivered (pending or in flight).
+    fn outbox_depth(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
     /// The value kept under `key`, first setting it to `init` if there is none.
     fn meta_get_or_init(
@@ -431,6 +487,28 @@ impl Store for AnyStore {
     }
     async fn meta_get_or_init(&self, key: &str, init: &str) -> Result<String, StoreError> {
         forward!(self, s => s.meta_get_or_init(key, init))
+    }
+    async fn client_events(
+        &self,
+        client: &ClientId,
+        event_type: Option<&str>,
+        before: Option<(DateTime<Utc>, String)>,
+        limit: u32,
+    ) -> Result<Vec<EventRow>, StoreError> {
+        forward!(self, s => s.client_events(client, event_type, before, limit))
+    }
+    async fn search_clients(&self, q: &str, limit: u32) -> Result<Vec<ClientSummary>, StoreError> {
+        forward!(self, s => s.search_clients(q, limit))
+    }
+    async fn client_mails(
+        &self,
+        client: &ClientId,
+        limit: u32,
+    ) -> Result<Vec<MailRow>, StoreError> {
+        forward!(self, s => s.client_mails(client, limit))
+    }
+    async fn outbox_depth(&self) -> Result<u64, StoreError> {
+        forward!(self, s => s.outbox_depth())
     }
     async fn export_client(
         &self,

@@ -4,8 +4,9 @@
 //! with multi-row statements.
 
 use super::{
-    BatchWrite, CommitOutcome, Derived, LogCursor, LogEntry, OutboxItem, OutboxRow, Rejected,
-    Store, StoreError, SweepClaim, TaskFilter, TaskRow, db, parse_ts, ts,
+    BatchWrite, ClientSummary, CommitOutcome, Derived, EventRow, LogCursor, LogEntry, MailRow,
+    OutboxItem, OutboxRow, Rejected, Store, StoreError, SweepClaim, TaskFilter, TaskRow, db,
+    parse_ts, ts,
 };
 use crate::counters::{CounterKey, Stored};
 use crate::effects::EffectKind;
@@ -681,6 +682,119 @@ impl Store for SqliteStore {
             .await
             .map_err(db("reading erasures"))?;
         Ok(rows.into_iter().collect())
+    }
+
+    async fn client_events(
+        &self,
+        client: &ClientId,
+        event_type: Option<&str>,
+        before: Option<(DateTime<Utc>, String)>,
+        limit: u32,
+    ) -> Result<Vec<EventRow>, StoreError> {
+        let mut q = QueryBuilder::<Sqlite>::new(
+            "SELECT id, type, occurred_at, data, context FROM events WHERE client_id = ",
+        );
+        q.push_bind(client.as_str().to_string());
+        if let Some(t) = event_type {
+            q.push(" AND type = ").push_bind(t.to_string());
+        }
+        if let Some((at, id)) = before {
+            q.push(" AND (occurred_at, id) < (")
+                .push_bind(ts(at))
+                .push(", ")
+                .push_bind(id)
+                .push(")");
+        }
+        q.push(" ORDER BY occurred_at DESC, id DESC LIMIT ")
+            .push_bind(limit);
+        let rows = q
+            .build()
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("reading a client's events"))?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(EventRow {
+                    id: r.get(0),
+                    event_type: r.get(1),
+                    occurred_at: parse_ts(r.get(2))?,
+                    data: serde_json::from_str(r.get::<&str, _>(3)).unwrap_or_default(),
+                    context: serde_json::from_str(r.get::<&str, _>(4)).unwrap_or_default(),
+                })
+            })
+            .collect()
+    }
+
+    async fn search_clients(&self, q: &str, limit: u32) -> Result<Vec<ClientSummary>, StoreError> {
+        let like = format!(
+            "%{}%",
+            q.to_lowercase()
+                .replace('\\', "\\\\")
+                .replace('%', "\\%")
+                .replace('_', "\\_")
+        );
+        let rows = sqlx::query(
+            "SELECT client_id, email, first_name, last_name, last_seen FROM clients \
+             WHERE lower(client_id) LIKE ?1 ESCAPE '\\' OR lower(email) LIKE ?1 ESCAPE '\\' \
+                OR lower(coalesce(first_name, '') || ' ' || coalesce(last_name, '')) LIKE ?1 ESCAPE '\\' \
+             ORDER BY (lower(client_id) = ?2) DESC, last_seen DESC LIMIT ?3",
+        )
+        .bind(like)
+        .bind(q.to_lowercase())
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("searching clients"))?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(ClientSummary {
+                    client_id: r.get(0),
+                    email: r.get(1),
+                    first_name: r.get(2),
+                    last_name: r.get(3),
+                    last_seen: r.get::<Option<&str>, _>(4).map(parse_ts).transpose()?,
+                })
+            })
+            .collect()
+    }
+
+    async fn client_mails(
+        &self,
+        client: &ClientId,
+        limit: u32,
+    ) -> Result<Vec<MailRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT rule, kind, json_extract(payload, '$.template'), status, created_at, sent_at, \
+             last_error FROM outbox WHERE client_id = ? ORDER BY created_at DESC, key LIMIT ?",
+        )
+        .bind(client.as_str())
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("reading a client's mails"))?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(MailRow {
+                    rule: r.get(0),
+                    kind: r.get(1),
+                    template: r.get(2),
+                    status: r.get(3),
+                    at: parse_ts(r.get(4))?,
+                    sent_at: r.get::<Option<&str>, _>(5).map(parse_ts).transpose()?,
+                    last_error: r.get(6),
+                })
+            })
+            .collect()
+    }
+
+    async fn outbox_depth(&self) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM outbox WHERE status IN ('pending', 'sending')",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db("measuring the outbox"))?;
+        Ok(n as u64)
     }
 
     async fn meta_get_or_init(&self, key: &str, init: &str) -> Result<String, StoreError> {

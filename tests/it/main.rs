@@ -9,6 +9,7 @@ mod faults;
 
 mod rejects;
 mod reload;
+mod staff;
 mod timers;
 mod tools;
 mod trust;
