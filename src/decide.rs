@@ -969,4 +969,42 @@ mod tests {
         assert_eq!(members.len(), 1);
         assert_eq!(state.counters["orders/2026-11"], 2.0);
     }
+
+    #[test]
+    fn opens_and_clicks_are_tied_to_their_mail_and_counted_per_rule_and_template() {
+        use crate::counters::{CounterKey, MemorySource};
+        let (engine, rules, templates, _d) =
+            fixture("const ON = [\"client_registered\"];\nmail(\"t\");");
+        let core = core(&engine, &rules, &templates);
+        let mut counters = Counters::new(Box::new(MemorySource::default()), chrono_tz::Tz::UTC);
+        let mut state = ClientState::new(ClientId::parse("c1").unwrap());
+        let d = core.on_event(&mut state, &registered("e1"), &mut counters);
+        let key = d.effects[0].key.clone();
+        let opened = |id: &str, mid: String| {
+            Envelope::from_value(json!({"id": id, "type": "email_opened", "client_id": "c1",
+                "occurred_at": "2026-11-01T12:00:00Z", "data": {"message_id": mid}}))
+            .unwrap()
+        };
+        core.on_event(
+            &mut state,
+            &opened("o1", format!("<{key}.nudge@shop.test>")),
+            &mut counters,
+        );
+        core.on_event(
+            &mut state,
+            &opened("o2", format!("{key}.nudge@shop.test")),
+            &mut counters,
+        );
+        core.on_event(
+            &mut state,
+            &opened("o3", "<someone-else@elsewhere>".into()),
+            &mut counters,
+        );
+        assert_eq!(state.stats.opens, 2);
+        let k = CounterKey {
+            name: "mail_opened:r:t".into(),
+            period: "all".into(),
+        };
+        assert_eq!(counters.get(&k).unwrap(), 2.0);
+    }
 }

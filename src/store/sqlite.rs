@@ -230,7 +230,7 @@ impl Store for SqliteStore {
             }
         }
 
-        for chunk in batch.effects.chunks(chunk_rows(8)) {
+        for chunk in batch.effects.chunks(chunk_rows(9)) {
             let mut q = QueryBuilder::<Sqlite>::new(
                 "INSERT INTO outbox (key, kind, rule, client_id, cause, payload, status, \
                  due_at, created_at) ",

@@ -232,11 +232,22 @@ fn urlencode(s: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_live_feed_streams_tasks_as_they_are_made() {
     let app = spawn().await;
-    let resp = reqwest::get(format!("http://{}/api/live?token={TOKEN}", app.http))
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let mut body = resp.bytes_stream();
+    // Listen in the background, as the staff page does, while events come in.
+    let url = format!("http://{}/api/live?token={TOKEN}", app.http);
+    let listener = tokio::spawn(async move {
+        let resp = reqwest::get(url).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let mut body = resp.bytes_stream();
+        let mut text = String::new();
+        while let Some(chunk) = body.next().await {
+            text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+            if text.contains("event: task") {
+                break;
+            }
+        }
+        text
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
     app.publish(&registered_at("r-vi", "vi", &ago(86_400)))
         .await;
     for i in 0..3 {
@@ -250,17 +261,11 @@ async fn the_live_feed_streams_tasks_as_they_are_made() {
         ))
         .await;
     }
-    let mut text = String::new();
-    let found = tokio::time::timeout(Duration::from_secs(10), async {
-        while let Some(chunk) = body.next().await {
-            text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
-            if text.contains("event: task") {
-                return true;
-            }
-        }
-        false
-    })
-    .await;
+    let text = tokio::time::timeout(Duration::from_secs(20), listener)
+        .await
+        .expect("a task on the live feed within 20 s")
+        .unwrap();
+    let found: Result<bool, ()> = Ok(text.contains("event: task"));
     assert_eq!(found, Ok(true), "{text}");
     assert!(text.contains("Call to thank"), "{text}");
     assert!(
