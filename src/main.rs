@@ -70,7 +70,17 @@ enum Command {
     },
     /// Rebuild clients, sessions, timers and counters from the event log with
     /// the rules in force; nothing is sent. Stop the daemons first.
-    Replay,
+    Replay {
+        /// Re-read the JetStream stream instead (for a fresh database).
+        #[arg(long)]
+        from_stream: bool,
+        /// With --from-stream: start at this stream sequence.
+        #[arg(long, requires = "from_stream", conflicts_with = "since")]
+        since_seq: Option<u64>,
+        /// With --from-stream: start at this time (RFC 3339).
+        #[arg(long, requires = "from_stream")]
+        since: Option<chrono::DateTime<chrono::Utc>>,
+    },
     /// Run rules over the stored history on a scratch copy and report what
     /// they would have done. Sends nothing, changes nothing.
     Backtest {
@@ -237,7 +247,29 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> 
                 eprintln!("HTML written to {}", path.display());
             }
         }
-        Command::Replay => {
+        Command::Replay {
+            from_stream: true,
+            since_seq,
+            since,
+        } => {
+            let store = open_store(&config).await?;
+            let start = match (since_seq, since) {
+                (Some(s), _) => tools::StreamStart::Sequence(s),
+                (None, Some(t)) => tools::StreamStart::Time(t),
+                (None, None) => tools::StreamStart::All,
+            };
+            eprintln!(
+                "re-reading stream {} into {}",
+                config.nats.stream,
+                nudge::config::redact(&config.database.url)
+            );
+            let n = tools::replay_from_stream(&config, &store, start, |read, pending| {
+                eprintln!("  {read} messages read, {pending} to go")
+            })
+            .await?;
+            println!("re-read {n} messages from the stream; nothing was sent");
+        }
+        Command::Replay { .. } => {
             let store = open_store(&config).await?;
             eprintln!(
                 "replaying the event log into {} (stop every nudge daemon first)",

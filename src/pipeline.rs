@@ -69,6 +69,8 @@ pub struct Pipeline {
     catalog: Arc<Catalog>,
     metrics: Arc<Metrics>,
     live: Live,
+    /// Replaying into a fresh database: rebuild history, queue nothing.
+    suppress_effects: bool,
     max_event_bytes: usize,
     settings: Arc<CoreSettings>,
     business_tz: Tz,
@@ -106,10 +108,18 @@ impl Pipeline {
             catalog,
             metrics,
             live: Live::default(),
+            suppress_effects: false,
             max_event_bytes: config.nats.max_event_bytes,
             settings: Arc::new(CoreSettings::from_config(config)),
             business_tz: config.history.business_tz(),
         }
+    }
+
+    /// Decides and stores as usual but queues no effects and logs nothing:
+    /// for rebuilding a database from the stream.
+    pub fn suppressing_effects(mut self) -> Self {
+        self.suppress_effects = true;
+        self
     }
 
     /// Sends tasks and notable events to this live feed after each commit.
@@ -280,6 +290,10 @@ impl Pipeline {
             client_ids.dedup();
             let states = self.store.load_clients(&client_ids).await?;
             let mut write = self.decide_all(fresh, states).await?;
+            if self.suppress_effects {
+                write.effects.clear();
+                write.log.clear();
+            }
             write.rejected = rejected.clone();
             write.log.extend(log.iter().cloned());
             write.sweep = sweep.clone();

@@ -207,4 +207,36 @@ async fn replay_rebuilds_the_same_history_and_backtest_finds_the_same_effects() 
     assert!(report.effects.iter().all(|e| e.client_id == "ana"));
     assert_eq!(dump(&url).await, live, "a backtest changes nothing");
     assert_eq!(store.list_outbox(1000).await.unwrap().len(), outbox.len());
+
+    // A fresh database rebuilt from the stream: the same clients, nothing queued.
+    let mut fresh = env.config.clone();
+    fresh.database.url = format!("sqlite://{}/fresh.db", env.dir.path().display());
+    let fresh_store = nudge::app::open_store(&fresh).await.unwrap();
+    let read = nudge::tools::replay_from_stream(
+        &fresh,
+        &fresh_store,
+        nudge::tools::StreamStart::All,
+        |_, _| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(read, n);
+    assert_eq!(
+        fresh_store.count_events().await.unwrap(),
+        n + 3,
+        "with the secondary events decided again"
+    );
+    assert!(
+        fresh_store.list_outbox(100).await.unwrap().is_empty(),
+        "nothing queued"
+    );
+    let ids: Vec<nudge::event::ClientId> = ["ana", "ben", "cleo", "dan"]
+        .iter()
+        .map(|c| nudge::event::ClientId::parse(*c).unwrap())
+        .collect();
+    let refs: Vec<&nudge::event::ClientId> = ids.iter().collect();
+    let rebuilt = fresh_store.load_clients(&refs).await.unwrap();
+    assert_eq!(rebuilt.len(), 4);
+    assert_eq!(rebuilt[&ids[0]].stats.orders, 3);
+    assert_eq!(env.mails().len(), mails_before, "nothing sent");
 }
