@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod app;
+pub mod bench;
 pub mod catalog;
 pub mod config;
 pub mod counters;

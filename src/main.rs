@@ -97,18 +97,25 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Measure throughput and latency on this machine, on private NATS and
+    /// SQLite, against a bare consumer's rate (see docs/performance.md).
+    Bench(nudge::bench::BenchArgs),
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config = match Config::load(cli.config.as_deref()) {
+    let mut config = match Config::load(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("nudge: {e}");
             return ExitCode::from(2);
         }
     };
+    if matches!(cli.command, Command::Bench(_)) {
+        // A line per mail sent would bury the report; RUST_LOG still wins.
+        config.log.level = "warn".into();
+    }
     nudge::telemetry::init(&config.log);
     match dispatch(cli.command, config).await {
         Ok(code) => code,
@@ -332,6 +339,7 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> 
                 return Ok(ExitCode::FAILURE);
             }
         }
+        Command::Bench(args) => nudge::bench::run(args, config).await?,
         Command::Migrate => {
             open_store(&config).await?;
             println!("database is up to date");

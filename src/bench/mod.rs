@@ -1,0 +1,344 @@
+//! `nudge bench`: how fast nudge takes a busy shop's events into effect on
+//! this machine, against the yardstick of what the broker can deliver.
+//!
+//! In one run, on private services (a `nats-server -js` it starts, a fresh
+//! SQLite file, mail written to files in a scratch folder):
+//! 1. pre-loads the stream with a realistic workload ([`workload`]);
+//! 2. reads it with a bare pull consumer that parses and acks (the raw rate);
+//! 3. runs the real daemon ([`Application`], every task, every shipped rule)
+//!    over the same events until all of them are committed and acked;
+//! 4. publishes at a steady rate and times each event to its commit;
+//! 5. reports rates, their ratio, latency percentiles and memory.
+//!
+//! It is a measurement, not a test: nothing fails on a slow machine.
+
+mod broker;
+mod latency;
+mod probe;
+mod report;
+mod workload;
+
+use crate::app::Application;
+use crate::config::{Config, TeamConfig, Transport};
+use anyhow::{Context, bail};
+use chrono::{Duration as Span, Utc};
+use probe::Probe;
+use report::{Machine, Memory, Rate, Report};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+use workload::{Shape, Spec, render};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// Events pre-loaded into the stream and measured.
+    #[arg(long, default_value_t = 200_000)]
+    pub events: usize,
+    /// Distinct clients the events come from.
+    #[arg(long, default_value_t = 10_000)]
+    pub clients: u32,
+    /// Use this NATS server (a stream of the bench's own is created and
+    /// deleted) instead of starting a private `nats-server -js`.
+    #[arg(long)]
+    pub nats_url: Option<String>,
+    /// An empty database to measure. Default: a fresh SQLite file in a
+    /// scratch folder. Never the configured `database.url`.
+    #[arg(long)]
+    pub database_url: Option<String>,
+    /// Events per second in the latency phase.
+    #[arg(long, default_value_t = 1000)]
+    pub latency_rate: u32,
+    /// Seconds of the latency phase; 0 skips it.
+    #[arg(long, default_value_t = 10)]
+    pub latency_secs: u64,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Keep the scratch folder (database, mails, NATS store) and print where.
+    #[arg(long)]
+    pub keep: bool,
+}
+
+/// How long the daemon may take over the whole workload before the bench gives up.
+const RUN_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long the sender gets to empty the outbox before the latency phase.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(90);
+/// The workload's events happen over this span, ending when the bench starts.
+const HISTORY_DAYS: i64 = 7;
+
+/// Runs the bench with `base` for everything but the infrastructure, which
+/// the bench replaces with its own (so it never touches a real database).
+pub async fn run(args: BenchArgs, base: Config) -> anyhow::Result<()> {
+    let scratch = Scratch::new(args.keep)?;
+    // Declared after `scratch`, so the server stops before its store is removed.
+    let server = match &args.nats_url {
+        Some(_) => None,
+        None => Some(broker::NatsServer::start(&scratch.path.join("nats"))?),
+    };
+    let nats_url = match (&args.nats_url, &server) {
+        (Some(url), _) => url.clone(),
+        (None, Some(s)) => s.url.clone(),
+        (None, None) => unreachable!("a server is started when no URL is given"),
+    };
+    let db_url = args
+        .database_url
+        .clone()
+        .unwrap_or_else(|| format!("sqlite://{}", scratch.path.join("nudge.db").display()));
+    let config = bench_config(base, &nats_url, &db_url, &scratch.path)?;
+
+    let client = async_nats::connect(nats_url.as_str())
+        .await
+        .with_context(|| format!("cannot connect to NATS at {nats_url}"))?;
+    let js = async_nats::jetstream::new(client.clone());
+    let stream = crate::ingest::ensure_stream(&js, &config.nats).await?;
+    broker::wait_for_stream(&js, &config.nats.stream).await?;
+
+    let result = measure(&args, &config, &client, &js, &stream).await;
+    if let Err(e) = js.delete_stream(&config.nats.stream).await {
+        tracing::warn!(error = %e, "cannot delete the bench stream");
+    }
+    let mut report = result?;
+    report.nats = if server.is_some() {
+        "private".into()
+    } else {
+        nats_url
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(())
+}
+
+async fn measure(
+    args: &BenchArgs,
+    config: &Config,
+    client: &async_nats::Client,
+    js: &async_nats::jetstream::Context,
+    stream: &async_nats::jetstream::stream::Stream,
+) -> anyhow::Result<Report> {
+    let n = args.events;
+    let start = Utc::now();
+    let shape = Shape {
+        clients: args.clients,
+        register: true,
+        tag: "s",
+    };
+    let specs = workload::generate(n, &shape, 1, start, Span::days(HISTORY_DAYS));
+    eprintln!("bench: publishing {n} events from {} clients", args.clients);
+    let t = Instant::now();
+    let last_seq = broker::publish_all(js, &config.nats, payloads(&specs)).await?;
+    let publish = Rate::new(n, t.elapsed());
+    drop(specs);
+
+    eprintln!("bench: raw consumer");
+    let mut raw_cfg = config.nats.clone();
+    raw_cfg.consumer = "bench_raw".into();
+    let raw = Rate::new(
+        n,
+        broker::raw_consume(client, stream, &raw_cfg, n, last_seq).await?,
+    );
+
+    let peak_reset = probe::reset_peak_memory();
+    let rss_before = probe::memory_mib("VmRSS");
+    let app = Application::build(config.clone()).await?;
+    let refused = app.catalog().errors();
+    if !refused.is_empty() {
+        bail!(
+            "rules or templates refused, the bench would measure the wrong work: {}",
+            refused
+                .iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+    }
+    let probe = Probe::open(&config.database.url).await?;
+    if probe.all_events().await? != 0 {
+        bail!("the database {} is not empty", config.database.url);
+    }
+
+    eprintln!(
+        "bench: nudge with {} rules",
+        app.catalog().rules().rules.len()
+    );
+    let cancel = CancellationToken::new();
+    let t = Instant::now();
+    let daemon = tokio::spawn(app.run_until_stopped(cancel.clone()));
+    let phases = async {
+        let consumer = broker::find_consumer(stream, &config.nats.consumer, RUN_TIMEOUT).await?;
+        broker::wait_acked(&consumer, last_seq, RUN_TIMEOUT).await?;
+        let nudge = Rate::new(n, t.elapsed());
+        let rss_after_run = probe::memory_mib("VmRSS");
+        let stored = probe.shop_events().await?;
+        if stored != n as u64 {
+            bail!("{stored} of the shop's {n} events are in the database after all were acked");
+        }
+        eprintln!(
+            "bench: nudge took {:.1} s; waiting for the outbox to drain",
+            nudge.secs
+        );
+        let outbox_drain_secs = drain(&probe).await?;
+
+        let latency = if args.latency_secs > 0 && args.latency_rate > 0 {
+            eprintln!(
+                "bench: latency at {} events/s for {} s",
+                args.latency_rate, args.latency_secs
+            );
+            let live = Shape {
+                clients: args.clients,
+                register: false,
+                tag: "live",
+            };
+            let count = args.latency_rate as usize * args.latency_secs as usize;
+            let specs = workload::generate(count, &live, 2, Utc::now(), Span::hours(1));
+            Some(
+                latency::measure(
+                    js,
+                    &config.nats,
+                    &probe,
+                    &specs,
+                    args.latency_rate,
+                    live.tag,
+                )
+                .await?,
+            )
+        } else {
+            None
+        };
+        let (effects, _) = probe.outbox().await?;
+        anyhow::Ok(Report {
+            machine: Machine::this(),
+            database: config.database.url.split(':').next().unwrap_or("").into(),
+            nats: String::new(),
+            events: n,
+            clients: args.clients,
+            publish,
+            raw,
+            nudge,
+            ratio: nudge.per_sec / raw.per_sec,
+            stored_events: probe.all_events().await?,
+            effects,
+            outbox_drain_secs,
+            latency,
+            memory: Memory {
+                rss_before_mib: rss_before,
+                rss_after_run_mib: rss_after_run,
+                rss_after_latency_mib: probe::memory_mib("VmRSS"),
+                peak_mib: probe::memory_mib("VmHWM"),
+                peak_reset,
+            },
+        })
+    }
+    .await;
+    // Whatever happened, stop the daemon the way SIGTERM would.
+    cancel.cancel();
+    match daemon.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "the daemon stopped with an error"),
+        Err(e) => tracing::warn!(error = %e, "the daemon task panicked"),
+    }
+    phases
+}
+
+/// The workload as (id, type, JSON) in publish order.
+fn payloads(specs: &[Spec]) -> impl Iterator<Item = (String, &'static str, Vec<u8>)> + '_ {
+    specs.iter().enumerate().map(|(i, s)| {
+        let id = format!("ev-{i:07}");
+        let json = serde_json::to_vec(&render(s, &id, "s", None)).expect("JSON values serialise");
+        (id, s.kind.type_name(), json)
+    })
+}
+
+/// Seconds until nothing due is left in the outbox; `None` past the wait.
+async fn drain(probe: &Probe) -> anyhow::Result<Option<f64>> {
+    let t = Instant::now();
+    while t.elapsed() < DRAIN_TIMEOUT {
+        if probe.outbox().await?.1 == 0 {
+            return Ok(Some(t.elapsed().as_secs_f64()));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(None)
+}
+
+/// The configuration under test: rules, templates and their settings from
+/// `base`; NATS names, database, mail and HTTP the bench's own.
+fn bench_config(mut c: Config, nats_url: &str, db_url: &str, dir: &Path) -> anyhow::Result<Config> {
+    for (what, d) in [
+        ("rules.dir", &c.rules.dir),
+        ("templates.dir", &c.templates.dir),
+    ] {
+        if !d.is_dir() {
+            bail!(
+                "{what} {} is not a folder: run from the repository root or pass --config",
+                d.display()
+            );
+        }
+    }
+    // Unique names, so a shared server (--nats-url) sees no clash.
+    let tag = format!("{:x}", std::process::id());
+    c.nats.url = nats_url.into();
+    c.nats.stream = format!("NUDGE_BENCH_{tag}");
+    c.nats.subject_prefix = format!("bench{tag}.shop");
+    c.nats.emit_prefix = format!("bench{tag}.nudge");
+    c.nats.consumer = "bench_nudge".into();
+    c.database.url = db_url.into();
+    c.mail.transport = Transport::File;
+    c.mail.dir = dir.join("mail");
+    c.http.listen = ([127, 0, 0, 1], 0).into();
+    // Any token: an open API would only add a warning to the output.
+    c.http.token = Some(format!("bench-token-{tag}-0123456789"));
+    // Without teams and partner shares, vip_callback and partner_attribution
+    // would stop early and the bench would measure less than a shop gets:
+    // use config.example.yaml's values when the configuration has none.
+    if c.teams.is_empty() {
+        for team in ["sales", "support"] {
+            c.teams.insert(
+                team.into(),
+                TeamConfig {
+                    email: format!("{team}@shop.example"),
+                },
+            );
+        }
+    }
+    if c.rules.settings.is_empty() {
+        c.rules.settings = serde_json::json!({
+            "partner_shares": {"acme": 10},
+            "default_partner_share": 5,
+        })
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
+    }
+    Ok(c)
+}
+
+/// A scratch folder removed when dropped (unless kept).
+struct Scratch {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl Scratch {
+    fn new(keep: bool) -> anyhow::Result<Self> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let path = std::env::temp_dir().join(format!("nudge-bench-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        Ok(Self { path, keep })
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if self.keep {
+            eprintln!("bench: kept {}", self.path.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}

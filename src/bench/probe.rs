@@ -1,0 +1,114 @@
+//! Looking at the database from outside the daemon, on a connection of its
+//! own, the way an operator would: how many of the shop's events are
+//! committed, how full the outbox is, and which events became visible since
+//! the last look (for the latency phase). One variant per backend; the
+//! PostgreSQL one is left for when that backend lands.
+
+use crate::store::ts;
+use anyhow::{Context, bail};
+use chrono::Utc;
+use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
+use sqlx::{Row, SqlitePool};
+use std::str::FromStr;
+
+pub enum Probe {
+    Sqlite(SqlitePool),
+}
+
+/// A position in the event log: rows after it are newer commits.
+pub type Cursor = i64;
+
+impl Probe {
+    pub async fn open(url: &str) -> anyhow::Result<Self> {
+        if !url.starts_with("sqlite:") {
+            bail!("the bench can observe only SQLite for now, not {url}");
+        }
+        let opts = SqliteConnectOptions::from_str(url)
+            .with_context(|| format!("bad database url {url}"))?
+            .read_only(true);
+        // One connection: the probe must not compete with the daemon's pool.
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(opts)
+            .await
+            .with_context(|| format!("cannot open {url} to observe it"))?;
+        Ok(Probe::Sqlite(pool))
+    }
+
+    /// Events in the log that came from the stream (nudge's own secondary
+    /// events have no stream sequence).
+    pub async fn shop_events(&self) -> anyhow::Result<u64> {
+        let Probe::Sqlite(pool) = self;
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM events WHERE stream_seq IS NOT NULL")
+            .fetch_one(pool)
+            .await
+            .context("counting the shop's events")?;
+        Ok(n as u64)
+    }
+
+    pub async fn all_events(&self) -> anyhow::Result<u64> {
+        let Probe::Sqlite(pool) = self;
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM events")
+            .fetch_one(pool)
+            .await
+            .context("counting events")?;
+        Ok(n as u64)
+    }
+
+    /// (effects in the outbox, of which due now and not yet sent or failed).
+    /// Mail deferred to later (quiet hours) is not due, so it does not count.
+    pub async fn outbox(&self) -> anyhow::Result<(u64, u64)> {
+        let Probe::Sqlite(pool) = self;
+        let row = sqlx::query(
+            "SELECT COUNT(*), COALESCE(SUM(status = 'sending' \
+             OR (status = 'pending' AND due_at <= ?)), 0) FROM outbox",
+        )
+        .bind(ts(Utc::now()))
+        .fetch_one(pool)
+        .await
+        .context("counting the outbox")?;
+        Ok((row.get::<i64, _>(0) as u64, row.get::<i64, _>(1) as u64))
+    }
+
+    /// The newest committed event's position.
+    pub async fn cursor(&self) -> anyhow::Result<Cursor> {
+        let Probe::Sqlite(pool) = self;
+        let n: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(rowid), 0) FROM events")
+            .fetch_one(pool)
+            .await
+            .context("reading the newest event position")?;
+        Ok(n)
+    }
+
+    /// Ids of the events committed after `after`, and the new cursor. SQLite
+    /// hands out rowids in insert order and there is one writer at a time,
+    /// so this is a cheap range read on the table's own b-tree.
+    pub async fn committed_since(&self, after: Cursor) -> anyhow::Result<(Vec<String>, Cursor)> {
+        let Probe::Sqlite(pool) = self;
+        let rows = sqlx::query("SELECT rowid, id FROM events WHERE rowid > ? ORDER BY rowid")
+            .bind(after)
+            .fetch_all(pool)
+            .await
+            .context("reading newly committed events")?;
+        let next = rows.last().map_or(after, |r| r.get::<i64, _>(0));
+        Ok((rows.into_iter().map(|r| r.get(1)).collect(), next))
+    }
+}
+
+/// A field of `/proc/self/status` in MiB (`VmRSS`, `VmHWM`); 0 where unknown.
+pub fn memory_mib(field: &str) -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field) && l[field.len()..].starts_with(':'))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+/// Resets `VmHWM` to the current RSS (Linux `clear_refs` 5), so the peak
+/// reported covers nudge's work and not the bench's own set-up.
+pub fn reset_peak_memory() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
