@@ -3,6 +3,7 @@
 //! [`Store::commit_batch`] in one transaction: events, client states, outbox
 //! and process log together, so an effect exists only if its cause does.
 
+pub mod postgres;
 pub mod sqlite;
 
 use crate::counters::{CounterKey, CounterWrite, Stored};
@@ -14,6 +15,7 @@ use serde::Serialize;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error)]
@@ -407,6 +409,7 @@ pub trait Store: Send + Sync + 'static {
 #[derive(Clone)]
 pub enum AnyStore {
     Sqlite(SqliteStore),
+    Postgres(PgStore),
 }
 
 impl AnyStore {
@@ -415,9 +418,14 @@ impl AnyStore {
             Ok(AnyStore::Sqlite(
                 SqliteStore::connect(url, max_connections).await?,
             ))
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            Ok(AnyStore::Postgres(
+                PgStore::connect(url, max_connections).await?,
+            ))
         } else {
             Err(StoreError::Url(format!(
-                "{url} (only sqlite:// is supported in this version)"
+                "{} (expected sqlite:// or postgres://)",
+                crate::config::redact(url)
             )))
         }
     }
@@ -427,6 +435,7 @@ macro_rules! forward {
     ($self:ident, $s:ident => $call:expr) => {
         match $self {
             AnyStore::Sqlite($s) => $call.await,
+            AnyStore::Postgres($s) => $call.await,
         }
     };
 }

@@ -925,7 +925,7 @@ impl Store for SqliteStore {
                 .await
                 .map_err(db("writing replayed clients"))?;
         }
-        for chunk in derived.counters.chunks(chunk_rows(3)) {
+        for chunk in derived.counters.chunks(chunk_rows(4)) {
             let mut q =
                 QueryBuilder::<Sqlite>::new("INSERT INTO counters (name, period, value, version) ");
             q.push_values(chunk, |mut b, (k, v)| {

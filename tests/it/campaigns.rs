@@ -1,6 +1,6 @@
 //! Cross-client campaigns: shared counters, secondary events, staff tasks.
 
-use crate::helpers::{TestApp, ago, event, eventually, registered_at};
+use crate::helpers::{Backend, TestApp, ago, event, eventually, registered_at};
 use futures::StreamExt;
 use nudge::counters::CounterKey;
 use nudge::store::Store;
@@ -54,9 +54,8 @@ async fn happy_mails(app: &TestApp) -> Vec<crate::helpers::Mail> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_99th_big_client_gets_one_letter_one_event_and_one_task() {
-    let app = TestApp::spawn().await;
+async fn the_99th_big_client_gets_one_letter_one_event_and_one_task(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
     let nats = async_nats::connect(app.config.nats.url.as_str())
         .await
         .unwrap();
@@ -151,9 +150,8 @@ async fn the_99th_big_client_gets_one_letter_one_event_and_one_task() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn counters_stay_exact_with_two_instances_consuming_at_once() {
-    let app = TestApp::spawn().await;
+async fn counters_stay_exact_with_two_instances_consuming_at_once(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
     let peer = app.start_peer().await;
     publish_campaign(&app).await;
     app.wait_events(120 * 3 + 1).await;
@@ -168,9 +166,8 @@ async fn counters_stay_exact_with_two_instances_consuming_at_once() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn partner_commission_and_vip_callback() {
-    let app = TestApp::spawn().await;
+async fn partner_commission_and_vip_callback(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
     let nats = async_nats::connect(app.config.nats.url.as_str())
         .await
         .unwrap();
@@ -239,3 +236,9 @@ async fn partner_commission_and_vip_callback() {
     );
     app.stop().await;
 }
+
+backend_tests!(
+    the_99th_big_client_gets_one_letter_one_event_and_one_task,
+    counters_stay_exact_with_two_instances_consuming_at_once,
+    partner_commission_and_vip_callback,
+);

@@ -1,6 +1,6 @@
 //! The `nudge` command line, run as a user would.
 
-use crate::helpers::{TestEnv, start_nats};
+use crate::helpers::{Backend, TestEnv, start_nats};
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -104,9 +104,8 @@ fn a_bad_config_is_refused_naming_the_key() {
     assert!(t.contains("nats.batch_size"), "{t}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn publish_then_run_then_list_rejected_then_stop_on_sigterm() {
-    let env = TestEnv::new().await;
+async fn publish_then_run_then_list_rejected_then_stop_on_sigterm(backend: Backend) {
+    let env = TestEnv::new(backend).await;
     let nats = start_nats();
     let d = env.dir.path().display().to_string();
     let events = env.dir.path().join("events.jsonl");
@@ -124,7 +123,7 @@ async fn publish_then_run_then_list_rejected_then_stop_on_sigterm() {
             "NUDGE__NATS__URL",
             format!("nats://127.0.0.1:{}", nats.port),
         ),
-        ("NUDGE__DATABASE__URL", format!("sqlite://{d}/cli.db")),
+        ("NUDGE__DATABASE__URL", env.db.url.clone()),
         ("NUDGE__MAIL__TRANSPORT", "file".to_string()),
         ("NUDGE__MAIL__DIR", format!("{d}/mail")),
         (
@@ -218,3 +217,5 @@ async fn publish_then_run_then_list_rejected_then_stop_on_sigterm() {
         "{t}"
     );
 }
+
+backend_tests!(publish_then_run_then_list_rejected_then_stop_on_sigterm,);

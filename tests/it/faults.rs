@@ -1,16 +1,15 @@
 //! Faults: broken rules, poison messages, a killed daemon, a restarted broker.
 //! The numbers each proves are printed (`cargo test -- --nocapture` shows them).
 
-use crate::helpers::{TestApp, TestEnv, ago, event, eventually, registered_at};
+use crate::helpers::{Backend, TestApp, TestEnv, ago, event, eventually, registered_at};
 use nudge::store::Store;
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rule_failing_again_and_again_is_quarantined_until_its_file_changes() {
-    let env = TestEnv::with_env(&[("NUDGE__RULES__QUARANTINE_AFTER", "3")]).await;
+async fn a_rule_failing_again_and_again_is_quarantined_until_its_file_changes(backend: Backend) {
+    let env = TestEnv::with_env(backend, &[("NUDGE__RULES__QUARANTINE_AFTER", "3")]).await;
     std::fs::write(
         env.rules_dir().join("broken.rhai"),
         "const ON = [\"page_viewed\"];\nlet x = event.data.missing.deeper;\n",
@@ -94,20 +93,24 @@ async fn a_rule_failing_again_and_again_is_quarantined_until_its_file_changes() 
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_poison_message_is_recorded_and_the_stream_goes_on() {
-    let app = TestApp::spawn().await;
+async fn a_poison_message_is_recorded_and_the_stream_goes_on(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
     // An event the database refuses to store, whatever the batch around it.
-    let pool = sqlx::SqlitePool::connect(&app.config.database.url)
-        .await
-        .unwrap();
-    sqlx::query(
-        "CREATE TRIGGER poison BEFORE INSERT ON events WHEN NEW.id = 'poison' \
-         BEGIN SELECT RAISE(ABORT, 'this row is poison'); END",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
+    let sql = app.db.sql().await;
+    sql.execute(match backend {
+        Backend::Sqlite => {
+            "CREATE TRIGGER poison BEFORE INSERT ON events WHEN NEW.id = 'poison' \
+             BEGIN SELECT RAISE(ABORT, 'this row is poison'); END"
+        }
+        Backend::Postgres => {
+            "CREATE FUNCTION poison() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+             IF NEW.id = 'poison' THEN RAISE EXCEPTION 'this row is poison'; END IF; \
+             RETURN NEW; END $$; \
+             CREATE TRIGGER poison BEFORE INSERT ON events FOR EACH ROW EXECUTE FUNCTION poison()"
+        }
+    })
+    .await;
+    sql.close().await;
     app.publish(&registered_at("before", "pa", &ago(60))).await;
     app.publish(&registered_at("poison", "pb", &ago(50))).await;
     app.publish(&registered_at("after", "pc", &ago(40))).await;
@@ -129,7 +132,6 @@ async fn a_poison_message_is_recorded_and_the_stream_goes_on() {
     let mut to: Vec<_> = mails.iter().map(|m| m.to.clone()).collect();
     to.sort();
     assert_eq!(to, ["pa@example.com", "pc@example.com"]);
-    pool.close().await;
     app.stop().await;
 }
 
@@ -154,15 +156,16 @@ fn kills() -> usize {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_while_events_stream_in_loses_nothing_and_doubles_only_mails_in_flight() {
-    let env = TestEnv::new().await;
+async fn sigkill_while_events_stream_in_loses_nothing_and_doubles_only_mails_in_flight(
+    backend: Backend,
+) {
+    let env = TestEnv::new(backend).await;
     let d = env.dir.path().display().to_string();
     let http_port = crate::helpers::free_port();
     let vars: Vec<(String, String)> = [
         ("NUDGE__NATS__URL", env.config.nats.url.clone()),
         ("NUDGE__NATS__STREAM", env.config.nats.stream.clone()),
-        ("NUDGE__DATABASE__URL", format!("sqlite://{d}/kill.db")),
+        ("NUDGE__DATABASE__URL", env.db.url.clone()),
         ("NUDGE__MAIL__TRANSPORT", "smtp".into()),
         (
             "NUDGE__SMTP__URL",
@@ -225,7 +228,7 @@ async fn sigkill_while_events_stream_in_loses_nothing_and_doubles_only_mails_in_
         }
     }
 
-    let store = nudge::store::AnyStore::connect(&format!("sqlite://{d}/kill.db"), 2)
+    let store = nudge::store::AnyStore::connect(&env.db.url, 2)
         .await
         .unwrap();
     eventually(Duration::from_secs(120), "every event stored", || async {
@@ -269,10 +272,9 @@ async fn sigkill_while_events_stream_in_loses_nothing_and_doubles_only_mails_in_
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nats_down_at_start_then_up_and_restarted_under_load() {
+async fn nats_down_at_start_then_up_and_restarted_under_load(backend: Backend) {
     // No broker yet: nudge starts, says not ready, and waits.
-    let mut env = TestEnv::new().await;
+    let mut env = TestEnv::new(backend).await;
     env.nats.stop();
     let mut app = env.start_unready().await;
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -344,3 +346,10 @@ async fn publish_retrying(app: &TestApp, e: &Value) {
     }
     panic!("could not publish {id}");
 }
+
+backend_tests!(
+    a_rule_failing_again_and_again_is_quarantined_until_its_file_changes,
+    a_poison_message_is_recorded_and_the_stream_goes_on,
+    sigkill_while_events_stream_in_loses_nothing_and_doubles_only_mails_in_flight,
+    nats_down_at_start_then_up_and_restarted_under_load,
+);

@@ -1,7 +1,8 @@
 //! Test harness: each test gets its own nats-server (JetStream on a private
-//! store), its own SMTP server (aiosmtpd writing a Maildir), its own SQLite
-//! file and its own copy of the rules and templates, and runs nudge
-//! in-process. A service that cannot start fails the test.
+//! store), its own SMTP server (aiosmtpd writing a Maildir), its own database
+//! (a SQLite file, or a PostgreSQL database created for it and dropped after)
+//! and its own copy of the rules and templates, and runs nudge in-process. A
+//! service that cannot start fails the test.
 
 use nudge::app::Application;
 use nudge::config::Config;
@@ -13,6 +14,174 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tempfile::TempDir;
 use tokio_util::sync::CancellationToken;
+
+/// Runs each named test, an `async fn(Backend)`, once per database backend:
+/// `name::sqlite` and `name::postgres`.
+macro_rules! backend_tests {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$name($crate::helpers::Backend::Sqlite).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                super::$name($crate::helpers::Backend::Postgres).await
+            }
+        }
+    )*};
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Where the Postgres tests create their databases: `NUDGE_TEST_PG_URL`, a
+/// database the user may `CREATE DATABASE` from.
+fn pg_admin_url() -> String {
+    std::env::var("NUDGE_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// A database of one test's own: a SQLite file in `dir`, or a fresh
+/// PostgreSQL database, dropped (connections and all) when this is dropped.
+pub struct TestDb {
+    pub url: String,
+    pg_name: Option<String>,
+}
+
+impl TestDb {
+    pub async fn create(backend: Backend, dir: &Path, name: &str) -> TestDb {
+        match backend {
+            Backend::Sqlite => TestDb {
+                url: format!("sqlite://{}/{name}.db", dir.display()),
+                pg_name: None,
+            },
+            Backend::Postgres => {
+                use sqlx::Connection;
+                let admin = pg_admin_url();
+                let mut salt = [0u8; 4];
+                getrandom::fill(&mut salt).unwrap();
+                let db = format!("nudge_t_{name}_{}", hex::encode(salt));
+                let mut c = sqlx::PgConnection::connect(&admin)
+                    .await
+                    .unwrap_or_else(|e| {
+                        panic!("PostgreSQL at {admin} (NUDGE_TEST_PG_URL) must be reachable: {e}")
+                    });
+                sqlx::query(&format!("CREATE DATABASE {db}"))
+                    .execute(&mut c)
+                    .await
+                    .unwrap_or_else(|e| panic!("cannot create database {db}: {e}"));
+                c.close().await.ok();
+                let mut url = url::Url::parse(&admin).expect("NUDGE_TEST_PG_URL is a url");
+                url.set_path(&db);
+                TestDb {
+                    url: url.to_string(),
+                    pg_name: Some(db),
+                }
+            }
+        }
+    }
+
+    /// A connection for checks the store's API does not offer.
+    pub async fn sql(&self) -> Sql {
+        Sql::connect(&self.url).await
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let Some(db) = self.pg_name.take() else {
+            return;
+        };
+        // Drop runs inside the test's runtime: do the async work on a thread
+        // of its own.
+        let admin = pg_admin_url();
+        let dropped = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                use sqlx::Connection;
+                let mut c = sqlx::PgConnection::connect(&admin).await?;
+                sqlx::query(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+                    .execute(&mut c)
+                    .await?;
+                c.close().await
+            })
+        })
+        .join();
+        if let Ok(Err(e)) = dropped {
+            eprintln!("could not drop a test database: {e}");
+        }
+    }
+}
+
+/// Plain SQL on a test database, for both backends. Queries cast what they
+/// read to TEXT (`CAST(x AS TEXT)` works on both), so rows come back as text.
+pub enum Sql {
+    Sqlite(sqlx::SqlitePool),
+    Postgres(sqlx::PgPool),
+}
+
+impl Sql {
+    pub async fn connect(url: &str) -> Sql {
+        if url.starts_with("sqlite:") {
+            Sql::Sqlite(sqlx::SqlitePool::connect(url).await.unwrap())
+        } else {
+            Sql::Postgres(sqlx::PgPool::connect(url).await.unwrap())
+        }
+    }
+
+    pub async fn execute(&self, sql: &str) {
+        match self {
+            Sql::Sqlite(p) => sqlx::raw_sql(sql).execute(p).await.map(drop),
+            Sql::Postgres(p) => sqlx::raw_sql(sql).execute(p).await.map(drop),
+        }
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    pub async fn scalar(&self, sql: &str) -> i64 {
+        match self {
+            Sql::Sqlite(p) => sqlx::query_scalar(sql).fetch_one(p).await,
+            Sql::Postgres(p) => sqlx::query_scalar(sql).fetch_one(p).await,
+        }
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    /// Every row, each column as optional text.
+    pub async fn rows(&self, sql: &str) -> Vec<Vec<Option<String>>> {
+        use sqlx::Row;
+        fn all<R: Row>(rows: Vec<R>) -> Vec<Vec<Option<String>>>
+        where
+            for<'r> Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+            usize: sqlx::ColumnIndex<R>,
+        {
+            rows.iter()
+                .map(|r| {
+                    (0..r.len())
+                        .map(|i| r.get::<Option<String>, _>(i))
+                        .collect()
+                })
+                .collect()
+        }
+        match self {
+            Sql::Sqlite(p) => sqlx::query(sql).fetch_all(p).await.map(all),
+            Sql::Postgres(p) => sqlx::query(sql).fetch_all(p).await.map(all),
+        }
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    pub async fn close(self) {
+        match self {
+            Sql::Sqlite(p) => p.close().await,
+            Sql::Postgres(p) => p.close().await,
+        }
+    }
+}
 
 /// A port nothing listens on right now.
 pub fn free_port() -> u16 {
@@ -208,9 +377,11 @@ pub struct TestEnv {
     #[allow(dead_code)]
     pub nats: Service,
     pub smtp: Service,
-    pub dir: TempDir,
     pub config: Config,
     pub js: async_nats::jetstream::Context,
+    /// Declared before `dir`: dropped first.
+    pub db: TestDb,
+    pub dir: TempDir,
 }
 
 /// nudge running in-process against a [`TestEnv`].
@@ -230,15 +401,16 @@ impl std::ops::Deref for TestApp {
 }
 
 impl TestEnv {
-    pub async fn new() -> TestEnv {
-        Self::with_env(&[]).await
+    pub async fn new(backend: Backend) -> TestEnv {
+        Self::with_env(backend, &[]).await
     }
 
     /// A test environment with extra `NUDGE__...` settings.
-    pub async fn with_env(extra: &[(&str, &str)]) -> TestEnv {
+    pub async fn with_env(backend: Backend, extra: &[(&str, &str)]) -> TestEnv {
         let nats = start_nats();
         let smtp = start_smtp();
         let dir = tempfile::tempdir().unwrap();
+        let db = TestDb::create(backend, dir.path(), "nudge").await;
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         for sub in ["rules", "templates"] {
             let to = dir.path().join(sub);
@@ -256,7 +428,7 @@ impl TestEnv {
                 format!("nats://127.0.0.1:{}", nats.port),
             ),
             ("NUDGE__NATS__STREAM", format!("TEST_{}", free_port())),
-            ("NUDGE__DATABASE__URL", format!("sqlite://{d}/nudge.db")),
+            ("NUDGE__DATABASE__URL", db.url.clone()),
             ("NUDGE__MAIL__TRANSPORT", "smtp".into()),
             (
                 "NUDGE__SMTP__URL",
@@ -291,9 +463,10 @@ impl TestEnv {
         TestEnv {
             nats,
             smtp,
-            dir,
             config,
             js,
+            db,
+            dir,
         }
     }
 
@@ -425,8 +598,8 @@ impl TestApp {
         Peer { cancel, task }
     }
 
-    pub async fn spawn() -> TestApp {
-        TestEnv::new().await.start().await
+    pub async fn spawn(backend: Backend) -> TestApp {
+        TestEnv::new(backend).await.start().await
     }
 
     pub async fn wait_healthy(&self) {

@@ -1,6 +1,8 @@
 //! Integration tests: one binary, a module per feature. Each test starts its
-//! own nats-server, SMTP server and SQLite database (see `helpers`).
+//! own nats-server, SMTP server and database, and runs once per backend,
+//! SQLite and PostgreSQL (see `helpers`).
 
+#[macro_use]
 mod helpers;
 
 mod campaigns;

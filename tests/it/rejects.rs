@@ -1,12 +1,13 @@
 //! Bad input is kept as rejected with its reason and never blocks the stream.
 
-use crate::helpers::{TestApp, registered};
+use crate::helpers::{Backend, TestApp, registered};
 use nudge::store::Store;
 use serde_json::{Value, json};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn malformed_wrong_typed_and_oversize_events_are_kept_and_the_stream_goes_on() {
-    let app = TestApp::spawn().await;
+async fn malformed_wrong_typed_and_oversize_events_are_kept_and_the_stream_goes_on(
+    backend: Backend,
+) {
+    let app = TestApp::spawn(backend).await;
     app.publish_raw("client_registered", "bad-1", b"{not json".to_vec())
         .await;
     let mut wrong = registered("bad-2", "hal", "organic", "Hal");
@@ -43,3 +44,5 @@ async fn malformed_wrong_typed_and_oversize_events_are_kept_and_the_stream_goes_
     assert_eq!(app.store.count_events().await.unwrap(), 1);
     app.stop().await;
 }
+
+backend_tests!(malformed_wrong_typed_and_oversize_events_are_kept_and_the_stream_goes_on,);

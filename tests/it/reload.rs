@@ -1,6 +1,6 @@
 //! Rules change on disk while nudge runs.
 
-use crate::helpers::{TestApp, eventually, registered};
+use crate::helpers::{Backend, TestApp, eventually, registered};
 use nudge::store::Store;
 use serde_json::Value;
 use std::time::Duration;
@@ -21,9 +21,8 @@ async fn has_rule(app: &TestApp, name: &str) -> bool {
         .is_some_and(|rules| rules.iter().any(|x| x["name"] == name))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_edited_rule_takes_effect_and_a_broken_one_is_refused() {
-    let app = TestApp::spawn().await;
+async fn an_edited_rule_takes_effect_and_a_broken_one_is_refused(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
     let file = app.rules_dir().join("welcome.rhai");
 
     std::fs::write(&file, WELCOME_ALL_AS_TRIAL).unwrap();
@@ -79,9 +78,8 @@ async fn an_edited_rule_takes_effect_and_a_broken_one_is_refused() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rule_that_loops_forever_is_stopped_and_the_others_go_on() {
-    let app = TestApp::spawn().await;
+async fn a_rule_that_loops_forever_is_stopped_and_the_others_go_on(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
     std::fs::write(
         app.rules_dir().join("aaa_loop.rhai"),
         "const ON = [\"client_registered\"];\nlet n = 0;\nloop { n += 1; }\n",
@@ -119,3 +117,8 @@ async fn a_rule_that_loops_forever_is_stopped_and_the_others_go_on() {
     assert_eq!(err.event_id.as_ref().unwrap().as_str(), "e-1");
     app.stop().await;
 }
+
+backend_tests!(
+    an_edited_rule_takes_effect_and_a_broken_one_is_refused,
+    a_rule_that_loops_forever_is_stopped_and_the_others_go_on,
+);

@@ -1,7 +1,7 @@
 //! The customer 360 API and the live feed, against a history built from real
 //! events over NATS.
 
-use crate::helpers::{TestApp, TestEnv, ago, event, eventually, registered_at};
+use crate::helpers::{Backend, TestApp, TestEnv, ago, event, eventually, registered_at};
 use futures::StreamExt;
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
@@ -17,8 +17,8 @@ async fn get(app: &TestApp, path: &str) -> reqwest::Response {
         .unwrap()
 }
 
-async fn spawn() -> TestApp {
-    TestEnv::with_env(&[("NUDGE__HTTP__TOKEN", TOKEN)])
+async fn spawn(backend: Backend) -> TestApp {
+    TestEnv::with_env(backend, &[("NUDGE__HTTP__TOKEN", TOKEN)])
         .await
         .start()
         .await
@@ -35,9 +35,8 @@ fn order(id: &str, client: &str, secs_ago: i64, channel: &str, items: Value, tot
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_360_view_is_complete_and_real_time() {
-    let app = spawn().await;
+async fn the_360_view_is_complete_and_real_time(backend: Backend) {
+    let app = spawn(backend).await;
     let mut reg = registered_at("r-ada", "ada", &ago(10 * 86_400));
     reg["data"]["last_name"] = json!("Lovelace");
     app.publish(&reg).await;
@@ -136,9 +135,8 @@ async fn the_360_view_is_complete_and_real_time() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn search_paging_unknown_clients_and_tokens() {
-    let app = spawn().await;
+async fn search_paging_unknown_clients_and_tokens(backend: Backend) {
+    let app = spawn(backend).await;
     let mut reg = registered_at("r-bo", "bo-42", &ago(86_400));
     reg["data"]["first_name"] = json!("Bo");
     reg["data"]["last_name"] = json!("Diddley");
@@ -229,9 +227,8 @@ fn urlencode(s: &str) -> String {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_live_feed_streams_tasks_as_they_are_made() {
-    let app = spawn().await;
+async fn the_live_feed_streams_tasks_as_they_are_made(backend: Backend) {
+    let app = spawn(backend).await;
     // Listen in the background, as the staff page does, while events come in.
     let url = format!("http://{}/api/live?token={TOKEN}", app.http);
     let listener = tokio::spawn(async move {
@@ -274,3 +271,9 @@ async fn the_live_feed_streams_tasks_as_they_are_made() {
     );
     app.stop().await;
 }
+
+backend_tests!(
+    the_360_view_is_complete_and_real_time,
+    search_paging_unknown_clients_and_tokens,
+    the_live_feed_streams_tasks_as_they_are_made,
+);

@@ -1,7 +1,7 @@
 //! Rules that act on time: the shipped idle_reminder, browse_discount and
 //! quick_leave rules, with back-dated events instead of waiting.
 
-use crate::helpers::{TestApp, ago, event, eventually, registered_at};
+use crate::helpers::{Backend, TestApp, ago, event, eventually, registered_at};
 use serde_json::{Value, json};
 use std::time::Duration;
 
@@ -15,9 +15,8 @@ fn templates_to(app: &TestApp, to: &str) -> Vec<String> {
 
 const DAY: i64 = 86_400;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn idle_reminder_once_per_idle_period_and_run_on_demand() {
-    let app = TestApp::spawn().await;
+async fn idle_reminder_once_per_idle_period_and_run_on_demand(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
     app.publish(&registered_at("i-1", "idle", &ago(40 * DAY)))
         .await;
     app.publish(&registered_at("i-2", "active", &ago(2 * DAY)))
@@ -97,9 +96,8 @@ fn view(id: &str, client: &str, secs_ago: i64, session: &str) -> Value {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn browse_discount_for_long_browsing_without_cart_and_not_twice_a_week() {
-    let app = TestApp::spawn().await;
+async fn browse_discount_for_long_browsing_without_cart_and_not_twice_a_week(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
     for c in ["bea", "carl", "dan"] {
         app.publish(&registered_at(&format!("reg-{c}"), c, &ago(3 * DAY)))
             .await;
@@ -149,9 +147,8 @@ async fn browse_discount_for_long_browsing_without_cart_and_not_twice_a_week() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn quick_leave_after_one_page_and_a_fast_exit() {
-    let app = TestApp::spawn().await;
+async fn quick_leave_after_one_page_and_a_fast_exit(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
     for c in ["eli", "finn", "gia"] {
         app.publish(&registered_at(&format!("reg-{c}"), c, &ago(3 * DAY)))
             .await;
@@ -238,9 +235,8 @@ async fn quick_leave_after_one_page_and_a_fast_exit() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pending_timer_survives_a_restart() {
-    let app = TestApp::spawn().await;
+async fn a_pending_timer_survives_a_restart(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
     // The marketer's knob: wait 3 s of silence instead of 30 minutes.
     let file = app.rules_dir().join("quick_leave.rhai");
     let src = std::fs::read_to_string(&file)
@@ -275,3 +271,10 @@ async fn a_pending_timer_survives_a_restart() {
     assert_eq!(mails, ["welcome", "quick_leave"]);
     app.stop().await;
 }
+
+backend_tests!(
+    idle_reminder_once_per_idle_period_and_run_on_demand,
+    browse_discount_for_long_browsing_without_cart_and_not_twice_a_week,
+    quick_leave_after_one_page_and_a_fast_exit,
+    a_pending_timer_survives_a_restart,
+);

@@ -1,9 +1,8 @@
 //! Replay, backtest and preview over a history built by the live daemon.
 
-use crate::helpers::{TestApp, TestEnv, ago, event, registered_at};
+use crate::helpers::{Backend, Sql, TestApp, TestDb, TestEnv, ago, event, registered_at};
 use nudge::store::Store;
 use serde_json::{Value, json};
-use sqlx::Row;
 use std::collections::BTreeMap;
 
 const DAY: i64 = 86_400;
@@ -57,61 +56,36 @@ async fn build_history(app: &TestApp) -> u64 {
     n
 }
 
+/// The derived tables, as text, in a stable order.
 async fn dump(url: &str) -> BTreeMap<String, String> {
-    let pool = sqlx::SqlitePool::connect(url).await.unwrap();
+    let sql = Sql::connect(url).await;
     let mut out = BTreeMap::new();
-    for r in sqlx::query(
-        "SELECT client_id, state, next_due, email, last_seen FROM clients ORDER BY client_id",
-    )
-    .fetch_all(&pool)
-    .await
-    .unwrap()
-    {
-        let row = format!(
-            "{} | {:?} | {:?} | {:?}",
-            r.get::<String, _>(1),
-            r.get::<Option<String>, _>(2),
-            r.get::<Option<String>, _>(3),
-            r.get::<Option<String>, _>(4)
-        );
-        out.insert(format!("client {}", r.get::<String, _>(0)), row);
+    let queries = [
+        (
+            "client",
+            "SELECT client_id, CAST(state AS TEXT), CAST(next_due AS TEXT), email, \
+             CAST(last_seen AS TEXT) FROM clients",
+        ),
+        (
+            "counter",
+            "SELECT name, period, CAST(value AS TEXT) FROM counters",
+        ),
+        ("member", "SELECT name, period, member FROM counter_members"),
+    ];
+    for (table, query) in queries {
+        for row in sql.rows(query).await {
+            out.insert(
+                format!("{table} {:?}", &row[..row.len().min(2)]),
+                format!("{row:?}"),
+            );
+        }
     }
-    for r in sqlx::query("SELECT name, period, value FROM counters")
-        .fetch_all(&pool)
-        .await
-        .unwrap()
-    {
-        out.insert(
-            format!(
-                "counter {} {}",
-                r.get::<String, _>(0),
-                r.get::<String, _>(1)
-            ),
-            r.get::<f64, _>(2).to_string(),
-        );
-    }
-    for r in sqlx::query("SELECT name, period, member FROM counter_members")
-        .fetch_all(&pool)
-        .await
-        .unwrap()
-    {
-        out.insert(
-            format!(
-                "member {} {} {}",
-                r.get::<String, _>(0),
-                r.get::<String, _>(1),
-                r.get::<String, _>(2)
-            ),
-            String::new(),
-        );
-    }
-    pool.close().await;
+    sql.close().await;
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replay_rebuilds_the_same_history_and_backtest_finds_the_same_effects() {
-    let env = TestEnv::new().await;
+async fn replay_rebuilds_the_same_history_and_backtest_finds_the_same_effects(backend: Backend) {
+    let env = TestEnv::new(backend).await;
     // No scheduled rule: its sweeps would run at wall-clock times that the
     // back-dated events of this test do not respect.
     std::fs::remove_file(env.rules_dir().join("idle_reminder.rhai")).unwrap();
@@ -210,7 +184,8 @@ async fn replay_rebuilds_the_same_history_and_backtest_finds_the_same_effects() 
 
     // A fresh database rebuilt from the stream: the same clients, nothing queued.
     let mut fresh = env.config.clone();
-    fresh.database.url = format!("sqlite://{}/fresh.db", env.dir.path().display());
+    let fresh_db = TestDb::create(backend, env.dir.path(), "fresh").await;
+    fresh.database.url = fresh_db.url.clone();
     let fresh_store = nudge::app::open_store(&fresh).await.unwrap();
     let read = nudge::tools::replay_from_stream(
         &fresh,
@@ -240,3 +215,5 @@ async fn replay_rebuilds_the_same_history_and_backtest_finds_the_same_effects() 
     assert_eq!(rebuilt[&ids[0]].stats.orders, 3);
     assert_eq!(env.mails().len(), mails_before, "nothing sent");
 }
+
+backend_tests!(replay_rebuilds_the_same_history_and_backtest_finds_the_same_effects,);

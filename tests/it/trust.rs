@@ -1,7 +1,7 @@
 //! Mail people trust: consent, one-click unsubscribe, caps, quiet hours, a
 //! sender that survives its SMTP server, and GDPR export and erasure.
 
-use crate::helpers::{TestApp, TestEnv, ago, event, eventually, registered_at};
+use crate::helpers::{Backend, TestApp, TestEnv, ago, event, eventually, registered_at};
 use nudge::event::ClientId;
 use nudge::store::Store;
 use serde_json::{Value, json};
@@ -58,9 +58,8 @@ async fn log_lines(app: &TestApp, client: &str) -> Vec<String> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_marketing_without_consent_and_none_after_a_one_click_unsubscribe() {
-    let app = TestApp::spawn().await;
+async fn no_marketing_without_consent_and_none_after_a_one_click_unsubscribe(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
     let mut no_consent = registered_at("r-nc", "nico", &ago(20 * DAY));
     no_consent["data"]["marketing_consent"] = json!(false);
     app.publish(&no_consent).await;
@@ -143,9 +142,8 @@ async fn no_marketing_without_consent_and_none_after_a_one_click_unsubscribe() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_daily_cap_stops_a_second_marketing_mail() {
-    let env = TestEnv::with_env(&[("NUDGE__MAIL__MAX_MARKETING_PER_DAY", "1")]).await;
+async fn the_daily_cap_stops_a_second_marketing_mail(backend: Backend) {
+    let env = TestEnv::with_env(backend, &[("NUDGE__MAIL__MAX_MARKETING_PER_DAY", "1")]).await;
     let app = env.start().await;
     app.publish(&registered_at("r-ca", "cap", &ago(3 * DAY)))
         .await;
@@ -187,12 +185,14 @@ async fn the_daily_cap_stops_a_second_marketing_mail() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_marketing_mail_in_quiet_hours_waits_for_the_morning() {
-    let env = TestEnv::with_env(&[
-        ("NUDGE__MAIL__QUIET_HOURS__START", "21:00"),
-        ("NUDGE__MAIL__QUIET_HOURS__END", "08:00"),
-    ])
+async fn a_marketing_mail_in_quiet_hours_waits_for_the_morning(backend: Backend) {
+    let env = TestEnv::with_env(
+        backend,
+        &[
+            ("NUDGE__MAIL__QUIET_HOURS__START", "21:00"),
+            ("NUDGE__MAIL__QUIET_HOURS__END", "08:00"),
+        ],
+    )
     .await;
     // The sender's clock: 23:30 in Paris, where the client lives.
     let night = chrono::DateTime::parse_from_rfc3339("2026-11-23T22:30:00Z")
@@ -242,9 +242,8 @@ async fn a_marketing_mail_in_quiet_hours_waits_for_the_morning() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn smtp_down_for_a_while_then_back_every_mail_arrives_once_and_a_550_fails() {
-    let mut env = TestEnv::new().await;
+async fn smtp_down_for_a_while_then_back_every_mail_arrives_once_and_a_550_fails(backend: Backend) {
+    let mut env = TestEnv::new(backend).await;
     env.smtp.stop();
     let app = env.start().await;
     for c in ["sam", "sia", "sol"] {
@@ -286,9 +285,8 @@ async fn smtp_down_for_a_while_then_back_every_mail_arrives_once_and_a_550_fails
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn export_erase_and_a_replay_after_erase() {
-    let app = TestApp::spawn().await;
+async fn export_erase_and_a_replay_after_erase(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
     app.publish(&registered_at("r-g", "gdpr", &ago(3 * DAY)))
         .await;
     app.publish(&registered_at("r-k", "keep", &ago(3 * DAY)))
@@ -327,23 +325,21 @@ async fn export_erase_and_a_replay_after_erase() {
     assert_eq!(app.get("/api/clients/gdpr/export").await.status(), 404);
 
     let env = app.stop().await;
-    let pool = sqlx::SqlitePool::connect(&env.config.database.url)
-        .await
-        .unwrap();
-    let leaks: i64 = sqlx::query_scalar(
-        "SELECT (SELECT COUNT(*) FROM events WHERE data LIKE '%gdpr@%' OR context LIKE '%gdpr@%') \
-              + (SELECT COUNT(*) FROM outbox WHERE payload LIKE '%gdpr@%') \
-              + (SELECT COUNT(*) FROM clients WHERE client_id = 'gdpr')",
-    )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
+    let sql = env.db.sql().await;
+    let leaks = sql
+        .scalar(
+            "SELECT (SELECT COUNT(*) FROM events WHERE CAST(data AS TEXT) LIKE '%gdpr@%' \
+                     OR CAST(context AS TEXT) LIKE '%gdpr@%') \
+                  + (SELECT COUNT(*) FROM outbox WHERE CAST(payload AS TEXT) LIKE '%gdpr@%') \
+                  + (SELECT COUNT(*) FROM clients WHERE client_id = 'gdpr')",
+        )
+        .await;
     assert_eq!(leaks, 0, "no personal data left");
-    let events: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM events WHERE client_id = 'gdpr'")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let events = sql
+        .scalar("SELECT COUNT(*) FROM events WHERE client_id = 'gdpr'")
+        .await;
     assert_eq!(events, 2, "the events stay, emptied, for the aggregates");
+    sql.close().await;
 
     // A replay does not bring them back; the other client is rebuilt.
     let store = nudge::app::open_store(&env.config).await.unwrap();
@@ -359,5 +355,12 @@ async fn export_erase_and_a_replay_after_erase() {
         .unwrap();
     assert_eq!(states.len(), 1);
     assert!(states.contains_key(&ClientId::parse("keep").unwrap()));
-    pool.close().await;
 }
+
+backend_tests!(
+    no_marketing_without_consent_and_none_after_a_one_click_unsubscribe,
+    the_daily_cap_stops_a_second_marketing_mail,
+    a_marketing_mail_in_quiet_hours_waits_for_the_morning,
+    smtp_down_for_a_while_then_back_every_mail_arrives_once_and_a_550_fails,
+    export_erase_and_a_replay_after_erase,
+);

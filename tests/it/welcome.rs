@@ -1,11 +1,10 @@
 //! The first rule end to end: registrations over NATS, mail over SMTP.
 
-use crate::helpers::{TestApp, TestEnv, registered};
+use crate::helpers::{Backend, TestApp, TestEnv, registered};
 use nudge::store::Store;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn each_acquisition_channel_gets_its_welcome_mail() {
-    let app = TestApp::spawn().await;
+async fn each_acquisition_channel_gets_its_welcome_mail(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
     app.publish(&registered("e-1", "ana", "promo", "Ana")).await;
     app.publish(&registered("e-2", "ben", "trial", "Ben")).await;
     app.publish(&registered("e-3", "cleo", "organic", "Cleo"))
@@ -58,9 +57,8 @@ async fn each_acquisition_channel_gets_its_welcome_mail() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_same_event_id_twice_gives_one_mail() {
-    let app = TestApp::spawn().await;
+async fn the_same_event_id_twice_gives_one_mail(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
     let event = registered("e-dup", "dora", "organic", "Dora");
     app.publish(&event).await;
     app.wait_mails(1).await;
@@ -84,9 +82,8 @@ async fn the_same_event_id_twice_gives_one_mail() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn events_published_before_start_or_while_down_are_all_processed() {
-    let env = TestEnv::new().await;
+async fn events_published_before_start_or_while_down_are_all_processed(backend: Backend) {
+    let env = TestEnv::new(backend).await;
     // The shop published before nudge ever ran.
     env.create_stream().await;
     env.publish(&registered("r-1", "fay", "trial", "Fay")).await;
@@ -107,3 +104,9 @@ async fn events_published_before_start_or_while_down_are_all_processed() {
     assert_eq!(to, vec!["fay@example.com", "gus@example.com"], "{mails:?}");
     app.stop().await;
 }
+
+backend_tests!(
+    each_acquisition_channel_gets_its_welcome_mail,
+    the_same_event_id_twice_gives_one_mail,
+    events_published_before_start_or_while_down_are_all_processed,
+);
