@@ -66,6 +66,10 @@ pub struct NatsConfig {
     pub batch_size: usize,
     /// Envelopes larger than this are rejected. Default 65536.
     pub max_event_bytes: usize,
+    /// How long the broker waits for an instance's ack before it hands the
+    /// events to another instance (set when the consumer is created): the
+    /// delay before a crashed instance's batch is taken over. Default 30.
+    pub ack_wait_secs: u64,
 }
 
 impl Default for NatsConfig {
@@ -79,6 +83,7 @@ impl Default for NatsConfig {
             max_age_days: 365,
             batch_size: 500,
             max_event_bytes: 64 * 1024,
+            ack_wait_secs: 30,
         }
     }
 }
@@ -461,6 +466,7 @@ impl Config {
             })?;
         let positive = [
             ("nats.batch_size", self.nats.batch_size as u64),
+            ("nats.ack_wait_secs", self.nats.ack_wait_secs),
             ("nats.max_event_bytes", self.nats.max_event_bytes as u64),
             (
                 "database.max_connections",

@@ -52,7 +52,7 @@ pub async fn ensure_consumer(
         // All of it: events published before nudge first started are history too.
         deliver_policy: jetstream::consumer::DeliverPolicy::All,
         ack_policy: jetstream::consumer::AckPolicy::Explicit,
-        ack_wait: Duration::from_secs(60),
+        ack_wait: Duration::from_secs(cfg.ack_wait_secs),
         max_ack_pending: (cfg.batch_size as i64 * 8).max(1000),
         ..Default::default()
     };

@@ -129,9 +129,14 @@ async fn main() -> ExitCode {
 async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> {
     match command {
         Command::Run => {
-            let app = Application::build(config).await?;
+            // Handlers first: a SIGTERM during startup (a rolling restart
+            // does not wait) is a clean stop, not death by signal.
             let cancel = CancellationToken::new();
-            tokio::spawn(stop_on_signal(cancel.clone()));
+            tokio::spawn(stop_on_signal(StopSignals::install()?, cancel.clone()));
+            let app = tokio::select! {
+                app = Application::build(config) => app?,
+                _ = cancel.cancelled() => return Ok(ExitCode::SUCCESS),
+            };
             app.run_until_stopped(cancel).await?;
         }
         Command::Check => {
@@ -348,20 +353,38 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> 
     Ok(ExitCode::SUCCESS)
 }
 
+/// SIGTERM and Ctrl-C, listened to from the moment they are installed.
+struct StopSignals {
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> anyhow::Result<Self> {
+        Ok(Self {
+            #[cfg(unix)]
+            term: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .map_err(|e| anyhow::anyhow!("cannot install a SIGTERM handler: {e}"))?,
+        })
+    }
+}
+
 /// Cancels on SIGTERM or Ctrl-C: the daemon then finishes the batch in hand.
-async fn stop_on_signal(cancel: CancellationToken) {
+async fn stop_on_signal(signals: StopSignals, cancel: CancellationToken) {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("can install a SIGTERM handler");
+        let mut term = signals.term;
         tokio::select! {
             _ = ctrl_c => {},
             _ = term.recv() => {},
         }
     }
     #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    {
+        let _ = signals;
+        let _ = ctrl_c.await;
+    }
     tracing::info!("stop requested");
     cancel.cancel();
 }

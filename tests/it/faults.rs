@@ -1,11 +1,12 @@
 //! Faults: broken rules, poison messages, a killed daemon, a restarted broker.
 //! The numbers each proves are printed (`cargo test -- --nocapture` shows them).
 
-use crate::helpers::{Backend, TestApp, TestEnv, ago, event, eventually, registered_at};
+use crate::helpers::{
+    Backend, TestApp, TestEnv, ago, daemon_vars, event, eventually, registered_at, spawn_daemon,
+};
 use nudge::store::Store;
 use serde_json::{Value, json};
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 async fn a_rule_failing_again_and_again_is_quarantined_until_its_file_changes(backend: Backend) {
@@ -135,18 +136,6 @@ async fn a_poison_message_is_recorded_and_the_stream_goes_on(backend: Backend) {
     app.stop().await;
 }
 
-fn spawn_daemon(vars: &[(String, String)]) -> Child {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nudge"));
-    cmd.args(["run"]).current_dir(env!("CARGO_MANIFEST_DIR"));
-    for (k, v) in vars {
-        cmd.env(k, v);
-    }
-    if std::env::var("TEST_LOG").is_err() {
-        cmd.stderr(Stdio::null()).stdout(Stdio::null());
-    }
-    cmd.spawn().expect("nudge starts")
-}
-
 /// How many kills; `NUDGE_FAULT_LONG=1` runs the long variant.
 fn kills() -> usize {
     if std::env::var("NUDGE_FAULT_LONG").is_ok() {
@@ -160,30 +149,7 @@ async fn sigkill_while_events_stream_in_loses_nothing_and_doubles_only_mails_in_
     backend: Backend,
 ) {
     let env = TestEnv::new(backend).await;
-    let d = env.dir.path().display().to_string();
-    let http_port = crate::helpers::free_port();
-    let vars: Vec<(String, String)> = [
-        ("NUDGE__NATS__URL", env.config.nats.url.clone()),
-        ("NUDGE__NATS__STREAM", env.config.nats.stream.clone()),
-        ("NUDGE__DATABASE__URL", env.db.url.clone()),
-        ("NUDGE__MAIL__TRANSPORT", "smtp".into()),
-        (
-            "NUDGE__SMTP__URL",
-            format!("smtp://127.0.0.1:{}", env.smtp.port),
-        ),
-        ("NUDGE__SMTP__FROM", "Shop <hello@shop.test>".into()),
-        ("NUDGE__RULES__DIR", format!("{d}/rules")),
-        ("NUDGE__TEMPLATES__DIR", format!("{d}/templates")),
-        ("NUDGE__HTTP__LISTEN", format!("127.0.0.1:{http_port}")),
-        ("NUDGE__NATS__BATCH_SIZE", "100".into()),
-        ("NUDGE__DELIVERY__POLL_MS", "50".into()),
-        ("NUDGE__MAIL__QUIET_HOURS", "null".into()),
-        // A killed sender's claims come back quickly.
-        ("NUDGE__DELIVERY__LEASE_SECS", "3".into()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
+    let vars = daemon_vars(&env, &[]);
     env.create_stream().await;
 
     let total = 5000usize;

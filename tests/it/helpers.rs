@@ -371,6 +371,58 @@ where
     }
 }
 
+/// nudge as a process of its own (`nudge run`), configured by `vars`.
+pub fn spawn_daemon(vars: &[(String, String)]) -> Child {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nudge"));
+    cmd.args(["run"]).current_dir(env!("CARGO_MANIFEST_DIR"));
+    for (k, v) in vars {
+        cmd.env(k, v);
+    }
+    if std::env::var("TEST_LOG").is_err() {
+        cmd.stderr(Stdio::null()).stdout(Stdio::null());
+    }
+    cmd.spawn().expect("nudge starts")
+}
+
+/// The settings of a `nudge run` process on this environment's services,
+/// with `extra` on top.
+pub fn daemon_vars(env: &TestEnv, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    let d = env.dir.path().display();
+    let base = [
+        ("NUDGE__NATS__URL", env.config.nats.url.clone()),
+        ("NUDGE__NATS__STREAM", env.config.nats.stream.clone()),
+        ("NUDGE__DATABASE__URL", env.db.url.clone()),
+        ("NUDGE__MAIL__TRANSPORT", "smtp".into()),
+        (
+            "NUDGE__SMTP__URL",
+            format!("smtp://127.0.0.1:{}", env.smtp.port),
+        ),
+        ("NUDGE__SMTP__FROM", "Shop <hello@shop.test>".into()),
+        ("NUDGE__RULES__DIR", format!("{d}/rules")),
+        ("NUDGE__TEMPLATES__DIR", format!("{d}/templates")),
+        ("NUDGE__HTTP__LISTEN", format!("127.0.0.1:{}", free_port())),
+        ("NUDGE__NATS__BATCH_SIZE", "100".into()),
+        ("NUDGE__DELIVERY__POLL_MS", "50".into()),
+        ("NUDGE__MAIL__QUIET_HOURS", "null".into()),
+        // A killed instance's claims and unacked events come back quickly.
+        ("NUDGE__DELIVERY__LEASE_SECS", "3".into()),
+        ("NUDGE__NATS__ACK_WAIT_SECS", "5".into()),
+    ];
+    base.into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .chain(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+        .collect()
+}
+
+/// Asks a process to stop the way an orchestrator does: SIGTERM.
+pub fn sigterm(child: &Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "SIGTERM delivered");
+}
+
 /// Private services, a database file and rule/template folders for one test.
 pub struct TestEnv {
     /// Kept for the test's lifetime: dropping it stops the server.

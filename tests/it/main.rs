@@ -11,6 +11,7 @@ mod faults;
 
 mod rejects;
 mod reload;
+mod scale;
 mod staff;
 mod timers;
 mod tools;

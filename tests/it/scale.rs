@@ -1,0 +1,277 @@
+//! Several nudge processes on one PostgreSQL database and one NATS server,
+//! sharing the durable consumer: what #5 promises for a scaled-out shop.
+
+use crate::helpers::{
+    Backend, TestDb, TestEnv, daemon_vars, event, eventually, registered_at, sigterm, spawn_daemon,
+};
+use chrono::{DateTime, Duration as Span, Utc};
+use nudge::counters::{CounterKey, period_key};
+use nudge::event::ClientId;
+use nudge::store::{AnyStore, Store, TaskFilter};
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::process::Child;
+use std::time::Duration;
+
+const CLIENTS: usize = 3000;
+const BUYERS: usize = 1000;
+const ORDERS_EACH: usize = 3;
+
+/// A moment 40 minutes ago, moved so that the next few minutes stay in one
+/// month and one quarter (the counters under test are per period).
+fn base() -> DateTime<Utc> {
+    let mut t = Utc::now() - Span::minutes(40);
+    let period = |t| period_key("month", t, chrono_tz::Tz::UTC).unwrap();
+    while period(t) != period(t + Span::minutes(10)) {
+        t -= Span::minutes(10);
+    }
+    t
+}
+
+/// Client `s{i}` registers; buyers (the first 1000) order three times:
+/// every fourth buyer's first order is big (> 1000), every tenth came
+/// through partner `acme`.
+fn workload(base: DateTime<Utc>) -> (Vec<Value>, Vec<Value>) {
+    let at = |ms: i64| (base + Span::milliseconds(ms)).to_rfc3339();
+    let registrations = (0..CLIENTS)
+        .map(|i| registered_at(&format!("r{i}"), &format!("s{i}"), &at(i as i64)))
+        .collect();
+    let mut orders = Vec::new();
+    for b in 0..BUYERS {
+        for k in 0..ORDERS_EACH {
+            let total = if k == 0 && b % 4 == 0 { 1500.0 } else { 100.0 };
+            let context = if b % 10 == 0 {
+                json!({"partner_track_id": "acme"})
+            } else {
+                json!({})
+            };
+            orders.push(event(
+                &format!("o{b}-{k}"),
+                "order_placed",
+                &format!("s{b}"),
+                // A buyer's orders follow each other closely, so that
+                // several instances hold orders of the same client at once.
+                &at(600_000 + (b * ORDERS_EACH + k) as i64),
+                json!({"order_id": format!("{b}-{k}"), "channel": "online", "total": total,
+                       "currency": "EUR", "items": [{"product_id": "p1", "name": "Lamp",
+                       "quantity": 1, "price": total}]}),
+                context,
+            ));
+        }
+    }
+    (registrations, orders)
+}
+
+fn instance_vars(env: &TestEnv) -> Vec<(String, String)> {
+    daemon_vars(
+        env,
+        &[
+            ("NUDGE__TEAMS__SALES__EMAIL", "sales@shop.test"),
+            ("NUDGE__RULES__SETTINGS__PARTNER_SHARES__ACME", "10"),
+            ("NUDGE__DATABASE__MAX_CONNECTIONS", "4"),
+            // Each instance its own port.
+            ("NUDGE__HTTP__LISTEN", "127.0.0.1:0"),
+        ],
+    )
+}
+
+async fn open(db: &TestDb) -> AnyStore {
+    AnyStore::connect(&db.url, 2).await.unwrap()
+}
+
+async fn wait_stored(store: &AnyStore, n: u64) {
+    eventually(
+        Duration::from_secs(180),
+        &format!("{n} events stored"),
+        || async { (store.count_events().await.ok()? >= n).then_some(()) },
+    )
+    .await
+}
+
+async fn wait_sent(store: &AnyStore, n: usize) {
+    eventually(
+        Duration::from_secs(180),
+        &format!("{n} effects delivered"),
+        || async {
+            let rows = store.list_outbox(100_000).await.ok()?;
+            (rows.len() >= n && rows.iter().all(|r| r.status == "sent")).then_some(())
+        },
+    )
+    .await
+}
+
+fn stop_all(instances: Vec<Child>) {
+    for mut c in instances {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+/// Mails by Message-ID: how many copies of each arrived.
+fn copies(env: &TestEnv) -> (Vec<crate::helpers::Mail>, HashMap<String, usize>) {
+    let mails = env.mails();
+    let mut by_id = HashMap::new();
+    for m in &mails {
+        *by_id.entry(m.message_id.clone()).or_insert(0usize) += 1;
+    }
+    (mails, by_id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_one_killed_midway_on_postgres() {
+    let env = TestEnv::new(Backend::Postgres).await;
+    env.create_stream().await;
+    let (registrations, orders) = workload(base());
+    let vars = instance_vars(&env);
+    let mut instances: Vec<Child> = (0..3).map(|_| spawn_daemon(&vars)).collect();
+    let store = open(&env.db).await;
+
+    // Half the registrations, then one instance dies without a goodbye.
+    let (first, second) = registrations.split_at(CLIENTS / 2);
+    for e in first {
+        env.publish(e).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    instances[1].kill().unwrap(); // SIGKILL
+    instances[1].wait().unwrap();
+    for e in second {
+        env.publish(e).await;
+    }
+    instances[1] = spawn_daemon(&vars);
+    // Orders after their clients exist, so the welcome is the first thing
+    // each client gets; then the orders race between the three instances.
+    wait_stored(&store, CLIENTS as u64).await;
+    for e in &orders {
+        env.publish(e).await;
+    }
+
+    let buyers_with_partner = BUYERS / 10;
+    let emitted = buyers_with_partner * ORDERS_EACH + 1; // commissions + the happy client
+    let total_events = CLIENTS + BUYERS * ORDERS_EACH + emitted;
+    wait_stored(&store, total_events as u64).await;
+    // Welcome mails, the happy client's mail and the staff mails of 1001 tasks.
+    let effects = CLIENTS + 1 + emitted + (BUYERS + 1);
+    wait_sent(&store, effects).await;
+    stop_all(instances);
+
+    // No event lost, none applied twice: each buyer has exactly three orders.
+    assert_eq!(store.count_events().await.unwrap(), total_events as u64);
+    let ids: Vec<ClientId> = (0..BUYERS)
+        .map(|b| ClientId::parse(format!("s{b}")).unwrap())
+        .collect();
+    let refs: Vec<&ClientId> = ids.iter().collect();
+    let states = store.load_clients(&refs).await.unwrap();
+    assert_eq!(states.len(), BUYERS);
+    let wrong: Vec<_> = states
+        .values()
+        .filter(|s| s.stats.orders != ORDERS_EACH as u64)
+        .map(|s| (s.client_id.to_string(), s.stats.orders))
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "buyers without exactly 3 orders: {wrong:?}"
+    );
+
+    // Shared counters exact despite three writers.
+    let at = base() + Span::minutes(10);
+    let key = |name: &str, period: &str| CounterKey {
+        name: name.into(),
+        period: period_key(period, at, chrono_tz::Tz::UTC).unwrap(),
+    };
+    let big = store
+        .load_counter(&key("big_order_clients", "quarter"))
+        .await
+        .unwrap();
+    assert_eq!(big.value, (BUYERS / 4) as f64, "distinct big-order clients");
+    let commission = store
+        .load_counter(&key("partner_commission:acme", "month"))
+        .await
+        .unwrap();
+    // 50 partner buyers with 1500 + 100 + 100, 50 with 3 x 100; 10 %.
+    assert_eq!(commission.value, 10_000.0);
+
+    // One task per buyer's third order, one for the 99th big client.
+    let tasks = store
+        .list_tasks(&TaskFilter::default(), 10_000)
+        .await
+        .unwrap();
+    assert_eq!(tasks.len(), BUYERS + 1);
+
+    // Every welcome mail went out; a copy only for mails in flight at the kill.
+    let (mails, by_id) = copies(&env);
+    let welcomes: HashMap<&str, usize> = mails
+        .iter()
+        .filter(|m| m.header("X-Nudge-Template").as_deref() == Some("welcome"))
+        .fold(HashMap::new(), |mut acc, m| {
+            *acc.entry(m.message_id.as_str()).or_insert(0) += 1;
+            acc
+        });
+    let mut recipients: Vec<_> = mails
+        .iter()
+        .filter(|m| m.header("X-Nudge-Template").as_deref() == Some("welcome"))
+        .map(|m| m.to.clone())
+        .collect();
+    recipients.sort();
+    recipients.dedup();
+    let duplicates = mails.len() - by_id.len();
+    let concurrency = 4;
+    println!(
+        "scale-out: 3 instances, 1 SIGKILL, {} events, {} clients, {} mails received, \
+         {} distinct, {duplicates} duplicates (allowed {concurrency}), {} tasks",
+        total_events,
+        CLIENTS,
+        mails.len(),
+        by_id.len(),
+        tasks.len()
+    );
+    assert_eq!(welcomes.len(), CLIENTS, "one welcome Message-ID per client");
+    assert_eq!(recipients.len(), CLIENTS, "every client welcomed");
+    let mails_expected = CLIENTS + 1 + (BUYERS + 1);
+    assert_eq!(by_id.len(), mails_expected, "every mail by Message-ID");
+    assert!(
+        duplicates <= concurrency,
+        "only mails in flight may be doubled"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_with_sigterm_loses_and_doubles_nothing_on_postgres() {
+    let env = TestEnv::new(Backend::Postgres).await;
+    env.create_stream().await;
+    let (registrations, _) = workload(base());
+    let vars = instance_vars(&env);
+    let mut instances: Vec<Child> = (0..3).map(|_| spawn_daemon(&vars)).collect();
+    let store = open(&env.db).await;
+
+    // Restart each instance in turn while the events stream in.
+    let chunk = CLIENTS / 4;
+    for (i, part) in registrations.chunks(chunk).enumerate() {
+        for e in part {
+            env.publish(e).await;
+        }
+        if i < instances.len() {
+            sigterm(&instances[i]);
+            let status = instances[i].wait().unwrap();
+            assert!(status.success(), "a clean exit on SIGTERM: {status}");
+            instances[i] = spawn_daemon(&vars);
+        }
+    }
+    wait_stored(&store, CLIENTS as u64).await;
+    wait_sent(&store, CLIENTS).await;
+    for c in &instances {
+        sigterm(c);
+    }
+    for mut c in instances {
+        assert!(c.wait().unwrap().success());
+    }
+
+    assert_eq!(store.count_events().await.unwrap(), CLIENTS as u64);
+    let (mails, by_id) = copies(&env);
+    println!(
+        "rolling restart: 3 instances restarted with SIGTERM, {CLIENTS} events, {} mails, {} distinct",
+        mails.len(),
+        by_id.len()
+    );
+    assert_eq!(by_id.len(), CLIENTS, "every welcome mail");
+    assert_eq!(mails.len(), CLIENTS, "and not one twice");
+}
