@@ -70,6 +70,19 @@ pub struct NatsConfig {
     /// events to another instance (set when the consumer is created): the
     /// delay before a crashed instance's batch is taken over. Default 30.
     pub ack_wait_secs: u64,
+    /// Copies of the stream nudge creates: 3 on a 3-node cluster. Default 1.
+    pub replicas: usize,
+}
+
+impl NatsConfig {
+    /// The servers of `url`: one, or several (a cluster) separated by commas.
+    pub fn servers(&self) -> Vec<&str> {
+        self.url
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect()
+    }
 }
 
 impl Default for NatsConfig {
@@ -84,6 +97,7 @@ impl Default for NatsConfig {
             batch_size: 500,
             max_event_bytes: 64 * 1024,
             ack_wait_secs: 30,
+            replicas: 1,
         }
     }
 }
@@ -467,6 +481,7 @@ impl Config {
         let positive = [
             ("nats.batch_size", self.nats.batch_size as u64),
             ("nats.ack_wait_secs", self.nats.ack_wait_secs),
+            ("nats.replicas", self.nats.replicas as u64),
             ("nats.max_event_bytes", self.nats.max_event_bytes as u64),
             (
                 "database.max_connections",
@@ -609,6 +624,18 @@ mod tests {
     }
 
     #[test]
+    fn a_cluster_is_several_urls() {
+        let nats = NatsConfig {
+            url: "nats://n1:4222, nats://n2:4222,nats://n3:4222".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            nats.servers(),
+            ["nats://n1:4222", "nats://n2:4222", "nats://n3:4222"]
+        );
+    }
+
+    #[test]
     fn the_example_config_is_valid() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.yaml");
         Config::load_with_env(Some(&path), env(&[])).unwrap();
@@ -629,6 +656,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.nats.url, "nats://10.0.0.1:4222");
+        assert_eq!(c.nats.servers(), ["nats://10.0.0.1:4222"]);
         assert_eq!(c.nats.batch_size, 42);
         assert_eq!(c.mail.transport, Transport::Smtp);
         assert_eq!(c.http.listen.port(), 9999);

@@ -21,7 +21,7 @@ pub async fn connect(cfg: &NatsConfig) -> Result<async_nats::Client, async_nats:
         .event_callback(|event| async move {
             tracing::info!(%event, "nats connection event");
         })
-        .connect(cfg.url.as_str())
+        .connect(cfg.servers().as_slice())
         .await
 }
 
@@ -36,6 +36,7 @@ pub async fn ensure_stream(
         storage: stream::StorageType::File,
         retention: stream::RetentionPolicy::Limits,
         max_age: Duration::from_secs(cfg.max_age_days * 86_400),
+        num_replicas: cfg.replicas,
         ..Default::default()
     };
     js.get_or_create_stream(config)

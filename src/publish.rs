@@ -23,7 +23,7 @@ pub async fn publish_file(cfg: &NatsConfig, path: &Path) -> anyhow::Result<usize
             Err(reason) => bail!("{}:{}: {reason}", path.display(), i + 1),
         }
     }
-    let client = async_nats::connect(cfg.url.as_str())
+    let client = async_nats::connect(cfg.servers().as_slice())
         .await
         .with_context(|| {
             format!(

@@ -212,7 +212,7 @@ pub async fn replay_from_stream(
         config,
     )
     .suppressing_effects();
-    let client = async_nats::connect(config.nats.url.as_str())
+    let client = async_nats::connect(config.nats.servers().as_slice())
         .await
         .with_context(|| {
             format!(
