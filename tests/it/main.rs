@@ -3,6 +3,7 @@
 
 mod helpers;
 
+mod browser;
 mod campaigns;
 mod cli;
 mod faults;
