@@ -5,6 +5,7 @@
 #[macro_use]
 mod helpers;
 
+mod browser;
 mod campaigns;
 mod cli;
 mod faults;
