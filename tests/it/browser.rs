@@ -11,7 +11,7 @@
 //! (`/usr/bin/chromium`, or `CHROMIUM`): `.ci/run` installs them. A missing
 //! one fails the test with how to install it.
 
-use crate::helpers::{TestApp, TestEnv, ago, event, registered_at};
+use crate::helpers::{Backend, TestApp, TestEnv, ago, event, registered_at};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -94,7 +94,7 @@ async fn api(app: &TestApp, path: &str) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn staff_page_search_live_task_and_done_in_chromium() {
     let tools = tools();
-    let app = TestEnv::with_env(&[("NUDGE__HTTP__TOKEN", TOKEN)])
+    let app = TestEnv::with_env(Backend::Sqlite, &[("NUDGE__HTTP__TOKEN", TOKEN)])
         .await
         .start()
         .await;
