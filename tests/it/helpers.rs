@@ -192,7 +192,7 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-fn wait_for_port(port: u16, what: &str, child: &mut Child) {
+pub fn wait_for_port(port: u16, what: &str, child: &mut Child) {
     let deadline = Instant::now() + Duration::from_secs(20);
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     while Instant::now() < deadline {
@@ -510,7 +510,9 @@ impl TestEnv {
         if std::env::var("TEST_LOG").is_ok() {
             nudge::telemetry::init(&config.log);
         }
-        let client = async_nats::connect(config.nats.url.as_str()).await.unwrap();
+        let client = async_nats::connect(config.nats.servers().as_slice())
+            .await
+            .unwrap();
         let js = async_nats::jetstream::new(client);
         TestEnv {
             nats,

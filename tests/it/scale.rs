@@ -275,3 +275,110 @@ async fn a_rolling_restart_with_sigterm_loses_and_doubles_nothing_on_postgres() 
     assert_eq!(by_id.len(), CLIENTS, "every welcome mail");
     assert_eq!(mails.len(), CLIENTS, "and not one twice");
 }
+
+/// One node of a local NATS cluster, killed when dropped.
+struct Node {
+    child: Child,
+    port: u16,
+    _store: tempfile::TempDir,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Three `nats-server`s with JetStream, routed to each other.
+fn nats_cluster() -> Vec<Node> {
+    use crate::helpers::{free_port, wait_for_port};
+    let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let route_urls = routes
+        .iter()
+        .map(|p| format!("nats://127.0.0.1:{p}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    routes
+        .iter()
+        .enumerate()
+        .map(|(i, route)| {
+            let store = tempfile::tempdir().unwrap();
+            let port = free_port();
+            let mut child = std::process::Command::new("nats-server")
+                .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js"])
+                .args(["-n", &format!("n{i}"), "--cluster_name", "shop"])
+                .args(["--cluster", &format!("nats://127.0.0.1:{route}")])
+                .args(["--routes", &route_urls, "-sd"])
+                .arg(store.path())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("nats-server must be installed (see .ci/run)");
+            wait_for_port(port, "nats-server", &mut child);
+            Node {
+                child,
+                port,
+                _store: store,
+            }
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_node_nats_cluster_loses_a_node_and_nothing_else_on_postgres() {
+    let mut nodes = nats_cluster();
+    let urls: Vec<String> = nodes
+        .iter()
+        .map(|n| format!("nats://127.0.0.1:{}", n.port))
+        .collect();
+    let mut env = TestEnv::with_env(
+        Backend::Postgres,
+        &[
+            ("NUDGE__NATS__URL", &urls.join(",")),
+            ("NUDGE__NATS__REPLICAS", "3"),
+        ],
+    )
+    .await;
+    // The test publishes like the shop would: through the last node, which
+    // stays up.
+    let shop = async_nats::connect(urls[2].as_str()).await.unwrap();
+    env.js = async_nats::jetstream::new(shop);
+    let app = env.start().await;
+    let stream = app
+        .js
+        .get_stream(&app.config.nats.stream)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .clone();
+    assert_eq!(stream.config.num_replicas, 3, "a replicated stream");
+
+    let (registrations, _) = workload(base());
+    let n = 300;
+    for e in &registrations[..n / 2] {
+        app.publish(e).await;
+    }
+    // The first node goes away; nudge may well have been connected to it.
+    drop(nodes.remove(0));
+    for e in &registrations[n / 2..n] {
+        app.publish(e).await;
+    }
+    app.wait_events(n as u64).await;
+    let mails = app.wait_mails(n).await;
+    app.wait_outbox_settled().await;
+    let mut ids: Vec<_> = mails.iter().map(|m| m.message_id.clone()).collect();
+    ids.sort();
+    ids.dedup();
+    println!(
+        "nats cluster: 3 nodes, 1 stopped midway, {n} events, {} mails, {} distinct",
+        mails.len(),
+        ids.len()
+    );
+    assert_eq!(app.store.count_events().await.unwrap(), n as u64);
+    assert_eq!(mails.len(), n, "every welcome once");
+    assert_eq!(ids.len(), n);
+    app.stop().await;
+}
