@@ -151,7 +151,7 @@ impl Application {
                 }
             };
             tracing::info!(stream = %nats_cfg.stream, consumer = %nats_cfg.consumer, "consuming");
-            ingest::run(consumer, pipeline, nats_cfg.batch_size, wake, ingest_cancel).await;
+            ingest::run(consumer, pipeline, &nats_cfg, wake, ingest_cancel).await;
         });
 
         let state = ApiState {

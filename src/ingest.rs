@@ -91,13 +91,32 @@ async fn isolate(
 
 /// Pulls, processes and acks until cancelled. On cancel the batch in hand is
 /// committed and acked before returning.
+/// The consumer's ack floor, read from the broker: what every instance
+/// sharing the consumer has acked up to.
+struct ConsumerFloor(jetstream::consumer::Consumer<pull::Config>);
+
+impl crate::pipeline::AckFloor for ConsumerFloor {
+    fn floor(&self) -> futures::future::BoxFuture<'_, Result<u64, String>> {
+        Box::pin(async move {
+            self.0
+                .get_info()
+                .await
+                .map(|i| i.ack_floor.stream_sequence)
+                .map_err(|e| e.to_string())
+        })
+    }
+}
+
 pub async fn run(
     consumer: jetstream::consumer::Consumer<pull::Config>,
     pipeline: Arc<Pipeline>,
-    batch_size: usize,
+    cfg: &NatsConfig,
     wake: Arc<Notify>,
     cancel: CancellationToken,
 ) {
+    let batch_size = cfg.batch_size;
+    let ack_wait = Duration::from_secs(cfg.ack_wait_secs);
+    let floor = ConsumerFloor(consumer.clone());
     let mut failures: u32 = 0;
     'outer: while !cancel.is_cancelled() {
         let mut messages = match consumer
@@ -162,7 +181,7 @@ pub async fn run(
                 } else if failures >= ISOLATE_AFTER {
                     pipeline.quarantine_poison(&incoming[0]).await
                 } else {
-                    pipeline.process(&incoming).await
+                    pipeline.process_in_order(&incoming, &floor, ack_wait).await
                 };
                 match result {
                     Ok(report) => {
@@ -180,7 +199,11 @@ pub async fn run(
                         break;
                     }
                     Err(e) => {
-                        failures += 1;
+                        // Contention is not the batch's fault: retry it as it
+                        // is, never take it apart as if a message were poison.
+                        if !matches!(e, crate::store::StoreError::Contended(_)) {
+                            failures += 1;
+                        }
                         let pause = Duration::from_millis(200 * 2u64.pow(failures.min(6)));
                         tracing::error!(error = %e, retry_in = ?pause, "batch not committed; will retry");
                         for m in &held {

@@ -18,6 +18,8 @@ pub struct Metrics {
     pub mails_sent: AtomicU64,
     pub mails_failed: AtomicU64,
     pub mails_retried: AtomicU64,
+    /// Batches that stopped waiting for earlier events of their clients.
+    pub order_waits_expired: AtomicU64,
     /// (runs, errors) by rule.
     rules: Mutex<BTreeMap<String, (u64, u64)>>,
     /// Publish-to-commit latency: counts per bucket, then sum and count.
@@ -49,6 +51,10 @@ impl Metrics {
         self.effects_queued
             .fetch_add(write.effects.len() as u64, Relaxed);
         self.batches.fetch_add(1, Relaxed);
+    }
+
+    pub fn order_wait_expired(&self) {
+        self.order_waits_expired.fetch_add(1, Relaxed);
     }
 
     pub fn observe_latency(&self, d: std::time::Duration) {
@@ -141,6 +147,11 @@ impl Metrics {
                 "nudge_mails_retried_total",
                 "Mail attempts that will be retried.",
                 &self.mails_retried,
+            ),
+            (
+                "nudge_order_waits_expired_total",
+                "Batches applied without waiting longer for earlier events of the same clients held by another instance.",
+                &self.order_waits_expired,
             ),
         ];
         for (name, help, v) in counters {

@@ -42,6 +42,89 @@ pub struct BatchReport {
     pub effects: usize,
 }
 
+/// A parsed batch, before deciding.
+struct Prepared {
+    events: Vec<StoredEvent>,
+    rejected: Vec<Rejected>,
+    log: Vec<LogEntry>,
+    duplicates: usize,
+    /// Sequences of messages that name no event to apply (rejected, or a
+    /// duplicate inside the batch): settled with the batch, blocking nothing.
+    unclaimed: Vec<u64>,
+}
+
+impl Prepared {
+    fn steps(&self) -> Vec<Step> {
+        sorted_steps(self.events.clone())
+    }
+}
+
+/// Each client's events in event time; the sort is stable, so ties keep
+/// stream order.
+fn sorted_steps(mut events: Vec<StoredEvent>) -> Vec<Step> {
+    events.sort_by(|a, b| {
+        (&a.envelope.client_id, a.envelope.occurred_at)
+            .cmp(&(&b.envelope.client_id, b.envelope.occurred_at))
+    });
+    events.into_iter().map(Step::Event).collect()
+}
+
+/// Splits events into those free to apply now and those held back by an
+/// earlier message: one nobody has announced yet (`first_gap`), or one of
+/// the same client pending in another batch.
+fn split_free(
+    events: Vec<StoredEvent>,
+    blockers: &crate::store::WindowBlockers,
+) -> (Vec<StoredEvent>, Vec<StoredEvent>) {
+    let mut first_pending: HashMap<&str, u64> = HashMap::new();
+    for (client, seq) in &blockers.pending {
+        let e = first_pending.entry(client.as_str()).or_insert(*seq);
+        *e = (*e).min(*seq);
+    }
+    let limit = |e: &StoredEvent| {
+        let pending = first_pending
+            .get(e.envelope.client_id.as_str())
+            .copied()
+            .unwrap_or(u64::MAX);
+        pending.min(blockers.first_gap)
+    };
+    // A client's events go together up to the first one held back, so a
+    // later event never overtakes an earlier one of the same batch.
+    let mut held_from: HashMap<String, u64> = HashMap::new();
+    for e in &events {
+        let seq = e.stream_seq.unwrap_or_default();
+        if seq >= limit(e) {
+            let h = held_from
+                .entry(e.envelope.client_id.as_str().to_string())
+                .or_insert(seq);
+            *h = (*h).min(seq);
+        }
+    }
+    events.into_iter().partition(|e| {
+        held_from
+            .get(e.envelope.client_id.as_str())
+            .is_none_or(|h| e.stream_seq.unwrap_or_default() < *h)
+    })
+}
+
+/// The stream's ack floor: every message at or below it is settled.
+pub trait AckFloor: Send + Sync {
+    fn floor(&self) -> futures::future::BoxFuture<'_, Result<u64, String>>;
+}
+
+/// A window owner per batch, unique across instances and restarts.
+fn next_owner() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    static INSTANCE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let instance = INSTANCE.get_or_init(|| {
+        let mut b = [0u8; 8];
+        getrandom::fill(&mut b).expect("the OS has randomness");
+        hex::encode(b)
+    });
+    format!("{instance}-{}", NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
 /// One unit of work on one client's history.
 #[derive(Debug, Clone)]
 enum Step {
@@ -135,7 +218,152 @@ impl Pipeline {
     /// Processes and commits one batch of messages. On `Ok` every message is
     /// safe to ack: it was stored, rejected and kept, or had taken effect before.
     pub async fn process(&self, batch: &[Incoming]) -> Result<BatchReport, StoreError> {
+        let p = self.prepare(batch);
+        // Settled in the window too, should an ordered attempt have announced them.
+        let settled = batch.iter().filter_map(|m| m.stream_seq).collect();
+        let mut report = self
+            .commit_steps(p.steps(), p.rejected, p.log, None, settled)
+            .await?;
+        report.duplicates += p.duplicates;
+        self.observe_latency(batch);
+        Ok(report)
+    }
+
+    fn observe_latency(&self, batch: &[Incoming]) {
+        let now = Utc::now();
+        for published in batch.iter().filter_map(|m| m.published) {
+            self.metrics
+                .observe_latency((now - published).to_std().unwrap_or_default());
+        }
+    }
+
+    /// Like [`Pipeline::process`], but applies each client's events in the
+    /// order of the stream even when other instances hold events of the same
+    /// clients: the batch is announced in the shared window, and an event is
+    /// committed only once every earlier message of the stream is known and
+    /// none of its client is pending in another batch. Parts of the batch
+    /// commit as they become free; waiting is bounded by `max_wait`, after
+    /// which the rest commits anyway (an instance that died holding earlier
+    /// events must not stop the others).
+    pub async fn process_in_order(
+        &self,
+        batch: &[Incoming],
+        floor: &dyn AckFloor,
+        lease: std::time::Duration,
+    ) -> Result<BatchReport, StoreError> {
+        if batch.iter().any(|m| m.stream_seq.is_none()) {
+            return self.process(batch).await;
+        }
+        let owner = next_owner();
+        let p = self.prepare(batch);
+        let mut items: Vec<(u64, Option<String>)> = p
+            .events
+            .iter()
+            .map(|e| {
+                (
+                    e.stream_seq.unwrap_or_default(),
+                    Some(e.envelope.client_id.as_str().to_string()),
+                )
+            })
+            .collect();
+        items.extend(p.unclaimed.iter().map(|s| (*s, None)));
+        let lease_until = Utc::now() + chrono::Duration::from_std(lease).unwrap_or_default();
+        self.store
+            .window_register(&owner, &items, lease_until)
+            .await?;
+
+        let started = tokio::time::Instant::now();
+        let deadline = started + lease / 2;
+        // Another instance announces what it pulled within milliseconds.
+        let gaps_until = started + (lease / 10).min(std::time::Duration::from_secs(2));
+        let mut pause = std::time::Duration::from_millis(1);
+        let mut waiting = p.events;
+        let mut rejected = p.rejected;
+        let mut log = p.log;
+        let mut settled_free: Vec<u64> = p.unclaimed;
+        let mut report = BatchReport {
+            duplicates: p.duplicates,
+            ..Default::default()
+        };
+        let mut trimmed = false;
+        let mut last_blockers = None;
+        while !waiting.is_empty() || !rejected.is_empty() || !settled_free.is_empty() {
+            let (ready, held) = if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(
+                    held = waiting.len(),
+                    first_held = ?waiting.iter().filter_map(|e| e.stream_seq).min(),
+                    blockers = ?last_blockers,
+                    "gave up waiting for earlier events of the same clients; applying in arrival order"
+                );
+                self.metrics.order_wait_expired();
+                (std::mem::take(&mut waiting), Vec::new())
+            } else {
+                let floor = floor
+                    .floor()
+                    .await
+                    .map_err(|e| StoreError::Counters(format!("reading the ack floor: {e}")))?;
+                if !trimmed {
+                    self.store.window_trim(floor).await?;
+                    trimmed = true;
+                }
+                let below = waiting
+                    .iter()
+                    .filter_map(|e| e.stream_seq)
+                    .max()
+                    .map_or(0, |s| s + 1);
+                let mut clients: Vec<&str> = waiting
+                    .iter()
+                    .map(|e| e.envelope.client_id.as_str())
+                    .collect();
+                clients.sort_unstable();
+                clients.dedup();
+                let mut blockers = self
+                    .store
+                    .window_blockers(&owner, floor, below, &clients, Utc::now())
+                    .await?;
+                if tokio::time::Instant::now() >= gaps_until {
+                    // A message pulled but never announced: an instance that
+                    // died right after pulling, or a broker that forgot acks.
+                    // Only what is known to be pending still holds back.
+                    blockers.first_gap = u64::MAX;
+                }
+                let split = split_free(std::mem::take(&mut waiting), &blockers);
+                last_blockers = Some((floor, blockers));
+                split
+            };
+            waiting = held;
+            if ready.is_empty() && rejected.is_empty() && settled_free.is_empty() {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_millis(20));
+                continue;
+            }
+            pause = std::time::Duration::from_millis(1);
+            let mut settled: Vec<u64> = ready.iter().filter_map(|e| e.stream_seq).collect();
+            settled.append(&mut settled_free);
+            let steps = sorted_steps(ready);
+            let part = self
+                .commit_steps(
+                    steps,
+                    std::mem::take(&mut rejected),
+                    std::mem::take(&mut log),
+                    None,
+                    settled,
+                )
+                .await?;
+            report.accepted += part.accepted;
+            report.duplicates += part.duplicates;
+            report.rejected += part.rejected;
+            report.effects += part.effects;
+        }
+        self.observe_latency(batch);
+        Ok(report)
+    }
+
+    /// Parses a batch: valid events (first of each id), rejections with
+    /// their log lines, and the sequences of in-batch duplicates.
+    fn prepare(&self, batch: &[Incoming]) -> Prepared {
         let received_at = Utc::now();
+        let mut unclaimed = Vec::new();
         let mut rejected = Vec::new();
         let mut log = Vec::new();
         let mut events: Vec<StoredEvent> = Vec::with_capacity(batch.len());
@@ -146,6 +374,7 @@ impl Pipeline {
                 Ok(envelope) => {
                     if !seen_ids.insert(envelope.id.clone()) {
                         duplicates += 1;
+                        unclaimed.extend(m.stream_seq);
                         continue;
                     }
                     events.push(StoredEvent {
@@ -168,6 +397,7 @@ impl Pipeline {
                             message: format!("event rejected: {reason}"),
                         });
                     }
+                    unclaimed.extend(m.stream_seq);
                     rejected.push(Rejected {
                         received_at,
                         subject: m.subject.clone(),
@@ -178,21 +408,13 @@ impl Pipeline {
                 }
             }
         }
-        // Each client's events in event time; the sort is stable, so ties keep
-        // stream order.
-        events.sort_by(|a, b| {
-            (&a.envelope.client_id, a.envelope.occurred_at)
-                .cmp(&(&b.envelope.client_id, b.envelope.occurred_at))
-        });
-        let steps: Vec<Step> = events.into_iter().map(Step::Event).collect();
-        let mut report = self.commit_steps(steps, rejected, log, None).await?;
-        report.duplicates += duplicates;
-        let now = Utc::now();
-        for published in batch.iter().filter_map(|m| m.published) {
-            self.metrics
-                .observe_latency((now - published).to_std().unwrap_or_default());
+        Prepared {
+            events,
+            rejected,
+            log,
+            duplicates,
+            unclaimed,
         }
-        Ok(report)
     }
 
     /// Keeps a message that cannot be committed (with the error of one more
@@ -201,6 +423,8 @@ impl Pipeline {
     pub async fn quarantine_poison(&self, m: &Incoming) -> Result<BatchReport, StoreError> {
         let error = match self.process(std::slice::from_ref(m)).await {
             Ok(report) => return Ok(report),
+            // Busy, not broken.
+            Err(e @ StoreError::Contended(_)) => return Err(e),
             Err(e) => e,
         };
         self.store.ping().await?;
@@ -230,7 +454,8 @@ impl Pipeline {
         now: DateTime<Utc>,
     ) -> Result<BatchReport, StoreError> {
         let steps = clients.into_iter().map(|c| Step::Advance(c, now)).collect();
-        self.commit_steps(steps, Vec::new(), Vec::new(), None).await
+        self.commit_steps(steps, Vec::new(), Vec::new(), None, Vec::new())
+            .await
     }
 
     /// Runs scheduled rule `rule` at `slot` for a page of clients, recording
@@ -253,7 +478,7 @@ impl Pipeline {
             .into_iter()
             .map(|c| Step::Sweep(c, rule.to_string(), slot))
             .collect();
-        self.commit_steps(steps, Vec::new(), Vec::new(), Some(progress))
+        self.commit_steps(steps, Vec::new(), Vec::new(), Some(progress), Vec::new())
             .await
     }
 
@@ -263,8 +488,17 @@ impl Pipeline {
         rejected: Vec<Rejected>,
         log: Vec<LogEntry>,
         sweep: Option<SweepProgress>,
+        settled: Vec<u64>,
     ) -> Result<BatchReport, StoreError> {
-        for _ in 0..MAX_CONFLICT_RETRIES {
+        for attempt in 0..MAX_CONFLICT_RETRIES {
+            if attempt > 0 {
+                // Jittered, growing: writers that collided do not collide
+                // again in lockstep.
+                let mut b = [0u8; 1];
+                getrandom::fill(&mut b).unwrap_or_default();
+                let ms = (1u64 << attempt.min(6)) + u64::from(b[0] % 8);
+                tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+            }
             let ids: Vec<&EventId> = steps
                 .iter()
                 .filter_map(|s| match s {
@@ -297,6 +531,7 @@ impl Pipeline {
             write.rejected = rejected.clone();
             write.log.extend(log.iter().cloned());
             write.sweep = sweep.clone();
+            write.settled = settled.clone();
             let report = BatchReport {
                 accepted: write.events.len(),
                 duplicates: known.len(),
@@ -314,10 +549,7 @@ impl Pipeline {
                 }
             }
         }
-        Err(StoreError::Corrupt {
-            context: "batch commit",
-            message: format!("still conflicting after {MAX_CONFLICT_RETRIES} attempts"),
-        })
+        Err(StoreError::Contended(MAX_CONFLICT_RETRIES))
     }
 
     /// Tells the live feed about notable events, then the tasks they led to.

@@ -37,6 +37,10 @@ pub enum StoreError {
     Url(String),
     #[error("shared counters could not be read: {0}")]
     Counters(String),
+    /// Other writers kept changing the same clients or counters: nothing is
+    /// wrong with the batch, it is retried as it is.
+    #[error("still conflicting with other writers after {0} attempts")]
+    Contended(usize),
 }
 
 pub(crate) fn db(context: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
@@ -108,6 +112,19 @@ pub struct BatchWrite {
     pub counters: Vec<CounterWrite>,
     /// New members of distinct counters.
     pub members: Vec<(CounterKey, String)>,
+    /// Stream sequences this batch settles in the consumer's window.
+    pub settled: Vec<u64>,
+}
+
+/// What holds back events of a batch in the consumer's window.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct WindowBlockers {
+    /// The first stream sequence above the ack floor that no instance has
+    /// registered yet: a message pulled but not yet announced, below which
+    /// nothing is known to be missing.
+    pub first_gap: u64,
+    /// Messages of these clients still pending in other batches: `(client, seq)`.
+    pub pending: Vec<(String, u64)>,
 }
 
 /// Where a walk through the event log got to: `(occurred_at, stream_seq, id)`.
@@ -402,6 +419,27 @@ pub trait Store: Send + Sync + 'static {
         error: &str,
         log: &LogEntry,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Announces pulled messages `(stream seq, client)` in the consumer's
+    /// window, owned by `owner` (one batch) until `lease_until`.
+    fn window_register(
+        &self,
+        owner: &str,
+        items: &[(u64, Option<String>)],
+        lease_until: DateTime<Utc>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// What holds back this batch's events of `clients` below `below`, given
+    /// the stream's ack `floor`; leases that ran out hold nothing back.
+    fn window_blockers(
+        &self,
+        owner: &str,
+        floor: u64,
+        below: u64,
+        clients: &[&str],
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = Result<WindowBlockers, StoreError>> + Send;
+    /// Forgets the window's messages at or below the ack floor.
+    fn window_trim(&self, floor: u64) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
 
 /// The configured backend. An enum rather than `dyn Store` because the trait's
@@ -590,6 +628,27 @@ impl Store for AnyStore {
     }
     async fn mark_failed(&self, key: &str, error: &str, log: &LogEntry) -> Result<(), StoreError> {
         forward!(self, s => s.mark_failed(key, error, log))
+    }
+    async fn window_register(
+        &self,
+        owner: &str,
+        items: &[(u64, Option<String>)],
+        lease_until: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        forward!(self, s => s.window_register(owner, items, lease_until))
+    }
+    async fn window_blockers(
+        &self,
+        owner: &str,
+        floor: u64,
+        below: u64,
+        clients: &[&str],
+        now: DateTime<Utc>,
+    ) -> Result<WindowBlockers, StoreError> {
+        forward!(self, s => s.window_blockers(owner, floor, below, clients, now))
+    }
+    async fn window_trim(&self, floor: u64) -> Result<(), StoreError> {
+        forward!(self, s => s.window_trim(floor))
     }
 }
 

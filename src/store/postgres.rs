@@ -13,7 +13,8 @@
 
 use super::{
     BatchWrite, ClientSummary, CommitOutcome, Derived, EventRow, LogCursor, LogEntry, MailRow,
-    OutboxItem, OutboxRow, Rejected, Store, StoreError, SweepClaim, TaskFilter, TaskRow, db, ts,
+    OutboxItem, OutboxRow, Rejected, Store, StoreError, SweepClaim, TaskFilter, TaskRow,
+    WindowBlockers, db, ts,
 };
 use crate::counters::{CounterKey, Stored};
 use crate::effects::EffectKind;
@@ -252,6 +253,14 @@ impl PgStore {
             });
             q.push(" ON CONFLICT DO NOTHING");
             q.build().execute(&mut *tx).await?;
+        }
+
+        if !batch.settled.is_empty() {
+            let seqs: Vec<i64> = batch.settled.iter().map(|s| *s as i64).collect();
+            sqlx::query("UPDATE inflight SET done = TRUE WHERE seq = ANY($1)")
+                .bind(&seqs)
+                .execute(&mut *tx)
+                .await?;
         }
 
         if let Some(sw) = &batch.sweep {
@@ -1141,6 +1150,80 @@ impl Store for PgStore {
             .await
             .map_err(db("logging a failed mail"))?;
         tx.commit().await.map_err(db("committing mark_failed"))?;
+        Ok(())
+    }
+
+    async fn window_register(
+        &self,
+        owner: &str,
+        items: &[(u64, Option<String>)],
+        lease_until: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let seqs: Vec<i64> = items.iter().map(|(s, _)| *s as i64).collect();
+        let clients: Vec<Option<&str>> = items.iter().map(|(_, c)| c.as_deref()).collect();
+        // A redelivered message changes hands; one already settled stays so.
+        sqlx::query(
+            "INSERT INTO inflight (seq, client_id, owner, lease_until) \
+             SELECT s, c, $3, $4 FROM UNNEST($1::bigint[], $2::text[]) AS t(s, c) \
+             ON CONFLICT (seq) DO UPDATE SET owner = excluded.owner, \
+             lease_until = excluded.lease_until WHERE NOT inflight.done",
+        )
+        .bind(&seqs)
+        .bind(&clients)
+        .bind(owner)
+        .bind(lease_until)
+        .execute(&self.pool)
+        .await
+        .map_err(db("registering pulled messages"))?;
+        Ok(())
+    }
+
+    async fn window_blockers(
+        &self,
+        owner: &str,
+        floor: u64,
+        below: u64,
+        clients: &[&str],
+        now: DateTime<Utc>,
+    ) -> Result<WindowBlockers, StoreError> {
+        // NULL: every sequence from the floor to `below` is known.
+        let first_gap: Option<i64> = sqlx::query_scalar(
+            "SELECT MIN(s + 1) FROM (SELECT $1::bigint AS s UNION ALL \
+             SELECT seq FROM inflight WHERE seq > $1 AND seq < $2) AS known \
+             WHERE NOT EXISTS (SELECT 1 FROM inflight i WHERE i.seq = known.s + 1)",
+        )
+        .bind(floor as i64)
+        .bind(below as i64)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db("reading the window"))?;
+        let rows = sqlx::query(
+            "SELECT client_id, seq FROM inflight WHERE NOT done AND owner <> $1 \
+             AND lease_until > $2 AND seq < $3 AND client_id = ANY($4) AND seq > $5",
+        )
+        .bind(owner)
+        .bind(now)
+        .bind(below as i64)
+        .bind(clients)
+        .bind(floor as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("reading the window"))?;
+        Ok(WindowBlockers {
+            first_gap: first_gap.map_or(u64::MAX, |g| g as u64),
+            pending: rows
+                .into_iter()
+                .map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1) as u64))
+                .collect(),
+        })
+    }
+
+    async fn window_trim(&self, floor: u64) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM inflight WHERE seq <= $1")
+            .bind(floor as i64)
+            .execute(&self.pool)
+            .await
+            .map_err(db("trimming the window"))?;
         Ok(())
     }
 }

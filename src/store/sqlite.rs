@@ -5,8 +5,8 @@
 
 use super::{
     BatchWrite, ClientSummary, CommitOutcome, Derived, EventRow, LogCursor, LogEntry, MailRow,
-    OutboxItem, OutboxRow, Rejected, Store, StoreError, SweepClaim, TaskFilter, TaskRow, db,
-    parse_ts, ts,
+    OutboxItem, OutboxRow, Rejected, Store, StoreError, SweepClaim, TaskFilter, TaskRow,
+    WindowBlockers, db, parse_ts, ts,
 };
 use crate::counters::{CounterKey, Stored};
 use crate::effects::EffectKind;
@@ -364,6 +364,19 @@ impl Store for SqliteStore {
                 .execute(&mut *tx)
                 .await
                 .map_err(db("writing rejected events"))?;
+        }
+
+        for chunk in batch.settled.chunks(chunk_rows(1)) {
+            let mut q = QueryBuilder::<Sqlite>::new("UPDATE inflight SET done = 1 WHERE seq IN (");
+            let mut sep = q.separated(", ");
+            for seq in chunk {
+                sep.push_bind(*seq as i64);
+            }
+            q.push(")");
+            q.build()
+                .execute(&mut *tx)
+                .await
+                .map_err(db("settling the window"))?;
         }
 
         if let Some(sw) = &batch.sweep {
@@ -1147,6 +1160,97 @@ impl Store for SqliteStore {
             .await
             .map_err(db("logging a failed mail"))?;
         tx.commit().await.map_err(db("committing mark_failed"))?;
+        Ok(())
+    }
+
+    async fn window_register(
+        &self,
+        owner: &str,
+        items: &[(u64, Option<String>)],
+        lease_until: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        for chunk in items.chunks(chunk_rows(4)) {
+            let mut q = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO inflight (seq, client_id, owner, lease_until) ",
+            );
+            q.push_values(chunk, |mut b, (seq, client)| {
+                b.push_bind(*seq as i64)
+                    .push_bind(client.clone())
+                    .push_bind(owner.to_string())
+                    .push_bind(ts(lease_until));
+            });
+            // A redelivered message changes hands; one already settled stays so.
+            q.push(
+                " ON CONFLICT (seq) DO UPDATE SET owner = excluded.owner, \
+                 lease_until = excluded.lease_until WHERE inflight.done = 0",
+            );
+            q.build()
+                .execute(&self.pool)
+                .await
+                .map_err(db("registering pulled messages"))?;
+        }
+        Ok(())
+    }
+
+    async fn window_blockers(
+        &self,
+        owner: &str,
+        floor: u64,
+        below: u64,
+        clients: &[&str],
+        now: DateTime<Utc>,
+    ) -> Result<WindowBlockers, StoreError> {
+        // NULL: every sequence from the floor to `below` is known.
+        let first_gap: Option<i64> = sqlx::query_scalar(
+            "SELECT MIN(s + 1) FROM (SELECT ?1 AS s UNION ALL \
+             SELECT seq FROM inflight WHERE seq > ?1 AND seq < ?2) \
+             WHERE NOT EXISTS (SELECT 1 FROM inflight i WHERE i.seq = s + 1)",
+        )
+        .bind(floor as i64)
+        .bind(below as i64)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db("reading the window"))?;
+        let mut pending = Vec::new();
+        for chunk in clients.chunks(chunk_rows(1) - 5) {
+            let mut q = QueryBuilder::<Sqlite>::new(
+                "SELECT client_id, seq FROM inflight WHERE done = 0 AND owner <> ",
+            );
+            q.push_bind(owner.to_string())
+                .push(" AND lease_until > ")
+                .push_bind(ts(now))
+                .push(" AND seq < ")
+                .push_bind(below as i64)
+                .push(" AND seq > ")
+                .push_bind(floor as i64)
+                .push(" AND client_id IN (");
+            let mut sep = q.separated(", ");
+            for c in chunk {
+                sep.push_bind(c.to_string());
+            }
+            q.push(")");
+            let rows = q
+                .build()
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db("reading the window"))?;
+            pending.extend(
+                rows.into_iter()
+                    .map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1) as u64)),
+            );
+        }
+        Ok(WindowBlockers {
+            first_gap: first_gap.map_or(u64::MAX, |g| g as u64),
+            pending,
+        })
+    }
+
+    async fn window_trim(&self, floor: u64) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM inflight WHERE seq <= ?")
+            .bind(floor as i64)
+            .execute(&self.pool)
+            .await
+            .map_err(db("trimming the window"))?;
         Ok(())
     }
 }

@@ -371,8 +371,31 @@ where
     }
 }
 
+/// A `nudge run` process, killed when dropped (a failing test leaves none behind).
+pub struct Daemon(Child);
+
+impl std::ops::Deref for Daemon {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Daemon {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// nudge as a process of its own (`nudge run`), configured by `vars`.
-pub fn spawn_daemon(vars: &[(String, String)]) -> Child {
+pub fn spawn_daemon(vars: &[(String, String)]) -> Daemon {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_nudge"));
     cmd.args(["run"]).current_dir(env!("CARGO_MANIFEST_DIR"));
     for (k, v) in vars {
@@ -381,7 +404,7 @@ pub fn spawn_daemon(vars: &[(String, String)]) -> Child {
     if std::env::var("TEST_LOG").is_err() {
         cmd.stderr(Stdio::null()).stdout(Stdio::null());
     }
-    cmd.spawn().expect("nudge starts")
+    Daemon(cmd.spawn().expect("nudge starts"))
 }
 
 /// The settings of a `nudge run` process on this environment's services,

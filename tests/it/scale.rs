@@ -2,7 +2,8 @@
 //! sharing the durable consumer: what #5 promises for a scaled-out shop.
 
 use crate::helpers::{
-    Backend, TestDb, TestEnv, daemon_vars, event, eventually, registered_at, sigterm, spawn_daemon,
+    Backend, Daemon, TestDb, TestEnv, daemon_vars, event, eventually, registered_at, sigterm,
+    spawn_daemon,
 };
 use chrono::{DateTime, Duration as Span, Utc};
 use nudge::counters::{CounterKey, period_key};
@@ -100,11 +101,8 @@ async fn wait_sent(store: &AnyStore, n: usize) {
     .await
 }
 
-fn stop_all(instances: Vec<Child>) {
-    for mut c in instances {
-        let _ = c.kill();
-        let _ = c.wait();
-    }
+fn stop_all(instances: Vec<Daemon>) {
+    drop(instances);
 }
 
 /// Mails by Message-ID: how many copies of each arrived.
@@ -123,7 +121,7 @@ async fn three_instances_one_killed_midway_on_postgres() {
     env.create_stream().await;
     let (registrations, orders) = workload(base());
     let vars = instance_vars(&env);
-    let mut instances: Vec<Child> = (0..3).map(|_| spawn_daemon(&vars)).collect();
+    let mut instances: Vec<Daemon> = (0..3).map(|_| spawn_daemon(&vars)).collect();
     let store = open(&env.db).await;
 
     // Half the registrations, then one instance dies without a goodbye.
@@ -240,7 +238,7 @@ async fn a_rolling_restart_with_sigterm_loses_and_doubles_nothing_on_postgres() 
     env.create_stream().await;
     let (registrations, _) = workload(base());
     let vars = instance_vars(&env);
-    let mut instances: Vec<Child> = (0..3).map(|_| spawn_daemon(&vars)).collect();
+    let mut instances: Vec<Daemon> = (0..3).map(|_| spawn_daemon(&vars)).collect();
     let store = open(&env.db).await;
 
     // Restart each instance in turn while the events stream in.
@@ -381,4 +379,69 @@ async fn a_three_node_nats_cluster_loses_a_node_and_nothing_else_on_postgres() {
     assert_eq!(mails.len(), n, "every welcome once");
     assert_eq!(ids.len(), n);
     app.stop().await;
+}
+
+/// Counts, in a shared counter, every event applied out of its client's
+/// order (each client's events carry n = 1, 2, 3, ...).
+const ORDER_CHECK: &str = r#"
+const ON = ["page_viewed"];
+let n = event.data.n;
+let last = recall("n") ?? 0;
+if n != last + 1 {
+    add("order_violations", "year", 1);
+}
+remember("n", n);
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_apply_each_clients_events_in_order_on_postgres() {
+    let env = TestEnv::new(Backend::Postgres).await;
+    std::fs::write(env.rules_dir().join("order_check.rhai"), ORDER_CHECK).unwrap();
+    env.create_stream().await;
+    let vars = daemon_vars(
+        &env,
+        &[
+            ("NUDGE__HTTP__LISTEN", "127.0.0.1:0"),
+            ("NUDGE__NATS__BATCH_SIZE", "20"),
+        ],
+    );
+    let instances: Vec<Daemon> = (0..3).map(|_| spawn_daemon(&vars)).collect();
+    let store = open(&env.db).await;
+    let t0 = base();
+    let (clients, each) = (100, 30);
+    let mut published = 0u64;
+    // Each client's events back to back, so that batches of different
+    // instances hold events of the same client.
+    for c in 0..clients {
+        for n in 1..=each {
+            let at = t0 + Span::milliseconds((c * each + n) as i64);
+            env.publish(&event(
+                &format!("v{c}-{n}"),
+                "page_viewed",
+                &format!("o{c}"),
+                &at.to_rfc3339(),
+                json!({"url": "/", "n": n}),
+                json!({"session_id": format!("s{c}")}),
+            ))
+            .await;
+            published += 1;
+        }
+    }
+    wait_stored(&store, published).await;
+    stop_all(instances);
+    let violations = store
+        .load_counter(&CounterKey {
+            name: "order_violations".into(),
+            period: period_key("year", t0, chrono_tz::Tz::UTC).unwrap(),
+        })
+        .await
+        .unwrap();
+    println!(
+        "order: 3 instances, {clients} clients x {each} events, {} applied out of order",
+        violations.value
+    );
+    assert_eq!(
+        violations.value, 0.0,
+        "events applied out of their client's order"
+    );
 }

@@ -1,7 +1,7 @@
 //! Rules that act on time: the shipped idle_reminder, browse_discount and
 //! quick_leave rules, with back-dated events instead of waiting.
 
-use crate::helpers::{Backend, TestApp, ago, event, eventually, registered_at};
+use crate::helpers::{Backend, TestApp, TestEnv, ago, event, eventually, registered_at};
 use serde_json::{Value, json};
 use std::time::Duration;
 
@@ -21,7 +21,12 @@ fn templates_to(app: &TestApp, to: &str) -> Vec<String> {
 const DAY: i64 = 86_400;
 
 async fn idle_reminder_once_per_idle_period_and_run_on_demand(backend: Backend) {
-    let app = TestApp::spawn(backend).await;
+    // No catch-up of this morning's sweep at start: it could run after the
+    // registrations below and leave nothing for the run on demand.
+    let app = TestEnv::with_env(backend, &[("NUDGE__SCHEDULER__CATCH_UP_HOURS", "0")])
+        .await
+        .start()
+        .await;
     app.publish(&registered_at("i-1", "idle", &ago(40 * DAY)))
         .await;
     app.publish(&registered_at("i-2", "active", &ago(2 * DAY)))

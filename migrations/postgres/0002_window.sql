@@ -1,0 +1,13 @@
+-- The consumer's window: every message some instance pulled and has not yet
+-- been passed by the stream's ack floor, with its client. An instance applies
+-- an event only when every earlier message of the stream is known here and
+-- none of the same client is still pending elsewhere: so each client's
+-- events are applied in stream order across instances.
+CREATE TABLE inflight (
+    seq         BIGINT PRIMARY KEY,
+    client_id   TEXT,
+    owner       TEXT NOT NULL,
+    done        BOOLEAN NOT NULL DEFAULT FALSE,
+    lease_until TIMESTAMPTZ NOT NULL
+);
+CREATE INDEX inflight_pending ON inflight (client_id, seq) WHERE NOT done;
