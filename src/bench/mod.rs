@@ -41,7 +41,8 @@ pub struct BenchArgs {
     /// deleted) instead of starting a private `nats-server -js`.
     #[arg(long)]
     pub nats_url: Option<String>,
-    /// An empty database to measure. Default: a fresh SQLite file in a
+    /// An empty database to measure: `sqlite://FILE` or `postgres://...`
+    /// (e.g. made with `createdb`). Default: a fresh SQLite file in a
     /// scratch folder. Never the configured `database.url`.
     #[arg(long)]
     pub database_url: Option<String>,

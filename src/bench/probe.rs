@@ -1,18 +1,19 @@
 //! Looking at the database from outside the daemon, on a connection of its
 //! own, the way an operator would: how many of the shop's events are
 //! committed, how full the outbox is, and which events became visible since
-//! the last look (for the latency phase). One variant per backend; the
-//! PostgreSQL one is left for when that backend lands.
+//! the last look (for the latency phase). One variant per backend.
 
 use crate::store::ts;
 use anyhow::{Context, bail};
 use chrono::Utc;
+use sqlx::postgres::PgPoolOptions;
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
-use sqlx::{Row, SqlitePool};
+use sqlx::{PgPool, SqlitePool};
 use std::str::FromStr;
 
 pub enum Probe {
     Sqlite(SqlitePool),
+    Postgres(PgPool),
 }
 
 /// A position in the event log: rows after it are newer commits.
@@ -20,8 +21,21 @@ pub type Cursor = i64;
 
 impl Probe {
     pub async fn open(url: &str) -> anyhow::Result<Self> {
+        if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            let pool = PgPoolOptions::new()
+                .max_connections(1)
+                .connect(url)
+                .await
+                .with_context(|| {
+                    format!("cannot open {} to observe it", crate::config::redact(url))
+                })?;
+            return Ok(Probe::Postgres(pool));
+        }
         if !url.starts_with("sqlite:") {
-            bail!("the bench can observe only SQLite for now, not {url}");
+            bail!(
+                "the bench observes SQLite or PostgreSQL, not {}",
+                crate::config::redact(url)
+            );
         }
         let opts = SqliteConnectOptions::from_str(url)
             .with_context(|| format!("bad database url {url}"))?
@@ -38,60 +52,93 @@ impl Probe {
     /// Events in the log that came from the stream (nudge's own secondary
     /// events have no stream sequence).
     pub async fn shop_events(&self) -> anyhow::Result<u64> {
-        let Probe::Sqlite(pool) = self;
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM events WHERE stream_seq IS NOT NULL")
-            .fetch_one(pool)
+        self.count("SELECT COUNT(*) FROM events WHERE stream_seq IS NOT NULL")
             .await
-            .context("counting the shop's events")?;
-        Ok(n as u64)
+            .context("counting the shop's events")
     }
 
     pub async fn all_events(&self) -> anyhow::Result<u64> {
-        let Probe::Sqlite(pool) = self;
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM events")
-            .fetch_one(pool)
+        self.count("SELECT COUNT(*) FROM events")
             .await
-            .context("counting events")?;
+            .context("counting events")
+    }
+
+    async fn count(&self, sql: &str) -> Result<u64, sqlx::Error> {
+        let n: i64 = match self {
+            Probe::Sqlite(pool) => sqlx::query_scalar(sql).fetch_one(pool).await?,
+            Probe::Postgres(pool) => sqlx::query_scalar(sql).fetch_one(pool).await?,
+        };
         Ok(n as u64)
     }
 
     /// (effects in the outbox, of which due now and not yet sent or failed).
     /// Mail deferred to later (quiet hours) is not due, so it does not count.
     pub async fn outbox(&self) -> anyhow::Result<(u64, u64)> {
-        let Probe::Sqlite(pool) = self;
-        let row = sqlx::query(
-            "SELECT COUNT(*), COALESCE(SUM(status = 'sending' \
-             OR (status = 'pending' AND due_at <= ?)), 0) FROM outbox",
-        )
-        .bind(ts(Utc::now()))
-        .fetch_one(pool)
-        .await
+        let (all, due): (i64, i64) = match self {
+            Probe::Sqlite(pool) => {
+                sqlx::query_as(
+                    "SELECT COUNT(*), COALESCE(SUM(status = 'sending' \
+                 OR (status = 'pending' AND due_at <= ?)), 0) FROM outbox",
+                )
+                .bind(ts(Utc::now()))
+                .fetch_one(pool)
+                .await
+            }
+            Probe::Postgres(pool) => {
+                sqlx::query_as(
+                    "SELECT COUNT(*), COUNT(*) FILTER (WHERE status = 'sending' \
+                 OR (status = 'pending' AND due_at <= now())) FROM outbox",
+                )
+                .fetch_one(pool)
+                .await
+            }
+        }
         .context("counting the outbox")?;
-        Ok((row.get::<i64, _>(0) as u64, row.get::<i64, _>(1) as u64))
+        Ok((all as u64, due as u64))
     }
 
     /// The newest committed event's position.
     pub async fn cursor(&self) -> anyhow::Result<Cursor> {
-        let Probe::Sqlite(pool) = self;
-        let n: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(rowid), 0) FROM events")
-            .fetch_one(pool)
-            .await
-            .context("reading the newest event position")?;
-        Ok(n)
+        match self {
+            Probe::Sqlite(pool) => {
+                sqlx::query_scalar("SELECT COALESCE(MAX(rowid), 0) FROM events")
+                    .fetch_one(pool)
+                    .await
+            }
+            Probe::Postgres(pool) => {
+                sqlx::query_scalar("SELECT COALESCE(MAX(stream_seq), 0) FROM events")
+                    .fetch_one(pool)
+                    .await
+            }
+        }
+        .context("reading the newest event position")
     }
 
     /// Ids of the events committed after `after`, and the new cursor. SQLite
     /// hands out rowids in insert order and there is one writer at a time,
-    /// so this is a cheap range read on the table's own b-tree.
+    /// so this is a cheap range read on the table's own b-tree. PostgreSQL
+    /// has no rowid; one daemon commits the stream in sequence order, so the
+    /// stream sequence serves (nudge's own events, without one, are not
+    /// timed).
     pub async fn committed_since(&self, after: Cursor) -> anyhow::Result<(Vec<String>, Cursor)> {
-        let Probe::Sqlite(pool) = self;
-        let rows = sqlx::query("SELECT rowid, id FROM events WHERE rowid > ? ORDER BY rowid")
-            .bind(after)
-            .fetch_all(pool)
-            .await
+        let rows: Vec<(i64, String)> =
+            match self {
+                Probe::Sqlite(pool) => {
+                    sqlx::query_as("SELECT rowid, id FROM events WHERE rowid > ? ORDER BY rowid")
+                        .bind(after)
+                        .fetch_all(pool)
+                        .await
+                }
+                Probe::Postgres(pool) => sqlx::query_as(
+                    "SELECT stream_seq, id FROM events WHERE stream_seq > $1 ORDER BY stream_seq",
+                )
+                .bind(after)
+                .fetch_all(pool)
+                .await,
+            }
             .context("reading newly committed events")?;
-        let next = rows.last().map_or(after, |r| r.get::<i64, _>(0));
-        Ok((rows.into_iter().map(|r| r.get(1)).collect(), next))
+        let next = rows.last().map_or(after, |r| r.0);
+        Ok((rows.into_iter().map(|r| r.1).collect(), next))
     }
 }
 

@@ -6,14 +6,17 @@ use serde::Serialize;
 use std::fmt::Write;
 
 /// The targets, printed beside the figures.
+/// nudge/raw targets on SQLite; on PostgreSQL, a server over a socket, the
+/// target is lower.
 const RATIO_TARGET: f64 = 0.5;
+const RATIO_TARGET_POSTGRES: f64 = 0.25;
 const RATIO_STRETCH: f64 = 0.7;
 const P99_TARGET_MS: f64 = 50.0;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub machine: Machine,
-    /// `sqlite` (PostgreSQL comes with its backend).
+    /// `sqlite` or `postgres`.
     pub database: String,
     /// The NATS server: `private` (started by the bench) or the URL given.
     pub nats: String,
@@ -129,9 +132,14 @@ impl Report {
         ] {
             let _ = writeln!(t, "  {name:<19} {:>10} {:>9.2}", grouped(r.per_sec), r.secs);
         }
+        let target = if self.database.starts_with("postgres") {
+            RATIO_TARGET_POSTGRES
+        } else {
+            RATIO_TARGET
+        };
         let verdict = if self.ratio >= RATIO_STRETCH {
             "meets the stretch target"
-        } else if self.ratio >= RATIO_TARGET {
+        } else if self.ratio >= target {
             "meets the target"
         } else {
             "below the target"
@@ -140,7 +148,7 @@ impl Report {
             t,
             "  nudge / raw         {:>9.1} %   (target {:.0} %, stretch {:.0} %: {verdict})\n",
             self.ratio * 100.0,
-            RATIO_TARGET * 100.0,
+            target * 100.0,
             RATIO_STRETCH * 100.0
         );
         if let Some(l) = &self.latency {
