@@ -264,7 +264,7 @@ impl Pipeline {
         log: Vec<LogEntry>,
         sweep: Option<SweepProgress>,
     ) -> Result<BatchReport, StoreError> {
-        for _ in 0..MAX_CONFLICT_RETRIES {
+        for attempt in 0..MAX_CONFLICT_RETRIES {
             let ids: Vec<&EventId> = steps
                 .iter()
                 .filter_map(|s| match s {
@@ -272,7 +272,10 @@ impl Pipeline {
                     _ => None,
                 })
                 .collect();
-            let known = if ids.is_empty() {
+            // Ids seen before are rare (a redelivery after a crash), and the
+            // commit refuses them anyway (a conflict): the first attempt
+            // does not look them up, a retry does and leaves them out.
+            let known = if ids.is_empty() || attempt == 0 {
                 HashSet::new()
             } else {
                 self.store.known_events(&ids).await?
