@@ -10,7 +10,7 @@ use crate::counters::Counters;
 use crate::effects::{Effect, EffectKind, effect_key};
 use crate::event::{ClientId, Envelope, EventId, EventType};
 use crate::history::{ClientState, RECENT_MAILS, SentMail, Session, Timer};
-use crate::rules::{Request, Rule, RuleEngine, RunContext, loader::RuleSet};
+use crate::rules::{Inputs, Request, Rule, RuleEngine, RunContext, loader::RuleSet, values};
 use crate::store::{Level, LogEntry};
 use crate::templates::{MailKind, TemplateSet};
 use chrono::{DateTime, Duration, Utc};
@@ -45,8 +45,6 @@ impl Decision {
 
 /// What started a rule run.
 struct Trigger {
-    /// What the rule sees as `event`.
-    view: Value,
     /// Unique per client and trigger: seeds effect keys and `unique_code`.
     cause: String,
     /// The trigger's time: the rule's `now`.
@@ -68,6 +66,8 @@ pub struct CoreSettings {
     pub teams: BTreeMap<String, String>,
     /// `rules.settings` from the configuration, visible to rules as `settings`.
     pub rule_settings: Value,
+    /// `rule_settings` as rules see it, converted once.
+    settings_view: Dynamic,
     /// Base URL of links to nudge in mails (staff links to a client).
     pub public_url: String,
     /// Marketing mails per client per day and per week (0: no cap).
@@ -86,6 +86,7 @@ impl CoreSettings {
                 .map(|(k, v)| (k.clone(), v.email.clone()))
                 .collect(),
             rule_settings: serde_json::to_value(&config.rules.settings).unwrap_or(Value::Null),
+            settings_view: values::from_json_map(&config.rules.settings),
             public_url: config.http.public_url.trim_end_matches('/').to_string(),
             max_marketing_per_day: config.mail.max_marketing_per_day,
             max_marketing_per_week: config.mail.max_marketing_per_week,
@@ -134,24 +135,15 @@ impl Core<'_> {
             return decision;
         }
         let trigger = Trigger {
-            view: event_view(event),
             cause: event.id.as_str().to_string(),
             at: event.occurred_at,
             event_id: Some(event.id.clone()),
             depth,
         };
-        let client = rhai_value(client_view(state));
-        let event_dyn = rhai_value(trigger.view.clone());
+        let mut inputs = self.inputs(values::event(event), state, trigger.at);
         let mut emitted = Vec::new();
         for rule in matching {
-            let (d, e) = self.run_rule(
-                rule,
-                &trigger,
-                event_dyn.clone(),
-                client.clone(),
-                state,
-                counters,
-            );
+            let (d, e) = self.run_rule(rule, &trigger, &mut inputs, state, counters);
             decision.extend(d);
             emitted.extend(e);
         }
@@ -198,15 +190,13 @@ impl Core<'_> {
                 "context": {},
             });
             let trigger = Trigger {
-                view,
                 cause,
                 at: timer.due,
                 event_id: None,
                 depth: 0,
             };
-            let client = rhai_value(client_view(state));
-            let event_dyn = rhai_value(trigger.view.clone());
-            let (d, emitted) = self.run_rule(rule, &trigger, event_dyn, client, state, counters);
+            let mut inputs = self.inputs(values::from_json(&view), state, trigger.at);
+            let (d, emitted) = self.run_rule(rule, &trigger, &mut inputs, state, counters);
             decision.extend(d);
             self.follow(emitted, state, counters, &mut decision);
         }
@@ -237,18 +227,27 @@ impl Core<'_> {
             "context": {},
         });
         let trigger = Trigger {
-            view,
             cause,
             at: slot,
             event_id: None,
             depth: 0,
         };
-        let client = rhai_value(client_view(state));
-        let event_dyn = rhai_value(trigger.view.clone());
-        let (d, emitted) = self.run_rule(rule, &trigger, event_dyn, client, state, counters);
+        let mut inputs = self.inputs(values::from_json(&view), state, trigger.at);
+        let (d, emitted) = self.run_rule(rule, &trigger, &mut inputs, state, counters);
         decision.extend(d);
         self.follow(emitted, state, counters, &mut decision);
         decision
+    }
+
+    /// What the rules of one trigger see: `event`, the client as it is now,
+    /// `settings` and `now` (the trigger's time).
+    fn inputs(&self, event: Dynamic, state: &ClientState, at: DateTime<Utc>) -> Inputs {
+        Inputs::new(
+            event,
+            values::client(state),
+            self.settings.settings_view.clone(),
+            at.timestamp(),
+        )
     }
 
     /// Ties `email_opened` / `email_clicked` to the mail they name (by its
@@ -314,8 +313,7 @@ impl Core<'_> {
         &self,
         rule: &Rule,
         trigger: &Trigger,
-        event: Dynamic,
-        client: Dynamic,
+        inputs: &mut Inputs,
         state: &mut ClientState,
         counters: &mut Counters,
     ) -> (Decision, Vec<Envelope>) {
@@ -341,10 +339,7 @@ impl Core<'_> {
             .collect();
         ctx.client_counters = std::mem::take(&mut state.counters);
         ctx.counters = std::mem::take(counters);
-        let settings = rhai_value(self.settings.rule_settings.clone());
-        let (ctx, result) =
-            self.engine
-                .run(rule, event, client, settings, trigger.at.timestamp(), ctx);
+        let (ctx, result) = self.engine.run(rule, inputs, ctx);
         let ctx = match result {
             Ok(()) => ctx,
             Err(e) => {
@@ -664,11 +659,6 @@ fn p_session(s: Option<&Session>) -> Value {
         "orders": s.orders,
         "channel": s.channel,
     })
-}
-
-fn rhai_value(v: Value) -> Dynamic {
-    // Plain JSON always converts; a failure would be a bug in the views above.
-    rhai::serde::to_dynamic(v).unwrap_or(Dynamic::UNIT)
 }
 
 #[cfg(test)]

@@ -491,9 +491,10 @@ impl Pipeline {
         settled: Vec<u64>,
     ) -> Result<BatchReport, StoreError> {
         for attempt in 0..MAX_CONFLICT_RETRIES {
-            if attempt > 0 {
-                // Jittered, growing: writers that collided do not collide
-                // again in lockstep.
+            if attempt > 1 {
+                // The first retry may only be leaving out known ids; after
+                // that, another writer keeps winning: back off, jittered and
+                // growing, so that writers do not collide again in lockstep.
                 let mut b = [0u8; 1];
                 getrandom::fill(&mut b).unwrap_or_default();
                 let ms = (1u64 << attempt.min(6)) + u64::from(b[0] % 8);
@@ -506,7 +507,10 @@ impl Pipeline {
                     _ => None,
                 })
                 .collect();
-            let known = if ids.is_empty() {
+            // Ids seen before are rare (a redelivery after a crash), and the
+            // commit refuses them anyway (a conflict): the first attempt
+            // does not look them up, a retry does and leaves them out.
+            let known = if ids.is_empty() || attempt == 0 {
                 HashSet::new()
             } else {
                 self.store.known_events(&ids).await?

@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod loader;
+pub mod values;
 
 use crate::config::RulesConfig;
 use rhai::{AST, Dynamic, Engine, EvalAltResult, Scope};
@@ -169,26 +170,61 @@ impl RuleEngine {
     pub fn run(
         &self,
         rule: &Rule,
-        event: Dynamic,
-        client: Dynamic,
-        settings: Dynamic,
-        now: i64,
+        inputs: &mut Inputs,
         ctx: RunContext,
     ) -> (RunContext, Result<(), RuleError>) {
-        let mut scope = Scope::new();
-        scope.push_constant("event", event);
-        scope.push_constant("client", client);
-        scope.push_constant("settings", settings);
-        scope.push_constant("now", now);
-        let (result, ctx) = api::collect(ctx, || {
-            self.engine.run_ast_with_scope(&mut scope, &rule.ast)
-        });
+        let scope = &mut inputs.scope;
+        let (result, ctx) = api::collect(ctx, || self.engine.run_ast_with_scope(scope, &rule.ast));
+        inputs.reset();
         let result = result.map_err(|e| RuleError {
             rule: rule.name.clone(),
             line: e.position().line().unwrap_or(0),
             message: describe(&e),
         });
         (ctx, result)
+    }
+}
+
+/// What the rules of one trigger see: `event`, `client`, `settings` and
+/// `now`, as constants. Built once per trigger and lent to each rule in turn
+/// rather than copied for each, since the client view is the largest value a
+/// rule run handles. Constants cannot be changed by a script (assignments
+/// and non-pure methods on them fail), so every rule sees the same values.
+pub struct Inputs {
+    scope: Scope<'static>,
+}
+
+/// The variables every rule run starts with.
+const INPUTS: [&str; 4] = ["event", "client", "settings", "now"];
+
+impl Inputs {
+    pub fn new(event: Dynamic, client: Dynamic, settings: Dynamic, now: i64) -> Self {
+        let mut scope = Scope::with_capacity(16);
+        scope.push_constant_dynamic(INPUTS[0], event);
+        scope.push_constant_dynamic(INPUTS[1], client);
+        scope.push_constant_dynamic(INPUTS[2], settings);
+        scope.push_constant(INPUTS[3], now);
+        Self { scope }
+    }
+
+    /// Drops what the last run declared. A closure that captured an input
+    /// turned it into a shared value; it goes back to a plain copy, so no
+    /// later rule can reach it through a reference the last one kept.
+    fn reset(&mut self) {
+        self.scope.rewind(INPUTS.len());
+        let shared = self.scope.iter_raw().any(|(_, _, v)| v.is_shared());
+        if shared {
+            let values: Vec<(String, Dynamic)> = self
+                .scope
+                .iter_raw()
+                .map(|(name, _, v)| (name.to_string(), v.clone().flatten()))
+                .collect();
+            self.scope.clear();
+            // Listed newest first: push them back in their first order.
+            for (name, value) in values.into_iter().rev() {
+                self.scope.push_constant_dynamic(name, value);
+            }
+        }
     }
 }
 
@@ -212,6 +248,10 @@ mod tests {
 
     fn engine() -> RuleEngine {
         RuleEngine::new(&RulesConfig::default())
+    }
+
+    fn unit_inputs() -> Inputs {
+        Inputs::new(Dynamic::UNIT, Dynamic::UNIT, Dynamic::UNIT, 0)
     }
 
     #[test]
@@ -254,14 +294,7 @@ mod tests {
             .compile("loop", "l.rhai".into(), "const ON = [\"a\"];\nloop { }")
             .unwrap();
         let err = e
-            .run(
-                &r,
-                Dynamic::UNIT,
-                Dynamic::UNIT,
-                Dynamic::UNIT,
-                0,
-                RunContext::default(),
-            )
+            .run(&r, &mut unit_inputs(), RunContext::default())
             .1
             .unwrap_err();
         assert!(err.message.contains("too many operations"), "{err}");
@@ -274,14 +307,7 @@ mod tests {
             )
             .unwrap();
         let err = e
-            .run(
-                &r,
-                Dynamic::UNIT,
-                Dynamic::UNIT,
-                Dynamic::UNIT,
-                0,
-                RunContext::default(),
-            )
+            .run(&r, &mut unit_inputs(), RunContext::default())
             .1
             .unwrap_err();
         assert!(err.message.contains("too deep"), "{err}");
@@ -294,17 +320,53 @@ mod tests {
             )
             .unwrap();
         let err = e
-            .run(
-                &r,
-                Dynamic::UNIT,
-                Dynamic::UNIT,
-                Dynamic::UNIT,
-                0,
-                RunContext::default(),
-            )
+            .run(&r, &mut unit_inputs(), RunContext::default())
             .1
             .unwrap_err();
         assert!(err.message.contains("too large"), "{err}");
+    }
+
+    #[test]
+    fn each_rule_of_a_trigger_sees_the_inputs_as_they_were_built() {
+        let e = engine();
+        let mut client = rhai::Map::new();
+        client.insert("name".into(), Dynamic::from("Ana"));
+        client.insert(
+            "tags".into(),
+            Dynamic::from_array(vec![Dynamic::from(1_i64)]),
+        );
+        let mut inputs = Inputs::new(Dynamic::UNIT, Dynamic::from_map(client), Dynamic::UNIT, 7);
+        let scripts = [
+            // Fails: constants cannot change, in place or through a closure.
+            "client.name = \"Bob\";",
+            "client.tags.push(2);",
+            "let f = || { client.tags.push(3); }; f.call();",
+            // Succeed, changing only their own copies.
+            "let keep = || client; let c = keep.call(); c.name = \"Eve\"; let x = 1;",
+            "let c = client; c.tags.push(4);",
+        ];
+        for (i, src) in scripts.iter().enumerate() {
+            let r = e
+                .compile(
+                    &format!("r{i}"),
+                    "r.rhai".into(),
+                    &format!("const ON = [\"a\"];\n{src}"),
+                )
+                .unwrap();
+            let (_, result) = e.run(&r, &mut inputs, RunContext::default());
+            assert_eq!(result.is_err(), i < 3, "{src}: {result:?}");
+        }
+        let check = e
+            .compile(
+                "check",
+                "c.rhai".into(),
+                "const ON = [\"a\"];\n\
+                 if is_def_var(\"x\") || is_def_var(\"c\") { throw \"a variable of an earlier rule\"; }\n\
+                 if client.name != \"Ana\" || client.tags != [1] || now != 7 { throw `changed: ${client}`; }",
+            )
+            .unwrap();
+        let (_, result) = e.run(&check, &mut inputs, RunContext::default());
+        result.unwrap();
     }
 
     #[test]
