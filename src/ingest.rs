@@ -167,6 +167,7 @@ pub async fn run(
                 match result {
                     Ok(report) => {
                         failures = 0;
+                        pipeline.metrics().batch_ok();
                         tracing::debug!(?report, "batch committed");
                         for m in &held {
                             if let Err(e) = m.ack().await {
@@ -181,6 +182,7 @@ pub async fn run(
                     }
                     Err(e) => {
                         failures += 1;
+                        pipeline.metrics().batch_failed(&e.to_string());
                         let pause = Duration::from_millis(200 * 2u64.pow(failures.min(6)));
                         tracing::error!(error = %e, retry_in = ?pause, "batch not committed; will retry");
                         for m in &held {

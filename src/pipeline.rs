@@ -132,6 +132,10 @@ impl Pipeline {
         &self.store
     }
 
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
     /// Processes and commits one batch of messages. On `Ok` every message is
     /// safe to ack: it was stored, rejected and kept, or had taken effect before.
     pub async fn process(&self, batch: &[Incoming]) -> Result<BatchReport, StoreError> {
