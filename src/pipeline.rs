@@ -200,11 +200,15 @@ impl Pipeline {
     }
 
     /// Keeps a message that cannot be committed (with the error of one more
-    /// try) as rejected, once the database is known to answer; so a poison
-    /// message is recorded, not redelivered forever.
+    /// try) as rejected, once the database is known to answer and the error
+    /// is not an outage of the whole database (full, read-only, locked); so
+    /// a poison message is recorded, not redelivered forever, and a good one
+    /// is never set aside for the database's fault.
     pub async fn quarantine_poison(&self, m: &Incoming) -> Result<BatchReport, StoreError> {
         let error = match self.process(std::slice::from_ref(m)).await {
             Ok(report) => return Ok(report),
+            // Full, read-only, locked or away: no message is to blame.
+            Err(e) if e.is_outage() => return Err(e),
             Err(e) => e,
         };
         self.store.ping().await?;

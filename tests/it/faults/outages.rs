@@ -36,23 +36,37 @@ async fn wait_ready(app: &TestApp) -> Value {
     .await
 }
 
-/// Asserts, from the broker's side, that the first `committed` messages of
-/// the stream were acked and not one after them; returns how many later
-/// messages nudge holds delivered but unacked.
-async fn assert_acked_exactly(env: &TestEnv, committed: u64) -> u64 {
+/// Asserts, from the broker's side, that nudge acked nothing past the first
+/// `floor` messages of the stream (acks are contiguous: none beyond the ack
+/// floor); returns the floor and how many later messages nudge holds
+/// delivered but unacked.
+async fn acked_prefix(env: &TestEnv) -> (u64, u64) {
     let info = env.consumer_info().await;
     let floor = info.ack_floor.stream_sequence;
     let delivered = info.delivered.stream_sequence;
-    assert_eq!(
-        floor, committed,
-        "acked up to the last committed message and no further: {info:?}"
-    );
     let acked_past_floor = (delivered - floor) as i64 - info.num_ack_pending as i64;
     assert_eq!(
         acked_past_floor, 0,
         "no message past the ack floor is acked: {info:?}"
     );
-    delivered - floor
+    (floor, delivered - floor)
+}
+
+/// Asserts that every message the broker counts as acked was committed:
+/// each stream sequence up to the ack floor is a stored event or a kept
+/// rejection.
+async fn assert_acked_were_committed(app: &TestApp) -> (u64, u64) {
+    let (floor, held) = acked_prefix(app).await;
+    let sql = app.db.sql().await;
+    let stored = sql
+        .scalar(&format!(
+            "SELECT (SELECT COUNT(*) FROM events WHERE stream_seq <= {floor}) \
+                  + (SELECT COUNT(*) FROM rejected WHERE stream_seq <= {floor})"
+        ))
+        .await as u64;
+    sql.close().await;
+    assert_eq!(stored, floor, "every acked message was committed");
+    (floor, held)
 }
 
 /// Waits until the broker saw every one of `total` messages acked.
@@ -186,7 +200,9 @@ async fn the_database_away_for_a_while_pauses_consumption_and_loses_nothing(back
     let mut checks = 0;
     let mut held = 0;
     while Instant::now() < until {
-        held = held.max(assert_acked_exactly(&app, committed).await);
+        let (floor, unacked) = acked_prefix(&app).await;
+        assert_eq!(floor, committed, "nothing acked since the database went");
+        held = held.max(unacked);
         if backend == Backend::Sqlite {
             // Readers go on under SQLite's write lock.
             assert_eq!(app.store.count_events().await.unwrap(), committed);
@@ -248,3 +264,161 @@ async fn the_database_away_for_a_while_pauses_consumption_and_loses_nothing(back
 }
 
 backend_tests!(the_database_away_for_a_while_pauses_consumption_and_loses_nothing,);
+
+async fn a_full_or_read_only_database_fails_clearly_acks_nothing_and_recovers(backend: Backend) {
+    // SQLite: a 1 MiB cap on the file (`database.max_size_mb`), which SQLite
+    // enforces like a full disk (SQLITE_FULL). PostgreSQL: the database made
+    // read-only. A restart of nudge re-reads unacked messages after ack_wait.
+    let extra: &[(&str, &str)] = match backend {
+        Backend::Sqlite => &[
+            ("NUDGE__DATABASE__MAX_SIZE_MB", "1"),
+            ("NUDGE__NATS__ACK_WAIT_SECS", "5"),
+        ],
+        Backend::Postgres => &[],
+    };
+    let env = TestEnv::with_env(backend, extra).await;
+    let app = env.start().await;
+    let first = 20usize;
+    for i in 0..first {
+        app.publish(&registered_at(
+            &format!("r{i}"),
+            &format!("c{i}"),
+            &ago(3600),
+        ))
+        .await;
+    }
+    app.wait_events(first as u64).await;
+    app.wait_outbox_settled().await;
+    wait_all_acked(&app, first as u64).await;
+    let mut published = first;
+
+    let expected = match backend {
+        Backend::Postgres => {
+            app.db.pg_set_read_only(true).await;
+            "read-only transaction"
+        }
+        Backend::Sqlite => {
+            // Page views (no mail) with some weight, until the file is full.
+            let mut n = 0;
+            loop {
+                for _ in 0..50 {
+                    let mut e = page_view(&format!("p{n}"), &format!("c{}", n % first), &ago(3000));
+                    e["data"]["notes"] = json!("n".repeat(400));
+                    app.publish(&e).await;
+                    n += 1;
+                    published += 1;
+                }
+                let full = eventually(Duration::from_secs(30), "stored or failing", || async {
+                    if app.store.count_events().await.ok()? == published as u64 {
+                        return Some(false);
+                    }
+                    let (_, body) = health(&app).await;
+                    body["ingest"]
+                        .as_str()?
+                        .starts_with("failing")
+                        .then_some(true)
+                })
+                .await;
+                if full {
+                    break;
+                }
+                assert!(n < 20_000, "a 1 MiB database never filled up");
+            }
+            "database or disk is full"
+        }
+    };
+    // Registrations that cannot be stored yet.
+    let later = 30usize;
+    for i in 0..later {
+        let c = first + i;
+        app.publish(&registered_at(
+            &format!("r{c}"),
+            &format!("c{c}"),
+            &ago(2000),
+        ))
+        .await;
+    }
+    published += later;
+
+    let body = wait_ingest_failing(&app).await;
+    let reason = body["ingest"].as_str().unwrap().to_string();
+    assert!(reason.contains(expected), "{body}");
+    // Retried well past the point where a batch that keeps failing is taken
+    // apart to find a poison message.
+    eventually(Duration::from_secs(60), "retries", || async {
+        (metric(&app, "nudge_batch_failures_total").await >= 5).then_some(())
+    })
+    .await;
+    let failures = metric(&app, "nudge_batch_failures_total").await;
+    let committed = app.store.count_events().await.unwrap();
+    let (acked, held) = assert_acked_were_committed(&app).await;
+    assert!(held > 0, "messages held unacked");
+    assert!(
+        acked <= (published - later) as u64,
+        "nothing acked since writes fail"
+    );
+    let rejected = app.store.list_rejected(10).await.unwrap();
+    assert!(
+        rejected.is_empty(),
+        "nothing set aside as poison: the database is at fault, not a message: {rejected:?}"
+    );
+    assert_eq!(app.mails().len(), first, "no mail for what is not stored");
+
+    let (app, size) = match backend {
+        Backend::Postgres => {
+            app.db.pg_set_read_only(false).await;
+            (app, String::new())
+        }
+        Backend::Sqlite => {
+            // Stopped while failing, the file is whole; started again with
+            // room, nudge takes the unacked messages up again.
+            let mut env = app.stop().await;
+            let sql = env.db.sql().await;
+            let check = sql.rows("PRAGMA integrity_check").await;
+            assert_eq!(check, vec![vec![Some("ok".to_string())]]);
+            let bytes = sql
+                .scalar(
+                    "SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()",
+                )
+                .await;
+            sql.close().await;
+            assert!(bytes <= 1024 * 1024, "{bytes}");
+            env.config.database.max_size_mb = Some(64);
+            (
+                env.start().await,
+                format!(", file at {bytes} bytes of 1 MiB, integrity_check ok"),
+            )
+        }
+    };
+    let total = published as u64;
+    eventually(
+        Duration::from_secs(60),
+        "every event stored once writes work again",
+        || async { (app.store.count_events().await.ok()? == total).then_some(()) },
+    )
+    .await;
+    wait_all_acked(&app, total).await;
+    let registrations = first + later;
+    eventually(Duration::from_secs(30), "every welcome sent", || async {
+        let rows = app.store.list_outbox(10_000).await.ok()?;
+        (rows.len() == registrations && rows.iter().all(|r| r.status == "sent")).then_some(())
+    })
+    .await;
+    wait_ready(&app).await;
+    assert!(app.store.list_rejected(10).await.unwrap().is_empty());
+    let (mails, distinct, duplicates) = count_mails(&app);
+    assert_eq!(distinct, registrations);
+    assert_eq!(duplicates, 0);
+    println!(
+        "fault suite ({backend:?}): {} (\"{reason}\"): {committed} events committed, {acked} \
+         acked, {held} held unacked, 0 set aside as poison after {failures} failed commits{size}; \
+         afterwards {total} events stored once, {mails} mails, {duplicates} duplicates",
+        match backend {
+            Backend::Sqlite => "database full",
+            Backend::Postgres => "database read-only",
+        }
+    );
+    app.stop().await;
+}
+
+backend_tests!(a_full_or_read_only_database_fails_clearly_acks_nothing_and_recovers,);
