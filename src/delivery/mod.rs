@@ -51,8 +51,6 @@ pub struct Sender {
     live: Live,
     /// The earliest time the next send may start, for `delivery.rate_per_sec`.
     next_slot: tokio::sync::Mutex<tokio::time::Instant>,
-    /// Upper bound on one send, on top of lettre's per-command timeout.
-    send_timeout: Duration,
     /// Cancelled when nudge stops: recording an outcome stops retrying then.
     stop: CancellationToken,
 }
@@ -92,7 +90,6 @@ impl Sender {
             clock,
             next_slot: tokio::sync::Mutex::new(tokio::time::Instant::now()),
             live: Live::default(),
-            send_timeout: Duration::from_secs(config.smtp.timeout_secs * 2),
             stop: CancellationToken::new(),
         })
     }
@@ -348,13 +345,7 @@ impl Sender {
             &rendered,
         )?;
         self.wait_for_rate_slot().await;
-        match tokio::time::timeout(self.send_timeout, self.mailer.send(message)).await {
-            Ok(r) => r.map(|_| Sent::Done),
-            Err(_) => Err(SendError {
-                transient: true,
-                message: format!("send timed out after {:?}", self.send_timeout),
-            }),
-        }
+        self.mailer.send(message).await.map(|_| Sent::Done)
     }
 
     /// When the client's quiet hours end, if they are in them now. The

@@ -422,3 +422,84 @@ async fn a_full_or_read_only_database_fails_clearly_acks_nothing_and_recovers(ba
 }
 
 backend_tests!(a_full_or_read_only_database_fails_clearly_acks_nothing_and_recovers,);
+
+async fn a_stalling_mail_server_times_out_one_mail_and_the_rest_goes_on(backend: Backend) {
+    let env = TestEnv::with_env(backend, &[("NUDGE__SMTP__TIMEOUT_SECS", "2")]).await;
+    let app = env.start().await;
+    // The server never answers RCPT for `stall*@`.
+    app.publish(&registered_at("s1", "stall1", &ago(3600)))
+        .await;
+    let others = 20usize;
+    for i in 0..others {
+        app.publish(&registered_at(
+            &format!("r{i}"),
+            &format!("c{i}"),
+            &ago(3500),
+        ))
+        .await;
+        app.publish(&page_view(&format!("v{i}"), &format!("c{i}"), &ago(3400)))
+            .await;
+    }
+    let stalled = eventually(
+        Duration::from_secs(60),
+        "the stalled mail tried twice",
+        || async {
+            let rows = app.store.list_outbox(1000).await.ok()?;
+            rows.into_iter()
+                .find(|r| r.client_id == "stall1" && r.attempts >= 2 && r.last_error.is_some())
+        },
+    )
+    .await;
+    let error = stalled.last_error.clone().unwrap();
+    assert!(error.contains("timed out"), "{stalled:?}");
+    assert_ne!(stalled.status, "sent");
+
+    // Meanwhile everything else went on: events decided, the other mails sent
+    // at their first attempt (the stalled connection was not handed to them).
+    let events = 1 + 2 * others as u64;
+    app.wait_events(events).await;
+    let rows = eventually(Duration::from_secs(30), "the other mails sent", || async {
+        let rows = app.store.list_outbox(1000).await.ok()?;
+        let sent: Vec<_> = rows
+            .into_iter()
+            .filter(|r| r.client_id != "stall1" && r.status == "sent")
+            .collect();
+        (sent.len() == others).then_some(sent)
+    })
+    .await;
+    for r in &rows {
+        assert_eq!(r.attempts, 1, "{r:?}");
+    }
+    // And later events still go through while the stalled mail keeps retrying.
+    for i in 0..5 {
+        let c = others + i;
+        app.publish(&registered_at(
+            &format!("r{c}"),
+            &format!("c{c}"),
+            &ago(100),
+        ))
+        .await;
+    }
+    app.wait_events(events + 5).await;
+    let mails = app.wait_mails(others + 5).await;
+    assert!(mails.iter().all(|m| m.to != "stall1@example.com"));
+    let stalled = app
+        .store
+        .list_outbox(1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|r| r.client_id == "stall1")
+        .unwrap();
+    println!(
+        "fault suite ({backend:?}): SMTP stalling at RCPT with smtp.timeout_secs 2: the stalled \
+         mail tried {} times (\"{error}\"), {} other mails sent each at the first attempt, {} \
+         events decided meanwhile",
+        stalled.attempts,
+        others + 5,
+        events + 5
+    );
+    app.stop().await;
+}
+
+backend_tests!(a_stalling_mail_server_times_out_one_mail_and_the_rest_goes_on,);
