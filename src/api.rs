@@ -126,15 +126,26 @@ async fn health(State(s): State<ApiState>) -> Response {
         .nats
         .as_ref()
         .is_some_and(|c| c.connection_state() == async_nats::connection::State::Connected);
-    let status = if db_ok && nats_ok {
+    // The database may answer and still refuse writes (full, read-only,
+    // locked): then the batch in hand keeps failing, and says why.
+    let failing = s.metrics.ingest_failing();
+    let status = if db_ok && nats_ok && failing.is_none() {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
+    };
+    let ingest = match failing {
+        None => "ok".to_string(),
+        Some((error, since)) => format!(
+            "failing since {}: {error}",
+            since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        ),
     };
     let body = json!({
         "status": if status == StatusCode::OK { "ready" } else { "not ready" },
         "database": if db_ok { "ok" } else { "unavailable" },
         "nats": if nats_ok { "ok" } else { "unavailable" },
+        "ingest": ingest,
     });
     (status, Json(body)).into_response()
 }

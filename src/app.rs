@@ -193,7 +193,7 @@ impl Application {
 
 /// Opens the configured database and brings its schema up to date.
 pub async fn open_store(config: &Config) -> anyhow::Result<AnyStore> {
-    let store = AnyStore::connect(&config.database.url, config.database.max_connections)
+    let store = AnyStore::open(&config.database)
         .await
         .with_context(|| format!("cannot open database.url {}", redact(&config.database.url)))?;
     store

@@ -109,6 +109,9 @@ pub struct DatabaseConfig {
     pub url: String,
     /// Connection pool size. Default 8.
     pub max_connections: u32,
+    /// SQLite only: the most the database file may grow to, in MiB; writes
+    /// beyond fail as on a full disk. Default unset: no limit.
+    pub max_size_mb: Option<u64>,
 }
 
 impl Default for DatabaseConfig {
@@ -116,6 +119,7 @@ impl Default for DatabaseConfig {
         Self {
             url: "sqlite://nudge.db".into(),
             max_connections: 8,
+            max_size_mb: None,
         }
     }
 }
@@ -464,6 +468,17 @@ impl Config {
                 format!("{:?} must start with sqlite:// or postgres://", redact(url)),
             ));
         }
+        if let Some(mb) = self.database.max_size_mb {
+            if !url.starts_with("sqlite:") {
+                return Err(key_err(
+                    "database.max_size_mb",
+                    "applies to SQLite only (a PostgreSQL server manages its own space)",
+                ));
+            }
+            if mb == 0 {
+                return Err(key_err("database.max_size_mb", "must be at least 1"));
+            }
+        }
         if self.mail.transport == Transport::Smtp {
             // Only parsed here: building the pooled transport needs a runtime.
             lettre::AsyncSmtpTransport::<lettre::Tokio1Executor>::from_url(&self.smtp.url)
@@ -697,6 +712,23 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("mail.quiet_hours.start"), "{e}");
+    }
+
+    #[test]
+    fn max_size_mb_is_for_sqlite() {
+        let c = Config::load_with_env(None, env(&[("NUDGE__DATABASE__MAX_SIZE_MB", "5")])).unwrap();
+        assert_eq!(c.database.max_size_mb, Some(5));
+        assert_eq!(Config::default().database.max_size_mb, None);
+        let e = Config::load_with_env(
+            None,
+            env(&[
+                ("NUDGE__DATABASE__URL", "postgres://u@h/db"),
+                ("NUDGE__DATABASE__MAX_SIZE_MB", "5"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("database.max_size_mb"), "{e}");
     }
 
     #[test]

@@ -69,7 +69,8 @@ const ISOLATE_AFTER: u32 = 3;
 /// Commits the messages one at a time; a message that alone cannot be
 /// committed while the database answers is a poison message: it is kept as
 /// rejected with the error, so the stream goes on. If the database does not
-/// answer, nothing is rejected and the error comes back.
+/// answer or cannot take writes at all (an outage: full, read-only, locked),
+/// nothing is rejected and the error comes back.
 async fn isolate(
     pipeline: &Pipeline,
     incoming: &[Incoming],
@@ -79,6 +80,7 @@ async fn isolate(
         let one = std::slice::from_ref(m);
         let report = match pipeline.process(one).await {
             Ok(r) => r,
+            Err(e) if e.is_outage() => return Err(e),
             Err(_) => pipeline.quarantine_poison(m).await?,
         };
         total.accepted += report.accepted;
@@ -117,7 +119,10 @@ pub async fn run(
     let batch_size = cfg.batch_size;
     let ack_wait = Duration::from_secs(cfg.ack_wait_secs);
     let floor = ConsumerFloor(consumer.clone());
+    // Failed attempts of the batch in hand, and those of them that were not
+    // an outage of the database: only these can point at a poison message.
     let mut failures: u32 = 0;
+    let mut suspect: u32 = 0;
     'outer: while !cancel.is_cancelled() {
         let mut messages = match consumer
             .stream()
@@ -174,11 +179,11 @@ pub async fn run(
             // Retry the same batch until it commits: nothing is acked that
             // is not committed, and the stream does not move past it.
             loop {
-                let result = if failures >= ISOLATE_AFTER && incoming.len() > 1 {
+                let result = if suspect >= ISOLATE_AFTER && incoming.len() > 1 {
                     // The batch keeps failing: find out whether one message
                     // is to blame rather than hold up the stream behind it.
                     isolate(&pipeline, &incoming).await
-                } else if failures >= ISOLATE_AFTER {
+                } else if suspect >= ISOLATE_AFTER {
                     pipeline.quarantine_poison(&incoming[0]).await
                 } else {
                     pipeline.process_in_order(&incoming, &floor, ack_wait).await
@@ -186,6 +191,8 @@ pub async fn run(
                 match result {
                     Ok(report) => {
                         failures = 0;
+                        suspect = 0;
+                        pipeline.metrics().batch_ok();
                         tracing::debug!(?report, "batch committed");
                         for m in &held {
                             if let Err(e) = m.ack().await {
@@ -199,11 +206,14 @@ pub async fn run(
                         break;
                     }
                     Err(e) => {
-                        // Contention is not the batch's fault: retry it as it
-                        // is, never take it apart as if a message were poison.
-                        if !matches!(e, crate::store::StoreError::Contended(_)) {
-                            failures += 1;
+                        failures += 1;
+                        // Contention or an outage is not the batch's fault:
+                        // retry it as it is, never take it apart as if a
+                        // message were poison.
+                        if !e.is_transient() {
+                            suspect += 1;
                         }
+                        pipeline.metrics().batch_failed(&e.to_string());
                         let pause = Duration::from_millis(200 * 2u64.pow(failures.min(6)));
                         tracing::error!(error = %e, retry_in = ?pause, "batch not committed; will retry");
                         for m in &held {

@@ -20,6 +20,11 @@ pub struct Metrics {
     pub mails_retried: AtomicU64,
     /// Batches that stopped waiting for earlier events of their clients.
     pub order_waits_expired: AtomicU64,
+    /// Attempts to commit a batch that failed (each retry counts).
+    pub batch_failures: AtomicU64,
+    /// Why the batch in hand cannot be committed, and since when; `None`
+    /// once a batch went through.
+    ingest_failing: Mutex<Option<(String, chrono::DateTime<chrono::Utc>)>>,
     /// (runs, errors) by rule.
     rules: Mutex<BTreeMap<String, (u64, u64)>>,
     /// Publish-to-commit latency: counts per bucket, then sum and count.
@@ -55,6 +60,34 @@ impl Metrics {
 
     pub fn order_wait_expired(&self) {
         self.order_waits_expired.fetch_add(1, Relaxed);
+    }
+
+    /// A batch could not be committed and will be retried.
+    pub fn batch_failed(&self, error: &str) {
+        self.batch_failures.fetch_add(1, Relaxed);
+        let mut f = self
+            .ingest_failing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let since = f.as_ref().map_or_else(chrono::Utc::now, |(_, t)| *t);
+        *f = Some((error.to_string(), since));
+    }
+
+    /// The batch in hand went through: ingest is no longer failing.
+    pub fn batch_ok(&self) {
+        let mut f = self
+            .ingest_failing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        *f = None;
+    }
+
+    /// The last commit error and since when commits fail, while they do.
+    pub fn ingest_failing(&self) -> Option<(String, chrono::DateTime<chrono::Utc>)> {
+        self.ingest_failing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn observe_latency(&self, d: std::time::Duration) {
@@ -128,6 +161,11 @@ impl Metrics {
                 &self.events_rejected,
             ),
             ("nudge_batches_total", "Batches committed.", &self.batches),
+            (
+                "nudge_batch_failures_total",
+                "Attempts to commit a batch that failed (the batch is retried, not acked).",
+                &self.batch_failures,
+            ),
             (
                 "nudge_effects_queued_total",
                 "Effects written to the outbox.",

@@ -215,6 +215,10 @@ impl Pipeline {
         &self.store
     }
 
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
     /// Processes and commits one batch of messages. On `Ok` every message is
     /// safe to ack: it was stored, rejected and kept, or had taken effect before.
     pub async fn process(&self, batch: &[Incoming]) -> Result<BatchReport, StoreError> {
@@ -418,13 +422,15 @@ impl Pipeline {
     }
 
     /// Keeps a message that cannot be committed (with the error of one more
-    /// try) as rejected, once the database is known to answer; so a poison
-    /// message is recorded, not redelivered forever.
+    /// try) as rejected, once the database is known to answer and the error
+    /// is not an outage of the whole database (full, read-only, locked); so
+    /// a poison message is recorded, not redelivered forever, and a good one
+    /// is never set aside for the database's fault.
     pub async fn quarantine_poison(&self, m: &Incoming) -> Result<BatchReport, StoreError> {
         let error = match self.process(std::slice::from_ref(m)).await {
             Ok(report) => return Ok(report),
-            // Busy, not broken.
-            Err(e @ StoreError::Contended(_)) => return Err(e),
+            // Busy, full, read-only, locked or away: no message is to blame.
+            Err(e) if e.is_transient() => return Err(e),
             Err(e) => e,
         };
         self.store.ping().await?;

@@ -7,11 +7,72 @@ use lettre::message::header::{HeaderName, HeaderValue};
 use lettre::message::{Mailbox, MultiPart};
 use lettre::transport::smtp::PoolConfig;
 use lettre::{AsyncFileTransport, AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use std::sync::Arc;
 use std::time::Duration;
 
 pub enum Mailer {
-    Smtp(AsyncSmtpTransport<Tokio1Executor>),
+    Smtp(SmtpMailer),
     File(AsyncFileTransport<Tokio1Executor>),
+}
+
+/// Pooled SMTP with a bound on each send. lettre's own timeout covers only
+/// connecting, and a send cancelled half-way puts its connection back in the
+/// pool as if it were healthy, still waiting for the server's answer: the
+/// next mail to take it would hang as well. So a send that times out
+/// replaces the whole pool, and no other mail is ever handed that connection.
+pub struct SmtpMailer {
+    config: SmtpConfig,
+    timeout: Duration,
+    transport: std::sync::Mutex<Arc<AsyncSmtpTransport<Tokio1Executor>>>,
+}
+
+impl SmtpMailer {
+    fn new(config: &SmtpConfig) -> Result<Self, lettre::transport::smtp::Error> {
+        Ok(Self {
+            transport: std::sync::Mutex::new(Arc::new(smtp_transport(config)?)),
+            timeout: Duration::from_secs(config.timeout_secs),
+            config: config.clone(),
+        })
+    }
+
+    fn current(&self) -> Arc<AsyncSmtpTransport<Tokio1Executor>> {
+        self.transport
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Swaps in a fresh pool, unless another timed-out send already did.
+    fn discard(&self, stuck: &Arc<AsyncSmtpTransport<Tokio1Executor>>) {
+        let mut t = self.transport.lock().unwrap_or_else(|p| p.into_inner());
+        if Arc::ptr_eq(&t, stuck) {
+            match smtp_transport(&self.config) {
+                Ok(fresh) => *t = Arc::new(fresh),
+                Err(e) => tracing::error!(error = %e, "cannot rebuild the SMTP transport"),
+            }
+        }
+    }
+
+    async fn send(&self, message: Message) -> Result<(), SendError> {
+        let transport = self.current();
+        match tokio::time::timeout(self.timeout, transport.send(message)).await {
+            Ok(sent) => sent.map(|_| ()).map_err(|e| SendError {
+                // Connection problems and 4xx replies may pass; 5xx replies will not.
+                transient: !e.is_permanent(),
+                message: e.to_string(),
+            }),
+            Err(_) => {
+                self.discard(&transport);
+                Err(SendError {
+                    transient: true,
+                    message: format!(
+                        "send timed out after {} s (smtp.timeout_secs)",
+                        self.timeout.as_secs()
+                    ),
+                })
+            }
+        }
+    }
 }
 
 /// Why a send did not happen; `transient` failures are retried.
@@ -34,7 +95,7 @@ pub fn smtp_transport(
 impl Mailer {
     pub fn from_config(config: &Config) -> anyhow::Result<Self> {
         Ok(match config.mail.transport {
-            Transport::Smtp => Mailer::Smtp(smtp_transport(&config.smtp)?),
+            Transport::Smtp => Mailer::Smtp(SmtpMailer::new(&config.smtp)?),
             Transport::File => {
                 std::fs::create_dir_all(&config.mail.dir).map_err(|e| {
                     anyhow::anyhow!("cannot create mail.dir {}: {e}", config.mail.dir.display())
@@ -46,11 +107,7 @@ impl Mailer {
 
     pub async fn send(&self, message: Message) -> Result<(), SendError> {
         match self {
-            Mailer::Smtp(t) => t.send(message).await.map(|_| ()).map_err(|e| SendError {
-                // Connection problems and 4xx replies may pass; 5xx replies will not.
-                transient: !e.is_permanent(),
-                message: e.to_string(),
-            }),
+            Mailer::Smtp(m) => m.send(message).await,
             Mailer::File(t) => t.send(message).await.map(|_| ()).map_err(|e| SendError {
                 transient: true,
                 message: format!("writing the mail file: {e}"),

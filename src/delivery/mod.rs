@@ -51,8 +51,8 @@ pub struct Sender {
     live: Live,
     /// The earliest time the next send may start, for `delivery.rate_per_sec`.
     next_slot: tokio::sync::Mutex<tokio::time::Instant>,
-    /// Upper bound on one send, on top of lettre's per-command timeout.
-    send_timeout: Duration,
+    /// Cancelled when nudge stops: recording an outcome stops retrying then.
+    stop: CancellationToken,
 }
 
 /// What one pass over the outbox did.
@@ -90,7 +90,7 @@ impl Sender {
             clock,
             next_slot: tokio::sync::Mutex::new(tokio::time::Instant::now()),
             live: Live::default(),
-            send_timeout: Duration::from_secs(config.smtp.timeout_secs * 2),
+            stop: CancellationToken::new(),
         })
     }
 
@@ -100,7 +100,8 @@ impl Sender {
     }
 
     /// Runs until cancelled; wakes on `wake` (new effects committed) or every `poll_ms`.
-    pub async fn run(self, wake: Arc<Notify>, cancel: CancellationToken) {
+    pub async fn run(mut self, wake: Arc<Notify>, cancel: CancellationToken) {
+        self.stop = cancel.clone();
         let idle = Duration::from_millis(self.cfg.poll_ms);
         let mut failures = 0u32;
         loop {
@@ -213,16 +214,16 @@ impl Sender {
                 self.metrics.mails_sent.fetch_add(1, Relaxed);
                 let entry = log(Level::Notice, format!("{what} sent"));
                 self.announce(&item, format!("{what} sent"));
-                self.store
-                    .mark_sent(&item.key, &id, Utc::now(), &entry)
+                let at = Utc::now();
+                self.record(&what, || self.store.mark_sent(&item.key, &id, at, &entry))
                     .await
             }
             Err(e) if e.transient && item.attempts < self.cfg.max_attempts => {
                 self.metrics.mails_retried.fetch_add(1, Relaxed);
                 let delay = backoff(self.cfg.retry_base_secs, item.attempts);
                 tracing::warn!(what, error = %e, attempt = item.attempts, retry_in_secs = delay.num_seconds(), "not delivered, will retry");
-                self.store
-                    .mark_retry(&item.key, (self.clock)() + delay, &e.message)
+                let due = (self.clock)() + delay;
+                self.record(&what, || self.store.mark_retry(&item.key, due, &e.message))
                     .await
             }
             Err(e) => {
@@ -230,9 +231,37 @@ impl Sender {
                 self.metrics.mails_failed.fetch_add(1, Relaxed);
                 let why = format!("{what} failed: {}", e.message);
                 self.announce(&item, why.clone());
-                self.store
-                    .mark_failed(&item.key, &e.message, &log(Level::Error, why))
-                    .await
+                let entry = log(Level::Error, why);
+                self.record(&what, || {
+                    self.store.mark_failed(&item.key, &e.message, &entry)
+                })
+                .await
+            }
+        }
+    }
+
+    /// Records what became of a claimed mail. It has left (or failed)
+    /// already: while the database is away, keep trying until it is back,
+    /// rather than let the lease run out and the mail go out again. Gives up
+    /// only when nudge stops (the mail is then sent again after the restart,
+    /// with the same Message-ID).
+    async fn record<F, Fut>(&self, what: &str, write: F) -> Result<(), StoreError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<(), StoreError>>,
+    {
+        let mut pause = Duration::from_millis(100);
+        loop {
+            match write().await {
+                Err(e) if e.is_outage() && !self.stop.is_cancelled() => {
+                    tracing::warn!(what, error = %e, retry_in = ?pause, "cannot record the delivery yet: database unavailable");
+                    tokio::select! {
+                        _ = self.stop.cancelled() => return Err(e),
+                        _ = tokio::time::sleep(pause) => {}
+                    }
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
+                r => return r,
             }
         }
     }
@@ -316,13 +345,7 @@ impl Sender {
             &rendered,
         )?;
         self.wait_for_rate_slot().await;
-        match tokio::time::timeout(self.send_timeout, self.mailer.send(message)).await {
-            Ok(r) => r.map(|_| Sent::Done),
-            Err(_) => Err(SendError {
-                transient: true,
-                message: format!("send timed out after {:?}", self.send_timeout),
-            }),
-        }
+        self.mailer.send(message).await.map(|_| Sent::Done)
     }
 
     /// When the client's quiet hours end, if they are in them now. The

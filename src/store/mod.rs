@@ -43,6 +43,57 @@ pub enum StoreError {
     Contended(usize),
 }
 
+impl StoreError {
+    /// The database as a whole cannot serve this right now: unreachable,
+    /// refusing connections, locked by another writer past the busy timeout,
+    /// out of space, read-only, or shutting down. Nothing about the data is to
+    /// blame, so the same work is to be retried as it is, never set aside.
+    /// An outage, or writers contending: worth retrying as it is, and never
+    /// a sign that a message in the batch is to blame.
+    pub fn is_transient(&self) -> bool {
+        self.is_outage() || matches!(self, StoreError::Contended(_))
+    }
+
+    pub fn is_outage(&self) -> bool {
+        match self {
+            StoreError::Db { source, .. } => sqlx_outage(source),
+            StoreError::Migrate(sqlx::migrate::MigrateError::Execute(e)) => sqlx_outage(e),
+            _ => false,
+        }
+    }
+}
+
+fn sqlx_outage(e: &sqlx::Error) -> bool {
+    use sqlx::Error as E;
+    match e {
+        E::Io(_)
+        | E::Tls(_)
+        | E::Protocol(_)
+        | E::PoolTimedOut
+        | E::PoolClosed
+        | E::WorkerCrashed => true,
+        E::Database(d) => {
+            let code = d.code().unwrap_or_default();
+            if d.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+                // Primary result codes: BUSY, LOCKED, NOMEM, READONLY,
+                // INTERRUPT, IOERR, CORRUPT, FULL, CANTOPEN, PROTOCOL, NOTADB.
+                code.parse::<i32>()
+                    .is_ok_and(|c| [5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 26].contains(&(c & 0xff)))
+            } else {
+                // SQLSTATE classes: connection exception, insufficient
+                // resources (disk full, out of memory, too many connections),
+                // operator intervention (shutdown, terminated, cannot connect
+                // now), system error; a read-only transaction; a database
+                // not accepting connections.
+                ["08", "53", "57", "58"].iter().any(|c| code.starts_with(c))
+                    || code == "25006"
+                    || code == "55000"
+            }
+        }
+        _ => false,
+    }
+}
+
 pub(crate) fn db(context: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
     move |source| StoreError::Db { context, source }
 }
@@ -452,9 +503,20 @@ pub enum AnyStore {
 
 impl AnyStore {
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
+        Self::open(&crate::config::DatabaseConfig {
+            url: url.to_string(),
+            max_connections,
+            max_size_mb: None,
+        })
+        .await
+    }
+
+    /// Opens the database as configured (`database.*`).
+    pub async fn open(cfg: &crate::config::DatabaseConfig) -> Result<Self, StoreError> {
+        let (url, max_connections) = (cfg.url.as_str(), cfg.max_connections);
         if url.starts_with("sqlite:") {
             Ok(AnyStore::Sqlite(
-                SqliteStore::connect(url, max_connections).await?,
+                SqliteStore::connect_capped(url, max_connections, cfg.max_size_mb).await?,
             ))
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             Ok(AnyStore::Postgres(

@@ -30,6 +30,17 @@ pub struct SqliteStore {
 
 impl SqliteStore {
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
+        Self::connect_capped(url, max_connections, None).await
+    }
+
+    /// Opens the database; with `max_size_mb`, every connection refuses to
+    /// grow the file past that size (`PRAGMA max_page_count`), so writes
+    /// beyond it fail with SQLITE_FULL, the way they do on a full disk.
+    pub async fn connect_capped(
+        url: &str,
+        max_connections: u32,
+        max_size_mb: Option<u64>,
+    ) -> Result<Self, StoreError> {
         let opts = SqliteConnectOptions::from_str(url)
             .map_err(db("parsing the sqlite url"))?
             .create_if_missing(true)
@@ -45,8 +56,24 @@ impl SqliteStore {
                 source: sqlx::Error::Io(e),
             })?;
         }
-        let pool = SqlitePoolOptions::new()
-            .max_connections(max_connections)
+        let mut pool = SqlitePoolOptions::new().max_connections(max_connections);
+        if let Some(mb) = max_size_mb {
+            let bytes = mb.saturating_mul(1024 * 1024);
+            pool = pool.after_connect(move |conn, _| {
+                Box::pin(async move {
+                    // The page size is the file's own (4096 unless it was made otherwise).
+                    let page: i64 = sqlx::query_scalar("PRAGMA page_size")
+                        .fetch_one(&mut *conn)
+                        .await?;
+                    let pages = (bytes / page.max(512) as u64).max(1);
+                    sqlx::query(&format!("PRAGMA max_page_count = {pages}"))
+                        .execute(&mut *conn)
+                        .await?;
+                    Ok(())
+                })
+            });
+        }
+        let pool = pool
             .connect_with(opts)
             .await
             .map_err(db("opening the sqlite database"))?;

@@ -1,5 +1,9 @@
-//! Faults: broken rules, poison messages, a killed daemon, a restarted broker.
-//! The numbers each proves are printed (`cargo test -- --nocapture` shows them).
+//! Faults: broken rules, poison messages, a killed daemon, a restarted broker;
+//! the database, its disk and the mail server failing (`outages`); hostile
+//! input (`bad_input`); rules that run away (`rule_faults`). The numbers each
+//! proves are printed (`cargo test -- --nocapture` shows them).
+
+mod outages;
 
 use crate::helpers::{
     Backend, TestApp, TestEnv, ago, daemon_vars, event, eventually, registered_at, spawn_daemon,

@@ -89,6 +89,62 @@ impl TestDb {
     pub async fn sql(&self) -> Sql {
         Sql::connect(&self.url).await
     }
+
+    /// The PostgreSQL database's name; panics on SQLite.
+    pub fn pg_name(&self) -> &str {
+        self.pg_name.as_deref().expect("a PostgreSQL test database")
+    }
+
+    /// Runs `sql` on the server's admin database (NUDGE_TEST_PG_URL), not
+    /// on this one: for taking this one away and bringing it back.
+    pub async fn pg_admin(&self, sql: &str) {
+        use sqlx::Connection;
+        let mut c = sqlx::PgConnection::connect(&pg_admin_url()).await.unwrap();
+        sqlx::raw_sql(sql)
+            .execute(&mut c)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        c.close().await.ok();
+    }
+
+    /// Ends every session on this database (PostgreSQL).
+    pub async fn pg_terminate_sessions(&self) {
+        let db = self.pg_name();
+        self.pg_admin(&format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = '{db}' AND pid <> pg_backend_pid()"
+        ))
+        .await;
+    }
+
+    /// Makes this database unreachable without touching the shared server:
+    /// new connections are refused and the open ones are ended (PostgreSQL).
+    pub async fn pg_refuse_connections(&self) {
+        let db = self.pg_name();
+        self.pg_admin(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS false"))
+            .await;
+        self.pg_terminate_sessions().await;
+    }
+
+    /// Undoes [`TestDb::pg_refuse_connections`].
+    pub async fn pg_allow_connections(&self) {
+        let db = self.pg_name();
+        self.pg_admin(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS true"))
+            .await;
+    }
+
+    /// Makes every new session on this database read-only (or writable
+    /// again) and ends the open ones, so nudge reconnects into the new state.
+    pub async fn pg_set_read_only(&self, on: bool) {
+        let db = self.pg_name();
+        let sql = if on {
+            format!("ALTER DATABASE {db} SET default_transaction_read_only = on")
+        } else {
+            format!("ALTER DATABASE {db} RESET default_transaction_read_only")
+        };
+        self.pg_admin(&sql).await;
+        self.pg_terminate_sessions().await;
+    }
 }
 
 impl Drop for TestDb {
@@ -256,7 +312,8 @@ fn spawn_nats(port: u16, store: &Path) -> Child {
 }
 
 /// A real SMTP server (aiosmtpd, `tests/smtp_sink.py`) storing every message
-/// it accepts in a Maildir; recipients `reject*@` get a 550, `busy*@` a 451.
+/// it accepts in a Maildir; recipients `reject*@` get a 550, `busy*@` a 451,
+/// `stall*@` no answer at all, and `slow*@` are accepted after 3 s.
 pub fn start_smtp() -> Service {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
@@ -636,6 +693,19 @@ impl TestEnv {
                 Err(e) => panic!("stream ack: {e:?}"),
             }
         }
+    }
+
+    /// What the broker knows of nudge's consumer: delivered, acked, pending.
+    pub async fn consumer_info(&self) -> async_nats::jetstream::consumer::Info {
+        let stream = self
+            .js
+            .get_stream(&self.config.nats.stream)
+            .await
+            .expect("the stream exists");
+        stream
+            .consumer_info(&self.config.nats.consumer)
+            .await
+            .expect("the consumer exists")
     }
 
     pub fn mails(&self) -> Vec<Mail> {
