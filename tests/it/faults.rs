@@ -3,6 +3,7 @@
 //! input (`bad_input`); rules that run away (`rule_faults`). The numbers each
 //! proves are printed (`cargo test -- --nocapture` shows them).
 
+mod bad_input;
 mod outages;
 
 use crate::helpers::{
