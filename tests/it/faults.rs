@@ -5,6 +5,7 @@
 
 mod bad_input;
 mod outages;
+mod rule_faults;
 
 use crate::helpers::{
     Backend, TestApp, TestEnv, ago, daemon_vars, event, eventually, registered_at, spawn_daemon,
