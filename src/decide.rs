@@ -390,6 +390,9 @@ impl Core<'_> {
                 kind,
             });
         };
+        // An emit stopped at the depth limit makes the run count as failed
+        // (in /metrics, /api/rules and toward quarantine): a cycle is a bug.
+        let mut stopped = false;
         for req in requests {
             match req {
                 Request::Mail { template, vars } => {
@@ -430,6 +433,7 @@ impl Core<'_> {
                 Request::Cancel { name } => state.cancel_timer(&rule.name, &name),
                 Request::Emit { event_type, data } => {
                     if trigger.depth >= self.settings.max_emit_depth {
+                        stopped = true;
                         decision.log.push(log(
                             Level::Error,
                             format!(
@@ -469,6 +473,9 @@ impl Core<'_> {
                     )),
                 },
             }
+        }
+        if stopped && let Some(run) = decision.runs.last_mut() {
+            run.1 = false;
         }
         (decision, emitted)
     }
@@ -895,6 +902,12 @@ mod tests {
             .find(|l| l.level == Level::Error)
             .expect("reported");
         assert!(stop.message.contains("secondary events deep"), "{stop:?}");
+        assert_eq!(
+            d.runs.iter().filter(|(_, ok)| !ok).count(),
+            1,
+            "the stopped run counts as failed: {:?}",
+            d.runs
+        );
         // Deterministic: the same event gives the same secondary ids.
         let mut again = ClientState::new(ClientId::parse("c1").unwrap());
         let d2 = core.on_event(

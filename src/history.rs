@@ -97,7 +97,7 @@ pub struct Stats {
     pub events: BTreeMap<String, u64>,
     /// The time of the last event of each type.
     pub last_at: BTreeMap<String, DateTime<Utc>>,
-    /// Product views, by product id.
+    /// Product views, by product id: the [`MAX_PRODUCT_VIEWS`] most viewed.
     pub product_views: BTreeMap<String, u64>,
     pub cart_adds: u64,
     pub orders: u64,
@@ -168,6 +168,11 @@ pub struct SentMail {
     pub template: String,
     pub at: DateTime<Utc>,
 }
+
+/// Distinct products whose views are kept per client. Rules get them with
+/// every event of the client, so without a bound each event of a client who
+/// viewed many products (a crawler) would cost more than the one before.
+pub const MAX_PRODUCT_VIEWS: usize = 200;
 
 /// How many recent mails are remembered per client.
 pub const RECENT_MAILS: usize = 50;
@@ -259,7 +264,22 @@ impl ClientState {
             }
             "product_viewed" => {
                 if let Some(pid) = data.get("product_id").and_then(value_as_key) {
-                    *self.stats.product_views.entry(pid).or_default() += 1;
+                    let views = &mut self.stats.product_views;
+                    if !views.contains_key(&pid) {
+                        // Room for a new product: the least viewed goes (the
+                        // first of them by id, so a replay decides the same).
+                        while views.len() >= MAX_PRODUCT_VIEWS {
+                            let least = views
+                                .iter()
+                                .min_by_key(|(_, n)| **n)
+                                .map(|(k, _)| k.clone());
+                            match least {
+                                Some(k) => views.remove(&k),
+                                None => break,
+                            };
+                        }
+                    }
+                    *views.entry(pid).or_default() += 1;
                 }
             }
             "cart_item_added" => self.stats.cart_adds += 1,
@@ -404,6 +424,28 @@ fn value_as_key(v: &Value) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn product_views_keep_the_most_viewed() {
+        let mut s = ClientState::new(ClientId::parse("c").unwrap());
+        let view = |i: usize, pid: &str| {
+            Envelope::from_value(serde_json::json!({
+                "id": format!("e{i}"), "type": "product_viewed", "client_id": "c",
+                "occurred_at": "2026-01-01T00:00:00Z", "data": {"product_id": pid},
+            }))
+            .unwrap()
+        };
+        let gap = Duration::minutes(30);
+        s.apply(&view(0, "fav"), gap);
+        s.apply(&view(1, "fav"), gap);
+        for i in 0..1000 {
+            s.apply(&view(i + 2, &format!("p{i}")), gap);
+        }
+        let v = &s.stats.product_views;
+        assert_eq!(v.len(), MAX_PRODUCT_VIEWS);
+        assert_eq!(v["fav"], 2, "the most viewed stays");
+        assert!(v.contains_key("p999"), "the latest is in");
+    }
+
     use super::*;
     use serde_json::json;
 

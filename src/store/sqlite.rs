@@ -47,7 +47,10 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(10))
-            .foreign_keys(true);
+            .foreign_keys(true)
+            // REGEXP, for searches that ignore case beyond ASCII (SQLite's
+            // own lower() and LIKE fold only A-Z).
+            .with_regexp();
         if let Some(dir) = opts.get_filename().parent()
             && !dir.as_os_str().is_empty()
         {
@@ -83,6 +86,18 @@ impl SqliteStore {
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
     }
+}
+
+/// `s` as a regular expression that matches it literally.
+fn regex_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if "\\.+*?()|[]{}^$#&-~".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 fn chunk_rows(columns: usize) -> usize {
@@ -766,20 +781,16 @@ impl Store for SqliteStore {
     }
 
     async fn search_clients(&self, q: &str, limit: u32) -> Result<Vec<ClientSummary>, StoreError> {
-        let like = format!(
-            "%{}%",
-            q.to_lowercase()
-                .replace('\\', "\\\\")
-                .replace('%', "\\%")
-                .replace('_', "\\_")
-        );
+        // Case-insensitive in every script, as on PostgreSQL: `Émile` is
+        // found by `émile`.
+        let pattern = format!("(?i){}", regex_escape(q));
         let rows = sqlx::query(
             "SELECT client_id, email, first_name, last_name, last_seen FROM clients \
-             WHERE lower(client_id) LIKE ?1 ESCAPE '\\' OR lower(email) LIKE ?1 ESCAPE '\\' \
-                OR lower(coalesce(first_name, '') || ' ' || coalesce(last_name, '')) LIKE ?1 ESCAPE '\\' \
+             WHERE client_id REGEXP ?1 OR coalesce(email, '') REGEXP ?1 \
+                OR (coalesce(first_name, '') || ' ' || coalesce(last_name, '')) REGEXP ?1 \
              ORDER BY (lower(client_id) = ?2) DESC, last_seen DESC LIMIT ?3",
         )
-        .bind(like)
+        .bind(pattern)
         .bind(q.to_lowercase())
         .bind(limit)
         .fetch_all(&self.pool)

@@ -3,7 +3,9 @@
 //! input (`bad_input`); rules that run away (`rule_faults`). The numbers each
 //! proves are printed (`cargo test -- --nocapture` shows them).
 
+mod bad_input;
 mod outages;
+mod rule_faults;
 
 use crate::helpers::{
     Backend, TestApp, TestEnv, ago, daemon_vars, event, eventually, registered_at, spawn_daemon,
