@@ -8,7 +8,8 @@ mod outages;
 mod rule_faults;
 
 use crate::helpers::{
-    Backend, TestApp, TestEnv, ago, daemon_vars, event, eventually, registered_at, spawn_daemon,
+    Backend, TestApp, TestEnv, ago, daemon_vars, event, eventually, publish_retrying,
+    registered_at, spawn_daemon,
 };
 use nudge::store::Store;
 use serde_json::{Value, json};
@@ -293,30 +294,6 @@ async fn nats_down_at_start_then_up_and_restarted_under_load(backend: Backend) {
         mails.len()
     );
     app.stop().await;
-}
-
-/// Publishes, riding out the moment the broker is restarting.
-async fn publish_retrying(app: &TestApp, e: &Value) {
-    let ty = e["type"].as_str().unwrap();
-    let id = e["id"].as_str().unwrap();
-    let payload = serde_json::to_vec(e).unwrap();
-    for _ in 0..100 {
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Msg-Id", id);
-        let sent = app
-            .js
-            .publish_with_headers(format!("shop.events.{ty}"), headers, payload.clone().into())
-            .await;
-        if let Ok(ack) = sent
-            && tokio::time::timeout(Duration::from_secs(2), ack)
-                .await
-                .is_ok_and(|a| a.is_ok())
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("could not publish {id}");
 }
 
 backend_tests!(

@@ -428,6 +428,33 @@ where
     }
 }
 
+/// Publishes like a shop that retries until the broker acks (a broker
+/// restarting or electing a new stream leader); the same `Nats-Msg-Id`
+/// makes a retry harmless.
+pub async fn publish_retrying(env: &TestEnv, e: &Value) {
+    let ty = e["type"].as_str().unwrap();
+    let id = e["id"].as_str().unwrap();
+    let payload = serde_json::to_vec(e).unwrap();
+    let subject = format!("{}.{ty}", env.config.nats.subject_prefix);
+    for _ in 0..100 {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", id);
+        let sent = env
+            .js
+            .publish_with_headers(subject.clone(), headers, payload.clone().into())
+            .await;
+        if let Ok(ack) = sent
+            && tokio::time::timeout(Duration::from_secs(2), ack)
+                .await
+                .is_ok_and(|a| a.is_ok())
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("could not publish {id}");
+}
+
 /// A `nudge run` process, killed when dropped (a failing test leaves none behind).
 pub struct Daemon(Child);
 

@@ -2,8 +2,8 @@
 //! sharing the durable consumer: what #5 promises for a scaled-out shop.
 
 use crate::helpers::{
-    Backend, Daemon, TestDb, TestEnv, daemon_vars, event, eventually, registered_at, sigterm,
-    spawn_daemon,
+    Backend, Daemon, TestDb, TestEnv, daemon_vars, event, eventually, publish_retrying,
+    registered_at, sigterm, spawn_daemon,
 };
 use chrono::{DateTime, Duration as Span, Utc};
 use nudge::counters::{CounterKey, period_key};
@@ -362,7 +362,7 @@ async fn a_three_node_nats_cluster_loses_a_node_and_nothing_else_on_postgres() {
     // The first node goes away; nudge may well have been connected to it.
     drop(nodes.remove(0));
     for e in &registrations[n / 2..n] {
-        app.publish(e).await;
+        publish_retrying(&app, e).await;
     }
     app.wait_events(n as u64).await;
     let mails = app.wait_mails(n).await;
@@ -403,6 +403,9 @@ async fn three_instances_apply_each_clients_events_in_order_on_postgres() {
         &[
             ("NUDGE__HTTP__LISTEN", "127.0.0.1:0"),
             ("NUDGE__NATS__BATCH_SIZE", "20"),
+            // The production default: order is kept for up to 15 s of
+            // waiting, ample even on a loaded test machine.
+            ("NUDGE__NATS__ACK_WAIT_SECS", "30"),
         ],
     );
     let instances: Vec<Daemon> = (0..3).map(|_| spawn_daemon(&vars)).collect();
