@@ -533,7 +533,7 @@ impl Pipeline {
             client_ids.sort();
             client_ids.dedup();
             let states = self.store.load_clients(&client_ids).await?;
-            let mut write = self.decide_all(fresh, states).await?;
+            let (mut write, runs) = self.decide_all(fresh, states).await?;
             if self.suppress_effects {
                 write.effects.clear();
                 write.log.clear();
@@ -550,6 +550,12 @@ impl Pipeline {
             };
             match self.store.commit_batch(&write).await? {
                 CommitOutcome::Committed => {
+                    // Counted once decided for good: a batch decided again
+                    // after a conflict does not run its rules twice over.
+                    for (rule, ok) in &runs {
+                        self.metrics.rule_run(rule, *ok);
+                    }
+                    self.catalog.record_runs(&runs);
                     self.metrics.batch_committed(&report, &write);
                     self.announce(&write);
                     return Ok(report);
@@ -597,12 +603,10 @@ impl Pipeline {
         &self,
         steps: Vec<Step>,
         mut states: HashMap<ClientId, ClientState>,
-    ) -> Result<BatchWrite, StoreError> {
+    ) -> Result<(BatchWrite, Vec<(String, bool)>), StoreError> {
         let rules = self.catalog.rules();
         let templates = self.catalog.templates();
         let engine = self.catalog.engine.clone();
-        let metrics = self.metrics.clone();
-        let catalog = self.catalog.clone();
         let settings = self.settings.clone();
         let source = StoreCounters {
             store: self.store.clone(),
@@ -620,6 +624,7 @@ impl Pipeline {
             let mut failure = None;
             let received_at = Utc::now();
             let mut write = BatchWrite::default();
+            let mut runs: Vec<(String, bool)> = Vec::new();
             let mut touched: HashSet<ClientId> = HashSet::new();
             for step in steps {
                 let id = step.client().clone();
@@ -644,10 +649,7 @@ impl Pipeline {
                 if changed {
                     touched.insert(id);
                 }
-                for (rule, ok) in &d.runs {
-                    metrics.rule_run(rule, *ok);
-                }
-                catalog.record_runs(&d.runs);
+                runs.extend(d.runs);
                 write.effects.extend(d.effects);
                 write.log.extend(d.log);
                 if let Step::Event(e) = step {
@@ -669,13 +671,13 @@ impl Pipeline {
                 .filter(|(id, _)| touched.contains(id))
                 .map(|(_, s)| s)
                 .collect();
-            (write, failure)
+            (write, runs, failure)
         };
         match tokio::task::spawn_blocking(run).await {
             // A counter that could not be read means a rule decided on
             // nothing: retry the batch rather than commit that.
-            Ok((_, Some(failure))) => Err(StoreError::Counters(failure)),
-            Ok((w, None)) => Ok(w),
+            Ok((_, _, Some(failure))) => Err(StoreError::Counters(failure)),
+            Ok((w, runs, None)) => Ok((w, runs)),
             // A panic in the core is a bug; surface it rather than ack silently.
             Err(e) => std::panic::resume_unwind(e.into_panic()),
         }
