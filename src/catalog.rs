@@ -204,6 +204,7 @@ fn without(set: &RuleSet, out: &std::collections::BTreeMap<String, Quarantined>)
             .cloned()
             .collect(),
         errors: set.errors.clone(),
+        reads: Default::default(),
     }
 }
 

@@ -10,7 +10,7 @@ use crate::counters::Counters;
 use crate::effects::{Effect, EffectKind, effect_key};
 use crate::event::{ClientId, Envelope, EventId, EventType};
 use crate::history::{ClientState, RECENT_MAILS, SentMail, Session, Timer};
-use crate::rules::{Inputs, Request, Rule, RuleEngine, RunContext, loader::RuleSet, values};
+use crate::rules::{Inputs, Reads, Request, Rule, RuleEngine, RunContext, loader::RuleSet, values};
 use crate::store::{Level, LogEntry};
 use crate::templates::{MailKind, TemplateSet};
 use chrono::{DateTime, Duration, Utc};
@@ -130,8 +130,8 @@ impl Core<'_> {
         if let Err(e) = self.count_engagement(state, event, counters) {
             decision.counter_failure = Some(e);
         }
-        let mut matching = self.rules.matching(ty).peekable();
-        if matching.peek().is_none() {
+        let matching: Vec<&Rule> = self.rules.matching(ty).collect();
+        if matching.is_empty() {
             return decision;
         }
         let trigger = Trigger {
@@ -140,7 +140,13 @@ impl Core<'_> {
             event_id: Some(event.id.clone()),
             depth,
         };
-        let mut inputs = self.inputs(values::event(event), state, trigger.at);
+        let reads = self.rules.reads(ty);
+        let mut inputs = self.inputs(
+            values::event(event, &reads.event),
+            state,
+            &reads,
+            trigger.at,
+        );
         let mut emitted = Vec::new();
         for rule in matching {
             let (d, e) = self.run_rule(rule, &trigger, &mut inputs, state, counters);
@@ -195,7 +201,7 @@ impl Core<'_> {
                 event_id: None,
                 depth: 0,
             };
-            let mut inputs = self.inputs(values::from_json(&view), state, trigger.at);
+            let mut inputs = self.inputs(values::from_json(&view), state, &rule.reads, trigger.at);
             let (d, emitted) = self.run_rule(rule, &trigger, &mut inputs, state, counters);
             decision.extend(d);
             self.follow(emitted, state, counters, &mut decision);
@@ -232,7 +238,7 @@ impl Core<'_> {
             event_id: None,
             depth: 0,
         };
-        let mut inputs = self.inputs(values::from_json(&view), state, trigger.at);
+        let mut inputs = self.inputs(values::from_json(&view), state, &rule.reads, trigger.at);
         let (d, emitted) = self.run_rule(rule, &trigger, &mut inputs, state, counters);
         decision.extend(d);
         self.follow(emitted, state, counters, &mut decision);
@@ -241,11 +247,21 @@ impl Core<'_> {
 
     /// What the rules of one trigger see: `event`, the client as it is now,
     /// `settings` and `now` (the trigger's time).
-    fn inputs(&self, event: Dynamic, state: &ClientState, at: DateTime<Utc>) -> Inputs {
+    fn inputs(
+        &self,
+        event: Dynamic,
+        state: &ClientState,
+        reads: &Reads,
+        at: DateTime<Utc>,
+    ) -> Inputs {
         Inputs::new(
             event,
-            values::client(state),
-            self.settings.settings_view.clone(),
+            values::client(state, &reads.client),
+            // Small, and read whole when read at all.
+            match reads.settings {
+                values::Needs::Nothing => Dynamic::UNIT,
+                _ => self.settings.settings_view.clone(),
+            },
             at.timestamp(),
         )
     }

@@ -53,6 +53,12 @@ impl NatsServer {
     }
 }
 
+impl NatsServer {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
 impl Drop for NatsServer {
     fn drop(&mut self) {
         let _ = self.child.kill();

@@ -2,7 +2,7 @@
 //! this machine, against the yardstick of what the broker can deliver.
 //!
 //! In one run, on private services (a `nats-server -js` it starts, a fresh
-//! SQLite file, mail written to files in a scratch folder):
+//! SQLite file, and an SMTP server of its own that takes every mail):
 //! 1. pre-loads the stream with a realistic workload ([`workload`]);
 //! 2. reads it with a bare pull consumer that parses and acks (the raw rate);
 //! 3. runs the real daemon ([`Application`], every task, every shipped rule)
@@ -16,6 +16,7 @@ mod broker;
 mod latency;
 mod probe;
 mod report;
+mod smtp;
 mod workload;
 
 use crate::app::Application;
@@ -23,7 +24,7 @@ use crate::config::{Config, TeamConfig, Transport};
 use anyhow::{Context, bail};
 use chrono::{Duration as Span, Utc};
 use probe::Probe;
-use report::{Machine, Memory, Rate, Report};
+use report::{Cpu, Machine, Memory, PhaseCpu, Rate, Report};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -85,7 +86,8 @@ pub async fn run(args: BenchArgs, base: Config) -> anyhow::Result<()> {
         .database_url
         .clone()
         .unwrap_or_else(|| format!("sqlite://{}", scratch.path.join("nudge.db").display()));
-    let config = bench_config(base, &nats_url, &db_url, &scratch.path)?;
+    let mail = smtp::SmtpSink::start().await?;
+    let config = bench_config(base, &nats_url, &db_url, &mail.url, &scratch.path)?;
 
     let client = async_nats::connect(nats_url.as_str())
         .await
@@ -94,7 +96,8 @@ pub async fn run(args: BenchArgs, base: Config) -> anyhow::Result<()> {
     let stream = crate::ingest::ensure_stream(&js, &config.nats).await?;
     broker::wait_for_stream(&js, &config.nats.stream).await?;
 
-    let result = measure(&args, &config, &client, &js, &stream).await;
+    let nats_pid = server.as_ref().map(|s| s.pid());
+    let result = measure(&args, &config, &client, &js, &stream, nats_pid, &mail).await;
     if let Err(e) = js.delete_stream(&config.nats.stream).await {
         tracing::warn!(error = %e, "cannot delete the bench stream");
     }
@@ -118,7 +121,16 @@ async fn measure(
     client: &async_nats::Client,
     js: &async_nats::jetstream::Context,
     stream: &async_nats::jetstream::stream::Stream,
+    nats_pid: Option<u32>,
+    mail: &smtp::SmtpSink,
 ) -> anyhow::Result<Report> {
+    // CPU of this process and of a private server, from now.
+    let cpu_mark = || {
+        (
+            probe::cpu_secs(None),
+            nats_pid.and_then(|p| probe::cpu_secs(Some(p))),
+        )
+    };
     let n = args.events;
     let start = Utc::now();
     let shape = Shape {
@@ -136,10 +148,12 @@ async fn measure(
     eprintln!("bench: raw consumer");
     let mut raw_cfg = config.nats.clone();
     raw_cfg.consumer = "bench_raw".into();
+    let before = cpu_mark();
     let raw = Rate::new(
         n,
         broker::raw_consume(client, stream, &raw_cfg, n, last_seq).await?,
     );
+    let raw_cpu = PhaseCpu::between(before, cpu_mark(), n);
 
     let peak_reset = probe::reset_peak_memory();
     let rss_before = probe::memory_mib("VmRSS");
@@ -165,12 +179,14 @@ async fn measure(
         app.catalog().rules().rules.len()
     );
     let cancel = CancellationToken::new();
+    let before = cpu_mark();
     let t = Instant::now();
     let daemon = tokio::spawn(app.run_until_stopped(cancel.clone()));
     let phases = async {
         let consumer = broker::find_consumer(stream, &config.nats.consumer, RUN_TIMEOUT).await?;
         broker::wait_acked(&consumer, last_seq, RUN_TIMEOUT).await?;
         let nudge = Rate::new(n, t.elapsed());
+        let nudge_cpu = PhaseCpu::between(before, cpu_mark(), n);
         let rss_after_run = probe::memory_mib("VmRSS");
         let stored = probe.shop_events().await?;
         if stored != n as u64 {
@@ -219,8 +235,13 @@ async fn measure(
             raw,
             nudge,
             ratio: nudge.per_sec / raw.per_sec,
+            cpu: Cpu {
+                raw: raw_cpu,
+                nudge: nudge_cpu,
+            },
             stored_events: probe.all_events().await?,
             effects,
+            mails_received: mail.received(),
             outbox_drain_secs,
             latency,
             memory: Memory {
@@ -266,7 +287,13 @@ async fn drain(probe: &Probe) -> anyhow::Result<Option<f64>> {
 
 /// The configuration under test: rules, templates and their settings from
 /// `base`; NATS names, database, mail and HTTP the bench's own.
-fn bench_config(mut c: Config, nats_url: &str, db_url: &str, dir: &Path) -> anyhow::Result<Config> {
+fn bench_config(
+    mut c: Config,
+    nats_url: &str,
+    db_url: &str,
+    smtp_url: &str,
+    dir: &Path,
+) -> anyhow::Result<Config> {
     for (what, d) in [
         ("rules.dir", &c.rules.dir),
         ("templates.dir", &c.templates.dir),
@@ -286,7 +313,8 @@ fn bench_config(mut c: Config, nats_url: &str, db_url: &str, dir: &Path) -> anyh
     c.nats.emit_prefix = format!("bench{tag}.nudge");
     c.nats.consumer = "bench_nudge".into();
     c.database.url = db_url.into();
-    c.mail.transport = Transport::File;
+    c.mail.transport = Transport::Smtp;
+    c.smtp.url = smtp_url.into();
     c.mail.dir = dir.join("mail");
     c.http.listen = ([127, 0, 0, 1], 0).into();
     // Any token: an open API would only add a warning to the output.

@@ -154,6 +154,21 @@ pub fn memory_mib(field: &str) -> f64 {
         .map_or(0.0, |kib| kib / 1024.0)
 }
 
+/// CPU time (user and system, all threads) a process has used so far, in
+/// seconds: this process (`None`) or another one; `None` where unknown. Rates
+/// move with whatever else the machine runs; CPU per event much less.
+pub fn cpu_secs(pid: Option<u32>) -> Option<f64> {
+    let path = pid.map_or("/proc/self/stat".to_string(), |p| format!("/proc/{p}/stat"));
+    let stat = std::fs::read_to_string(path).ok()?;
+    // Fields after the command name (which may hold spaces, in parentheses):
+    // utime and stime are the 14th and 15th fields, in clock ticks of 1/100 s
+    // (USER_HZ, fixed at 100 in the Linux ABI).
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
 /// Resets `VmHWM` to the current RSS (Linux `clear_refs` 5), so the peak
 /// reported covers nudge's work and not the bench's own set-up.
 pub fn reset_peak_memory() -> bool {

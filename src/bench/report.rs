@@ -30,15 +30,69 @@ pub struct Report {
     pub nudge: Rate,
     /// nudge's rate over the raw consumer's.
     pub ratio: f64,
+    /// CPU used in the raw and the nudge phase.
+    pub cpu: Cpu,
     /// Rows in the event log afterwards: the shop's plus nudge's secondary events.
     pub stored_events: u64,
     /// Effects queued (mails, emitted events, tasks).
     pub effects: u64,
+    /// Mails (tasks included) the bench's SMTP server took by the end.
+    pub mails_received: u64,
     /// Seconds after the last commit until the outbox had nothing due;
     /// `None` when it did not empty within the wait.
     pub outbox_drain_secs: Option<f64>,
     pub latency: Option<Latency>,
     pub memory: Memory,
+}
+
+/// CPU used by each phase: a steadier figure than a rate on a machine that
+/// runs other things too.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Cpu {
+    pub raw: PhaseCpu,
+    pub nudge: PhaseCpu,
+}
+
+/// CPU seconds of one phase, and per event in microseconds: of the bench
+/// process (the raw consumer, or nudge with all its tasks) and of the
+/// private nats-server (`None` with `--nats-url`, or where unknown).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct PhaseCpu {
+    pub process_secs: Option<f64>,
+    pub nats_secs: Option<f64>,
+    pub process_us_per_event: Option<f64>,
+    pub nats_us_per_event: Option<f64>,
+}
+
+impl PhaseCpu {
+    pub fn between(
+        before: (Option<f64>, Option<f64>),
+        after: (Option<f64>, Option<f64>),
+        events: usize,
+    ) -> Self {
+        let diff = |a: Option<f64>, b: Option<f64>| Some(b? - a?);
+        let per = |s: Option<f64>| s.map(|s| s * 1e6 / events.max(1) as f64);
+        let process_secs = diff(before.0, after.0);
+        let nats_secs = diff(before.1, after.1);
+        Self {
+            process_secs,
+            nats_secs,
+            process_us_per_event: per(process_secs),
+            nats_us_per_event: per(nats_secs),
+        }
+    }
+
+    fn describe(&self) -> String {
+        let us = |v: Option<f64>| v.map_or("?".into(), |v| format!("{v:.1}"));
+        match self.nats_us_per_event {
+            Some(_) => format!(
+                "{} + nats-server {}",
+                us(self.process_us_per_event),
+                us(self.nats_us_per_event)
+            ),
+            None => us(self.process_us_per_event),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -151,6 +205,12 @@ impl Report {
             target * 100.0,
             RATIO_STRETCH * 100.0
         );
+        let _ = writeln!(
+            t,
+            "cpu per event, us: raw consumer {}; nudge {}\n",
+            self.cpu.raw.describe(),
+            self.cpu.nudge.describe()
+        );
         if let Some(l) = &self.latency {
             let ok = if l.p99_ms < P99_TARGET_MS {
                 "meets"
@@ -170,8 +230,8 @@ impl Report {
             });
         let _ = writeln!(
             t,
-            "stored: {} events (the shop's and nudge's own), {} effects queued; outbox {drain}",
-            self.stored_events, self.effects
+            "stored: {} events (the shop's and nudge's own), {} effects queued; outbox {drain}; {} mails sent over SMTP",
+            self.stored_events, self.effects, self.mails_received
         );
         let mem = &self.memory;
         let _ = writeln!(

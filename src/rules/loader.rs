@@ -1,10 +1,10 @@
 //! Loading `rules/*.rhai`, keeping each file's last good version when a new
 //! one fails to compile.
 
-use super::{CompileError, Rule, RuleEngine};
-use std::collections::BTreeMap;
+use super::{CompileError, Reads, Rule, RuleEngine};
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// The rules in force, swapped as a whole on reload.
 #[derive(Debug, Default, Clone)]
@@ -13,6 +13,19 @@ pub struct RuleSet {
     pub rules: Vec<Rule>,
     /// Files refused at the last load (their last good version, if any, is in `rules`).
     pub errors: Vec<CompileError>,
+    /// What the rules of each event type read, worked out on first use.
+    pub reads: ReadsByType,
+}
+
+/// [`Reads`] of the rules matching each event type seen so far.
+#[derive(Debug, Default)]
+pub struct ReadsByType(Mutex<HashMap<String, Arc<Reads>>>);
+
+impl Clone for ReadsByType {
+    /// Starts empty: a copy may be filtered (quarantine), and it fills again.
+    fn clone(&self) -> Self {
+        Self::default()
+    }
 }
 
 impl RuleSet {
@@ -21,6 +34,20 @@ impl RuleSet {
     }
     pub fn get(&self, name: &str) -> Option<&Rule> {
         self.rules.iter().find(|r| r.name == name)
+    }
+    /// What the rules matching `event_type` read, together.
+    pub fn reads(&self, event_type: &str) -> Arc<Reads> {
+        let mut cache = self.reads.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(r) = cache.get(event_type) {
+            return r.clone();
+        }
+        let r = Arc::new(Reads::any(self.matching(event_type)));
+        // Event types come from producers: keep the cache from growing
+        // without bound on a stream of made-up ones.
+        if cache.len() < 1024 {
+            cache.insert(event_type.to_string(), r.clone());
+        }
+        r
     }
 }
 
@@ -61,6 +88,7 @@ impl RuleLoader {
                 return RuleSet {
                     rules: self.last_good.values().cloned().collect(),
                     errors,
+                    reads: Default::default(),
                 };
             }
         };
@@ -90,6 +118,7 @@ impl RuleLoader {
         RuleSet {
             rules: self.last_good.values().cloned().collect(),
             errors,
+            reads: Default::default(),
         }
     }
 }

@@ -28,6 +28,37 @@ pub struct Rule {
     /// `const SCHEDULE`: when the rule sweeps all clients (cron syntax, UTC).
     pub schedule: Option<Schedule>,
     pub ast: Arc<AST>,
+    /// What the script reads of its inputs: only that is built for it.
+    pub reads: Reads,
+}
+
+/// What rules read of `event`, `client` and `settings` ([`values::Needs`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Reads {
+    pub event: values::Needs,
+    pub client: values::Needs,
+    pub settings: values::Needs,
+}
+
+impl Reads {
+    fn of(ast: &AST) -> Self {
+        Self {
+            event: values::Needs::of(ast, INPUTS[0]),
+            client: values::Needs::of(ast, INPUTS[1]),
+            settings: values::Needs::of(ast, INPUTS[2]),
+        }
+    }
+
+    /// What any of `rules` reads.
+    pub fn any<'a>(rules: impl IntoIterator<Item = &'a Rule>) -> Self {
+        let mut all = Reads::default();
+        for r in rules {
+            all.event.merge(r.reads.event.clone());
+            all.client.merge(r.reads.client.clone());
+            all.settings.merge(r.reads.settings.clone());
+        }
+        all
+    }
 }
 
 /// A parsed `const SCHEDULE`, with its source text for display.
@@ -159,6 +190,7 @@ impl RuleEngine {
             path,
             triggers,
             schedule,
+            reads: Reads::of(&ast),
             ast: Arc::new(ast),
         })
     }

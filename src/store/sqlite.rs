@@ -25,8 +25,24 @@ const MAX_PARAMS: usize = 30_000;
 
 #[derive(Clone)]
 pub struct SqliteStore {
+    /// Connections for reading, many at once (WAL readers never wait).
     pool: SqlitePool,
+    /// The one connection every write of this process goes through. SQLite
+    /// takes one writer at a time anyway; queueing here rather than on the
+    /// database lock hands it over at once (the busy handler polls with
+    /// sleeps), and a connection that alone writes keeps its page cache,
+    /// which SQLite drops whenever another connection wrote since.
+    writer: SqlitePool,
 }
+
+/// Page cache of the writer, KiB: the pages a batch touches (its clients,
+/// the index leaves of its events) stay cached from one batch to the next.
+const WRITER_CACHE_KIB: u32 = 32 * 1024;
+/// WAL pages after which a commit checkpoints them into the database. Each
+/// checkpoint writes a page once however often it changed since the last,
+/// and syncs the files: the default (1,000 pages, 4 MiB) is one or two busy
+/// batches, so nearly every commit paid for one.
+const WAL_CHECKPOINT_PAGES: u32 = 8_000;
 
 impl SqliteStore {
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
@@ -59,33 +75,49 @@ impl SqliteStore {
                 source: sqlx::Error::Io(e),
             })?;
         }
-        let mut pool = SqlitePoolOptions::new().max_connections(max_connections);
-        if let Some(mb) = max_size_mb {
-            let bytes = mb.saturating_mul(1024 * 1024);
-            pool = pool.after_connect(move |conn, _| {
-                Box::pin(async move {
-                    // The page size is the file's own (4096 unless it was made otherwise).
-                    let page: i64 = sqlx::query_scalar("PRAGMA page_size")
-                        .fetch_one(&mut *conn)
-                        .await?;
-                    let pages = (bytes / page.max(512) as u64).max(1);
-                    sqlx::query(&format!("PRAGMA max_page_count = {pages}"))
-                        .execute(&mut *conn)
-                        .await?;
-                    Ok(())
-                })
-            });
-        }
-        let pool = pool
+        let writer = capped(SqlitePoolOptions::new().max_connections(1), max_size_mb)
+            .connect_with(
+                opts.clone()
+                    .pragma("cache_size", format!("-{WRITER_CACHE_KIB}"))
+                    .pragma("wal_autocheckpoint", WAL_CHECKPOINT_PAGES.to_string()),
+            )
+            .await
+            .map_err(db("opening the sqlite database"))?;
+        let pool = capped(
+            SqlitePoolOptions::new().max_connections(max_connections),
+            max_size_mb,
+        )
             .connect_with(opts)
             .await
             .map_err(db("opening the sqlite database"))?;
-        Ok(Self { pool })
+        Ok(Self { pool, writer })
     }
 
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
     }
+}
+
+/// With `max_size_mb`, each connection of the pool refuses to grow the file
+/// past that size.
+fn capped(pool: SqlitePoolOptions, max_size_mb: Option<u64>) -> SqlitePoolOptions {
+    let Some(mb) = max_size_mb else {
+        return pool;
+    };
+    let bytes = mb.saturating_mul(1024 * 1024);
+    pool.after_connect(move |conn, _| {
+        Box::pin(async move {
+            // The page size is the file's own (4096 unless it was made otherwise).
+            let page: i64 = sqlx::query_scalar("PRAGMA page_size")
+                .fetch_one(&mut *conn)
+                .await?;
+            let pages = (bytes / page.max(512) as u64).max(1);
+            sqlx::query(&format!("PRAGMA max_page_count = {pages}"))
+                .execute(&mut *conn)
+                .await?;
+            Ok(())
+        })
+    })
 }
 
 /// `s` as a regular expression that matches it literally.
@@ -120,10 +152,117 @@ fn log_row(q: &mut QueryBuilder<'_, Sqlite>, entries: &[&LogEntry]) {
     });
 }
 
+/// Writes client states as a compare-and-swap on the version each was
+/// loaded at; false if any of them changed meanwhile (or a new one was
+/// created by another writer). Existing clients get an `UPDATE` that leaves
+/// the indexed `email` and `next_due` alone, and each of those is set in a
+/// second statement only where it changed: setting an indexed column
+/// rewrites its index entry even to the same value, and most writes change
+/// neither.
+async fn write_clients(
+    tx: &mut sqlx::SqliteConnection,
+    clients: &[ClientState],
+) -> Result<bool, StoreError> {
+    let (new, known): (Vec<&ClientState>, Vec<&ClientState>) =
+        clients.iter().partition(|c| c.version == 0);
+    for chunk in new.chunks(chunk_rows(14)) {
+        let mut q = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO clients (client_id, version, email, first_name, last_name, \
+             acquisition_channel, marketing_consent, unsubscribed, locale, timezone, \
+             first_seen, last_seen, next_due, state) ",
+        );
+        q.push_values(chunk, |mut b, c| {
+            let p = &c.profile;
+            b.push_bind(c.client_id.as_str().to_string())
+                .push_bind(c.version + 1)
+                .push_bind(p.email.clone())
+                .push_bind(p.first_name.clone())
+                .push_bind(p.last_name.clone())
+                .push_bind(p.acquisition_channel.clone())
+                .push_bind(p.marketing_consent)
+                .push_bind(p.unsubscribed)
+                .push_bind(p.locale.clone())
+                .push_bind(p.timezone.clone())
+                .push_bind(p.first_seen.map(ts))
+                .push_bind(p.last_seen.map(ts))
+                .push_bind(c.next_due().map(ts))
+                .push_bind(json(*c));
+        });
+        q.push(" ON CONFLICT(client_id) DO NOTHING");
+        let done = q
+            .build()
+            .execute(&mut *tx)
+            .await
+            .map_err(db("writing new clients"))?;
+        if done.rows_affected() != chunk.len() as u64 {
+            return Ok(false);
+        }
+    }
+    for chunk in known.chunks(chunk_rows(12)) {
+        let mut q = QueryBuilder::<Sqlite>::new(
+            "UPDATE clients SET version = v.column2, first_name = v.column3, \
+             last_name = v.column4, acquisition_channel = v.column5, \
+             marketing_consent = v.column6, unsubscribed = v.column7, locale = v.column8, \
+             timezone = v.column9, first_seen = v.column10, last_seen = v.column11, \
+             state = v.column12 FROM (",
+        );
+        q.push_values(chunk, |mut b, c| {
+            let p = &c.profile;
+            b.push_bind(c.client_id.as_str().to_string())
+                .push_bind(c.version + 1)
+                .push_bind(p.first_name.clone())
+                .push_bind(p.last_name.clone())
+                .push_bind(p.acquisition_channel.clone())
+                .push_bind(p.marketing_consent)
+                .push_bind(p.unsubscribed)
+                .push_bind(p.locale.clone())
+                .push_bind(p.timezone.clone())
+                .push_bind(p.first_seen.map(ts))
+                .push_bind(p.last_seen.map(ts))
+                .push_bind(json(*c));
+        });
+        // The version condition makes this a compare-and-swap.
+        q.push(") AS v WHERE clients.client_id = v.column1 AND clients.version = v.column2 - 1");
+        let done = q
+            .build()
+            .execute(&mut *tx)
+            .await
+            .map_err(db("writing client states"))?;
+        if done.rows_affected() != chunk.len() as u64 {
+            return Ok(false);
+        }
+    }
+    for (column, value) in [
+        (
+            "email",
+            (|c: &ClientState| c.profile.email.clone()) as fn(&ClientState) -> Option<String>,
+        ),
+        ("next_due", |c: &ClientState| c.next_due().map(ts)),
+    ] {
+        for chunk in known.chunks(chunk_rows(2)) {
+            let mut q = QueryBuilder::<Sqlite>::new(format!(
+                "UPDATE clients SET {column} = v.column2 FROM ("
+            ));
+            q.push_values(chunk, |mut b, c| {
+                b.push_bind(c.client_id.as_str().to_string())
+                    .push_bind(value(c));
+            });
+            q.push(format!(
+                ") AS v WHERE clients.client_id = v.column1 AND clients.{column} IS NOT v.column2"
+            ));
+            q.build()
+                .execute(&mut *tx)
+                .await
+                .map_err(db("writing client states"))?;
+        }
+    }
+    Ok(true)
+}
+
 impl Store for SqliteStore {
     async fn migrate(&self) -> Result<(), StoreError> {
         sqlx::migrate!("./migrations/sqlite")
-            .run(&self.pool)
+            .run(&self.writer)
             .await?;
         Ok(())
     }
@@ -193,7 +332,7 @@ impl Store for SqliteStore {
 
     async fn commit_batch(&self, batch: &BatchWrite) -> Result<CommitOutcome, StoreError> {
         let mut tx = self
-            .pool
+            .writer
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(db("starting the batch transaction"))?;
@@ -229,47 +368,8 @@ impl Store for SqliteStore {
             }
         }
 
-        for chunk in batch.clients.chunks(chunk_rows(14)) {
-            let mut q = QueryBuilder::<Sqlite>::new(
-                "INSERT INTO clients (client_id, version, email, first_name, last_name, \
-                 acquisition_channel, marketing_consent, unsubscribed, locale, timezone, \
-                 first_seen, last_seen, next_due, state) ",
-            );
-            q.push_values(chunk, |mut b, c| {
-                let p = &c.profile;
-                b.push_bind(c.client_id.as_str().to_string())
-                    .push_bind(c.version + 1)
-                    .push_bind(p.email.clone())
-                    .push_bind(p.first_name.clone())
-                    .push_bind(p.last_name.clone())
-                    .push_bind(p.acquisition_channel.clone())
-                    .push_bind(p.marketing_consent)
-                    .push_bind(p.unsubscribed)
-                    .push_bind(p.locale.clone())
-                    .push_bind(p.timezone.clone())
-                    .push_bind(p.first_seen.map(ts))
-                    .push_bind(p.last_seen.map(ts))
-                    .push_bind(c.next_due().map(ts))
-                    .push_bind(json(c));
-            });
-            // The WHERE makes this a compare-and-swap on the version loaded.
-            q.push(
-                " ON CONFLICT(client_id) DO UPDATE SET version = excluded.version, \
-                 email = excluded.email, first_name = excluded.first_name, \
-                 last_name = excluded.last_name, acquisition_channel = excluded.acquisition_channel, \
-                 marketing_consent = excluded.marketing_consent, unsubscribed = excluded.unsubscribed, \
-                 locale = excluded.locale, timezone = excluded.timezone, \
-                 first_seen = excluded.first_seen, last_seen = excluded.last_seen, \
-                 next_due = excluded.next_due, state = excluded.state WHERE clients.version = excluded.version - 1",
-            );
-            let done = q
-                .build()
-                .execute(&mut *tx)
-                .await
-                .map_err(db("writing client states"))?;
-            if done.rows_affected() != chunk.len() as u64 {
-                return Ok(CommitOutcome::Conflict);
-            }
+        if !write_clients(&mut tx, &batch.clients).await? {
+            return Ok(CommitOutcome::Conflict);
         }
 
         for chunk in batch.effects.chunks(chunk_rows(9)) {
@@ -597,7 +697,7 @@ impl Store for SqliteStore {
         )
         .bind(ts(at))
         .bind(id)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await
         .map_err(db("closing a task"))?;
         Ok(done.rows_affected() == 1)
@@ -668,7 +768,7 @@ impl Store for SqliteStore {
         let id = client.as_str();
         let hash = super::erasure_hash(client);
         let mut tx = self
-            .pool
+            .writer
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(db("starting an erasure"))?;
@@ -852,12 +952,12 @@ impl Store for SqliteStore {
         sqlx::query("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT DO NOTHING")
             .bind(key)
             .bind(init)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await
             .map_err(db("initialising a setting"))?;
         sqlx::query_scalar("SELECT value FROM meta WHERE key = ?")
             .bind(key)
-            .fetch_one(&self.pool)
+            .fetch_one(&self.writer)
             .await
             .map_err(db("reading a setting"))
     }
@@ -870,7 +970,7 @@ impl Store for SqliteStore {
         .bind(ts(due_at))
         .bind(why)
         .bind(key)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await
         .map_err(db("deferring a mail"))?;
         Ok(())
@@ -938,7 +1038,7 @@ impl Store for SqliteStore {
 
     async fn replace_derived(&self, derived: &Derived) -> Result<(), StoreError> {
         let mut tx = self
-            .pool
+            .writer
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(db("starting the replay transaction"))?;
@@ -1062,14 +1162,14 @@ impl Store for SqliteStore {
         .bind(ts(slot))
         .bind(ts(lease_until))
         .bind(ts(now))
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.writer)
         .await
         .map_err(db("claiming a sweep"))?;
         if row.is_some() {
             sqlx::query("INSERT INTO sweep_log (rule, slot) VALUES (?, ?) ON CONFLICT DO NOTHING")
                 .bind(rule)
                 .bind(ts(slot))
-                .execute(&self.pool)
+                .execute(&self.writer)
                 .await
                 .map_err(db("logging a sweep"))?;
         }
@@ -1104,7 +1204,7 @@ impl Store for SqliteStore {
         .bind(ts(lease_until))
         .bind(ts(now))
         .bind(limit)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.writer)
         .await
         .map_err(db("claiming due mails"))?;
         rows.into_iter()
@@ -1134,7 +1234,7 @@ impl Store for SqliteStore {
         log: &LogEntry,
     ) -> Result<(), StoreError> {
         let mut tx = self
-            .pool
+            .writer
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(db("starting mark_sent"))?;
@@ -1171,7 +1271,7 @@ impl Store for SqliteStore {
         .bind(ts(due_at))
         .bind(error)
         .bind(key)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await
         .map_err(db("scheduling a mail retry"))?;
         Ok(())
@@ -1179,7 +1279,7 @@ impl Store for SqliteStore {
 
     async fn mark_failed(&self, key: &str, error: &str, log: &LogEntry) -> Result<(), StoreError> {
         let mut tx = self
-            .pool
+            .writer
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(db("starting mark_failed"))?;
@@ -1223,7 +1323,7 @@ impl Store for SqliteStore {
                  lease_until = excluded.lease_until WHERE inflight.done = 0",
             );
             q.build()
-                .execute(&self.pool)
+                .execute(&self.writer)
                 .await
                 .map_err(db("registering pulled messages"))?;
         }
@@ -1286,7 +1386,7 @@ impl Store for SqliteStore {
     async fn window_trim(&self, floor: u64) -> Result<(), StoreError> {
         sqlx::query("DELETE FROM inflight WHERE seq <= ?")
             .bind(floor as i64)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await
             .map_err(db("trimming the window"))?;
         Ok(())
