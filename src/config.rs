@@ -64,6 +64,14 @@ pub struct NatsConfig {
     pub max_age_days: u64,
     /// Events pulled and committed together. Default 500.
     pub batch_size: usize,
+    /// How long a batch that is not full waits for more events once the
+    /// first one is in, in milliseconds. Each batch costs a few round trips
+    /// to the database whatever its size, so under load full batches are
+    /// what keeps up; when quiet this is added to the latency. Default 5.
+    pub batch_linger_ms: u64,
+    /// Batches decided and committed at the same time by one instance (each
+    /// client's events still apply in stream order). Default 2.
+    pub batches_in_flight: usize,
     /// Envelopes larger than this are rejected. Default 65536.
     pub max_event_bytes: usize,
     /// How long the broker waits for an instance's ack before it hands the
@@ -95,6 +103,8 @@ impl Default for NatsConfig {
             consumer: "nudge".into(),
             max_age_days: 365,
             batch_size: 500,
+            batch_linger_ms: 5,
+            batches_in_flight: 2,
             max_event_bytes: 64 * 1024,
             ack_wait_secs: 30,
             replicas: 1,

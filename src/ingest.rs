@@ -117,12 +117,16 @@ pub async fn run(
     cancel: CancellationToken,
 ) {
     let batch_size = cfg.batch_size;
-    let ack_wait = Duration::from_secs(cfg.ack_wait_secs);
-    let floor = ConsumerFloor(consumer.clone());
-    // Failed attempts of the batch in hand, and those of them that were not
-    // an outage of the database: only these can point at a poison message.
-    let mut failures: u32 = 0;
-    let mut suspect: u32 = 0;
+    let linger = Duration::from_millis(cfg.batch_linger_ms);
+    let floor = Arc::new(ConsumerFloor(consumer.clone()));
+    // Batches being decided and committed while the next is pulled. They
+    // may overlap because the consumer window keeps each client's events in
+    // stream order between them exactly as between instances: a later
+    // batch's events of a client still pending in an earlier one wait for
+    // it, the rest commit at once. So the decision of one batch runs while
+    // another commits, and two cores are used.
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(cfg.batches_in_flight.max(1)));
+    let tasks = tokio_util::task::TaskTracker::new();
     'outer: while !cancel.is_cancelled() {
         let mut messages = match consumer
             .stream()
@@ -142,6 +146,10 @@ pub async fn run(
             }
         };
         loop {
+            let permit = tokio::select! {
+                _ = cancel.cancelled() => break 'outer,
+                p = in_flight.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+            };
             // Wait for one message, then take whatever else is already here:
             // small batches when quiet (low latency), full ones under load.
             let first = tokio::select! {
@@ -157,78 +165,124 @@ pub async fn run(
                 }
                 Some(Ok(m)) => held.push(m),
             }
+            // Then more, until the batch is full or has lingered long enough:
+            // the client hands over pulled messages in small bursts, and a
+            // batch per burst would pay the per-batch round trips many times.
+            let linger_until = tokio::time::Instant::now() + linger;
             while held.len() < batch_size {
-                match messages.next().now_or_never() {
-                    Some(Some(Ok(m))) => held.push(m),
-                    Some(Some(Err(e))) => {
+                let next = match messages.next().now_or_never() {
+                    Some(next) => next,
+                    None => match tokio::time::timeout_at(linger_until, messages.next()).await {
+                        Ok(next) => next,
+                        Err(_) => break,
+                    },
+                };
+                match next {
+                    Some(Ok(m)) => held.push(m),
+                    Some(Err(e)) => {
                         tracing::warn!(error = %e, "pull error");
                         break;
                     }
-                    _ => break,
+                    None => break,
                 }
             }
-            let incoming: Vec<Incoming> = held
-                .iter()
-                .map(|m| Incoming {
-                    subject: m.subject.to_string(),
-                    payload: m.payload.clone(),
-                    stream_seq: m.info().ok().map(|i| i.stream_sequence),
-                    published: m.info().ok().map(|i| i.published),
-                })
-                .collect();
-            // Retry the same batch until it commits: nothing is acked that
-            // is not committed, and the stream does not move past it.
-            loop {
-                let result = if suspect >= ISOLATE_AFTER && incoming.len() > 1 {
-                    // The batch keeps failing: find out whether one message
-                    // is to blame rather than hold up the stream behind it.
-                    isolate(&pipeline, &incoming).await
-                } else if suspect >= ISOLATE_AFTER {
-                    pipeline.quarantine_poison(&incoming[0]).await
-                } else {
-                    pipeline.process_in_order(&incoming, &floor, ack_wait).await
-                };
-                match result {
-                    Ok(report) => {
-                        failures = 0;
-                        suspect = 0;
-                        pipeline.metrics().batch_ok();
-                        tracing::debug!(?report, "batch committed");
-                        for m in &held {
-                            if let Err(e) = m.ack().await {
-                                // Redelivered later and dropped as a duplicate.
-                                tracing::warn!(error = %e, "ack failed");
-                            }
+            let batch = Batch {
+                pipeline: pipeline.clone(),
+                floor: floor.clone(),
+                ack_wait: Duration::from_secs(cfg.ack_wait_secs),
+                wake: wake.clone(),
+                cancel: cancel.clone(),
+            };
+            tasks.spawn(async move {
+                batch.settle(held).await;
+                drop(permit);
+            });
+        }
+    }
+    // The batches in hand are committed and acked (or, cancelled while
+    // failing, left to be redelivered) before ingest says it stopped.
+    tasks.close();
+    tasks.wait().await;
+    tracing::info!("ingest stopped");
+}
+
+/// What a batch needs to be committed and acked on its own task.
+struct Batch {
+    pipeline: Arc<Pipeline>,
+    floor: Arc<ConsumerFloor>,
+    ack_wait: Duration,
+    wake: Arc<Notify>,
+    cancel: CancellationToken,
+}
+
+impl Batch {
+    /// Commits the messages, retrying until it goes through, then acks them:
+    /// nothing is acked that is not committed, and the ack floor does not
+    /// move past them. Returns early, without acking, only when cancelled.
+    async fn settle(self, held: Vec<jetstream::Message>) {
+        let pipeline = &self.pipeline;
+        let incoming: Vec<Incoming> = held
+            .iter()
+            .map(|m| Incoming {
+                subject: m.subject.to_string(),
+                payload: m.payload.clone(),
+                stream_seq: m.info().ok().map(|i| i.stream_sequence),
+                published: m.info().ok().map(|i| i.published),
+            })
+            .collect();
+        // Failed attempts, and those of them that were not an outage of the
+        // database: only these can point at a poison message.
+        let mut failures: u32 = 0;
+        let mut suspect: u32 = 0;
+        loop {
+            let result = if suspect >= ISOLATE_AFTER && incoming.len() > 1 {
+                // The batch keeps failing: find out whether one message
+                // is to blame rather than hold up the stream behind it.
+                isolate(pipeline, &incoming).await
+            } else if suspect >= ISOLATE_AFTER {
+                pipeline.quarantine_poison(&incoming[0]).await
+            } else {
+                pipeline
+                    .process_in_order(&incoming, self.floor.as_ref(), self.ack_wait)
+                    .await
+            };
+            match result {
+                Ok(report) => {
+                    pipeline.metrics().batch_ok();
+                    tracing::debug!(?report, "batch committed");
+                    for m in &held {
+                        if let Err(e) = m.ack().await {
+                            // Redelivered later and dropped as a duplicate.
+                            tracing::warn!(error = %e, "ack failed");
                         }
-                        if report.effects > 0 {
-                            wake.notify_one();
-                        }
-                        break;
                     }
-                    Err(e) => {
-                        failures += 1;
-                        // Contention or an outage is not the batch's fault:
-                        // retry it as it is, never take it apart as if a
-                        // message were poison.
-                        if !e.is_transient() {
-                            suspect += 1;
-                        }
-                        pipeline.metrics().batch_failed(&e.to_string());
-                        let pause = Duration::from_millis(200 * 2u64.pow(failures.min(6)));
-                        tracing::error!(error = %e, retry_in = ?pause, "batch not committed; will retry");
-                        for m in &held {
-                            // Keep the messages ours while we wait.
-                            let _ = m.ack_with(jetstream::AckKind::Progress).await;
-                        }
-                        tokio::select! {
-                            // Not acked: the broker redelivers after ack_wait.
-                            _ = cancel.cancelled() => break 'outer,
-                            _ = tokio::time::sleep(pause) => {}
-                        }
+                    if report.effects > 0 {
+                        self.wake.notify_one();
+                    }
+                    return;
+                }
+                Err(e) => {
+                    failures += 1;
+                    // Contention or an outage is not the batch's fault:
+                    // retry it as it is, never take it apart as if a
+                    // message were poison.
+                    if !e.is_transient() {
+                        suspect += 1;
+                    }
+                    pipeline.metrics().batch_failed(&e.to_string());
+                    let pause = Duration::from_millis(200 * 2u64.pow(failures.min(6)));
+                    tracing::error!(error = %e, retry_in = ?pause, "batch not committed; will retry");
+                    for m in &held {
+                        // Keep the messages ours while we wait.
+                        let _ = m.ack_with(jetstream::AckKind::Progress).await;
+                    }
+                    tokio::select! {
+                        // Not acked: the broker redelivers after ack_wait.
+                        _ = self.cancel.cancelled() => return,
+                        _ = tokio::time::sleep(pause) => {}
                     }
                 }
             }
         }
     }
-    tracing::info!("ingest stopped");
 }

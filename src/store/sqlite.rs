@@ -87,9 +87,9 @@ impl SqliteStore {
             SqlitePoolOptions::new().max_connections(max_connections),
             max_size_mb,
         )
-            .connect_with(opts)
-            .await
-            .map_err(db("opening the sqlite database"))?;
+        .connect_with(opts)
+        .await
+        .map_err(db("opening the sqlite database"))?;
         Ok(Self { pool, writer })
     }
 
