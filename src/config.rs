@@ -69,8 +69,10 @@ pub struct NatsConfig {
     /// to the database whatever its size, so under load full batches are
     /// what keeps up; when quiet this is added to the latency. Default 5.
     pub batch_linger_ms: u64,
-    /// Batches decided and committed at the same time by one instance (each
-    /// client's events still apply in stream order). Default 2.
+    /// Batches decided and committed at the same time by one instance. Each
+    /// client's events still apply in stream order, but events of different
+    /// clients may commit out of stream order, as between instances: shared
+    /// counters ("the 99th order") then count in commit order. Default 1.
     pub batches_in_flight: usize,
     /// Envelopes larger than this are rejected. Default 65536.
     pub max_event_bytes: usize,
@@ -104,7 +106,7 @@ impl Default for NatsConfig {
             max_age_days: 365,
             batch_size: 500,
             batch_linger_ms: 5,
-            batches_in_flight: 2,
+            batches_in_flight: 1,
             max_event_bytes: 64 * 1024,
             ack_wait_secs: 30,
             replicas: 1,

@@ -395,7 +395,21 @@ remember("n", n);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_instances_apply_each_clients_events_in_order_on_postgres() {
-    let env = TestEnv::new(Backend::Postgres).await;
+    events_apply_in_client_order(Backend::Postgres, 3, "1").await;
+}
+
+backend_tests!(one_instance_with_batches_in_flight_applies_each_clients_events_in_order);
+
+/// Batches decided and committed at once inside one instance are kept in
+/// order by the same window as batches of several instances.
+async fn one_instance_with_batches_in_flight_applies_each_clients_events_in_order(
+    backend: Backend,
+) {
+    events_apply_in_client_order(backend, 1, "4").await;
+}
+
+async fn events_apply_in_client_order(backend: Backend, instances: usize, in_flight: &str) {
+    let env = TestEnv::new(backend).await;
     std::fs::write(env.rules_dir().join("order_check.rhai"), ORDER_CHECK).unwrap();
     env.create_stream().await;
     let vars = daemon_vars(
@@ -403,12 +417,13 @@ async fn three_instances_apply_each_clients_events_in_order_on_postgres() {
         &[
             ("NUDGE__HTTP__LISTEN", "127.0.0.1:0"),
             ("NUDGE__NATS__BATCH_SIZE", "20"),
+            ("NUDGE__NATS__BATCHES_IN_FLIGHT", in_flight),
             // The production default: order is kept for up to 15 s of
             // waiting, ample even on a loaded test machine.
             ("NUDGE__NATS__ACK_WAIT_SECS", "30"),
         ],
     );
-    let instances: Vec<Daemon> = (0..3).map(|_| spawn_daemon(&vars)).collect();
+    let instances: Vec<Daemon> = (0..instances).map(|_| spawn_daemon(&vars)).collect();
     let store = open(&env.db).await;
     let t0 = base();
     let (clients, each) = (100, 30);
@@ -431,6 +446,7 @@ async fn three_instances_apply_each_clients_events_in_order_on_postgres() {
         }
     }
     wait_stored(&store, published).await;
+    let n = instances.len();
     stop_all(instances);
     let violations = store
         .load_counter(&CounterKey {
@@ -440,7 +456,7 @@ async fn three_instances_apply_each_clients_events_in_order_on_postgres() {
         .await
         .unwrap();
     println!(
-        "order: 3 instances, {clients} clients x {each} events, {} applied out of order",
+        "order: {n} instance(s), {in_flight} batches in flight each, {clients} clients x {each} events, {} applied out of order",
         violations.value
     );
     assert_eq!(

@@ -341,6 +341,12 @@ async fn hostile_input_is_stored_or_rejected_with_a_reason_and_never_blocks(back
     .await;
     let took = start.elapsed();
     assert_eq!(after.subject, "Welcome, After!");
+    // Another client's mail does not mean every earlier batch committed
+    // (batches of different clients commit independently): the ack floor does.
+    eventually(Duration::from_secs(120), "every message acked", || async {
+        (app.consumer_info().await.ack_floor.stream_sequence >= total).then_some(())
+    })
+    .await;
 
     // Every message is exactly one of: a stored event, a kept rejection.
     let sql = app.db.sql().await;
