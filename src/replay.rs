@@ -86,34 +86,46 @@ pub struct Progress {
     pub sweeps: u64,
 }
 
+/// Events read from the log at a time.
+pub const PAGE: u32 = 10_000;
+
 /// Feeds the stored events up to `until` (and the sweeps logged before it)
 /// to `replay` in time order; `on_decision` sees each decision with the
-/// time of its trigger.
-pub async fn walk<S: Store>(
+/// time of its trigger. The next page of the log is read (and decoded) while
+/// this one is decided.
+pub async fn walk<S: Store + Clone>(
     store: &S,
     replay: &mut Replay<'_>,
     until: Option<DateTime<Utc>>,
     mut on_decision: impl FnMut(DateTime<Utc>, Decision),
     mut on_progress: impl FnMut(Progress),
 ) -> Result<Progress, StoreError> {
-    const PAGE: u32 = 10_000;
     let mut sweeps = store.sweep_log().await?.into_iter().peekable();
     // Erased clients stay erased: their events are not replayed.
     let erased = store.erased().await?;
-    let mut cursor: Option<LogCursor> = None;
     let mut progress = Progress::default();
-    let mut past_until = false;
-    while !past_until {
-        let page = store.events_page(cursor.as_ref(), PAGE).await?;
-        past_until = page.len() < PAGE as usize;
-        for (event, at) in page {
+    let read = |after: Option<LogCursor>| {
+        let store = store.clone();
+        tokio::spawn(async move { store.events_page(after.as_ref(), PAGE).await })
+    };
+    let mut next = Some(read(None));
+    while let Some(reading) = next.take() {
+        let page = match reading.await {
+            Ok(page) => page?,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        };
+        if page.len() == PAGE as usize
+            && let Some((_, last)) = page.last()
+        {
+            next = Some(read(Some(last.clone())));
+        }
+        for (event, _) in page {
             if until.is_some_and(|u| event.occurred_at > u) {
-                past_until = true;
+                next = None;
                 break;
             }
             if !erased.is_empty() && erased.contains(&crate::store::erasure_hash(&event.client_id))
             {
-                cursor = Some(at);
                 continue;
             }
             while let Some((rule, slot)) = sweeps.next_if(|(_, slot)| *slot <= event.occurred_at) {
@@ -125,7 +137,6 @@ pub async fn walk<S: Store>(
             let d = replay.event(&event);
             on_decision(event.occurred_at, d);
             progress.events += 1;
-            cursor = Some(at);
         }
         on_progress(progress);
     }
