@@ -61,6 +61,9 @@ pub struct BacktestReport {
     pub effects_total: u64,
     /// Rule runs that failed (a script error or a limit reached).
     pub rule_errors: u64,
+    /// The machine's 1, 5 and 15 minute load averages when the bench
+    /// started: other work on the machine slows the figures down.
+    pub load_average: String,
     /// Peak resident memory of the process during the backtest, MiB.
     pub peak_mib: f64,
     /// Whether the peak covers the backtest alone (else since process start).
@@ -98,6 +101,9 @@ pub async fn run(
         );
     }
 
+    let load_average = std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into());
     let end = Utc::now();
     let start = end - Span::days(HISTORY_DAYS);
     eprintln!("bench: writing {events} events from {clients} clients over {HISTORY_DAYS} days");
@@ -159,6 +165,7 @@ pub async fn run(
     let target_secs = TARGET_SECS_PER_MILLION * events as f64 / 1e6;
     Ok(BacktestReport {
         machine: Machine::this(),
+        load_average,
         database: db_url.split(':').next().unwrap_or("").into(),
         events,
         clients,
@@ -274,13 +281,18 @@ impl BacktestReport {
         );
         let _ = writeln!(
             t,
-            "machine: {} cpus, {}, {:.1} GiB\n",
-            m.cpus, m.cpu_model, m.memory_gib
+            "machine: {} cpus, {}, {:.1} GiB; load average {} at the start\n",
+            m.cpus, m.cpu_model, m.memory_gib, self.load_average
         );
+        let size = if self.database == "sqlite" {
+            format!("{:.0} MiB database, ", self.database_mib)
+        } else {
+            String::new()
+        };
         let _ = writeln!(
             t,
-            "  history written     {:>8.1} s   ({:.0} MiB database, {} sweeps logged)",
-            self.write_secs, self.database_mib, self.sweeps
+            "  history written     {:>8.1} s   ({size}{} sweeps logged)",
+            self.write_secs, self.sweeps
         );
         let _ = writeln!(t, "  log read alone      {:>8.1} s", self.read_secs);
         let _ = writeln!(
@@ -317,5 +329,115 @@ impl BacktestReport {
             }
         );
         t
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::Catalog;
+    use crate::decide::{Core, CoreSettings};
+    use crate::replay::{Replay, walk};
+
+    /// Everything a walk decides, in the order it hands it on, and the
+    /// counters it leaves.
+    type Walked = (Vec<(DateTime<Utc>, String, String)>, String);
+
+    async fn walk_with(
+        config: &Config,
+        store: &AnyStore,
+        shards: usize,
+        end: DateTime<Utc>,
+    ) -> Walked {
+        let engine = Arc::new(RuleEngine::new(&config.rules));
+        let rules = RuleLoader::new(engine.clone(), config.rules.dir.clone()).load();
+        assert!(rules.errors.is_empty(), "{:?}", rules.errors);
+        let catalog = Catalog::load(config);
+        let templates = catalog.templates();
+        let settings = CoreSettings::from_config(config);
+        let core = Core {
+            engine: &engine,
+            rules: &rules,
+            templates: &templates,
+            settings: &settings,
+        };
+        let mut replay = Replay::with_shards(core, config.history.business_tz(), shards);
+        let mut seen = Vec::new();
+        walk(
+            store,
+            &mut replay,
+            Some(end),
+            |at, d| {
+                for (rule, ok) in d.runs {
+                    seen.push((at, rule, format!("run {ok}")));
+                }
+                for e in d.effects {
+                    seen.push((at, e.rule, e.key));
+                }
+            },
+            |_| {},
+        )
+        .await
+        .unwrap();
+        let derived = replay.into_derived();
+        let counters = format!("{:?} {:?}", derived.counters, derived.members);
+        (seen, counters)
+    }
+
+    /// Shards decide each client apart, but the counters shared by all
+    /// clients must still be used in the log's order: a rule that mails
+    /// every fifth distinct buyer picks the same buyers on any number of
+    /// threads, and every decision comes out in the same order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sharded_walks_decide_as_one_thread_does() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let dir = tempfile::tempdir().unwrap();
+        let rules = dir.path().join("rules");
+        std::fs::create_dir(&rules).unwrap();
+        for f in std::fs::read_dir(root.join("rules")).unwrap() {
+            let f = f.unwrap().path();
+            if f.extension().is_some_and(|e| e == "rhai") {
+                std::fs::copy(&f, rules.join(f.file_name().unwrap())).unwrap();
+            }
+        }
+        std::fs::write(
+            rules.join("every_fifth_buyer.rhai"),
+            "const ON = [\"order_placed\", \"cart_item_added\"];\n\
+             add(\"steps\", \"all\", 1);\n\
+             if add_distinct(\"buyers\", \"all\", client.id) && distinct(\"buyers\", \"all\") % 5 == 0 {\n\
+                 mail(\"welcome\");\n\
+             }\n",
+        )
+        .unwrap();
+        let mut config =
+            Config::load_with_env(Some(&root.join("config.example.yaml")), Vec::new()).unwrap();
+        config.rules.dir = rules;
+        config.templates.dir = root.join("templates");
+        config.database.url = format!("sqlite://{}", dir.path().join("h.db").display());
+        let store = crate::app::open_store(&config).await.unwrap();
+        write_events(&store, 6_000, 300, Utc::now()).await.unwrap();
+        let schedule: cron::Schedule = "0 0 9 * * *".parse().unwrap();
+        let end = Utc::now();
+        log_sweeps(
+            &store,
+            "idle_reminder",
+            &schedule,
+            end - Span::days(HISTORY_DAYS),
+            end,
+        )
+        .await
+        .unwrap();
+
+        let one = walk_with(&config, &store, 1, end).await;
+        assert!(
+            one.0.iter().any(|(_, rule, _)| rule == "every_fifth_buyer"),
+            "the counter rule mailed nobody"
+        );
+        assert!(one.1.contains("buyers"), "{}", one.1);
+        for shards in [2, 5] {
+            let many = walk_with(&config, &store, shards, end).await;
+            assert_eq!(many.1, one.1, "counters with {shards} shards");
+            assert!(many.0 == one.0, "decisions with {shards} shards differ");
+        }
     }
 }
