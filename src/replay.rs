@@ -43,6 +43,8 @@ pub struct Replay<'a> {
     turns: Arc<Turns>,
     /// The number of the next step.
     step: u64,
+    /// Decisions of the last plan run, in step order, not yet handed on.
+    decided: Vec<(u64, DateTime<Utc>, Decision)>,
 }
 
 /// What one step of the walk does, for one client.
@@ -80,6 +82,7 @@ impl<'a> Replay<'a> {
             known: HashSet::new(),
             turns: Arc::new(Turns::new(n)),
             step: 0,
+            decided: Vec::new(),
         }
     }
 
@@ -148,33 +151,41 @@ impl<'a> Replay<'a> {
         }
     }
 
-    /// Decides the plan's steps, a thread per shard, and hands the decisions
-    /// on in step order.
+    /// Decides the plan's steps, a thread per shard. Meanwhile this thread
+    /// hands on the decisions of the plan before (in step order), so that
+    /// work overlaps the deciding; this plan's are kept for the next call.
     fn run(&mut self, plan: Plan<'_, 'a>, on_decision: &mut impl FnMut(DateTime<Utc>, Decision)) {
         let end = self.step;
         let core = &self.core;
         let (tz, turns) = (self.tz, &self.turns);
-        let mut shards = self.shards.iter_mut().zip(plan.jobs).enumerate();
-        let Some((k0, (states0, jobs0))) = shards.next() else {
-            return;
-        };
+        let before = std::mem::take(&mut self.decided);
         let results: Vec<Vec<(u64, DateTime<Utc>, Decision)>> = std::thread::scope(|s| {
-            let others: Vec<_> = shards
+            let shards: Vec<_> = self
+                .shards
+                .iter_mut()
+                .zip(plan.jobs)
+                .enumerate()
                 .map(|(k, (states, jobs))| {
                     s.spawn(move || decide_shard(core, tz, turns, k, states, jobs, end))
                 })
                 .collect();
-            // This thread takes the first shard.
-            let mut all = vec![decide_shard(core, tz, turns, k0, states0, jobs0, end)];
-            for h in others {
-                all.push(h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)));
+            for (_, at, d) in before {
+                on_decision(at, d);
             }
-            all
+            shards
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+                .collect()
         });
         let mut decided: Vec<(u64, DateTime<Utc>, Decision)> =
             results.into_iter().flatten().collect();
         decided.sort_unstable_by_key(|(step, _, _)| *step);
-        for (_, at, d) in decided {
+        self.decided = decided;
+    }
+
+    /// Hands on the decisions [`Replay::run`] still holds.
+    fn flush(&mut self, on_decision: &mut impl FnMut(DateTime<Utc>, Decision)) {
+        for (_, at, d) in std::mem::take(&mut self.decided) {
             on_decision(at, d);
         }
     }
@@ -442,5 +453,6 @@ pub async fn walk<S: Store + Clone>(
     let end = until.unwrap_or_else(Utc::now);
     replay.plan_advance(&mut plan, end);
     replay.run(plan, &mut on_decision);
+    replay.flush(&mut on_decision);
     Ok(progress)
 }
