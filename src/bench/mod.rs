@@ -10,8 +10,13 @@
 //! 4. publishes at a steady rate and times each event to its commit;
 //! 5. reports rates, their ratio, latency percentiles and memory.
 //!
+//! With `--backtest` it measures `nudge backtest` instead ([`backtest`]):
+//! a large shop history written straight into a scratch database, then every
+//! shipped rule run over it.
+//!
 //! It is a measurement, not a test: nothing fails on a slow machine.
 
+mod backtest;
 mod broker;
 mod latency;
 mod probe;
@@ -32,12 +37,18 @@ use workload::{Shape, Spec, render};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
-    /// Events pre-loaded into the stream and measured.
-    #[arg(long, default_value_t = 200_000)]
-    pub events: usize,
-    /// Distinct clients the events come from.
-    #[arg(long, default_value_t = 10_000)]
-    pub clients: u32,
+    /// Events pre-loaded into the stream and measured [default: 200000;
+    /// with --backtest 1000000].
+    #[arg(long)]
+    pub events: Option<usize>,
+    /// Distinct clients the events come from [default: one per 20 events].
+    #[arg(long)]
+    pub clients: Option<u32>,
+    /// Measure `nudge backtest` instead: write the bench's shop straight
+    /// into a scratch SQLite database (no NATS), then backtest every
+    /// shipped rule over all of it.
+    #[arg(long)]
+    pub backtest: bool,
     /// Use this NATS server (a stream of the bench's own is created and
     /// deleted) instead of starting a private `nats-server -js`.
     #[arg(long)]
@@ -72,6 +83,22 @@ const HISTORY_DAYS: i64 = 7;
 /// the bench replaces with its own (so it never touches a real database).
 pub async fn run(args: BenchArgs, base: Config) -> anyhow::Result<()> {
     let scratch = Scratch::new(args.keep)?;
+    if args.backtest {
+        let db_url = args
+            .database_url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", scratch.path.join("history.db").display()));
+        let mut config = base;
+        check_dirs(&config)?;
+        shop_settings(&mut config);
+        let report = backtest::run(args.events(), args.clients(), &config, &db_url).await?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            print!("{}", report.table());
+        }
+        return Ok(());
+    }
     // Declared after `scratch`, so the server stops before its store is removed.
     let server = match &args.nats_url {
         Some(_) => None,
@@ -131,15 +158,18 @@ async fn measure(
             nats_pid.and_then(|p| probe::cpu_secs(Some(p))),
         )
     };
-    let n = args.events;
+    let n = args.events();
     let start = Utc::now();
     let shape = Shape {
-        clients: args.clients,
+        clients: args.clients(),
         register: true,
         tag: "s",
     };
     let specs = workload::generate(n, &shape, 1, start, Span::days(HISTORY_DAYS));
-    eprintln!("bench: publishing {n} events from {} clients", args.clients);
+    eprintln!(
+        "bench: publishing {n} events from {} clients",
+        args.clients()
+    );
     let t = Instant::now();
     let last_seq = broker::publish_all(js, &config.nats, payloads(&specs)).await?;
     let publish = Rate::new(n, t.elapsed());
@@ -204,7 +234,7 @@ async fn measure(
                 args.latency_rate, args.latency_secs
             );
             let live = Shape {
-                clients: args.clients,
+                clients: args.clients(),
                 register: false,
                 tag: "live",
             };
@@ -230,7 +260,7 @@ async fn measure(
             database: config.database.url.split(':').next().unwrap_or("").into(),
             nats: String::new(),
             events: n,
-            clients: args.clients,
+            clients: args.clients(),
             publish,
             raw,
             nudge,
@@ -294,17 +324,7 @@ fn bench_config(
     smtp_url: &str,
     dir: &Path,
 ) -> anyhow::Result<Config> {
-    for (what, d) in [
-        ("rules.dir", &c.rules.dir),
-        ("templates.dir", &c.templates.dir),
-    ] {
-        if !d.is_dir() {
-            bail!(
-                "{what} {} is not a folder: run from the repository root or pass --config",
-                d.display()
-            );
-        }
-    }
+    check_dirs(&c)?;
     // Unique names, so a shared server (--nats-url) sees no clash.
     let tag = format!("{:x}", std::process::id());
     c.nats.url = nats_url.into();
@@ -319,6 +339,29 @@ fn bench_config(
     c.http.listen = ([127, 0, 0, 1], 0).into();
     // Any token: an open API would only add a warning to the output.
     c.http.token = Some(format!("bench-token-{tag}-0123456789"));
+    shop_settings(&mut c);
+    Ok(c)
+}
+
+/// The rules and templates must be there, or the bench measures nothing.
+fn check_dirs(c: &Config) -> anyhow::Result<()> {
+    for (what, d) in [
+        ("rules.dir", &c.rules.dir),
+        ("templates.dir", &c.templates.dir),
+    ] {
+        if !d.is_dir() {
+            bail!(
+                "{what} {} is not a folder: run from the repository root or pass --config",
+                d.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Teams and partner shares as in config.example.yaml, where the
+/// configuration has none.
+fn shop_settings(c: &mut Config) {
     // Without teams and partner shares, vip_callback and partner_attribution
     // would stop early and the bench would measure less than a shop gets:
     // use config.example.yaml's values when the configuration has none.
@@ -341,7 +384,18 @@ fn bench_config(
         .cloned()
         .unwrap_or_default();
     }
-    Ok(c)
+}
+
+impl BenchArgs {
+    fn events(&self) -> usize {
+        self.events
+            .unwrap_or(if self.backtest { 1_000_000 } else { 200_000 })
+    }
+
+    fn clients(&self) -> u32 {
+        self.clients
+            .unwrap_or((self.events() / 20).clamp(1, u32::MAX as usize) as u32)
+    }
 }
 
 /// A scratch folder removed when dropped (unless kept).

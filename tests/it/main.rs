@@ -5,6 +5,7 @@
 #[macro_use]
 mod helpers;
 
+mod bench;
 mod browser;
 mod campaigns;
 mod cli;
