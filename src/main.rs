@@ -1,5 +1,9 @@
 //! The `nudge` command line: parse arguments, call into the library.
 
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use nudge::app::{Application, open_store};
