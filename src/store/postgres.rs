@@ -1161,6 +1161,7 @@ impl Store for PgStore {
     ) -> Result<(), StoreError> {
         let seqs: Vec<i64> = items.iter().map(|(s, _)| *s as i64).collect();
         let clients: Vec<Option<&str>> = items.iter().map(|(_, c)| c.as_deref()).collect();
+        let mut tx = self.advisory_tx().await?;
         // A redelivered message changes hands; one already settled stays so.
         sqlx::query(
             "INSERT INTO inflight (seq, client_id, owner, lease_until) \
@@ -1172,9 +1173,12 @@ impl Store for PgStore {
         .bind(&clients)
         .bind(owner)
         .bind(lease_until)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(db("registering pulled messages"))?;
+        tx.commit()
+            .await
+            .map_err(db("registering pulled messages"))?;
         Ok(())
     }
 
@@ -1219,11 +1223,35 @@ impl Store for PgStore {
     }
 
     async fn window_trim(&self, floor: u64) -> Result<(), StoreError> {
+        let mut tx = self.advisory_tx().await?;
         sqlx::query("DELETE FROM inflight WHERE seq <= $1")
             .bind(floor as i64)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await
             .map_err(db("trimming the window"))?;
+        tx.commit().await.map_err(db("trimming the window"))?;
         Ok(())
+    }
+}
+
+impl PgStore {
+    /// A transaction whose commit does not wait for the WAL to reach the
+    /// disk: for the consumer window's announcements and trims, which come
+    /// before each batch and are advisory. One lost in a server crash (the
+    /// only way it can be lost) is announced again when its batch is
+    /// retried, and until then it shows as a gap that holds later events
+    /// back. Each waited for a disk flush, several per batch, which made
+    /// small batches slow (p50 over 300 ms at 1,000 events/s).
+    async fn advisory_tx(&self) -> Result<sqlx::Transaction<'_, sqlx::Postgres>, StoreError> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(db("starting a window transaction"))?;
+        sqlx::query("SET LOCAL synchronous_commit TO OFF")
+            .execute(&mut *tx)
+            .await
+            .map_err(db("starting a window transaction"))?;
+        Ok(tx)
     }
 }
