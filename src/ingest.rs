@@ -91,8 +91,6 @@ async fn isolate(
     Ok(total)
 }
 
-/// Pulls, processes and acks until cancelled. On cancel the batch in hand is
-/// committed and acked before returning.
 /// The consumer's ack floor, read from the broker: what every instance
 /// sharing the consumer has acked up to.
 struct ConsumerFloor(jetstream::consumer::Consumer<pull::Config>);
@@ -109,6 +107,8 @@ impl crate::pipeline::AckFloor for ConsumerFloor {
     }
 }
 
+/// Pulls, processes and acks until cancelled. On cancel the batches in hand
+/// are committed and acked before returning.
 pub async fn run(
     consumer: jetstream::consumer::Consumer<pull::Config>,
     pipeline: Arc<Pipeline>,
@@ -118,7 +118,13 @@ pub async fn run(
 ) {
     let batch_size = cfg.batch_size;
     let linger = Duration::from_millis(cfg.batch_linger_ms);
-    let floor = Arc::new(ConsumerFloor(consumer.clone()));
+    let settler = Batch {
+        pipeline,
+        floor: Arc::new(ConsumerFloor(consumer.clone())),
+        ack_wait: Duration::from_secs(cfg.ack_wait_secs),
+        wake,
+        cancel: cancel.clone(),
+    };
     // Batches being decided and committed while the next is pulled. They
     // may overlap because the consumer window keeps each client's events in
     // stream order between them exactly as between instances: a later
@@ -186,13 +192,7 @@ pub async fn run(
                     None => break,
                 }
             }
-            let batch = Batch {
-                pipeline: pipeline.clone(),
-                floor: floor.clone(),
-                ack_wait: Duration::from_secs(cfg.ack_wait_secs),
-                wake: wake.clone(),
-                cancel: cancel.clone(),
-            };
+            let batch = settler.clone();
             tasks.spawn(async move {
                 batch.settle(held).await;
                 drop(permit);
@@ -207,6 +207,7 @@ pub async fn run(
 }
 
 /// What a batch needs to be committed and acked on its own task.
+#[derive(Clone)]
 struct Batch {
     pipeline: Arc<Pipeline>,
     floor: Arc<ConsumerFloor>,
@@ -223,11 +224,15 @@ impl Batch {
         let pipeline = &self.pipeline;
         let incoming: Vec<Incoming> = held
             .iter()
-            .map(|m| Incoming {
-                subject: m.subject.to_string(),
-                payload: m.payload.clone(),
-                stream_seq: m.info().ok().map(|i| i.stream_sequence),
-                published: m.info().ok().map(|i| i.published),
+            .map(|m| {
+                // Parsed from the reply subject: once per message.
+                let info = m.info().ok();
+                Incoming {
+                    subject: m.subject.to_string(),
+                    payload: m.payload.clone(),
+                    stream_seq: info.as_ref().map(|i| i.stream_sequence),
+                    published: info.map(|i| i.published),
+                }
             })
             .collect();
         // Failed attempts, and those of them that were not an outage of the

@@ -12,7 +12,7 @@ use crate::counters::{CounterKey, Stored};
 use crate::effects::EffectKind;
 use crate::event::Envelope;
 use crate::event::{ClientId, EventId};
-use crate::history::ClientState;
+use crate::history::{ClientState, Profile};
 use chrono::{DateTime, Utc};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
@@ -194,6 +194,20 @@ fn log_row(q: &mut QueryBuilder<'_, Sqlite>, entries: &[&LogEntry]) {
 /// second statement only where it changed: setting an indexed column
 /// rewrites its index entry even to the same value, and most writes change
 /// neither.
+/// The profile columns both writes of a client row set, from `first_name`
+/// to `last_seen`, in the order of the tables' columns.
+fn bind_profile(b: &mut sqlx::query_builder::Separated<'_, '_, Sqlite, &'static str>, p: &Profile) {
+    b.push_bind(p.first_name.clone())
+        .push_bind(p.last_name.clone())
+        .push_bind(p.acquisition_channel.clone())
+        .push_bind(p.marketing_consent)
+        .push_bind(p.unsubscribed)
+        .push_bind(p.locale.clone())
+        .push_bind(p.timezone.clone())
+        .push_bind(p.first_seen.map(ts))
+        .push_bind(p.last_seen.map(ts));
+}
+
 async fn write_clients(
     tx: &mut sqlx::SqliteConnection,
     clients: &[ClientState],
@@ -210,18 +224,9 @@ async fn write_clients(
             let p = &c.profile;
             b.push_bind(c.client_id.as_str().to_string())
                 .push_bind(c.version + 1)
-                .push_bind(p.email.clone())
-                .push_bind(p.first_name.clone())
-                .push_bind(p.last_name.clone())
-                .push_bind(p.acquisition_channel.clone())
-                .push_bind(p.marketing_consent)
-                .push_bind(p.unsubscribed)
-                .push_bind(p.locale.clone())
-                .push_bind(p.timezone.clone())
-                .push_bind(p.first_seen.map(ts))
-                .push_bind(p.last_seen.map(ts))
-                .push_bind(c.next_due().map(ts))
-                .push_bind(json(*c));
+                .push_bind(p.email.clone());
+            bind_profile(&mut b, p);
+            b.push_bind(c.next_due().map(ts)).push_bind(json(*c));
         });
         q.push(" ON CONFLICT(client_id) DO NOTHING");
         let done = q
@@ -244,17 +249,9 @@ async fn write_clients(
         q.push_values(chunk, |mut b, c| {
             let p = &c.profile;
             b.push_bind(c.client_id.as_str().to_string())
-                .push_bind(c.version + 1)
-                .push_bind(p.first_name.clone())
-                .push_bind(p.last_name.clone())
-                .push_bind(p.acquisition_channel.clone())
-                .push_bind(p.marketing_consent)
-                .push_bind(p.unsubscribed)
-                .push_bind(p.locale.clone())
-                .push_bind(p.timezone.clone())
-                .push_bind(p.first_seen.map(ts))
-                .push_bind(p.last_seen.map(ts))
-                .push_bind(json(*c));
+                .push_bind(c.version + 1);
+            bind_profile(&mut b, p);
+            b.push_bind(json(*c));
         });
         // The version condition makes this a compare-and-swap.
         q.push(") AS v WHERE clients.client_id = v.column1 AND clients.version = v.column2 - 1");
