@@ -1090,18 +1090,9 @@ impl Store for SqliteStore {
                 let p = &c.profile;
                 b.push_bind(c.client_id.as_str().to_string())
                     .push_bind(1i64)
-                    .push_bind(p.email.clone())
-                    .push_bind(p.first_name.clone())
-                    .push_bind(p.last_name.clone())
-                    .push_bind(p.acquisition_channel.clone())
-                    .push_bind(p.marketing_consent)
-                    .push_bind(p.unsubscribed)
-                    .push_bind(p.locale.clone())
-                    .push_bind(p.timezone.clone())
-                    .push_bind(p.first_seen.map(ts))
-                    .push_bind(p.last_seen.map(ts))
-                    .push_bind(c.next_due().map(ts))
-                    .push_bind(json(c));
+                    .push_bind(p.email.clone());
+                bind_profile(&mut b, p);
+                b.push_bind(c.next_due().map(ts)).push_bind(json(c));
             });
             q.build()
                 .execute(&mut *tx)
