@@ -104,7 +104,7 @@ impl Default for NatsConfig {
             emit_prefix: "nudge.events".into(),
             consumer: "nudge".into(),
             max_age_days: 365,
-            batch_size: 500,
+            batch_size: 2000,
             batch_linger_ms: 5,
             batches_in_flight: 1,
             max_event_bytes: 64 * 1024,

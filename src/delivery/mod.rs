@@ -16,7 +16,7 @@ use crate::effects::EffectKind;
 use crate::event::{ClientId, EventId};
 use crate::live::{Live, LiveItem};
 use crate::metrics::Metrics;
-use crate::store::{AnyStore, Level, LogEntry, OutboxItem, Store, StoreError};
+use crate::store::{AnyStore, Delivery, Level, LogEntry, OutboxItem, Store, StoreError};
 use crate::templates::MailKind;
 use crate::unsubscribe::Signer;
 use chrono::{DateTime, Duration as ChronoDuration, TimeZone, Utc};
@@ -131,7 +131,12 @@ impl Sender {
         }
     }
 
-    /// Claims due mails and sends them, `concurrency` at a time.
+    /// Claims due mails and sends them, `concurrency` at a time, then
+    /// records what became of all of them in one transaction: one commit
+    /// per round rather than per mail. A mail the server took waits for the
+    /// slowest of its round before it is recorded, so a crash in between can
+    /// send at most one round again (with the same Message-IDs), the mails
+    /// that were in flight anyway.
     pub async fn send_due(&self) -> Result<Outcome, StoreError> {
         let now = (self.clock)();
         let lease = now + ChronoDuration::seconds(self.cfg.lease_secs as i64);
@@ -143,15 +148,15 @@ impl Sender {
             return Ok(Outcome::Idle);
         }
         let n = items.len();
-        let results = futures::future::join_all(items.into_iter().map(|i| self.deliver(i))).await;
-        for r in results {
-            r?;
-        }
+        let outcomes = futures::future::join_all(items.into_iter().map(|i| self.deliver(i))).await;
+        self.record(|| self.store.record_deliveries(&outcomes))
+            .await?;
         Ok(Outcome::Handled(n))
     }
 
+    /// Sends one claimed item and says what became of it.
     #[tracing::instrument(skip_all, fields(key = %item.key, rule = %item.rule, client_id = %item.client_id))]
-    async fn deliver(&self, item: OutboxItem) -> Result<(), StoreError> {
+    async fn deliver(&self, item: OutboxItem) -> Delivery {
         let log = |level, message: String| LogEntry {
             client_id: ClientId::parse(item.client_id.clone())
                 .unwrap_or_else(|_| ClientId::parse("unknown").expect("valid id")),
@@ -165,10 +170,11 @@ impl Sender {
             Ok(k) => k,
             Err(e) => {
                 let why = format!("unreadable outbox payload: {e}");
-                return self
-                    .store
-                    .mark_failed(&item.key, &why, &log(Level::Error, why.clone()))
-                    .await;
+                return Delivery::Failed {
+                    log: log(Level::Error, why.clone()),
+                    key: item.key,
+                    error: why,
+                };
             }
         };
         let (what, result) = match kind {
@@ -177,8 +183,11 @@ impl Sender {
                 match self.send_mail(&item, &template, &to, &vars, &mid).await {
                     Ok(Sent::Deferred(until)) => {
                         tracing::info!(template, to, %until, "marketing mail deferred: quiet hours");
-                        let why = format!("deferred to {until}: quiet hours of the client");
-                        return self.store.defer(&item.key, until, &why).await;
+                        return Delivery::Deferred {
+                            key: item.key,
+                            due_at: until,
+                            why: format!("deferred to {until}: quiet hours of the client"),
+                        };
                     }
                     r => (format!("mail `{template}` to {to}"), r.map(|_| mid)),
                 }
@@ -212,40 +221,44 @@ impl Sender {
             Ok(id) => {
                 tracing::info!(what, "delivered");
                 self.metrics.mails_sent.fetch_add(1, Relaxed);
-                let entry = log(Level::Notice, format!("{what} sent"));
                 self.announce(&item, format!("{what} sent"));
-                let at = Utc::now();
-                self.record(&what, || self.store.mark_sent(&item.key, &id, at, &entry))
-                    .await
+                Delivery::Sent {
+                    log: log(Level::Notice, format!("{what} sent")),
+                    key: item.key,
+                    message_id: id,
+                    at: Utc::now(),
+                }
             }
             Err(e) if e.transient && item.attempts < self.cfg.max_attempts => {
                 self.metrics.mails_retried.fetch_add(1, Relaxed);
                 let delay = backoff(self.cfg.retry_base_secs, item.attempts);
                 tracing::warn!(what, error = %e, attempt = item.attempts, retry_in_secs = delay.num_seconds(), "not delivered, will retry");
-                let due = (self.clock)() + delay;
-                self.record(&what, || self.store.mark_retry(&item.key, due, &e.message))
-                    .await
+                Delivery::Retry {
+                    key: item.key,
+                    due_at: (self.clock)() + delay,
+                    error: e.message,
+                }
             }
             Err(e) => {
                 tracing::error!(what, error = %e, attempt = item.attempts, "delivery failed");
                 self.metrics.mails_failed.fetch_add(1, Relaxed);
                 let why = format!("{what} failed: {}", e.message);
                 self.announce(&item, why.clone());
-                let entry = log(Level::Error, why);
-                self.record(&what, || {
-                    self.store.mark_failed(&item.key, &e.message, &entry)
-                })
-                .await
+                Delivery::Failed {
+                    log: log(Level::Error, why),
+                    key: item.key,
+                    error: e.message,
+                }
             }
         }
     }
 
-    /// Records what became of a claimed mail. It has left (or failed)
+    /// Records what became of claimed mails. They have left (or failed)
     /// already: while the database is away, keep trying until it is back,
-    /// rather than let the lease run out and the mail go out again. Gives up
-    /// only when nudge stops (the mail is then sent again after the restart,
-    /// with the same Message-ID).
-    async fn record<F, Fut>(&self, what: &str, write: F) -> Result<(), StoreError>
+    /// rather than let the lease run out and the mails go out again. Gives
+    /// up only when nudge stops (the mails are then sent again after the
+    /// restart, with the same Message-IDs).
+    async fn record<F, Fut>(&self, write: F) -> Result<(), StoreError>
     where
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<(), StoreError>>,
@@ -254,7 +267,7 @@ impl Sender {
         loop {
             match write().await {
                 Err(e) if e.is_outage() && !self.stop.is_cancelled() => {
-                    tracing::warn!(what, error = %e, retry_in = ?pause, "cannot record the delivery yet: database unavailable");
+                    tracing::warn!(error = %e, retry_in = ?pause, "cannot record deliveries yet: database unavailable");
                     tokio::select! {
                         _ = self.stop.cancelled() => return Err(e),
                         _ = tokio::time::sleep(pause) => {}

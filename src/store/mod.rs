@@ -288,6 +288,37 @@ pub struct OutboxItem {
 }
 
 /// The state of an outbox entry, for listing and tests.
+/// What became of a claimed outbox item.
+#[derive(Debug, Clone)]
+pub enum Delivery {
+    /// The server took it: `message_id` is the mail's Message-ID, or the
+    /// published event's id.
+    Sent {
+        key: String,
+        message_id: String,
+        at: DateTime<Utc>,
+        log: LogEntry,
+    },
+    /// Not taken this time: tried again from `due_at`.
+    Retry {
+        key: String,
+        due_at: DateTime<Utc>,
+        error: String,
+    },
+    /// Given up for good.
+    Failed {
+        key: String,
+        error: String,
+        log: LogEntry,
+    },
+    /// Put back until `due_at` without counting the attempt (quiet hours).
+    Deferred {
+        key: String,
+        due_at: DateTime<Utc>,
+        why: String,
+    },
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct OutboxRow {
     pub key: String,
@@ -398,13 +429,6 @@ pub trait Store: Send + Sync + 'static {
         key: &str,
         init: &str,
     ) -> impl Future<Output = Result<String, StoreError>> + Send;
-    /// Puts a claimed mail back for later without counting an attempt.
-    fn defer(
-        &self,
-        key: &str,
-        due_at: DateTime<Utc>,
-        why: &str,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// The shop's events (not nudge's own) in event-time order, after `after`.
     fn events_page(
@@ -451,24 +475,10 @@ pub trait Store: Send + Sync + 'static {
         lease_until: DateTime<Utc>,
         limit: u32,
     ) -> impl Future<Output = Result<Vec<OutboxItem>, StoreError>> + Send;
-    fn mark_sent(
+    /// Records what became of claimed outbox items, all in one transaction.
+    fn record_deliveries(
         &self,
-        key: &str,
-        message_id: &str,
-        at: DateTime<Utc>,
-        log: &LogEntry,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
-    fn mark_retry(
-        &self,
-        key: &str,
-        due_at: DateTime<Utc>,
-        error: &str,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
-    fn mark_failed(
-        &self,
-        key: &str,
-        error: &str,
-        log: &LogEntry,
+        outcomes: &[Delivery],
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Announces pulled messages `(stream seq, client)` in the consumer's
@@ -631,9 +641,6 @@ impl Store for AnyStore {
     async fn erased(&self) -> Result<HashSet<String>, StoreError> {
         forward!(self, s => s.erased())
     }
-    async fn defer(&self, key: &str, due_at: DateTime<Utc>, why: &str) -> Result<(), StoreError> {
-        forward!(self, s => s.defer(key, due_at, why))
-    }
     async fn sweep_log(&self) -> Result<Vec<(String, DateTime<Utc>)>, StoreError> {
         forward!(self, s => s.sweep_log())
     }
@@ -671,25 +678,8 @@ impl Store for AnyStore {
     ) -> Result<Vec<OutboxItem>, StoreError> {
         forward!(self, s => s.claim_due(now, lease_until, limit))
     }
-    async fn mark_sent(
-        &self,
-        key: &str,
-        message_id: &str,
-        at: DateTime<Utc>,
-        log: &LogEntry,
-    ) -> Result<(), StoreError> {
-        forward!(self, s => s.mark_sent(key, message_id, at, log))
-    }
-    async fn mark_retry(
-        &self,
-        key: &str,
-        due_at: DateTime<Utc>,
-        error: &str,
-    ) -> Result<(), StoreError> {
-        forward!(self, s => s.mark_retry(key, due_at, error))
-    }
-    async fn mark_failed(&self, key: &str, error: &str, log: &LogEntry) -> Result<(), StoreError> {
-        forward!(self, s => s.mark_failed(key, error, log))
+    async fn record_deliveries(&self, outcomes: &[Delivery]) -> Result<(), StoreError> {
+        forward!(self, s => s.record_deliveries(outcomes))
     }
     async fn window_register(
         &self,

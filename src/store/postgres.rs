@@ -12,8 +12,8 @@
 //! - mails are claimed with `FOR UPDATE SKIP LOCKED`, sweeps with a lease.
 
 use super::{
-    BatchWrite, ClientSummary, CommitOutcome, Derived, EventRow, LogCursor, LogEntry, MailRow,
-    OutboxItem, OutboxRow, Rejected, Store, StoreError, SweepClaim, TaskFilter, TaskRow,
+    BatchWrite, ClientSummary, CommitOutcome, Delivery, Derived, EventRow, LogCursor, LogEntry,
+    MailRow, OutboxItem, OutboxRow, Rejected, Store, StoreError, SweepClaim, TaskFilter, TaskRow,
     WindowBlockers, db, ts,
 };
 use crate::counters::{CounterKey, Stored};
@@ -817,20 +817,6 @@ impl Store for PgStore {
             .map_err(db("reading a setting"))
     }
 
-    async fn defer(&self, key: &str, due_at: DateTime<Utc>, why: &str) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE outbox SET status = 'pending', due_at = $1, lease_until = NULL, \
-             attempts = GREATEST(attempts - 1, 0), last_error = $2 WHERE key = $3",
-        )
-        .bind(due_at)
-        .bind(why)
-        .bind(key)
-        .execute(&self.pool)
-        .await
-        .map_err(db("deferring a mail"))?;
-        Ok(())
-    }
-
     async fn events_page(
         &self,
         after: Option<&LogCursor>,
@@ -1081,75 +1067,74 @@ impl Store for PgStore {
             .collect())
     }
 
-    async fn mark_sent(
-        &self,
-        key: &str,
-        message_id: &str,
-        at: DateTime<Utc>,
-        log: &LogEntry,
-    ) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await.map_err(db("starting mark_sent"))?;
-        sqlx::query(
-            "UPDATE outbox SET status = 'sent', sent_at = $1, message_id = $2, \
-             lease_until = NULL, last_error = NULL WHERE key = $3",
-        )
-        .bind(at)
-        .bind(message_id)
-        .bind(key)
-        .execute(&mut *tx)
-        .await
-        .map_err(db("marking a mail sent"))?;
-        let mut q = QueryBuilder::new("");
-        log_row(&mut q, &[log]);
-        q.build()
-            .execute(&mut *tx)
-            .await
-            .map_err(db("logging a sent mail"))?;
-        tx.commit().await.map_err(db("committing mark_sent"))?;
-        Ok(())
-    }
-
-    async fn mark_retry(
-        &self,
-        key: &str,
-        due_at: DateTime<Utc>,
-        error: &str,
-    ) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE outbox SET status = 'pending', due_at = $1, lease_until = NULL, \
-             last_error = $2 WHERE key = $3",
-        )
-        .bind(due_at)
-        .bind(error)
-        .bind(key)
-        .execute(&self.pool)
-        .await
-        .map_err(db("scheduling a mail retry"))?;
-        Ok(())
-    }
-
-    async fn mark_failed(&self, key: &str, error: &str, log: &LogEntry) -> Result<(), StoreError> {
+    async fn record_deliveries(&self, outcomes: &[Delivery]) -> Result<(), StoreError> {
+        if outcomes.is_empty() {
+            return Ok(());
+        }
         let mut tx = self
             .pool
             .begin()
             .await
-            .map_err(db("starting mark_failed"))?;
-        sqlx::query(
-            "UPDATE outbox SET status = 'failed', lease_until = NULL, last_error = $1 \
-             WHERE key = $2",
-        )
-        .bind(error)
-        .bind(key)
-        .execute(&mut *tx)
-        .await
-        .map_err(db("marking a mail failed"))?;
-        let mut q = QueryBuilder::new("");
-        log_row(&mut q, &[log]);
-        q.build()
-            .execute(&mut *tx)
-            .await
-            .map_err(db("logging a failed mail"))?;
-        tx.commit().await.map_err(db("committing mark_failed"))?;
+            .map_err(db("starting to record deliveries"))?;
+        let mut log = Vec::new();
+        for outcome in outcomes {
+            let q = match outcome {
+                Delivery::Sent {
+                    key,
+                    message_id,
+                    at,
+                    log: entry,
+                } => {
+                    log.push(entry);
+                    sqlx::query(
+                        "UPDATE outbox SET status = 'sent', sent_at = $1, message_id = $2, \
+                         lease_until = NULL, last_error = NULL WHERE key = $3",
+                    )
+                    .bind(*at)
+                    .bind(message_id)
+                    .bind(key)
+                }
+                Delivery::Retry { key, due_at, error } => sqlx::query(
+                    "UPDATE outbox SET status = 'pending', due_at = $1, lease_until = NULL, \
+                     last_error = $2 WHERE key = $3",
+                )
+                .bind(*due_at)
+                .bind(error)
+                .bind(key),
+                Delivery::Failed {
+                    key,
+                    error,
+                    log: entry,
+                } => {
+                    log.push(entry);
+                    sqlx::query(
+                        "UPDATE outbox SET status = 'failed', lease_until = NULL, \
+                         last_error = $1 WHERE key = $2",
+                    )
+                    .bind(error)
+                    .bind(key)
+                }
+                Delivery::Deferred { key, due_at, why } => sqlx::query(
+                    "UPDATE outbox SET status = 'pending', due_at = $1, lease_until = NULL, \
+                     attempts = GREATEST(attempts - 1, 0), last_error = $2 WHERE key = $3",
+                )
+                .bind(*due_at)
+                .bind(why)
+                .bind(key),
+            };
+            q.execute(&mut *tx)
+                .await
+                .map_err(db("recording a delivery"))?;
+        }
+        for chunk in log.chunks(chunk_rows(6)) {
+            let mut q = QueryBuilder::new("");
+            log_row(&mut q, chunk);
+            q.build()
+                .execute(&mut *tx)
+                .await
+                .map_err(db("logging deliveries"))?;
+        }
+        tx.commit().await.map_err(db("committing the deliveries"))?;
         Ok(())
     }
 

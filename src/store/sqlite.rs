@@ -4,8 +4,8 @@
 //! with multi-row statements.
 
 use super::{
-    BatchWrite, ClientSummary, CommitOutcome, Derived, EventRow, LogCursor, LogEntry, MailRow,
-    OutboxItem, OutboxRow, Rejected, Store, StoreError, SweepClaim, TaskFilter, TaskRow,
+    BatchWrite, ClientSummary, CommitOutcome, Delivery, Derived, EventRow, LogCursor, LogEntry,
+    MailRow, OutboxItem, OutboxRow, Rejected, Store, StoreError, SweepClaim, TaskFilter, TaskRow,
     WindowBlockers, db, parse_ts, ts,
 };
 use crate::counters::{CounterKey, Stored};
@@ -87,6 +87,7 @@ impl SqliteStore {
             .connect_with(
                 opts.clone()
                     .pragma("cache_size", format!("-{WRITER_CACHE_KIB}"))
+                    .pragma("temp_store", "memory")
                     .pragma("wal_autocheckpoint", WAL_CHECKPOINT_PAGES.to_string()),
             )
             .await
@@ -216,7 +217,7 @@ async fn write_clients(
         clients.iter().partition(|c| c.version == 0);
     for chunk in new.chunks(chunk_rows(14)) {
         let mut q = QueryBuilder::<Sqlite>::new(
-            "INSERT INTO clients (client_id, version, email, first_name, last_name, \
+            "INSERT OR IGNORE INTO clients (client_id, version, email, first_name, last_name, \
              acquisition_channel, marketing_consent, unsubscribed, locale, timezone, \
              first_seen, last_seen, next_due, state) ",
         );
@@ -228,7 +229,6 @@ async fn write_clients(
             bind_profile(&mut b, p);
             b.push_bind(c.next_due().map(ts)).push_bind(json(*c));
         });
-        q.push(" ON CONFLICT(client_id) DO NOTHING");
         let done = q
             .build()
             .execute(&mut *tx)
@@ -240,7 +240,7 @@ async fn write_clients(
     }
     for chunk in known.chunks(chunk_rows(12)) {
         let mut q = QueryBuilder::<Sqlite>::new(
-            "UPDATE clients SET version = v.column2, first_name = v.column3, \
+            "UPDATE OR IGNORE clients SET version = v.column2, first_name = v.column3, \
              last_name = v.column4, acquisition_channel = v.column5, \
              marketing_consent = v.column6, unsubscribed = v.column7, locale = v.column8, \
              timezone = v.column9, first_seen = v.column10, last_seen = v.column11, \
@@ -273,7 +273,7 @@ async fn write_clients(
     ] {
         for chunk in known.chunks(chunk_rows(2)) {
             let mut q = QueryBuilder::<Sqlite>::new(format!(
-                "UPDATE clients SET {column} = v.column2 FROM ("
+                "UPDATE OR IGNORE clients SET {column} = v.column2 FROM ("
             ));
             q.push_values(chunk, |mut b, c| {
                 b.push_bind(c.client_id.as_str().to_string())
@@ -371,7 +371,7 @@ impl Store for SqliteStore {
 
         for chunk in batch.events.chunks(chunk_rows(11)) {
             let mut q = QueryBuilder::<Sqlite>::new(
-                "INSERT INTO events (id, client_id, type, occurred_at, year, month, day, \
+                "INSERT OR IGNORE INTO events (id, client_id, type, occurred_at, year, month, day, \
                  data, context, received_at, stream_seq) ",
             );
             q.push_values(chunk, |mut b, e| {
@@ -389,7 +389,6 @@ impl Store for SqliteStore {
                     .push_bind(ts(e.received_at))
                     .push_bind(e.stream_seq.map(|s| s as i64));
             });
-            q.push(" ON CONFLICT(id) DO NOTHING");
             let done = q
                 .build()
                 .execute(&mut *tx)
@@ -406,7 +405,7 @@ impl Store for SqliteStore {
 
         for chunk in batch.effects.chunks(chunk_rows(9)) {
             let mut q = QueryBuilder::<Sqlite>::new(
-                "INSERT INTO outbox (key, kind, rule, client_id, cause, payload, status, \
+                "INSERT OR IGNORE INTO outbox (key, kind, rule, client_id, cause, payload, status, \
                  due_at, created_at) ",
             );
             let now = ts(Utc::now());
@@ -421,8 +420,6 @@ impl Store for SqliteStore {
                     .push_bind(now.clone())
                     .push_bind(now.clone());
             });
-            // A key already present is the same effect decided before: keep the first.
-            q.push(" ON CONFLICT(key) DO NOTHING");
             q.build()
                 .execute(&mut *tx)
                 .await
@@ -994,20 +991,6 @@ impl Store for SqliteStore {
             .map_err(db("reading a setting"))
     }
 
-    async fn defer(&self, key: &str, due_at: DateTime<Utc>, why: &str) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE outbox SET status = 'pending', due_at = ?, lease_until = NULL, \
-             attempts = MAX(attempts - 1, 0), last_error = ? WHERE key = ?",
-        )
-        .bind(ts(due_at))
-        .bind(why)
-        .bind(key)
-        .execute(&self.writer)
-        .await
-        .map_err(db("deferring a mail"))?;
-        Ok(())
-    }
-
     async fn events_page(
         &self,
         after: Option<&LogCursor>,
@@ -1249,78 +1232,74 @@ impl Store for SqliteStore {
             .collect()
     }
 
-    async fn mark_sent(
-        &self,
-        key: &str,
-        message_id: &str,
-        at: DateTime<Utc>,
-        log: &LogEntry,
-    ) -> Result<(), StoreError> {
+    async fn record_deliveries(&self, outcomes: &[Delivery]) -> Result<(), StoreError> {
+        if outcomes.is_empty() {
+            return Ok(());
+        }
         let mut tx = self
             .writer
             .begin_with("BEGIN IMMEDIATE")
             .await
-            .map_err(db("starting mark_sent"))?;
-        sqlx::query(
-            "UPDATE outbox SET status = 'sent', sent_at = ?, message_id = ?, lease_until = NULL, \
-             last_error = NULL WHERE key = ?",
-        )
-        .bind(ts(at))
-        .bind(message_id)
-        .bind(key)
-        .execute(&mut *tx)
-        .await
-        .map_err(db("marking a mail sent"))?;
-        let mut q = QueryBuilder::new("");
-        log_row(&mut q, &[log]);
-        q.build()
-            .execute(&mut *tx)
-            .await
-            .map_err(db("logging a sent mail"))?;
-        tx.commit().await.map_err(db("committing mark_sent"))?;
-        Ok(())
-    }
-
-    async fn mark_retry(
-        &self,
-        key: &str,
-        due_at: DateTime<Utc>,
-        error: &str,
-    ) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE outbox SET status = 'pending', due_at = ?, lease_until = NULL, last_error = ? \
-             WHERE key = ?",
-        )
-        .bind(ts(due_at))
-        .bind(error)
-        .bind(key)
-        .execute(&self.writer)
-        .await
-        .map_err(db("scheduling a mail retry"))?;
-        Ok(())
-    }
-
-    async fn mark_failed(&self, key: &str, error: &str, log: &LogEntry) -> Result<(), StoreError> {
-        let mut tx = self
-            .writer
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(db("starting mark_failed"))?;
-        sqlx::query(
-            "UPDATE outbox SET status = 'failed', lease_until = NULL, last_error = ? WHERE key = ?",
-        )
-        .bind(error)
-        .bind(key)
-        .execute(&mut *tx)
-        .await
-        .map_err(db("marking a mail failed"))?;
-        let mut q = QueryBuilder::new("");
-        log_row(&mut q, &[log]);
-        q.build()
-            .execute(&mut *tx)
-            .await
-            .map_err(db("logging a failed mail"))?;
-        tx.commit().await.map_err(db("committing mark_failed"))?;
+            .map_err(db("starting to record deliveries"))?;
+        let mut log = Vec::new();
+        for outcome in outcomes {
+            let q = match outcome {
+                Delivery::Sent {
+                    key,
+                    message_id,
+                    at,
+                    log: entry,
+                } => {
+                    log.push(entry);
+                    sqlx::query(
+                        "UPDATE outbox SET status = 'sent', sent_at = ?, message_id = ?, \
+                         lease_until = NULL, last_error = NULL WHERE key = ?",
+                    )
+                    .bind(ts(*at))
+                    .bind(message_id)
+                    .bind(key)
+                }
+                Delivery::Retry { key, due_at, error } => sqlx::query(
+                    "UPDATE outbox SET status = 'pending', due_at = ?, lease_until = NULL, \
+                     last_error = ? WHERE key = ?",
+                )
+                .bind(ts(*due_at))
+                .bind(error)
+                .bind(key),
+                Delivery::Failed {
+                    key,
+                    error,
+                    log: entry,
+                } => {
+                    log.push(entry);
+                    sqlx::query(
+                        "UPDATE outbox SET status = 'failed', lease_until = NULL, last_error = ? \
+                         WHERE key = ?",
+                    )
+                    .bind(error)
+                    .bind(key)
+                }
+                Delivery::Deferred { key, due_at, why } => sqlx::query(
+                    "UPDATE outbox SET status = 'pending', due_at = ?, lease_until = NULL, \
+                     attempts = MAX(attempts - 1, 0), last_error = ? WHERE key = ?",
+                )
+                .bind(ts(*due_at))
+                .bind(why)
+                .bind(key),
+            };
+            q.execute(&mut *tx)
+                .await
+                .map_err(db("recording a delivery"))?;
+        }
+        for chunk in log.chunks(chunk_rows(6)) {
+            let mut q = QueryBuilder::new("");
+            log_row(&mut q, chunk);
+            q.build()
+                .execute(&mut *tx)
+                .await
+                .map_err(db("logging deliveries"))?;
+        }
+        tx.commit().await.map_err(db("committing the deliveries"))?;
         Ok(())
     }
 
