@@ -5,7 +5,7 @@
 
 use crate::store::ts;
 use anyhow::{Context, bail};
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
 use sqlx::{PgPool, SqlitePool};
@@ -17,7 +17,13 @@ pub enum Probe {
 }
 
 /// A position in the event log: rows after it are newer commits.
-pub type Cursor = i64;
+#[derive(Debug, Clone, Copy)]
+pub struct Cursor {
+    /// SQLite's rowid, or PostgreSQL's stream sequence.
+    pos: i64,
+    /// When the cursor was first taken: the events to time occur after it.
+    since: DateTime<Utc>,
+}
 
 impl Probe {
     pub async fn open(url: &str) -> anyhow::Result<Self> {
@@ -97,21 +103,30 @@ impl Probe {
         Ok((all as u64, due as u64))
     }
 
-    /// The newest committed event's position.
+    /// The newest committed event's position; the events to be timed from
+    /// it on must occur after now.
     pub async fn cursor(&self) -> anyhow::Result<Cursor> {
-        match self {
+        let since = Utc::now();
+        let pos = match self {
             Probe::Sqlite(pool) => {
                 sqlx::query_scalar("SELECT COALESCE(MAX(rowid), 0) FROM events")
                     .fetch_one(pool)
                     .await
             }
             Probe::Postgres(pool) => {
+                // Where autovacuum is off the table has no statistics yet,
+                // and the planner would scan the whole log on every poll.
+                sqlx::query("ANALYZE events")
+                    .execute(pool)
+                    .await
+                    .context("analyzing the event log")?;
                 sqlx::query_scalar("SELECT COALESCE(MAX(stream_seq), 0) FROM events")
                     .fetch_one(pool)
                     .await
             }
         }
-        .context("reading the newest event position")
+        .context("reading the newest event position")?;
+        Ok(Cursor { pos, since })
     }
 
     /// Ids of the events committed after `after`, and the new cursor. SQLite
@@ -119,26 +134,34 @@ impl Probe {
     /// so this is a cheap range read on the table's own b-tree. PostgreSQL
     /// has no rowid; one daemon commits the stream in sequence order, so the
     /// stream sequence serves (nudge's own events, without one, are not
-    /// timed).
+    /// timed), read through the replay index by event time: the bench polls
+    /// every millisecond, and a scan of the whole log each time would load
+    /// the server it measures.
     pub async fn committed_since(&self, after: Cursor) -> anyhow::Result<(Vec<String>, Cursor)> {
-        let rows: Vec<(i64, String)> =
-            match self {
-                Probe::Sqlite(pool) => {
-                    sqlx::query_as("SELECT rowid, id FROM events WHERE rowid > ? ORDER BY rowid")
-                        .bind(after)
-                        .fetch_all(pool)
-                        .await
-                }
-                Probe::Postgres(pool) => sqlx::query_as(
-                    "SELECT stream_seq, id FROM events WHERE stream_seq > $1 ORDER BY stream_seq",
-                )
-                .bind(after)
-                .fetch_all(pool)
-                .await,
+        let rows: Vec<(i64, String)> = match self {
+            Probe::Sqlite(pool) => {
+                sqlx::query_as("SELECT rowid, id FROM events WHERE rowid > ? ORDER BY rowid")
+                    .bind(after.pos)
+                    .fetch_all(pool)
+                    .await
             }
-            .context("reading newly committed events")?;
-        let next = rows.last().map_or(after, |r| r.0);
-        Ok((rows.into_iter().map(|r| r.1).collect(), next))
+            Probe::Postgres(pool) => {
+                sqlx::query_as(
+                    "SELECT stream_seq, id FROM events WHERE stream_seq IS NOT NULL \
+                     AND occurred_at >= $2 AND stream_seq > $1 ORDER BY stream_seq",
+                )
+                .bind(after.pos)
+                .bind(after.since)
+                .fetch_all(pool)
+                .await
+            }
+        }
+        .context("reading newly committed events")?;
+        let pos = rows.last().map_or(after.pos, |r| r.0);
+        Ok((
+            rows.into_iter().map(|r| r.1).collect(),
+            Cursor { pos, ..after },
+        ))
     }
 }
 

@@ -30,9 +30,14 @@ use std::time::Duration;
 /// PostgreSQL allows 65535 bound parameters per statement; stay below.
 const MAX_PARAMS: usize = 60_000;
 
+/// How often the consumer's window is vacuumed ([`spawn_vacuumer`]).
+const VACUUM_WINDOW_EVERY: Duration = Duration::from_secs(10);
+
 #[derive(Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// Stops the window's vacuumer when the last clone of the store goes.
+    _vacuumer: std::sync::Arc<tokio_util::sync::DropGuard>,
 }
 
 impl PgStore {
@@ -44,7 +49,12 @@ impl PgStore {
             .connect_with(opts)
             .await
             .map_err(db("connecting to postgres"))?;
-        Ok(Self { pool })
+        let stop = tokio_util::sync::CancellationToken::new();
+        spawn_vacuumer(pool.clone(), stop.clone());
+        Ok(Self {
+            pool,
+            _vacuumer: std::sync::Arc::new(stop.drop_guard()),
+        })
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -310,6 +320,35 @@ fn log_row(q: &mut QueryBuilder<'_, Postgres>, entries: &[&LogEntry]) {
             .push_bind(e.rule.clone())
             .push_bind(e.event_id.as_ref().map(|i| i.as_str().to_string()))
             .push_bind(e.message.clone());
+    });
+}
+
+/// Vacuums the consumer's window until stopped or the pool is closed. Every
+/// pulled message is inserted there and deleted moments later, so the table
+/// is all dead rows within minutes, and each batch's look at it (the first
+/// gap, the clients pending elsewhere) would read through them: measured
+/// with autovacuum off, 420,000 dead rows for 4,000 live ones and batches
+/// taking 300 ms at 1,000 events/s. A server's autovacuum, where it is on,
+/// visits the table far too rarely for that churn. A small table, so a
+/// vacuum takes milliseconds; `SKIP_LOCKED` lets instances not queue up
+/// behind each other's.
+fn spawn_vacuumer(pool: PgPool, stop: tokio_util::sync::CancellationToken) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(VACUUM_WINDOW_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        while !pool.is_closed() {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            if let Err(e) = sqlx::query("VACUUM (ANALYZE, SKIP_LOCKED) inflight")
+                .execute(&pool)
+                .await
+            {
+                // Before the first migration there is no table yet.
+                tracing::debug!(error = %e, "vacuuming the consumer window failed");
+            }
+        }
     });
 }
 
