@@ -464,3 +464,37 @@ async fn events_apply_in_client_order(backend: Backend, instances: usize, in_fli
         "events applied out of their client's order"
     );
 }
+
+/// Each pulled message is a row of the consumer's window, inserted and
+/// deleted within moments: nudge vacuums that table itself, so the batches'
+/// look at it stays fast even where the server's autovacuum is off (as on
+/// the test machines) or too slow for the churn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_consumer_window_is_vacuumed_on_postgres() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::create(Backend::Postgres, dir.path(), "vacuum").await;
+    let store = open(&db).await;
+    store.migrate().await.unwrap();
+    let items: Vec<(u64, Option<String>)> = (1..=2000)
+        .map(|s| (s, Some(format!("c{}", s % 50))))
+        .collect();
+    store
+        .window_register("vacuum-test", &items, Utc::now() + Span::seconds(60))
+        .await
+        .unwrap();
+    store.window_trim(2000).await.unwrap();
+    let sql = db.sql().await;
+    assert_eq!(sql.scalar("SELECT COUNT(*) FROM inflight").await, 0);
+    // A vacuum of the table that began after the rows died.
+    let died = sql.rows("SELECT CAST(clock_timestamp() AS TEXT)").await[0][0]
+        .clone()
+        .unwrap();
+    let vacuumed = format!(
+        "SELECT COUNT(*) FROM pg_stat_user_tables \
+         WHERE relname = 'inflight' AND last_vacuum > '{died}'"
+    );
+    eventually(Duration::from_secs(30), "the window vacuumed", || async {
+        (sql.scalar(&vacuumed).await > 0).then_some(())
+    })
+    .await;
+}
