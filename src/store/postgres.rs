@@ -119,7 +119,7 @@ impl PgStore {
                     .push_bind(p.last_seen)
                     .push_bind(c.next_due())
                     .push_bind(json(*c))
-                    .push_unseparated("::jsonb");
+                    .push_unseparated("::json");
             });
             // The WHERE makes this a compare-and-swap on the version loaded;
             // under READ COMMITTED a concurrent writer's row is re-checked
@@ -951,7 +951,7 @@ impl Store for PgStore {
                     .push_bind(p.last_seen)
                     .push_bind(c.next_due())
                     .push_bind(json(c))
-                    .push_unseparated("::jsonb");
+                    .push_unseparated("::json");
             });
             q.build()
                 .execute(&mut *tx)
