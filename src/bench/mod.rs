@@ -257,7 +257,7 @@ async fn measure(
         let (effects, _) = probe.outbox().await?;
         anyhow::Ok(Report {
             machine: Machine::this(),
-            database: config.database.url.split(':').next().unwrap_or("").into(),
+            database: probe.describe().await?,
             nats: String::new(),
             events: n,
             clients: args.clients(),

@@ -55,6 +55,23 @@ impl Probe {
         Ok(Probe::Sqlite(pool))
     }
 
+    /// The backend, and for PostgreSQL the server's version and whether its
+    /// autovacuum runs (without it every table nudge updates bloats, and
+    /// the figures are not those of a server in its default setting).
+    pub async fn describe(&self) -> anyhow::Result<String> {
+        let Probe::Postgres(pool) = self else {
+            return Ok("sqlite".into());
+        };
+        let (version, autovacuum): (String, String) = sqlx::query_as(
+            "SELECT current_setting('server_version'), current_setting('autovacuum')",
+        )
+        .fetch_one(pool)
+        .await
+        .context("reading the server's settings")?;
+        let version = version.split_whitespace().next().unwrap_or_default();
+        Ok(format!("postgres {version} (autovacuum {autovacuum})"))
+    }
+
     /// Events in the log that came from the stream (nudge's own secondary
     /// events have no stream sequence).
     pub async fn shop_events(&self) -> anyhow::Result<u64> {
