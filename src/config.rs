@@ -62,7 +62,7 @@ pub struct NatsConfig {
     pub consumer: String,
     /// How long the stream keeps events when nudge creates it. Default 365 days.
     pub max_age_days: u64,
-    /// Events pulled and committed together. Default 500.
+    /// Events pulled and committed together. Default 2000.
     pub batch_size: usize,
     /// How long a batch that is not full waits for more events once the
     /// first one is in, in milliseconds. Each batch costs a few round trips

@@ -130,8 +130,8 @@ impl Core<'_> {
         if let Err(e) = self.count_engagement(state, event, counters) {
             decision.counter_failure = Some(e);
         }
-        let matching: Vec<&Rule> = self.rules.matching(ty).collect();
-        if matching.is_empty() {
+        let mut matching = self.rules.matching(ty).peekable();
+        if matching.peek().is_none() {
             return decision;
         }
         let trigger = Trigger {

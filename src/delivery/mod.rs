@@ -149,8 +149,7 @@ impl Sender {
         }
         let n = items.len();
         let outcomes = futures::future::join_all(items.into_iter().map(|i| self.deliver(i))).await;
-        self.record(|| self.store.record_deliveries(&outcomes))
-            .await?;
+        self.record(&outcomes).await?;
         Ok(Outcome::Handled(n))
     }
 
@@ -258,14 +257,10 @@ impl Sender {
     /// rather than let the lease run out and the mails go out again. Gives
     /// up only when nudge stops (the mails are then sent again after the
     /// restart, with the same Message-IDs).
-    async fn record<F, Fut>(&self, write: F) -> Result<(), StoreError>
-    where
-        F: Fn() -> Fut,
-        Fut: std::future::Future<Output = Result<(), StoreError>>,
-    {
+    async fn record(&self, outcomes: &[Delivery]) -> Result<(), StoreError> {
         let mut pause = Duration::from_millis(100);
         loop {
-            match write().await {
+            match self.store.record_deliveries(outcomes).await {
                 Err(e) if e.is_outage() && !self.stop.is_cancelled() => {
                     tracing::warn!(error = %e, retry_in = ?pause, "cannot record deliveries yet: database unavailable");
                     tokio::select! {

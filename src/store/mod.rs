@@ -287,7 +287,6 @@ pub struct OutboxItem {
     pub attempts: u32,
 }
 
-/// The state of an outbox entry, for listing and tests.
 /// What became of a claimed outbox item.
 #[derive(Debug, Clone)]
 pub enum Delivery {
@@ -319,6 +318,7 @@ pub enum Delivery {
     },
 }
 
+/// The state of an outbox entry, for listing and tests.
 #[derive(Debug, Clone, Serialize)]
 pub struct OutboxRow {
     pub key: String,
@@ -708,6 +708,46 @@ impl Store for AnyStore {
 pub fn erasure_hash(client: &ClientId) -> String {
     use sha2::{Digest, Sha256};
     hex::encode(Sha256::digest(client.as_str().as_bytes()))
+}
+
+/// Stops a store's upkeep task ([`spawn_upkeep`]) when the last clone of
+/// the store is dropped.
+#[derive(Clone)]
+pub(crate) struct Upkeep {
+    _stop: std::sync::Arc<tokio_util::sync::DropGuard>,
+}
+
+/// Runs `sql` on `pool` every `every`, off the write path, until the store
+/// goes or the pool is closed: SQLite's WAL checkpoints, PostgreSQL's
+/// vacuum of the consumer window. A failure is only logged; the next
+/// round tries again.
+pub(crate) fn spawn_upkeep<DB>(
+    pool: sqlx::Pool<DB>,
+    sql: &'static str,
+    every: std::time::Duration,
+) -> Upkeep
+where
+    DB: sqlx::Database,
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+{
+    let stop = tokio_util::sync::CancellationToken::new();
+    let guard = Upkeep {
+        _stop: std::sync::Arc::new(stop.clone().drop_guard()),
+    };
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        while !pool.is_closed() {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            if let Err(e) = sqlx::raw_sql(sql).execute(&pool).await {
+                tracing::debug!(error = %e, sql, "upkeep statement failed");
+            }
+        }
+    });
+    guard
 }
 
 /// Timestamps are stored as fixed-width UTC text so that text order is time order.

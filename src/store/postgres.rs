@@ -14,7 +14,7 @@
 use super::{
     BatchWrite, ClientSummary, CommitOutcome, Delivery, Derived, EventRow, LogCursor, LogEntry,
     MailRow, OutboxItem, OutboxRow, Rejected, Store, StoreError, SweepClaim, TaskFilter, TaskRow,
-    WindowBlockers, db, ts,
+    Upkeep, WindowBlockers, db, spawn_upkeep, ts,
 };
 use crate::counters::{CounterKey, Stored};
 use crate::effects::EffectKind;
@@ -30,14 +30,22 @@ use std::time::Duration;
 /// PostgreSQL allows 65535 bound parameters per statement; stay below.
 const MAX_PARAMS: usize = 60_000;
 
-/// How often the consumer's window is vacuumed ([`spawn_vacuumer`]).
+/// How often the consumer's window is vacuumed. Every pulled message is
+/// inserted there and deleted moments later, so the table is all dead rows
+/// within minutes, and each batch's look at it (the first gap, the clients
+/// pending elsewhere) would read through them: measured with autovacuum
+/// off, 420,000 dead rows for 4,000 live ones and batches taking 300 ms at
+/// 1,000 events/s. A server's autovacuum, where it is on, visits the table
+/// far too rarely for that churn. A small table, so a vacuum takes
+/// milliseconds; `SKIP_LOCKED` lets instances not queue up behind each
+/// other's.
 const VACUUM_WINDOW_EVERY: Duration = Duration::from_secs(10);
 
 #[derive(Clone)]
 pub struct PgStore {
     pool: PgPool,
-    /// Stops the window's vacuumer when the last clone of the store goes.
-    _vacuumer: std::sync::Arc<tokio_util::sync::DropGuard>,
+    /// The window's vacuumer, stopped when the last clone of the store goes.
+    _vacuumer: Upkeep,
 }
 
 impl PgStore {
@@ -49,11 +57,16 @@ impl PgStore {
             .connect_with(opts)
             .await
             .map_err(db("connecting to postgres"))?;
-        let stop = tokio_util::sync::CancellationToken::new();
-        spawn_vacuumer(pool.clone(), stop.clone());
+        // Before the first migration there is no table yet: the vacuum
+        // fails until there is.
+        let vacuumer = spawn_upkeep(
+            pool.clone(),
+            "VACUUM (ANALYZE, SKIP_LOCKED) inflight",
+            VACUUM_WINDOW_EVERY,
+        );
         Ok(Self {
             pool,
-            _vacuumer: std::sync::Arc::new(stop.drop_guard()),
+            _vacuumer: vacuumer,
         })
     }
 
@@ -244,11 +257,7 @@ impl PgStore {
         }
 
         let log: Vec<&LogEntry> = batch.log.iter().collect();
-        for chunk in log.chunks(chunk_rows(6)) {
-            let mut q = QueryBuilder::new("");
-            log_row(&mut q, chunk);
-            q.build().execute(&mut *tx).await?;
-        }
+        insert_log(&mut tx, &log).await?;
 
         for chunk in batch.rejected.chunks(chunk_rows(5)) {
             let mut q = QueryBuilder::<Postgres>::new(
@@ -311,45 +320,26 @@ fn is_race(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if matches!(d.code().as_deref(), Some("40P01" | "40001")))
 }
 
-fn log_row(q: &mut QueryBuilder<'_, Postgres>, entries: &[&LogEntry]) {
-    q.push("INSERT INTO client_log (client_id, at, level, rule, event_id, message) ");
-    q.push_values(entries, |mut b, e| {
-        b.push_bind(e.client_id.as_str().to_string())
-            .push_bind(e.at)
-            .push_bind(e.level.as_str())
-            .push_bind(e.rule.clone())
-            .push_bind(e.event_id.as_ref().map(|i| i.as_str().to_string()))
-            .push_bind(e.message.clone());
-    });
-}
-
-/// Vacuums the consumer's window until stopped or the pool is closed. Every
-/// pulled message is inserted there and deleted moments later, so the table
-/// is all dead rows within minutes, and each batch's look at it (the first
-/// gap, the clients pending elsewhere) would read through them: measured
-/// with autovacuum off, 420,000 dead rows for 4,000 live ones and batches
-/// taking 300 ms at 1,000 events/s. A server's autovacuum, where it is on,
-/// visits the table far too rarely for that churn. A small table, so a
-/// vacuum takes milliseconds; `SKIP_LOCKED` lets instances not queue up
-/// behind each other's.
-fn spawn_vacuumer(pool: PgPool, stop: tokio_util::sync::CancellationToken) {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(VACUUM_WINDOW_EVERY);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        while !pool.is_closed() {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            if let Err(e) = sqlx::query("VACUUM (ANALYZE, SKIP_LOCKED) inflight")
-                .execute(&pool)
-                .await
-            {
-                // Before the first migration there is no table yet.
-                tracing::debug!(error = %e, "vacuuming the consumer window failed");
-            }
-        }
-    });
+/// Appends lines to the clients' process logs.
+async fn insert_log(
+    conn: &mut sqlx::PgConnection,
+    entries: &[&LogEntry],
+) -> Result<(), sqlx::Error> {
+    for chunk in entries.chunks(chunk_rows(6)) {
+        let mut q = QueryBuilder::<Postgres>::new(
+            "INSERT INTO client_log (client_id, at, level, rule, event_id, message) ",
+        );
+        q.push_values(chunk, |mut b, e| {
+            b.push_bind(e.client_id.as_str().to_string())
+                .push_bind(e.at)
+                .push_bind(e.level.as_str())
+                .push_bind(e.rule.clone())
+                .push_bind(e.event_id.as_ref().map(|i| i.as_str().to_string()))
+                .push_bind(e.message.clone());
+        });
+        q.build().execute(&mut *conn).await?;
+    }
+    Ok(())
 }
 
 fn stored_client_id(s: String) -> Result<ClientId, StoreError> {
@@ -1165,14 +1155,9 @@ impl Store for PgStore {
                 .await
                 .map_err(db("recording a delivery"))?;
         }
-        for chunk in log.chunks(chunk_rows(6)) {
-            let mut q = QueryBuilder::new("");
-            log_row(&mut q, chunk);
-            q.build()
-                .execute(&mut *tx)
-                .await
-                .map_err(db("logging deliveries"))?;
-        }
+        insert_log(&mut tx, &log)
+            .await
+            .map_err(db("logging deliveries"))?;
         tx.commit().await.map_err(db("committing the deliveries"))?;
         Ok(())
     }
@@ -1264,8 +1249,7 @@ impl PgStore {
     /// before each batch and are advisory. One lost in a server crash (the
     /// only way it can be lost) is announced again when its batch is
     /// retried, and until then it shows as a gap that holds later events
-    /// back. Each waited for a disk flush, several per batch, which made
-    /// small batches slow (p50 over 300 ms at 1,000 events/s).
+    /// back. Each would wait for a disk flush, several per batch.
     async fn advisory_tx(&self) -> Result<sqlx::Transaction<'_, sqlx::Postgres>, StoreError> {
         let mut tx = self
             .pool
