@@ -69,10 +69,10 @@ pub struct NatsConfig {
     /// to the database whatever its size, so under load full batches are
     /// what keeps up; when quiet this is added to the latency. Default 5.
     pub batch_linger_ms: u64,
-    /// Batches decided and committed at the same time by one instance. Each
-    /// client's events still apply in stream order, but events of different
-    /// clients may commit out of stream order, as between instances: shared
-    /// counters ("the 99th order") then count in commit order. Default 1.
+    /// Batches one instance has in hand at once: each is decided while the
+    /// one before it commits, on top of what that one decided, and commits
+    /// after it, so batches still commit in stream order. 1 decides and
+    /// commits one batch at a time. Default 3.
     pub batches_in_flight: usize,
     /// Envelopes larger than this are rejected. Default 65536.
     pub max_event_bytes: usize,
@@ -106,7 +106,7 @@ impl Default for NatsConfig {
             max_age_days: 365,
             batch_size: 2000,
             batch_linger_ms: 5,
-            batches_in_flight: 1,
+            batches_in_flight: 3,
             max_event_bytes: 64 * 1024,
             ack_wait_secs: 30,
             replicas: 1,

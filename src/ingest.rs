@@ -125,13 +125,11 @@ pub async fn run(
         wake,
         cancel: cancel.clone(),
     };
-    // Batches being decided and committed while the next is pulled. They
-    // may overlap because the consumer window keeps each client's events in
-    // stream order between them exactly as between instances: a later
-    // batch's events of a client still pending in an earlier one wait for
-    // it, the rest commit at once. So the decision of one batch runs while
-    // another commits, and two cores are used.
+    // Batches in flight at once: each is decided while the one before it
+    // commits, on top of what that one decided, and commits after it (see
+    // `chain`); so one core decides while the other writes.
     let in_flight = Arc::new(tokio::sync::Semaphore::new(cfg.batches_in_flight.max(1)));
+    let mut turns = crate::chain::Turn::sequence();
     let tasks = tokio_util::task::TaskTracker::new();
     'outer: while !cancel.is_cancelled() {
         let mut messages = match consumer
@@ -193,8 +191,9 @@ pub async fn run(
                 }
             }
             let batch = settler.clone();
+            let turn = turns();
             tasks.spawn(async move {
-                batch.settle(held).await;
+                batch.settle(held, turn).await;
                 drop(permit);
             });
         }
@@ -220,7 +219,10 @@ impl Batch {
     /// Commits the messages, retrying until it goes through, then acks them:
     /// nothing is acked that is not committed, and the ack floor does not
     /// move past them. Returns early, without acking, only when cancelled.
-    async fn settle(self, held: Vec<jetstream::Message>) {
+    /// The batches pulled after it commit after it: they wait while it is
+    /// retried (in an outage nothing commits anyway; a poison message is
+    /// set aside by the retries), unless it is cancelled.
+    async fn settle(self, held: Vec<jetstream::Message>, mut turn: crate::chain::Turn) {
         let pipeline = &self.pipeline;
         let incoming: Vec<Incoming> = held
             .iter()
@@ -248,11 +250,12 @@ impl Batch {
                 pipeline.quarantine_poison(&incoming[0]).await
             } else {
                 pipeline
-                    .process_in_order(&incoming, self.floor.as_ref(), self.ack_wait)
+                    .process_in_order(&incoming, self.floor.as_ref(), self.ack_wait, &mut turn)
                     .await
             };
             match result {
                 Ok(report) => {
+                    turn.finish();
                     pipeline.metrics().batch_ok();
                     tracing::debug!(?report, "batch committed");
                     for m in &held {

@@ -10,6 +10,7 @@ pub mod api;
 pub mod app;
 pub mod bench;
 pub mod catalog;
+pub mod chain;
 pub mod config;
 pub mod counters;
 pub mod decide;

@@ -20,6 +20,8 @@ pub struct Metrics {
     pub mails_retried: AtomicU64,
     /// Batches that stopped waiting for earlier events of their clients.
     pub order_waits_expired: AtomicU64,
+    /// Batches decided ahead whose decision did not hold (see `chain`).
+    pub decided_again: AtomicU64,
     /// Attempts to commit a batch that failed (each retry counts).
     pub batch_failures: AtomicU64,
     /// Why the batch in hand cannot be committed, and since when; `None`
@@ -60,6 +62,10 @@ impl Metrics {
 
     pub fn order_wait_expired(&self) {
         self.order_waits_expired.fetch_add(1, Relaxed);
+    }
+
+    pub fn decided_again(&self) {
+        self.decided_again.fetch_add(1, Relaxed);
     }
 
     /// A batch could not be committed and will be retried.
@@ -190,6 +196,11 @@ impl Metrics {
                 "nudge_order_waits_expired_total",
                 "Batches applied without waiting longer for earlier events of the same clients held by another instance.",
                 &self.order_waits_expired,
+            ),
+            (
+                "nudge_batches_decided_again_total",
+                "Batches decided ahead of the batch before them whose decision did not hold (that one did not commit as decided, another writer changed their clients, or events had to wait), so decided again.",
+                &self.decided_again,
             ),
         ];
         for (name, help, v) in counters {

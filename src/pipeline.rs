@@ -6,6 +6,7 @@
 //! drive the same code.
 
 use crate::catalog::Catalog;
+use crate::chain::{Chain, Turn};
 use crate::config::Config;
 use crate::counters::{CounterKey, CounterSource, Counters, Stored};
 use crate::decide::{Core, CoreSettings};
@@ -76,6 +77,19 @@ fn split_free(
     events: Vec<StoredEvent>,
     blockers: &crate::store::WindowBlockers,
 ) -> (Vec<StoredEvent>, Vec<StoredEvent>) {
+    let held_from = held_from(&events, blockers);
+    events.into_iter().partition(|e| {
+        held_from
+            .get(e.envelope.client_id.as_str())
+            .is_none_or(|h| e.stream_seq.unwrap_or_default() < *h)
+    })
+}
+
+/// The stream sequence from which each client's events are held back.
+fn held_from(
+    events: &[StoredEvent],
+    blockers: &crate::store::WindowBlockers,
+) -> HashMap<String, u64> {
     let mut first_pending: HashMap<&str, u64> = HashMap::new();
     for (client, seq) in &blockers.pending {
         let e = first_pending.entry(client.as_str()).or_insert(*seq);
@@ -91,7 +105,7 @@ fn split_free(
     // A client's events go together up to the first one held back, so a
     // later event never overtakes an earlier one of the same batch.
     let mut held_from: HashMap<String, u64> = HashMap::new();
-    for e in &events {
+    for e in events {
         let seq = e.stream_seq.unwrap_or_default();
         if seq >= limit(e) {
             let h = held_from
@@ -100,11 +114,18 @@ fn split_free(
             *h = (*h).min(seq);
         }
     }
-    events.into_iter().partition(|e| {
-        held_from
-            .get(e.envelope.client_id.as_str())
-            .is_none_or(|h| e.stream_seq.unwrap_or_default() < *h)
-    })
+    held_from
+}
+
+/// The distinct clients of these events.
+fn clients_of(events: &[StoredEvent]) -> Vec<&str> {
+    let mut clients: Vec<&str> = events
+        .iter()
+        .map(|e| e.envelope.client_id.as_str())
+        .collect();
+    clients.sort_unstable();
+    clients.dedup();
+    clients
 }
 
 /// The stream's ack floor: every message at or below it is settled.
@@ -123,6 +144,22 @@ fn next_owner() -> String {
         hex::encode(b)
     });
     format!("{instance}-{}", NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// What a batch commits besides what it decides.
+struct Work {
+    steps: Vec<Step>,
+    rejected: Vec<Rejected>,
+    log: Vec<LogEntry>,
+    sweep: Option<SweepProgress>,
+    settled: Vec<u64>,
+}
+
+/// A batch decided, ready to commit.
+struct Decided {
+    write: BatchWrite,
+    runs: Vec<(String, bool)>,
+    report: BatchReport,
 }
 
 /// One unit of work on one client's history.
@@ -157,6 +194,8 @@ pub struct Pipeline {
     max_event_bytes: usize,
     settings: Arc<CoreSettings>,
     business_tz: Tz,
+    /// The pending values of this instance's batches in flight.
+    chain: Arc<Chain>,
 }
 
 /// Shared counters read from the store on first use in a batch. The core
@@ -164,15 +203,30 @@ pub struct Pipeline {
 struct StoreCounters {
     store: AnyStore,
     runtime: tokio::runtime::Handle,
+    /// Deciding ahead as the batch of this turn: the pending values of the
+    /// batches before it come first.
+    ahead: Option<(Arc<Chain>, u64)>,
 }
 
 impl CounterSource for StoreCounters {
     fn load(&mut self, key: &CounterKey) -> Result<Stored, String> {
+        if let Some(pending) = self
+            .ahead
+            .as_ref()
+            .and_then(|(chain, turn)| chain.counter(key, *turn))
+        {
+            return Ok(pending);
+        }
         self.runtime
             .block_on(self.store.load_counter(key))
             .map_err(|e| e.to_string())
     }
     fn is_member(&mut self, key: &CounterKey, member: &str) -> Result<bool, String> {
+        if let Some((chain, turn)) = &self.ahead
+            && chain.is_member(key, member, *turn)
+        {
+            return Ok(true);
+        }
         self.runtime
             .block_on(self.store.is_member(key, member))
             .map_err(|e| e.to_string())
@@ -195,6 +249,7 @@ impl Pipeline {
             max_event_bytes: config.nats.max_event_bytes,
             settings: Arc::new(CoreSettings::from_config(config)),
             business_tz: config.history.business_tz(),
+            chain: Arc::new(Chain::default()),
         }
     }
 
@@ -249,13 +304,23 @@ impl Pipeline {
     /// commit as they become free; waiting is bounded by `max_wait`, after
     /// which the rest commits anyway (an instance that died holding earlier
     /// events must not stop the others).
+    ///
+    /// A batch with a chained [`Turn`] commits only after the batch before
+    /// it in its sequence, and is decided while that one commits, on top of
+    /// what it decided (see [`crate::chain`]); when what it read did not
+    /// hold, or part of it has to wait, it is decided again as above. The
+    /// turn is finished once the batch is committed; after an error it is
+    /// left to the caller, who retries with it (the batches after wait) or
+    /// drops it (they go on).
     pub async fn process_in_order(
         &self,
         batch: &[Incoming],
         floor: &dyn AckFloor,
         lease: std::time::Duration,
+        turn: &mut Turn,
     ) -> Result<BatchReport, StoreError> {
         if batch.iter().any(|m| m.stream_seq.is_none()) {
+            turn.wait().await;
             return self.process(batch).await;
         }
         let owner = next_owner();
@@ -275,6 +340,58 @@ impl Pipeline {
         self.store
             .window_register(&owner, &items, lease_until)
             .await?;
+
+        let entered = turn.is_chained().then(|| self.chain.enter(turn, &owner));
+        if turn.is_chained() {
+            let work = Work {
+                steps: p.steps(),
+                rejected: p.rejected.clone(),
+                log: p.log.clone(),
+                sweep: None,
+                settled: items.iter().map(|(seq, _)| *seq).collect(),
+            };
+            let handed = turn.wait_decided().await;
+            let seen = handed.unwrap_or_else(|| self.chain.seen());
+            let mut decided = self.decide(&work, &HashSet::new(), Some(turn)).await?;
+            let published = self.chain.publish(turn, &decided.write);
+            // While the batches before commit: their messages will be
+            // settled by then, so only the others' can hold this one back.
+            let mut owners = self.chain.owners_before(turn);
+            owners.push(owner.clone());
+            let free = self.free_floor(&owners, &p.events, floor).await?;
+            turn.wait().await;
+            let holds = self.chain.holds(seen);
+            if let (true, Some(floor)) = (holds, free) {
+                // Only now: a batch that read values about to be withdrawn
+                // would be decided again, and so would the one after it.
+                turn.decided(self.chain.seen());
+                decided.write.window_floor = Some(floor);
+                if self.commit(&decided).await? {
+                    published.committed();
+                    if let Some(entered) = entered {
+                        entered.committed();
+                    }
+                    turn.finish();
+                    let mut report = decided.report;
+                    report.duplicates += p.duplicates;
+                    self.observe_latency(batch);
+                    return Ok(report);
+                }
+            }
+            // Withdrawn before the next batch may go on: it must see that
+            // what it read of this one did not hold.
+            drop(published);
+            tracing::debug!(
+                turn = turn.ordinal(),
+                read_held = holds,
+                free = free.is_some(),
+                "a batch decided ahead is decided again"
+            );
+            self.metrics.decided_again();
+        }
+        // The rest as one batch at a time; the next batch waits for this
+        // one, so that batches still commit in the order they were pulled.
+        turn.wait().await;
 
         let started = tokio::time::Instant::now();
         let deadline = started + lease / 2;
@@ -315,15 +432,10 @@ impl Pipeline {
                     .filter_map(|e| e.stream_seq)
                     .max()
                     .map_or(0, |s| s + 1);
-                let mut clients: Vec<&str> = waiting
-                    .iter()
-                    .map(|e| e.envelope.client_id.as_str())
-                    .collect();
-                clients.sort_unstable();
-                clients.dedup();
+                let clients = clients_of(&waiting);
                 let mut blockers = self
                     .store
-                    .window_blockers(&owner, floor, below, &clients, Utc::now())
+                    .window_blockers(&[&owner], floor, below, &clients, Utc::now())
                     .await?;
                 if tokio::time::Instant::now() >= gaps_until {
                     // A message pulled but never announced: an instance that
@@ -359,8 +471,37 @@ impl Pipeline {
             report.rejected += part.rejected;
             report.effects += part.effects;
         }
+        if let Some(entered) = entered {
+            entered.committed();
+        }
+        turn.finish();
         self.observe_latency(batch);
         Ok(report)
+    }
+
+    /// The ack floor if no earlier message holds back any of these events:
+    /// every message below them is known, and none of their clients is
+    /// pending in a batch of other `owners`.
+    async fn free_floor(
+        &self,
+        owners: &[String],
+        events: &[StoredEvent],
+        floor: &dyn AckFloor,
+    ) -> Result<Option<u64>, StoreError> {
+        let floor = floor
+            .floor()
+            .await
+            .map_err(|e| StoreError::Counters(format!("reading the ack floor: {e}")))?;
+        let Some(below) = events.iter().filter_map(|e| e.stream_seq).max() else {
+            return Ok(Some(floor));
+        };
+        let owners: Vec<&str> = owners.iter().map(String::as_str).collect();
+        let clients = clients_of(events);
+        let blockers = self
+            .store
+            .window_blockers(&owners, floor, below + 1, &clients, Utc::now())
+            .await?;
+        Ok(held_from(events, &blockers).is_empty().then_some(floor))
     }
 
     /// Parses a batch: valid events (first of each id), rejections with
@@ -496,6 +637,13 @@ impl Pipeline {
         sweep: Option<SweepProgress>,
         settled: Vec<u64>,
     ) -> Result<BatchReport, StoreError> {
+        let work = Work {
+            steps,
+            rejected,
+            log,
+            sweep,
+            settled,
+        };
         for attempt in 0..MAX_CONFLICT_RETRIES {
             if attempt > 1 {
                 // The first retry may only be leaving out known ids; after
@@ -506,7 +654,8 @@ impl Pipeline {
                 let ms = (1u64 << attempt.min(6)) + u64::from(b[0] % 8);
                 tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
             }
-            let ids: Vec<&EventId> = steps
+            let ids: Vec<&EventId> = work
+                .steps
                 .iter()
                 .filter_map(|s| match s {
                     Step::Event(e) => Some(&e.envelope.id),
@@ -521,51 +670,87 @@ impl Pipeline {
             } else {
                 self.store.known_events(&ids).await?
             };
-            let fresh: Vec<Step> = steps
-                .iter()
-                .filter(|s| match s {
-                    Step::Event(e) => !known.contains(e.envelope.id.as_str()),
-                    _ => true,
-                })
-                .cloned()
-                .collect();
-            let mut client_ids: Vec<&ClientId> = fresh.iter().map(Step::client).collect();
-            client_ids.sort();
-            client_ids.dedup();
-            let states = self.store.load_clients(&client_ids).await?;
-            let (mut write, runs) = self.decide_all(fresh, states).await?;
-            if self.suppress_effects {
-                write.effects.clear();
-                write.log.clear();
+            let decided = self.decide(&work, &known, None).await?;
+            if self.commit(&decided).await? {
+                return Ok(decided.report);
             }
-            write.rejected = rejected.clone();
-            write.log.extend(log.iter().cloned());
-            write.sweep = sweep.clone();
-            write.settled = settled.clone();
-            let report = BatchReport {
-                accepted: write.events.len(),
-                duplicates: known.len(),
-                rejected: write.rejected.len(),
-                effects: write.effects.len(),
-            };
-            match self.store.commit_batch(&write).await? {
-                CommitOutcome::Committed => {
-                    // Counted once decided for good: a batch decided again
-                    // after a conflict does not run its rules twice over.
-                    for (rule, ok) in &runs {
-                        self.metrics.rule_run(rule, *ok);
-                    }
-                    self.catalog.record_runs(&runs);
-                    self.metrics.batch_committed(&report, &write);
-                    self.announce(&write);
-                    return Ok(report);
-                }
-                CommitOutcome::Conflict => {
-                    tracing::debug!("batch conflicted with another writer; retrying");
-                }
-            }
+            tracing::debug!("batch conflicted with another writer; retrying");
         }
         Err(StoreError::Contended(MAX_CONFLICT_RETRIES))
+    }
+
+    /// Loads the clients of the work and decides it. Steps whose event id
+    /// is in `known` are left out. A batch deciding ahead in a sequence
+    /// (`ahead`) reads the pending values of the batches before it.
+    async fn decide(
+        &self,
+        work: &Work,
+        known: &HashSet<String>,
+        ahead: Option<&Turn>,
+    ) -> Result<Decided, StoreError> {
+        let fresh: Vec<Step> = work
+            .steps
+            .iter()
+            .filter(|s| match s {
+                Step::Event(e) => !known.contains(e.envelope.id.as_str()),
+                _ => true,
+            })
+            .cloned()
+            .collect();
+        let mut client_ids: Vec<&ClientId> = fresh.iter().map(Step::client).collect();
+        client_ids.sort();
+        client_ids.dedup();
+        let pending = ahead.map(|turn| self.chain.pending(&client_ids, turn));
+        let mut states = self.store.load_clients(&client_ids).await?;
+        if let Some(pending) = pending {
+            pending.apply(&mut states);
+        }
+        let (mut write, runs) = self
+            .decide_all(fresh, states, ahead.map(Turn::ordinal))
+            .await?;
+        if self.suppress_effects {
+            write.effects.clear();
+            write.log.clear();
+        }
+        write.rejected = work.rejected.clone();
+        write.log.extend(work.log.iter().cloned());
+        write.sweep = work.sweep.clone();
+        write.settled = work.settled.clone();
+        let report = BatchReport {
+            accepted: write.events.len(),
+            duplicates: known.len(),
+            rejected: write.rejected.len(),
+            effects: write.effects.len(),
+        };
+        Ok(Decided {
+            write,
+            runs,
+            report,
+        })
+    }
+
+    /// Commits a decided batch; false if another writer changed its clients
+    /// or counters since they were read.
+    async fn commit(&self, decided: &Decided) -> Result<bool, StoreError> {
+        let Decided {
+            write,
+            runs,
+            report,
+        } = decided;
+        match self.store.commit_batch(write).await? {
+            CommitOutcome::Committed => {
+                // Counted once decided for good: a batch decided again
+                // after a conflict does not run its rules twice over.
+                for (rule, ok) in runs {
+                    self.metrics.rule_run(rule, *ok);
+                }
+                self.catalog.record_runs(runs);
+                self.metrics.batch_committed(report, write);
+                self.announce(write);
+                Ok(true)
+            }
+            CommitOutcome::Conflict => Ok(false),
+        }
     }
 
     /// Tells the live feed about notable events, then the tasks they led to.
@@ -603,6 +788,7 @@ impl Pipeline {
         &self,
         steps: Vec<Step>,
         mut states: HashMap<ClientId, ClientState>,
+        ahead: Option<u64>,
     ) -> Result<(BatchWrite, Vec<(String, bool)>), StoreError> {
         let rules = self.catalog.rules();
         let templates = self.catalog.templates();
@@ -611,6 +797,7 @@ impl Pipeline {
         let source = StoreCounters {
             store: self.store.clone(),
             runtime: tokio::runtime::Handle::current(),
+            ahead: ahead.map(|turn| (self.chain.clone(), turn)),
         };
         let tz = self.business_tz;
         let run = move || {

@@ -165,6 +165,9 @@ pub struct BatchWrite {
     pub members: Vec<(CounterKey, String)>,
     /// Stream sequences this batch settles in the consumer's window.
     pub settled: Vec<u64>,
+    /// An ack floor read before the batch: the window's messages at or
+    /// below it are forgotten with the batch (as by `window_trim`).
+    pub window_floor: Option<u64>,
 }
 
 /// What holds back events of a batch in the consumer's window.
@@ -490,10 +493,12 @@ pub trait Store: Send + Sync + 'static {
         lease_until: DateTime<Utc>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
     /// What holds back this batch's events of `clients` below `below`, given
-    /// the stream's ack `floor`; leases that ran out hold nothing back.
+    /// the stream's ack `floor`; leases that ran out hold nothing back, and
+    /// neither do the messages of `owners` (the batch itself, and the
+    /// batches it commits after).
     fn window_blockers(
         &self,
-        owner: &str,
+        owners: &[&str],
         floor: u64,
         below: u64,
         clients: &[&str],
@@ -691,13 +696,13 @@ impl Store for AnyStore {
     }
     async fn window_blockers(
         &self,
-        owner: &str,
+        owners: &[&str],
         floor: u64,
         below: u64,
         clients: &[&str],
         now: DateTime<Utc>,
     ) -> Result<WindowBlockers, StoreError> {
-        forward!(self, s => s.window_blockers(owner, floor, below, clients, now))
+        forward!(self, s => s.window_blockers(owners, floor, below, clients, now))
     }
     async fn window_trim(&self, floor: u64) -> Result<(), StoreError> {
         forward!(self, s => s.window_trim(floor))

@@ -282,6 +282,13 @@ impl PgStore {
                 .await?;
         }
 
+        if let Some(floor) = batch.window_floor {
+            sqlx::query("DELETE FROM inflight WHERE seq <= $1")
+                .bind(floor as i64)
+                .execute(&mut *tx)
+                .await?;
+        }
+
         if let Some(sw) = &batch.sweep {
             sqlx::query(
                 "UPDATE schedules SET cursor = $1, done = $2 WHERE rule = $3 AND slot = $4",
@@ -1193,7 +1200,7 @@ impl Store for PgStore {
 
     async fn window_blockers(
         &self,
-        owner: &str,
+        owners: &[&str],
         floor: u64,
         below: u64,
         clients: &[&str],
@@ -1211,10 +1218,10 @@ impl Store for PgStore {
         .await
         .map_err(db("reading the window"))?;
         let rows = sqlx::query(
-            "SELECT client_id, seq FROM inflight WHERE NOT done AND owner <> $1 \
+            "SELECT client_id, seq FROM inflight WHERE NOT done AND owner <> ALL($1) \
              AND lease_until > $2 AND seq < $3 AND client_id = ANY($4) AND seq > $5",
         )
-        .bind(owner)
+        .bind(owners)
         .bind(now)
         .bind(below as i64)
         .bind(clients)

@@ -227,6 +227,7 @@ async fn write_clients(
             .await
             .map_err(db("writing new clients"))?;
         if done.rows_affected() != chunk.len() as u64 {
+            tracing::debug!("batch conflict: a new client was created by another writer");
             return Ok(false);
         }
     }
@@ -253,6 +254,7 @@ async fn write_clients(
             .await
             .map_err(db("writing client states"))?;
         if done.rows_affected() != chunk.len() as u64 {
+            tracing::debug!("batch conflict: a client's version changed");
             return Ok(false);
         }
     }
@@ -281,6 +283,224 @@ async fn write_clients(
         }
     }
     Ok(true)
+}
+
+/// Writes a batch in one transaction on the writer connection.
+async fn write_batch(
+    conn: &mut sqlx::SqliteConnection,
+    batch: &BatchWrite,
+) -> Result<CommitOutcome, StoreError> {
+    let mut tx = sqlx::Connection::begin_with(conn, "BEGIN IMMEDIATE")
+        .await
+        .map_err(db("starting the batch transaction"))?;
+
+    // The batch's multi-row writes are `OR IGNORE`: a statement that
+    // could fail halfway makes SQLite copy every page it touches into a
+    // statement journal first (6 % of the writer's time). A row left
+    // out shows in the rows affected, which is how conflicts are told.
+    for chunk in batch.events.chunks(chunk_rows(11)) {
+        let mut q = QueryBuilder::<Sqlite>::new(
+            "INSERT OR IGNORE INTO events (id, client_id, type, occurred_at, year, month, day, \
+             data, context, received_at, stream_seq) ",
+        );
+        q.push_values(chunk, |mut b, e| {
+            let env = &e.envelope;
+            let (y, m, d) = env.date_parts();
+            b.push_bind(env.id.as_str().to_string())
+                .push_bind(env.client_id.as_str().to_string())
+                .push_bind(env.event_type.as_str().to_string())
+                .push_bind(ts(env.occurred_at))
+                .push_bind(y)
+                .push_bind(m)
+                .push_bind(d)
+                .push_bind(json(&env.data))
+                .push_bind(json(&env.context))
+                .push_bind(ts(e.received_at))
+                .push_bind(e.stream_seq.map(|s| s as i64));
+        });
+        let done = q
+            .build()
+            .execute(&mut *tx)
+            .await
+            .map_err(db("writing events"))?;
+        if done.rows_affected() != chunk.len() as u64 {
+            tracing::debug!("batch conflict: an event id is known already");
+            return Ok(CommitOutcome::Conflict);
+        }
+    }
+
+    if !write_clients(&mut tx, &batch.clients).await? {
+        return Ok(CommitOutcome::Conflict);
+    }
+
+    for chunk in batch.effects.chunks(chunk_rows(9)) {
+        let mut q = QueryBuilder::<Sqlite>::new(
+            "INSERT OR IGNORE INTO outbox (key, kind, rule, client_id, cause, payload, status, \
+             due_at, created_at) ",
+        );
+        let now = ts(Utc::now());
+        q.push_values(chunk, |mut b, e| {
+            b.push_bind(e.key.clone())
+                .push_bind(e.kind.name())
+                .push_bind(e.rule.clone())
+                .push_bind(e.client_id.as_str().to_string())
+                .push_bind(e.cause.clone())
+                .push_bind(json(&e.kind))
+                .push_bind("pending")
+                .push_bind(now.clone())
+                .push_bind(now.clone());
+        });
+        // A key already present is the same effect decided before: keep the first.
+        q.build()
+            .execute(&mut *tx)
+            .await
+            .map_err(db("writing the outbox"))?;
+    }
+
+    // Shared counters: compare-and-swap on the version read.
+    for c in &batch.counters {
+        let done = if c.version == 0 {
+            sqlx::query(
+                "INSERT INTO counters (name, period, value, version) VALUES (?, ?, ?, 1) \
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(&c.key.name)
+            .bind(&c.key.period)
+            .bind(c.value)
+            .execute(&mut *tx)
+            .await
+        } else {
+            sqlx::query(
+                "UPDATE counters SET value = ?, version = version + 1 \
+                 WHERE name = ? AND period = ? AND version = ?",
+            )
+            .bind(c.value)
+            .bind(&c.key.name)
+            .bind(&c.key.period)
+            .bind(c.version)
+            .execute(&mut *tx)
+            .await
+        }
+        .map_err(db("writing counters"))?;
+        if done.rows_affected() != 1 {
+            tracing::debug!("batch conflict: a shared counter's version changed");
+            return Ok(CommitOutcome::Conflict);
+        }
+    }
+    for chunk in batch.members.chunks(chunk_rows(3)) {
+        let mut q =
+            QueryBuilder::<Sqlite>::new("INSERT INTO counter_members (name, period, member) ");
+        q.push_values(chunk, |mut b, (k, m)| {
+            b.push_bind(k.name.clone())
+                .push_bind(k.period.clone())
+                .push_bind(m.clone());
+        });
+        q.push(" ON CONFLICT DO NOTHING");
+        let done = q
+            .build()
+            .execute(&mut *tx)
+            .await
+            .map_err(db("writing counter members"))?;
+        if done.rows_affected() != chunk.len() as u64 {
+            tracing::debug!(
+                "batch conflict: a distinct counter's member was added by another writer"
+            );
+            return Ok(CommitOutcome::Conflict);
+        }
+    }
+
+    let tasks: Vec<_> = batch
+        .effects
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EffectKind::Task {
+                team, title, data, ..
+            } => Some((e, team, title, data)),
+            _ => None,
+        })
+        .collect();
+    for chunk in tasks.chunks(chunk_rows(10)) {
+        let mut q = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO tasks (id, team, title, client_id, rule, cause, data, status, at, \
+             created_at) ",
+        );
+        let now = ts(Utc::now());
+        q.push_values(chunk, |mut b, (e, team, title, data)| {
+            b.push_bind(e.key.clone())
+                .push_bind((*team).clone())
+                .push_bind((*title).clone())
+                .push_bind(e.client_id.as_str().to_string())
+                .push_bind(e.rule.clone())
+                .push_bind(e.cause.clone())
+                .push_bind(json(data))
+                .push_bind("open")
+                .push_bind(ts(e.at))
+                .push_bind(now.clone());
+        });
+        q.push(" ON CONFLICT(id) DO NOTHING");
+        q.build()
+            .execute(&mut *tx)
+            .await
+            .map_err(db("writing tasks"))?;
+    }
+
+    let log: Vec<&LogEntry> = batch.log.iter().collect();
+    insert_log(&mut tx, &log)
+        .await
+        .map_err(db("writing the process log"))?;
+
+    for chunk in batch.rejected.chunks(chunk_rows(5)) {
+        let mut q = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO rejected (received_at, subject, stream_seq, reason, payload) ",
+        );
+        q.push_values(chunk, |mut b, r| {
+            b.push_bind(ts(r.received_at))
+                .push_bind(r.subject.clone())
+                .push_bind(r.stream_seq.map(|s| s as i64))
+                .push_bind(r.reason.clone())
+                .push_bind(r.payload.clone());
+        });
+        q.push(" ON CONFLICT DO NOTHING");
+        q.build()
+            .execute(&mut *tx)
+            .await
+            .map_err(db("writing rejected events"))?;
+    }
+
+    for chunk in batch.settled.chunks(chunk_rows(1)) {
+        let mut q = QueryBuilder::<Sqlite>::new("UPDATE inflight SET done = 1 WHERE seq IN (");
+        let mut sep = q.separated(", ");
+        for seq in chunk {
+            sep.push_bind(*seq as i64);
+        }
+        q.push(")");
+        q.build()
+            .execute(&mut *tx)
+            .await
+            .map_err(db("settling the window"))?;
+    }
+
+    if let Some(floor) = batch.window_floor {
+        sqlx::query("DELETE FROM inflight WHERE seq <= ?")
+            .bind(floor as i64)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("trimming the window"))?;
+    }
+
+    if let Some(sw) = &batch.sweep {
+        sqlx::query("UPDATE schedules SET cursor = ?, done = ? WHERE rule = ? AND slot = ?")
+            .bind(sw.cursor.as_ref().map(|c| c.as_str().to_string()))
+            .bind(sw.done)
+            .bind(&sw.rule)
+            .bind(ts(sw.slot))
+            .execute(&mut *tx)
+            .await
+            .map_err(db("recording sweep progress"))?;
+    }
+
+    tx.commit().await.map_err(db("committing the batch"))?;
+    Ok(CommitOutcome::Committed)
 }
 
 impl Store for SqliteStore {
@@ -355,206 +575,21 @@ impl Store for SqliteStore {
     }
 
     async fn commit_batch(&self, batch: &BatchWrite) -> Result<CommitOutcome, StoreError> {
-        let mut tx = self
+        let mut conn = self
             .writer
-            .begin_with("BEGIN IMMEDIATE")
+            .acquire()
             .await
             .map_err(db("starting the batch transaction"))?;
-
-        // The batch's multi-row writes are `OR IGNORE`: a statement that
-        // could fail halfway makes SQLite copy every page it touches into a
-        // statement journal first (6 % of the writer's time). A row left
-        // out shows in the rows affected, which is how conflicts are told.
-        for chunk in batch.events.chunks(chunk_rows(11)) {
-            let mut q = QueryBuilder::<Sqlite>::new(
-                "INSERT OR IGNORE INTO events (id, client_id, type, occurred_at, year, month, day, \
-                 data, context, received_at, stream_seq) ",
-            );
-            q.push_values(chunk, |mut b, e| {
-                let env = &e.envelope;
-                let (y, m, d) = env.date_parts();
-                b.push_bind(env.id.as_str().to_string())
-                    .push_bind(env.client_id.as_str().to_string())
-                    .push_bind(env.event_type.as_str().to_string())
-                    .push_bind(ts(env.occurred_at))
-                    .push_bind(y)
-                    .push_bind(m)
-                    .push_bind(d)
-                    .push_bind(json(&env.data))
-                    .push_bind(json(&env.context))
-                    .push_bind(ts(e.received_at))
-                    .push_bind(e.stream_seq.map(|s| s as i64));
-            });
-            let done = q
-                .build()
-                .execute(&mut *tx)
-                .await
-                .map_err(db("writing events"))?;
-            if done.rows_affected() != chunk.len() as u64 {
-                return Ok(CommitOutcome::Conflict);
-            }
+        let outcome = write_batch(&mut conn, batch).await;
+        if outcome.is_err() {
+            // After some failures (a full disk, an I/O error) SQLite has
+            // already rolled the transaction back; sqlx's ROLLBACK then
+            // fails and it would count the transaction open for good, so
+            // that every later batch failed to begin. A new connection
+            // starts clean.
+            conn.close_on_drop();
         }
-
-        if !write_clients(&mut tx, &batch.clients).await? {
-            return Ok(CommitOutcome::Conflict);
-        }
-
-        for chunk in batch.effects.chunks(chunk_rows(9)) {
-            let mut q = QueryBuilder::<Sqlite>::new(
-                "INSERT OR IGNORE INTO outbox (key, kind, rule, client_id, cause, payload, status, \
-                 due_at, created_at) ",
-            );
-            let now = ts(Utc::now());
-            q.push_values(chunk, |mut b, e| {
-                b.push_bind(e.key.clone())
-                    .push_bind(e.kind.name())
-                    .push_bind(e.rule.clone())
-                    .push_bind(e.client_id.as_str().to_string())
-                    .push_bind(e.cause.clone())
-                    .push_bind(json(&e.kind))
-                    .push_bind("pending")
-                    .push_bind(now.clone())
-                    .push_bind(now.clone());
-            });
-            // A key already present is the same effect decided before: keep the first.
-            q.build()
-                .execute(&mut *tx)
-                .await
-                .map_err(db("writing the outbox"))?;
-        }
-
-        // Shared counters: compare-and-swap on the version read.
-        for c in &batch.counters {
-            let done = if c.version == 0 {
-                sqlx::query(
-                    "INSERT INTO counters (name, period, value, version) VALUES (?, ?, ?, 1) \
-                     ON CONFLICT DO NOTHING",
-                )
-                .bind(&c.key.name)
-                .bind(&c.key.period)
-                .bind(c.value)
-                .execute(&mut *tx)
-                .await
-            } else {
-                sqlx::query(
-                    "UPDATE counters SET value = ?, version = version + 1 \
-                     WHERE name = ? AND period = ? AND version = ?",
-                )
-                .bind(c.value)
-                .bind(&c.key.name)
-                .bind(&c.key.period)
-                .bind(c.version)
-                .execute(&mut *tx)
-                .await
-            }
-            .map_err(db("writing counters"))?;
-            if done.rows_affected() != 1 {
-                return Ok(CommitOutcome::Conflict);
-            }
-        }
-        for chunk in batch.members.chunks(chunk_rows(3)) {
-            let mut q =
-                QueryBuilder::<Sqlite>::new("INSERT INTO counter_members (name, period, member) ");
-            q.push_values(chunk, |mut b, (k, m)| {
-                b.push_bind(k.name.clone())
-                    .push_bind(k.period.clone())
-                    .push_bind(m.clone());
-            });
-            q.push(" ON CONFLICT DO NOTHING");
-            let done = q
-                .build()
-                .execute(&mut *tx)
-                .await
-                .map_err(db("writing counter members"))?;
-            if done.rows_affected() != chunk.len() as u64 {
-                return Ok(CommitOutcome::Conflict);
-            }
-        }
-
-        let tasks: Vec<_> = batch
-            .effects
-            .iter()
-            .filter_map(|e| match &e.kind {
-                EffectKind::Task {
-                    team, title, data, ..
-                } => Some((e, team, title, data)),
-                _ => None,
-            })
-            .collect();
-        for chunk in tasks.chunks(chunk_rows(10)) {
-            let mut q = QueryBuilder::<Sqlite>::new(
-                "INSERT INTO tasks (id, team, title, client_id, rule, cause, data, status, at, \
-                 created_at) ",
-            );
-            let now = ts(Utc::now());
-            q.push_values(chunk, |mut b, (e, team, title, data)| {
-                b.push_bind(e.key.clone())
-                    .push_bind((*team).clone())
-                    .push_bind((*title).clone())
-                    .push_bind(e.client_id.as_str().to_string())
-                    .push_bind(e.rule.clone())
-                    .push_bind(e.cause.clone())
-                    .push_bind(json(data))
-                    .push_bind("open")
-                    .push_bind(ts(e.at))
-                    .push_bind(now.clone());
-            });
-            q.push(" ON CONFLICT(id) DO NOTHING");
-            q.build()
-                .execute(&mut *tx)
-                .await
-                .map_err(db("writing tasks"))?;
-        }
-
-        let log: Vec<&LogEntry> = batch.log.iter().collect();
-        insert_log(&mut tx, &log)
-            .await
-            .map_err(db("writing the process log"))?;
-
-        for chunk in batch.rejected.chunks(chunk_rows(5)) {
-            let mut q = QueryBuilder::<Sqlite>::new(
-                "INSERT INTO rejected (received_at, subject, stream_seq, reason, payload) ",
-            );
-            q.push_values(chunk, |mut b, r| {
-                b.push_bind(ts(r.received_at))
-                    .push_bind(r.subject.clone())
-                    .push_bind(r.stream_seq.map(|s| s as i64))
-                    .push_bind(r.reason.clone())
-                    .push_bind(r.payload.clone());
-            });
-            q.push(" ON CONFLICT DO NOTHING");
-            q.build()
-                .execute(&mut *tx)
-                .await
-                .map_err(db("writing rejected events"))?;
-        }
-
-        for chunk in batch.settled.chunks(chunk_rows(1)) {
-            let mut q = QueryBuilder::<Sqlite>::new("UPDATE inflight SET done = 1 WHERE seq IN (");
-            let mut sep = q.separated(", ");
-            for seq in chunk {
-                sep.push_bind(*seq as i64);
-            }
-            q.push(")");
-            q.build()
-                .execute(&mut *tx)
-                .await
-                .map_err(db("settling the window"))?;
-        }
-
-        if let Some(sw) = &batch.sweep {
-            sqlx::query("UPDATE schedules SET cursor = ?, done = ? WHERE rule = ? AND slot = ?")
-                .bind(sw.cursor.as_ref().map(|c| c.as_str().to_string()))
-                .bind(sw.done)
-                .bind(&sw.rule)
-                .bind(ts(sw.slot))
-                .execute(&mut *tx)
-                .await
-                .map_err(db("recording sweep progress"))?;
-        }
-
-        tx.commit().await.map_err(db("committing the batch"))?;
-        Ok(CommitOutcome::Committed)
+        outcome
     }
 
     async fn list_rejected(&self, limit: u32) -> Result<Vec<Rejected>, StoreError> {
@@ -1321,7 +1356,7 @@ impl Store for SqliteStore {
 
     async fn window_blockers(
         &self,
-        owner: &str,
+        owners: &[&str],
         floor: u64,
         below: u64,
         clients: &[&str],
@@ -1339,12 +1374,15 @@ impl Store for SqliteStore {
         .await
         .map_err(db("reading the window"))?;
         let mut pending = Vec::new();
-        for chunk in clients.chunks(chunk_rows(1) - 5) {
+        for chunk in clients.chunks(chunk_rows(1) - 4 - owners.len()) {
             let mut q = QueryBuilder::<Sqlite>::new(
-                "SELECT client_id, seq FROM inflight WHERE done = 0 AND owner <> ",
+                "SELECT client_id, seq FROM inflight WHERE done = 0 AND owner NOT IN (",
             );
-            q.push_bind(owner.to_string())
-                .push(" AND lease_until > ")
+            let mut sep = q.separated(", ");
+            for o in owners {
+                sep.push_bind(o.to_string());
+            }
+            q.push(") AND lease_until > ")
                 .push_bind(ts(now))
                 .push(" AND seq < ")
                 .push_bind(below as i64)

@@ -875,3 +875,16 @@ pub fn registered_at(id: &str, client: &str, at: &str) -> Value {
     e["occurred_at"] = Value::String(at.to_string());
     e
 }
+
+/// Counts, in shared counters, every event applied and every one applied
+/// out of its client's order (each client's events carry n = 1, 2, ...).
+pub const ORDER_CHECK: &str = r#"
+const ON = ["page_viewed"];
+let n = event.data.n;
+let last = recall("n") ?? 0;
+if n != last + 1 {
+    add("order_violations", "year", 1);
+}
+remember("n", n);
+add("applied", "year", 1);
+"#;

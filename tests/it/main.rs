@@ -8,6 +8,7 @@ mod helpers;
 mod bench;
 mod browser;
 mod campaigns;
+mod chain;
 mod cli;
 mod faults;
 

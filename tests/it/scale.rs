@@ -2,8 +2,8 @@
 //! sharing the durable consumer: what #5 promises for a scaled-out shop.
 
 use crate::helpers::{
-    Backend, Daemon, TestDb, TestEnv, daemon_vars, event, eventually, publish_retrying,
-    registered_at, sigterm, spawn_daemon,
+    Backend, Daemon, ORDER_CHECK, TestDb, TestEnv, daemon_vars, event, eventually,
+    publish_retrying, registered_at, sigterm, spawn_daemon,
 };
 use chrono::{DateTime, Duration as Span, Utc};
 use nudge::counters::{CounterKey, period_key};
@@ -380,18 +380,6 @@ async fn a_three_node_nats_cluster_loses_a_node_and_nothing_else_on_postgres() {
     assert_eq!(ids.len(), n);
     app.stop().await;
 }
-
-/// Counts, in a shared counter, every event applied out of its client's
-/// order (each client's events carry n = 1, 2, 3, ...).
-const ORDER_CHECK: &str = r#"
-const ON = ["page_viewed"];
-let n = event.data.n;
-let last = recall("n") ?? 0;
-if n != last + 1 {
-    add("order_violations", "year", 1);
-}
-remember("n", n);
-"#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_instances_apply_each_clients_events_in_order_on_postgres() {
