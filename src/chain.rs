@@ -24,7 +24,6 @@ use crate::history::ClientState;
 use crate::store::BatchWrite;
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::oneshot;
 
 /// The pending values of the batches in flight, shared by one instance's
@@ -45,6 +44,10 @@ struct Inner {
     members: HashMap<(CounterKey, String), u64>,
     /// The consumer-window owners of the batches in flight, by ordinal.
     owners: std::collections::BTreeMap<u64, String>,
+    /// Where the last turn handed out lets the next one go on.
+    last_turn: Option<(oneshot::Receiver<Seen>, oneshot::Receiver<()>)>,
+    /// The last turn's ordinal.
+    ordinal: u64,
 }
 
 /// What a batch saw of the chain when it began to read: its values hold if
@@ -81,6 +84,25 @@ pub struct Published<'a> {
 }
 
 impl Chain {
+    /// The next batch's turn: every batch of the instance (ingest's, and
+    /// the scheduler's timers and sweeps) takes one, so none of them decides
+    /// on values another of them is about to change.
+    pub fn next_turn(&self) -> Turn {
+        let mut inner = self.lock();
+        let (decided, next_decided) = oneshot::channel();
+        let (done, next_done) = oneshot::channel();
+        let (after_decided, after_done) =
+            inner.last_turn.replace((next_decided, next_done)).unzip();
+        inner.ordinal += 1;
+        Turn {
+            ordinal: inner.ordinal,
+            after_decided,
+            after_done,
+            decided: Some(decided),
+            done: Some(done),
+        }
+    }
+
     /// Marks the start of a batch's reads.
     pub fn seen(&self) -> Seen {
         Seen {
@@ -241,7 +263,7 @@ impl Drop for Entered<'_> {
 /// or when dropped (given up).
 #[derive(Debug, Default)]
 pub struct Turn {
-    /// The batch's place in its instance's sequence, from 1 (0: none).
+    /// The batch's place in its chain's sequence, from 1 (0: none).
     ordinal: u64,
     after_decided: Option<oneshot::Receiver<Seen>>,
     after_done: Option<oneshot::Receiver<()>>,
@@ -250,26 +272,6 @@ pub struct Turn {
 }
 
 impl Turn {
-    /// Turns for a sequence of batches: each call gives the next one.
-    pub fn sequence() -> impl FnMut() -> Turn {
-        // Unique in the process, so that the values of a sequence that
-        // ended (an ingest restarted) can never pass for a later one's.
-        static ORDINALS: AtomicU64 = AtomicU64::new(1);
-        let mut previous: Option<(oneshot::Receiver<Seen>, oneshot::Receiver<()>)> = None;
-        move || {
-            let (decided, next_decided) = oneshot::channel();
-            let (done, next_done) = oneshot::channel();
-            let (after_decided, after_done) = previous.replace((next_decided, next_done)).unzip();
-            Turn {
-                ordinal: ORDINALS.fetch_add(1, Ordering::Relaxed),
-                after_decided,
-                after_done,
-                decided: Some(decided),
-                done: Some(done),
-            }
-        }
-    }
-
     /// True for a batch in a sequence (the only kind that may decide ahead).
     pub fn is_chained(&self) -> bool {
         self.done.is_some()
@@ -347,8 +349,7 @@ mod tests {
             members: vec![(key(), "a".into())],
             ..Default::default()
         };
-        let mut turns = Turn::sequence();
-        let (first, second) = (turns(), turns());
+        let (first, second) = (chain.next_turn(), chain.next_turn());
         let seen = chain.seen();
         let published = chain.publish(&first, &write);
         let a = ClientId::parse("a").unwrap();
@@ -383,8 +384,7 @@ mod tests {
     #[test]
     fn a_loaded_state_newer_than_the_pending_one_wins() {
         let chain = Chain::default();
-        let mut turns = Turn::sequence();
-        let (first, second) = (turns(), turns());
+        let (first, second) = (chain.next_turn(), chain.next_turn());
         let _published = chain.publish(
             &first,
             &BatchWrite {
@@ -401,8 +401,7 @@ mod tests {
     #[test]
     fn withdrawn_values_move_the_generation_on() {
         let chain = Chain::default();
-        let mut turns = Turn::sequence();
-        let (one, two, three) = (turns(), turns(), turns());
+        let (one, two, three) = (chain.next_turn(), chain.next_turn(), chain.next_turn());
         let seen = chain.seen();
         let first = chain.publish(
             &one,
@@ -434,8 +433,7 @@ mod tests {
     #[test]
     fn a_batch_in_flight_that_gives_up_moves_the_generation_on() {
         let chain = Chain::default();
-        let mut turns = Turn::sequence();
-        let (one, two, three) = (turns(), turns(), turns());
+        let (one, two, three) = (chain.next_turn(), chain.next_turn(), chain.next_turn());
         let first = chain.enter(&one, "o1");
         let second = chain.enter(&two, "o2");
         assert_eq!(chain.owners_before(&three), vec!["o1", "o2"]);
@@ -451,7 +449,8 @@ mod tests {
 
     #[tokio::test]
     async fn turns_follow_one_another() {
-        let mut next = Turn::sequence();
+        let chain = Chain::default();
+        let next = || chain.next_turn();
         let mut first = next();
         let mut second = next();
         assert!(first.is_chained());

@@ -129,7 +129,6 @@ pub async fn run(
     // commits, on top of what that one decided, and commits after it (see
     // `chain`); so one core decides while the other writes.
     let in_flight = Arc::new(tokio::sync::Semaphore::new(cfg.batches_in_flight.max(1)));
-    let mut turns = crate::chain::Turn::sequence();
     let tasks = tokio_util::task::TaskTracker::new();
     'outer: while !cancel.is_cancelled() {
         let mut messages = match consumer
@@ -191,7 +190,7 @@ pub async fn run(
                 }
             }
             let batch = settler.clone();
-            let turn = turns();
+            let turn = settler.pipeline.turn();
             tasks.spawn(async move {
                 batch.settle(held, turn).await;
                 drop(permit);

@@ -90,8 +90,12 @@ fn held_from(
     events: &[StoredEvent],
     blockers: &crate::store::WindowBlockers,
 ) -> HashMap<String, u64> {
+    // A message of this batch that another batch holds too (redelivered
+    // to it while this one had it) is no earlier message: whichever
+    // commits it first, the other finds it known.
+    let own: HashSet<u64> = events.iter().filter_map(|e| e.stream_seq).collect();
     let mut first_pending: HashMap<&str, u64> = HashMap::new();
-    for (client, seq) in &blockers.pending {
+    for (client, seq) in blockers.pending.iter().filter(|(_, s)| !own.contains(s)) {
         let e = first_pending.entry(client.as_str()).or_insert(*seq);
         *e = (*e).min(*seq);
     }
@@ -153,6 +157,13 @@ struct Work {
     log: Vec<LogEntry>,
     sweep: Option<SweepProgress>,
     settled: Vec<u64>,
+}
+
+/// Where a batch of the stream stands in the consumer's window.
+struct Window<'a> {
+    owner: &'a str,
+    events: &'a [StoredEvent],
+    floor: &'a dyn AckFloor,
 }
 
 /// A batch decided, ready to commit.
@@ -266,6 +277,11 @@ impl Pipeline {
         self
     }
 
+    /// The next batch's place in this pipeline's order of commits.
+    pub fn turn(&self) -> Turn {
+        self.chain.next_turn()
+    }
+
     pub fn store(&self) -> &AnyStore {
         &self.store
     }
@@ -281,7 +297,14 @@ impl Pipeline {
         // Settled in the window too, should an ordered attempt have announced them.
         let settled = batch.iter().filter_map(|m| m.stream_seq).collect();
         let mut report = self
-            .commit_steps(p.steps(), p.rejected, p.log, None, settled)
+            .commit_steps(
+                p.steps(),
+                p.rejected,
+                p.log,
+                None,
+                settled,
+                &mut Turn::default(),
+            )
             .await?;
         report.duplicates += p.duplicates;
         self.observe_latency(batch);
@@ -350,44 +373,19 @@ impl Pipeline {
                 sweep: None,
                 settled: items.iter().map(|(seq, _)| *seq).collect(),
             };
-            let handed = turn.wait_decided().await;
-            let seen = handed.unwrap_or_else(|| self.chain.seen());
-            let mut decided = self.decide(&work, &HashSet::new(), Some(turn)).await?;
-            let published = self.chain.publish(turn, &decided.write);
-            // While the batches before commit: their messages will be
-            // settled by then, so only the others' can hold this one back.
-            let mut owners = self.chain.owners_before(turn);
-            owners.push(owner.clone());
-            let free = self.free_floor(&owners, &p.events, floor).await?;
-            turn.wait().await;
-            let holds = self.chain.holds(seen);
-            if let (true, Some(floor)) = (holds, free) {
-                // Only now: a batch that read values about to be withdrawn
-                // would be decided again, and so would the one after it.
-                turn.decided(self.chain.seen());
-                decided.write.window_floor = Some(floor);
-                if self.commit(&decided).await? {
-                    published.committed();
-                    if let Some(entered) = entered {
-                        entered.committed();
-                    }
-                    turn.finish();
-                    let mut report = decided.report;
-                    report.duplicates += p.duplicates;
-                    self.observe_latency(batch);
-                    return Ok(report);
+            let window = Window {
+                owner: &owner,
+                events: &p.events,
+                floor,
+            };
+            if let Some(mut report) = self.commit_ahead(&work, turn, Some(window)).await? {
+                if let Some(entered) = entered {
+                    entered.committed();
                 }
+                report.duplicates += p.duplicates;
+                self.observe_latency(batch);
+                return Ok(report);
             }
-            // Withdrawn before the next batch may go on: it must see that
-            // what it read of this one did not hold.
-            drop(published);
-            tracing::debug!(
-                turn = turn.ordinal(),
-                read_held = holds,
-                free = free.is_some(),
-                "a batch decided ahead is decided again"
-            );
-            self.metrics.decided_again();
         }
         // The rest as one batch at a time; the next batch waits for this
         // one, so that batches still commit in the order they were pulled.
@@ -464,6 +462,8 @@ impl Pipeline {
                     std::mem::take(&mut log),
                     None,
                     settled,
+                    // This batch's turn came before the loop.
+                    &mut Turn::default(),
                 )
                 .await?;
             report.accepted += part.accepted;
@@ -477,6 +477,57 @@ impl Pipeline {
         turn.finish();
         self.observe_latency(batch);
         Ok(report)
+    }
+
+    /// Decides the work on top of what the batches before `turn` decided,
+    /// and commits it right after them if that held and, for a batch of the
+    /// stream, no earlier message in the `window` holds it back. `None`:
+    /// it was not committed, and is to be decided again once the batch
+    /// before has committed (this waited for it).
+    async fn commit_ahead(
+        &self,
+        work: &Work,
+        turn: &mut Turn,
+        window: Option<Window<'_>>,
+    ) -> Result<Option<BatchReport>, StoreError> {
+        let handed = turn.wait_decided().await;
+        let seen = handed.unwrap_or_else(|| self.chain.seen());
+        let mut decided = self.decide(work, &HashSet::new(), Some(turn)).await?;
+        let published = self.chain.publish(turn, &decided.write);
+        // While the batches before commit: their messages will be settled
+        // by then, so only the others' can hold this one back.
+        let free = match &window {
+            None => true,
+            Some(w) => {
+                let mut owners = self.chain.owners_before(turn);
+                owners.push(w.owner.to_string());
+                decided.write.window_floor = self.free_floor(&owners, w.events, w.floor).await?;
+                decided.write.window_floor.is_some()
+            }
+        };
+        turn.wait().await;
+        let holds = self.chain.holds(seen);
+        if holds && free {
+            // Only now: a batch that read values about to be withdrawn
+            // would be decided again, and so would the one after it.
+            turn.decided(self.chain.seen());
+            if self.commit(&decided).await? {
+                published.committed();
+                turn.finish();
+                return Ok(Some(decided.report));
+            }
+        }
+        // Withdrawn before the next batch may go on: it must see that what
+        // it read of this one did not hold.
+        drop(published);
+        tracing::debug!(
+            turn = turn.ordinal(),
+            read_held = holds,
+            free,
+            "a batch decided ahead is decided again"
+        );
+        self.metrics.decided_again();
+        Ok(None)
     }
 
     /// The ack floor if no earlier message holds back any of these events:
@@ -601,7 +652,8 @@ impl Pipeline {
         now: DateTime<Utc>,
     ) -> Result<BatchReport, StoreError> {
         let steps = clients.into_iter().map(|c| Step::Advance(c, now)).collect();
-        self.commit_steps(steps, Vec::new(), Vec::new(), None, Vec::new())
+        let mut turn = self.chain.next_turn();
+        self.commit_steps(steps, Vec::new(), Vec::new(), None, Vec::new(), &mut turn)
             .await
     }
 
@@ -625,8 +677,16 @@ impl Pipeline {
             .into_iter()
             .map(|c| Step::Sweep(c, rule.to_string(), slot))
             .collect();
-        self.commit_steps(steps, Vec::new(), Vec::new(), Some(progress), Vec::new())
-            .await
+        let mut turn = self.chain.next_turn();
+        self.commit_steps(
+            steps,
+            Vec::new(),
+            Vec::new(),
+            Some(progress),
+            Vec::new(),
+            &mut turn,
+        )
+        .await
     }
 
     async fn commit_steps(
@@ -636,6 +696,7 @@ impl Pipeline {
         log: Vec<LogEntry>,
         sweep: Option<SweepProgress>,
         settled: Vec<u64>,
+        turn: &mut Turn,
     ) -> Result<BatchReport, StoreError> {
         let work = Work {
             steps,
@@ -644,6 +705,12 @@ impl Pipeline {
             sweep,
             settled,
         };
+        if turn.is_chained()
+            && let Some(report) = self.commit_ahead(&work, turn, None).await?
+        {
+            return Ok(report);
+        }
+        turn.wait().await;
         for attempt in 0..MAX_CONFLICT_RETRIES {
             if attempt > 1 {
                 // The first retry may only be leaving out known ids; after
@@ -672,6 +739,7 @@ impl Pipeline {
             };
             let decided = self.decide(&work, &known, None).await?;
             if self.commit(&decided).await? {
+                turn.finish();
                 return Ok(decided.report);
             }
             tracing::debug!("batch conflicted with another writer; retrying");
@@ -875,4 +943,48 @@ impl Pipeline {
 fn loose_client_id(payload: &[u8]) -> Option<ClientId> {
     let v: serde_json::Value = serde_json::from_slice(payload).ok()?;
     ClientId::parse(v.get("client_id")?.as_str()?).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::WindowBlockers;
+
+    fn stored(id: &str, client: &str, seq: u64) -> StoredEvent {
+        let json = format!(
+            r#"{{"id":"{id}","type":"page_viewed","client_id":"{client}","occurred_at":"2026-06-01T10:00:00Z","data":{{}},"context":{{}}}}"#
+        );
+        StoredEvent {
+            envelope: Envelope::parse(json.as_bytes(), 65536).unwrap(),
+            received_at: Utc::now(),
+            stream_seq: Some(seq),
+        }
+    }
+
+    #[test]
+    fn an_earlier_message_of_the_client_holds_back_the_rest_of_its_events() {
+        let events = vec![
+            stored("a", "c", 290),
+            stored("b", "c", 291),
+            stored("d", "d", 292),
+        ];
+        let blockers = WindowBlockers {
+            first_gap: u64::MAX,
+            pending: vec![("c".into(), 289)],
+        };
+        let (free, held) = split_free(events, &blockers);
+        assert_eq!(free.len(), 1);
+        assert_eq!(held.len(), 2);
+    }
+
+    #[test]
+    fn a_copy_of_the_batchs_own_message_in_another_batch_holds_nothing_back() {
+        // Redelivered to another batch while this one had it.
+        let events = vec![stored("a", "c", 290), stored("b", "c", 291)];
+        let blockers = WindowBlockers {
+            first_gap: u64::MAX,
+            pending: vec![("c".into(), 290), ("c".into(), 291)],
+        };
+        assert!(held_from(&events, &blockers).is_empty());
+    }
 }

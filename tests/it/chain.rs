@@ -7,7 +7,6 @@ use crate::helpers::*;
 use chrono::{Duration as Span, Utc};
 use futures::future::BoxFuture;
 use nudge::catalog::Catalog;
-use nudge::chain::Turn;
 use nudge::config::Config;
 use nudge::counters::{CounterKey, period_key};
 use nudge::event::ClientId;
@@ -133,10 +132,9 @@ async fn batches_decided_ahead_commit_on_top_of_the_ones_before(backend: Backend
         })
         .collect();
     let floor = Floor::still();
-    let mut turns = Turn::sequence();
     let lease = Duration::from_secs(30);
     let runs = batches.iter().map(|b| {
-        let mut turn = turns();
+        let mut turn = pipeline.turn();
         let (pipeline, floor) = (&pipeline, &floor);
         async move { pipeline.process_in_order(b, floor, lease, &mut turn).await }
     });
@@ -206,8 +204,7 @@ async fn a_batch_decided_on_one_that_conflicted_is_decided_again(backend: Backen
         other.process(&[login]).await.unwrap();
     });
     let (first_floor, second_floor) = (Floor::after(cut_in), Floor::still());
-    let mut turns = Turn::sequence();
-    let (mut one, mut two) = (turns(), turns());
+    let (mut one, mut two) = (pipeline.turn(), pipeline.turn());
     let lease = Duration::from_secs(30);
     let (a, b) = tokio::join!(
         pipeline.process_in_order(&first, &first_floor, lease, &mut one),
