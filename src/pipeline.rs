@@ -152,7 +152,6 @@ fn next_owner() -> String {
 
 /// What a batch commits besides what it decides.
 struct Work {
-    steps: Vec<Step>,
     rejected: Vec<Rejected>,
     log: Vec<LogEntry>,
     sweep: Option<SweepProgress>,
@@ -367,7 +366,6 @@ impl Pipeline {
         let entered = turn.is_chained().then(|| self.chain.enter(turn, &owner));
         if turn.is_chained() {
             let work = Work {
-                steps: p.steps(),
                 rejected: p.rejected.clone(),
                 log: p.log.clone(),
                 sweep: None,
@@ -378,7 +376,10 @@ impl Pipeline {
                 events: &p.events,
                 floor,
             };
-            if let Some(mut report) = self.commit_ahead(&work, turn, Some(window)).await? {
+            if let Some(mut report) = self
+                .commit_ahead(p.steps(), &work, turn, Some(window))
+                .await?
+            {
                 if let Some(entered) = entered {
                     entered.committed();
                 }
@@ -486,13 +487,14 @@ impl Pipeline {
     /// before has committed (this waited for it).
     async fn commit_ahead(
         &self,
+        steps: Vec<Step>,
         work: &Work,
         turn: &mut Turn,
         window: Option<Window<'_>>,
     ) -> Result<Option<BatchReport>, StoreError> {
         let handed = turn.wait_decided().await;
         let seen = handed.unwrap_or_else(|| self.chain.seen());
-        let mut decided = self.decide(work, &HashSet::new(), Some(turn)).await?;
+        let mut decided = self.decide(steps, work, 0, Some(turn)).await?;
         let published = self.chain.publish(turn, &decided.write);
         // While the batches before commit: their messages will be settled
         // by then, so only the others' can hold this one back.
@@ -699,14 +701,13 @@ impl Pipeline {
         turn: &mut Turn,
     ) -> Result<BatchReport, StoreError> {
         let work = Work {
-            steps,
             rejected,
             log,
             sweep,
             settled,
         };
         if turn.is_chained()
-            && let Some(report) = self.commit_ahead(&work, turn, None).await?
+            && let Some(report) = self.commit_ahead(steps.clone(), &work, turn, None).await?
         {
             return Ok(report);
         }
@@ -721,8 +722,7 @@ impl Pipeline {
                 let ms = (1u64 << attempt.min(6)) + u64::from(b[0] % 8);
                 tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
             }
-            let ids: Vec<&EventId> = work
-                .steps
+            let ids: Vec<&EventId> = steps
                 .iter()
                 .filter_map(|s| match s {
                     Step::Event(e) => Some(&e.envelope.id),
@@ -737,7 +737,15 @@ impl Pipeline {
             } else {
                 self.store.known_events(&ids).await?
             };
-            let decided = self.decide(&work, &known, None).await?;
+            let fresh: Vec<Step> = steps
+                .iter()
+                .filter(|s| match s {
+                    Step::Event(e) => !known.contains(e.envelope.id.as_str()),
+                    _ => true,
+                })
+                .cloned()
+                .collect();
+            let decided = self.decide(fresh, &work, known.len(), None).await?;
             if self.commit(&decided).await? {
                 turn.finish();
                 return Ok(decided.report);
@@ -747,24 +755,17 @@ impl Pipeline {
         Err(StoreError::Contended(MAX_CONFLICT_RETRIES))
     }
 
-    /// Loads the clients of the work and decides it. Steps whose event id
-    /// is in `known` are left out. A batch deciding ahead in a sequence
-    /// (`ahead`) reads the pending values of the batches before it.
+    /// Loads the clients of the steps and decides them, with the rest of
+    /// the work; `duplicates` were left out as known. A batch deciding
+    /// ahead in a sequence (`ahead`) reads the pending values of the
+    /// batches before it.
     async fn decide(
         &self,
+        fresh: Vec<Step>,
         work: &Work,
-        known: &HashSet<String>,
+        duplicates: usize,
         ahead: Option<&Turn>,
     ) -> Result<Decided, StoreError> {
-        let fresh: Vec<Step> = work
-            .steps
-            .iter()
-            .filter(|s| match s {
-                Step::Event(e) => !known.contains(e.envelope.id.as_str()),
-                _ => true,
-            })
-            .cloned()
-            .collect();
         let mut client_ids: Vec<&ClientId> = fresh.iter().map(Step::client).collect();
         client_ids.sort();
         client_ids.dedup();
@@ -786,7 +787,7 @@ impl Pipeline {
         write.settled = work.settled.clone();
         let report = BatchReport {
             accepted: write.events.len(),
-            duplicates: known.len(),
+            duplicates,
             rejected: write.rejected.len(),
             effects: write.effects.len(),
         };
