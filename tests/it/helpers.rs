@@ -796,11 +796,13 @@ impl TestApp {
 
     /// Waits until the store holds `n` events: everything published was decided.
     pub async fn wait_events(&self, n: u64) {
-        eventually(
-            Duration::from_secs(20),
-            &format!("{n} stored events"),
-            || async { (self.store.count_events().await.ok()? >= n).then_some(()) },
-        )
+        self.wait_events_within(n, Duration::from_secs(20)).await
+    }
+
+    pub async fn wait_events_within(&self, n: u64, limit: Duration) {
+        eventually(limit, &format!("{n} stored events"), || async {
+            (self.store.count_events().await.ok()? >= n).then_some(())
+        })
         .await
     }
 

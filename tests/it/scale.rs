@@ -364,7 +364,11 @@ async fn a_three_node_nats_cluster_loses_a_node_and_nothing_else_on_postgres() {
     for e in &registrations[n / 2..n] {
         publish_retrying(&app, e).await;
     }
-    app.wait_events(n as u64).await;
+    // The cluster elects new leaders for the stream and the consumer
+    // (a Raft election each) and the client reconnects with backoff:
+    // seconds each, more on a loaded machine.
+    app.wait_events_within(n as u64, Duration::from_secs(60))
+        .await;
     let mails = app.wait_mails(n).await;
     app.wait_outbox_settled().await;
     let mut ids: Vec<_> = mails.iter().map(|m| m.message_id.clone()).collect();

@@ -196,9 +196,14 @@ async fn a_marketing_mail_in_quiet_hours_waits_for_the_morning(backend: Backend)
         ],
     )
     .await;
-    // The sender's clock: 23:30 in Paris, where the client lives.
-    let night = chrono::DateTime::parse_from_rfc3339("2026-11-23T22:30:00Z")
+    // The sender's clock: 22:30 UTC tomorrow, night in Paris where the
+    // client lives (23:30, or 00:30 in summer time). Ahead of the real
+    // clock, so the mails queued now are due by it.
+    let tomorrow = chrono::Utc::now().date_naive() + chrono::Days::new(1);
+    let night = tomorrow
+        .and_hms_opt(22, 30, 0)
         .unwrap()
+        .and_utc()
         .timestamp();
     let clock_secs = Arc::new(AtomicI64::new(night));
     let c = clock_secs.clone();
@@ -227,10 +232,8 @@ async fn a_marketing_mail_in_quiet_hours_waits_for_the_morning(backend: Backend)
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(templates_to(&app, "quinn@example.com"), ["welcome"]);
 
-    // 08:01 in Paris: it goes.
-    let morning = chrono::DateTime::parse_from_rfc3339("2026-11-24T07:01:00Z")
-        .unwrap()
-        .timestamp();
+    // 07:01 UTC the day after: 08:01 in Paris (09:01 in summer), it goes.
+    let morning = night + (8 * 60 + 31) * 60;
     clock_secs.store(morning, Ordering::SeqCst);
     eventually(
         Duration::from_secs(10),
