@@ -23,7 +23,7 @@ use crate::event::ClientId;
 use crate::history::ClientState;
 use crate::store::BatchWrite;
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
 
 /// The pending values of the batches in flight, shared by one instance's
@@ -38,8 +38,9 @@ struct Inner {
     /// Moves on whenever pending values are withdrawn.
     generation: u64,
     /// Client states as their batch (by [`Turn`] ordinal) will commit
-    /// them: `version` is the one the database will hold.
-    states: HashMap<ClientId, (u64, ClientState)>,
+    /// them, with the version the database will hold (the state itself
+    /// carries the one it was loaded at).
+    states: HashMap<ClientId, (u64, i64, Arc<ClientState>)>,
     counters: HashMap<CounterKey, (u64, Stored)>,
     members: HashMap<(CounterKey, String), u64>,
     /// The consumer-window owners of the batches in flight, by ordinal.
@@ -128,8 +129,12 @@ impl Chain {
         Pending(
             ids.iter()
                 .filter_map(|id| inner.states.get(*id))
-                .filter(|(b, _)| *b < turn.ordinal)
-                .map(|(_, s)| (s.client_id.clone(), s.clone()))
+                .filter(|(b, ..)| *b < turn.ordinal)
+                .map(|(_, version, s)| {
+                    let mut s = ClientState::clone(s);
+                    s.version = *version;
+                    (s.client_id.clone(), s)
+                })
                 .collect(),
         )
     }
@@ -156,9 +161,9 @@ impl Chain {
         let batch = turn.ordinal;
         let mut inner = self.lock();
         for c in &write.clients {
-            let mut next = c.clone();
-            next.version += 1;
-            inner.states.insert(c.client_id.clone(), (batch, next));
+            inner
+                .states
+                .insert(c.client_id.clone(), (batch, c.version + 1, c.clone()));
         }
         for c in &write.counters {
             let stored = Stored {
@@ -208,7 +213,7 @@ impl Chain {
     /// stay); moves the generation on when they did not commit.
     fn retire(&self, batch: u64, committed: bool) {
         let mut inner = self.lock();
-        inner.states.retain(|_, (b, _)| *b != batch);
+        inner.states.retain(|_, (b, ..)| *b != batch);
         inner.counters.retain(|_, (b, _)| *b != batch);
         inner.members.retain(|_, b| *b != batch);
         if !committed {
@@ -340,7 +345,7 @@ mod tests {
     fn pending_states_and_counters_are_seen_until_committed() {
         let chain = Chain::default();
         let write = BatchWrite {
-            clients: vec![client("a", 3)],
+            clients: vec![client("a", 3).into()],
             counters: vec![CounterWrite {
                 key: key(),
                 version: 7,
@@ -388,7 +393,7 @@ mod tests {
         let _published = chain.publish(
             &first,
             &BatchWrite {
-                clients: vec![client("a", 3)],
+                clients: vec![client("a", 3).into()],
                 ..Default::default()
             },
         );
@@ -406,14 +411,14 @@ mod tests {
         let first = chain.publish(
             &one,
             &BatchWrite {
-                clients: vec![client("a", 3)],
+                clients: vec![client("a", 3).into()],
                 ..Default::default()
             },
         );
         let second = chain.publish(
             &two,
             &BatchWrite {
-                clients: vec![client("b", 1)],
+                clients: vec![client("b", 1).into()],
                 ..Default::default()
             },
         );

@@ -576,7 +576,7 @@ impl Pipeline {
                         continue;
                     }
                     events.push(StoredEvent {
-                        envelope,
+                        envelope: envelope.into(),
                         received_at,
                         stream_seq: m.stream_seq,
                     });
@@ -914,7 +914,7 @@ impl Pipeline {
                 write
                     .events
                     .extend(d.events.into_iter().map(|envelope| StoredEvent {
-                        envelope,
+                        envelope: envelope.into(),
                         received_at,
                         stream_seq: None,
                     }));
@@ -925,7 +925,7 @@ impl Pipeline {
             write.clients = states
                 .into_iter()
                 .filter(|(id, _)| touched.contains(id))
-                .map(|(_, s)| s)
+                .map(|(_, s)| Arc::new(s))
                 .collect();
             (write, runs, failure)
         };
@@ -956,7 +956,7 @@ mod tests {
             r#"{{"id":"{id}","type":"page_viewed","client_id":"{client}","occurred_at":"2026-06-01T10:00:00Z","data":{{}},"context":{{}}}}"#
         );
         StoredEvent {
-            envelope: Envelope::parse(json.as_bytes(), 65536).unwrap(),
+            envelope: Envelope::parse(json.as_bytes(), 65536).unwrap().into(),
             received_at: Utc::now(),
             stream_seq: Some(seq),
         }

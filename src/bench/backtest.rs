@@ -233,7 +233,7 @@ async fn write_events(
                     crate::event::Envelope::from_value(workload::render(s, &id, "s", None))
                         .map_err(|e| anyhow::anyhow!("the workload made an invalid event: {e}"))?;
                 Ok(StoredEvent {
-                    envelope,
+                    envelope: envelope.into(),
                     // Received as it happened, as from a live shop.
                     received_at: s.at,
                     stream_seq: Some(seq as u64),
