@@ -95,15 +95,21 @@ fn sqlx_outage(e: &sqlx::Error) -> bool {
 }
 
 /// Prepared statements kept per connection: the batch's statements, each
-/// in up to 11 lengths (see [`statement_chunks`]), and the rest.
-pub(crate) const STATEMENT_CACHE: usize = 400;
+/// in up to 37 lengths (see [`statement_chunks`]), and the rest.
+pub(crate) const STATEMENT_CACHE: usize = 512;
+
+/// Below this many rows a chunk has its own length: such statements are
+/// cheap to prepare, and small batches (a quiet shop) stay one statement
+/// per table, one round trip each on PostgreSQL.
+const SMALL_CHUNK: usize = 32;
 
 /// Splits a batch's rows into the chunks of its multi-row statements.
-/// Their lengths are powers of two, at most `max_rows` (and 1,024): a
-/// statement's text depends on its row count, so with a handful of
-/// lengths each statement is prepared once per connection, instead of
-/// parsing and planning one of thousands of parameters at every batch
-/// (5 % of the SQLite writer's work when every batch had its own lengths).
+/// Their lengths are powers of two, at most `max_rows` (and 1,024), but for
+/// a last one of fewer than [`SMALL_CHUNK`] rows: a statement's text
+/// depends on its row count, so with a handful of lengths each statement
+/// is prepared once per connection, instead of parsing and planning one of
+/// thousands of parameters at every batch (5 % of the SQLite writer's work
+/// when every batch had its own lengths).
 pub(crate) fn statement_chunks<T>(rows: &[T], max_rows: usize) -> impl Iterator<Item = &[T]> {
     let floor_pow2 = |n: usize| 1usize << (usize::BITS - 1 - n.max(1).leading_zeros());
     let top = floor_pow2(max_rows.min(1024));
@@ -112,7 +118,12 @@ pub(crate) fn statement_chunks<T>(rows: &[T], max_rows: usize) -> impl Iterator<
         if rest.is_empty() {
             return None;
         }
-        let (head, tail) = rest.split_at(top.min(floor_pow2(rest.len())));
+        let len = if rest.len() < SMALL_CHUNK.min(top) {
+            rest.len()
+        } else {
+            top.min(floor_pow2(rest.len()))
+        };
+        let (head, tail) = rest.split_at(len);
         rest = tail;
         Some(head)
     })
@@ -840,13 +851,15 @@ mod tests {
             let rows: Vec<usize> = (0..n).collect();
             let chunks: Vec<&[usize]> = statement_chunks(&rows, 2727).collect();
             assert_eq!(chunks.concat(), rows, "{n} rows");
-            for c in &chunks {
-                assert!(
-                    c.len().is_power_of_two() && c.len() <= 1024,
-                    "{n}: {}",
-                    c.len()
-                );
+            for (i, c) in chunks.iter().enumerate() {
+                let last = i + 1 == chunks.len();
+                let power = c.len().is_power_of_two() && (SMALL_CHUNK..=1024).contains(&c.len());
+                assert!(power || (last && c.len() < SMALL_CHUNK), "{n}: {}", c.len());
                 lengths.insert(c.len());
+            }
+            // A small batch is one statement.
+            if n < SMALL_CHUNK {
+                assert!(chunks.len() == usize::from(n > 0), "{n}");
             }
             // Whole chunks of the top length, then at most one of each below.
             let below: Vec<usize> = chunks
@@ -856,7 +869,8 @@ mod tests {
                 .collect();
             assert!(below.windows(2).all(|w| w[0] > w[1]), "{n}: {below:?}");
         }
-        assert_eq!(lengths.len(), 11);
+        // 1 to 31, then 32, 64, ..., 1,024.
+        assert_eq!(lengths.len(), 31 + 6);
         let few: Vec<usize> = statement_chunks(&[0; 10], 3).map(<[i32]>::len).collect();
         assert_eq!(few, [2, 2, 2, 2, 2]);
     }
