@@ -195,6 +195,24 @@ fn bind_profile(b: &mut sqlx::query_builder::Separated<'_, '_, Sqlite, &'static 
         .push_bind(p.last_seen.map(ts));
 }
 
+/// Runs one chunk's statement of a batch; false, logged with the reason a
+/// row was left out, unless it wrote every one of `rows` (the batch then
+/// conflicts with another writer and is decided again).
+async fn write_every_row(
+    q: &mut QueryBuilder<'_, Sqlite>,
+    conn: &mut sqlx::SqliteConnection,
+    rows: usize,
+    context: &'static str,
+    conflict: &str,
+) -> Result<bool, StoreError> {
+    let done = q.build().execute(&mut *conn).await.map_err(db(context))?;
+    let all = done.rows_affected() == rows as u64;
+    if !all {
+        tracing::debug!("batch conflict: {conflict}");
+    }
+    Ok(all)
+}
+
 /// Writes client states as a compare-and-swap on the version each was
 /// loaded at; false if any of them changed meanwhile (or a new one was
 /// created by another writer). Existing clients get an `UPDATE` that leaves
@@ -222,13 +240,15 @@ async fn write_clients(
             bind_profile(&mut b, p);
             b.push_bind(c.next_due().map(ts)).push_bind(json(*c));
         });
-        let done = q
-            .build()
-            .execute(&mut *tx)
-            .await
-            .map_err(db("writing new clients"))?;
-        if done.rows_affected() != chunk.len() as u64 {
-            tracing::debug!("batch conflict: a new client was created by another writer");
+        if !write_every_row(
+            &mut q,
+            tx,
+            chunk.len(),
+            "writing new clients",
+            "a new client was created by another writer",
+        )
+        .await?
+        {
             return Ok(false);
         }
     }
@@ -249,13 +269,15 @@ async fn write_clients(
         });
         // The version condition makes this a compare-and-swap.
         q.push(") AS v WHERE clients.client_id = v.column1 AND clients.version = v.column2 - 1");
-        let done = q
-            .build()
-            .execute(&mut *tx)
-            .await
-            .map_err(db("writing client states"))?;
-        if done.rows_affected() != chunk.len() as u64 {
-            tracing::debug!("batch conflict: a client's version changed");
+        if !write_every_row(
+            &mut q,
+            tx,
+            chunk.len(),
+            "writing client states",
+            "a client's version changed",
+        )
+        .await?
+        {
             return Ok(false);
         }
     }
@@ -319,13 +341,15 @@ async fn write_batch(
                 .push_bind(ts(e.received_at))
                 .push_bind(e.stream_seq.map(|s| s as i64));
         });
-        let done = q
-            .build()
-            .execute(&mut *tx)
-            .await
-            .map_err(db("writing events"))?;
-        if done.rows_affected() != chunk.len() as u64 {
-            tracing::debug!("batch conflict: an event id is known already");
+        if !write_every_row(
+            &mut q,
+            &mut tx,
+            chunk.len(),
+            "writing events",
+            "an event id is known already",
+        )
+        .await?
+        {
             return Ok(CommitOutcome::Conflict);
         }
     }
@@ -397,15 +421,15 @@ async fn write_batch(
                 .push_bind(m.clone());
         });
         q.push(" ON CONFLICT DO NOTHING");
-        let done = q
-            .build()
-            .execute(&mut *tx)
-            .await
-            .map_err(db("writing counter members"))?;
-        if done.rows_affected() != chunk.len() as u64 {
-            tracing::debug!(
-                "batch conflict: a distinct counter's member was added by another writer"
-            );
+        if !write_every_row(
+            &mut q,
+            &mut tx,
+            chunk.len(),
+            "writing counter members",
+            "a distinct counter's member was added by another writer",
+        )
+        .await?
+        {
             return Ok(CommitOutcome::Conflict);
         }
     }
