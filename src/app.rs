@@ -129,7 +129,11 @@ impl Application {
         let nats_cfg = self.config.nats.clone();
         let js = async_nats::jetstream::new(self.nats.clone());
         let ingest_cancel = cancel.clone();
+        let store = self.store.clone();
         tracker.spawn(async move {
+            let Some(_consuming) = store.consumer_lock(&ingest_cancel).await else {
+                return;
+            };
             // The broker may not be there yet: retry setup with backoff
             // instead of exiting, while /health says not ready.
             let mut delay = Duration::from_millis(250);

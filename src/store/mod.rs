@@ -5,6 +5,7 @@
 
 pub mod postgres;
 pub mod sqlite;
+pub mod window;
 
 use crate::counters::{CounterKey, CounterWrite, Stored};
 use crate::effects::Effect;
@@ -581,6 +582,23 @@ impl AnyStore {
                 "{} (expected sqlite:// or postgres://)",
                 crate::config::redact(url)
             )))
+        }
+    }
+}
+
+impl AnyStore {
+    /// Waits until this process may consume the stream into the database,
+    /// and returns what it holds while it does: at once on PostgreSQL, whose
+    /// instances share the consumer window in the database; on SQLite once
+    /// no other process consumes (its window is in this process's memory).
+    /// `None`: cancelled while waiting.
+    pub async fn consumer_lock(
+        &self,
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> Option<Option<window::ConsumerLock>> {
+        match self {
+            AnyStore::Sqlite(s) => s.consumer_lock(cancel).await,
+            AnyStore::Postgres(_) => Some(None),
         }
     }
 }

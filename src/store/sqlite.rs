@@ -3,6 +3,7 @@
 //! the busy timeout instead of failing half-way) and each batch is written
 //! with multi-row statements.
 
+use super::window::{ConsumerLock, MemoryWindow};
 use super::{
     BatchWrite, ClientSummary, CommitOutcome, Delivery, Derived, EventRow, LogCursor, LogEntry,
     MailRow, OutboxItem, OutboxRow, Rejected, STATEMENT_CACHE, Store, StoreError, SweepClaim,
@@ -17,8 +18,11 @@ use chrono::{DateTime, Utc};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
 use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 /// SQLite allows 32766 bound parameters per statement; stay well below.
 const MAX_PARAMS: usize = 30_000;
@@ -35,6 +39,11 @@ pub struct SqliteStore {
     writer: SqlitePool,
     /// The background checkpointer, stopped when the last copy is dropped.
     _checkpointer: Upkeep,
+    /// The consumer window: in memory, as one process at a time consumes
+    /// into a SQLite database (see [`super::window`]).
+    window: Arc<MemoryWindow>,
+    /// The database file; `None` for an in-memory database.
+    file: Option<PathBuf>,
 }
 
 /// Page cache of the writer, KiB: the pages a batch touches (its clients,
@@ -75,6 +84,8 @@ impl SqliteStore {
             // REGEXP, for searches that ignore case beyond ASCII (SQLite's
             // own lower() and LIKE fold only A-Z).
             .with_regexp();
+        let in_memory = url.contains(":memory:") || url.contains("mode=memory");
+        let file = (!in_memory).then(|| opts.get_filename().to_path_buf());
         if let Some(dir) = opts.get_filename().parent()
             && !dir.as_os_str().is_empty()
         {
@@ -109,11 +120,23 @@ impl SqliteStore {
             pool,
             writer,
             _checkpointer: checkpointer,
+            window: Arc::default(),
+            file,
         })
     }
 
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
+    }
+
+    /// Waits until no other process consumes into this database, and holds
+    /// the lock that says this one does (`None`: cancelled while waiting).
+    /// An in-memory database is this process's alone.
+    pub async fn consumer_lock(&self, cancel: &CancellationToken) -> Option<Option<ConsumerLock>> {
+        match &self.file {
+            None => Some(None),
+            Some(file) => ConsumerLock::take(file, cancel).await.map(Some),
+        }
     }
 }
 
@@ -492,27 +515,6 @@ async fn write_batch(
             .map_err(db("writing rejected events"))?;
     }
 
-    for chunk in statement_chunks(&batch.settled, chunk_rows(1)) {
-        let mut q = QueryBuilder::<Sqlite>::new("UPDATE inflight SET done = 1 WHERE seq IN (");
-        let mut sep = q.separated(", ");
-        for seq in chunk {
-            sep.push_bind(*seq as i64);
-        }
-        q.push(")");
-        q.build()
-            .execute(&mut *tx)
-            .await
-            .map_err(db("settling the window"))?;
-    }
-
-    if let Some(floor) = batch.window_floor {
-        sqlx::query("DELETE FROM inflight WHERE seq <= ?")
-            .bind(floor as i64)
-            .execute(&mut *tx)
-            .await
-            .map_err(db("trimming the window"))?;
-    }
-
     if let Some(sw) = &batch.sweep {
         sqlx::query("UPDATE schedules SET cursor = ?, done = ? WHERE rule = ? AND slot = ?")
             .bind(sw.cursor.as_ref().map(|c| c.as_str().to_string()))
@@ -606,6 +608,9 @@ impl Store for SqliteStore {
             .await
             .map_err(db("starting the batch transaction"))?;
         let outcome = write_batch(&mut conn, batch).await;
+        if let Ok(CommitOutcome::Committed) = outcome {
+            self.window.settle(&batch.settled, batch.window_floor);
+        }
         if outcome.is_err() {
             // After some failures (a full disk, an I/O error) SQLite has
             // already rolled the transaction back; sqlx's ROLLBACK then
@@ -1362,26 +1367,7 @@ impl Store for SqliteStore {
         items: &[(u64, Option<String>)],
         lease_until: DateTime<Utc>,
     ) -> Result<(), StoreError> {
-        for chunk in statement_chunks(items, chunk_rows(4)) {
-            let mut q = QueryBuilder::<Sqlite>::new(
-                "INSERT INTO inflight (seq, client_id, owner, lease_until) ",
-            );
-            q.push_values(chunk, |mut b, (seq, client)| {
-                b.push_bind(*seq as i64)
-                    .push_bind(client.clone())
-                    .push_bind(owner.to_string())
-                    .push_bind(ts(lease_until));
-            });
-            // A redelivered message changes hands; one already settled stays so.
-            q.push(
-                " ON CONFLICT (seq) DO UPDATE SET owner = excluded.owner, \
-                 lease_until = excluded.lease_until WHERE inflight.done = 0",
-            );
-            q.build()
-                .execute(&self.writer)
-                .await
-                .map_err(db("registering pulled messages"))?;
-        }
+        self.window.register(owner, items, lease_until);
         Ok(())
     }
 
@@ -1393,60 +1379,11 @@ impl Store for SqliteStore {
         clients: &[&str],
         now: DateTime<Utc>,
     ) -> Result<WindowBlockers, StoreError> {
-        // NULL: every sequence from the floor to `below` is known.
-        let first_gap: Option<i64> = sqlx::query_scalar(
-            "SELECT MIN(s + 1) FROM (SELECT ?1 AS s UNION ALL \
-             SELECT seq FROM inflight WHERE seq > ?1 AND seq < ?2) \
-             WHERE NOT EXISTS (SELECT 1 FROM inflight i WHERE i.seq = s + 1)",
-        )
-        .bind(floor as i64)
-        .bind(below as i64)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(db("reading the window"))?;
-        let mut pending = Vec::new();
-        for chunk in statement_chunks(clients, chunk_rows(1) - 4 - owners.len()) {
-            let mut q = QueryBuilder::<Sqlite>::new(
-                "SELECT client_id, seq FROM inflight WHERE done = 0 AND owner NOT IN (",
-            );
-            let mut sep = q.separated(", ");
-            for o in owners {
-                sep.push_bind(o.to_string());
-            }
-            q.push(") AND lease_until > ")
-                .push_bind(ts(now))
-                .push(" AND seq < ")
-                .push_bind(below as i64)
-                .push(" AND seq > ")
-                .push_bind(floor as i64)
-                .push(" AND client_id IN (");
-            let mut sep = q.separated(", ");
-            for c in chunk {
-                sep.push_bind(c.to_string());
-            }
-            q.push(")");
-            let rows = q
-                .build()
-                .fetch_all(&self.pool)
-                .await
-                .map_err(db("reading the window"))?;
-            pending.extend(
-                rows.into_iter()
-                    .map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1) as u64)),
-            );
-        }
-        Ok(WindowBlockers {
-            first_gap: first_gap.map_or(u64::MAX, |g| g as u64),
-            pending,
-        })
+        Ok(self.window.blockers(owners, floor, below, clients, now))
     }
 
     async fn window_trim(&self, floor: u64) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM inflight WHERE seq <= ?")
-            .bind(floor as i64)
-            .execute(&self.writer)
-            .await
-            .map_err(db("trimming the window"))?;
+        self.window.trim(floor);
         Ok(())
     }
 }

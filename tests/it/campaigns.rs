@@ -150,6 +150,8 @@ async fn the_99th_big_client_gets_one_letter_one_event_and_one_task(backend: Bac
     app.stop().await;
 }
 
+/// On SQLite the second instance stands by for the stream (one consumer per
+/// database file) while it runs timers and sends mail alongside.
 async fn counters_stay_exact_with_two_instances_consuming_at_once(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let peer = app.start_peer().await;

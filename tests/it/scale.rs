@@ -490,3 +490,54 @@ async fn the_consumer_window_is_vacuumed_on_postgres() {
     })
     .await;
 }
+
+/// One process at a time consumes into a SQLite database (its consumer
+/// window is in memory): a second instance on the same file stands by, and
+/// takes over once the first stops, as in a restart that starts the new
+/// process before the old one has finished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_sqlite_a_second_instance_stands_by_and_takes_over() {
+    let app = crate::helpers::TestApp::spawn(Backend::Sqlite).await;
+    let peer = app.start_peer().await;
+    let db_file = app
+        .config
+        .database
+        .url
+        .strip_prefix("sqlite://")
+        .expect("a sqlite url")
+        .to_string();
+    let lock_free = || {
+        nudge::store::window::ConsumerLock::try_take(std::path::Path::new(&db_file))
+            .unwrap()
+            .is_some()
+    };
+    for i in 0..20 {
+        app.publish(&crate::helpers::registered(
+            &format!("r{i}"),
+            &format!("c{i}"),
+            "web",
+            "Ann",
+        ))
+        .await;
+    }
+    app.wait_events(20).await;
+    assert!(!lock_free(), "an instance holds the consumer lock");
+
+    let env = app.stop().await;
+    for i in 20..40 {
+        env.publish(&crate::helpers::registered(
+            &format!("r{i}"),
+            &format!("c{i}"),
+            "web",
+            "Ann",
+        ))
+        .await;
+    }
+    let store = AnyStore::open(&env.config.database).await.unwrap();
+    eventually(Duration::from_secs(20), "the peer to consume", || async {
+        (store.count_events().await.ok()? == 40).then_some(())
+    })
+    .await;
+    peer.stop().await;
+    assert!(lock_free(), "the lock is free once both stopped");
+}
