@@ -1123,23 +1123,41 @@ impl Store for PgStore {
             .await
             .map_err(db("starting to record deliveries"))?;
         let mut log = Vec::new();
+        // Mails sent, most of a round, in one statement rather than one each.
+        let mut keys = Vec::new();
+        let mut ats = Vec::new();
+        let mut message_ids = Vec::new();
+        for outcome in outcomes {
+            if let Delivery::Sent {
+                key,
+                message_id,
+                at,
+                log: entry,
+            } = outcome
+            {
+                keys.push(key.as_str());
+                ats.push(*at);
+                message_ids.push(message_id.as_str());
+                log.push(entry);
+            }
+        }
+        if !keys.is_empty() {
+            sqlx::query(
+                "UPDATE outbox SET status = 'sent', sent_at = v.at, message_id = v.message_id, \
+                 lease_until = NULL, last_error = NULL \
+                 FROM UNNEST($1::text[], $2::timestamptz[], $3::text[]) AS v(key, at, message_id) \
+                 WHERE outbox.key = v.key",
+            )
+            .bind(&keys)
+            .bind(&ats)
+            .bind(&message_ids)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("recording sent mails"))?;
+        }
         for outcome in outcomes {
             let q = match outcome {
-                Delivery::Sent {
-                    key,
-                    message_id,
-                    at,
-                    log: entry,
-                } => {
-                    log.push(entry);
-                    sqlx::query(
-                        "UPDATE outbox SET status = 'sent', sent_at = $1, message_id = $2, \
-                         lease_until = NULL, last_error = NULL WHERE key = $3",
-                    )
-                    .bind(*at)
-                    .bind(message_id)
-                    .bind(key)
-                }
+                Delivery::Sent { .. } => continue,
                 Delivery::Retry { key, due_at, error } => sqlx::query(
                     "UPDATE outbox SET status = 'pending', due_at = $1, lease_until = NULL, \
                      last_error = $2 WHERE key = $3",

@@ -1305,23 +1305,39 @@ impl Store for SqliteStore {
             .await
             .map_err(db("starting to record deliveries"))?;
         let mut log = Vec::new();
-        for outcome in outcomes {
-            let q = match outcome {
+        // Mails sent, most of a round, in a few statements rather than one each.
+        let sent: Vec<_> = outcomes
+            .iter()
+            .filter_map(|o| match o {
                 Delivery::Sent {
                     key,
                     message_id,
                     at,
                     log: entry,
-                } => {
-                    log.push(entry);
-                    sqlx::query(
-                        "UPDATE outbox SET status = 'sent', sent_at = ?, message_id = ?, \
-                         lease_until = NULL, last_error = NULL WHERE key = ?",
-                    )
-                    .bind(ts(*at))
-                    .bind(message_id)
-                    .bind(key)
-                }
+                } => Some((key, message_id, at, entry)),
+                _ => None,
+            })
+            .collect();
+        for chunk in statement_chunks(&sent, chunk_rows(3)) {
+            let mut q = QueryBuilder::<Sqlite>::new(
+                "UPDATE outbox SET status = 'sent', sent_at = v.column2, message_id = v.column3, \
+                 lease_until = NULL, last_error = NULL FROM (",
+            );
+            q.push_values(chunk, |mut b, (key, message_id, at, _)| {
+                b.push_bind(key.as_str())
+                    .push_bind(ts(**at))
+                    .push_bind(message_id.as_str());
+            });
+            q.push(") AS v WHERE outbox.key = v.column1");
+            q.build()
+                .execute(&mut *tx)
+                .await
+                .map_err(db("recording sent mails"))?;
+        }
+        log.extend(sent.iter().map(|(.., entry)| *entry));
+        for outcome in outcomes {
+            let q = match outcome {
+                Delivery::Sent { .. } => continue,
                 Delivery::Retry { key, due_at, error } => sqlx::query(
                     "UPDATE outbox SET status = 'pending', due_at = ?, lease_until = NULL, \
                      last_error = ? WHERE key = ?",
