@@ -17,6 +17,7 @@ use crate::unsubscribe::Signer;
 use anyhow::Context;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -130,8 +131,10 @@ impl Application {
         let js = async_nats::jetstream::new(self.nats.clone());
         let ingest_cancel = cancel.clone();
         let store = self.store.clone();
+        let metrics = self.metrics.clone();
         tracker.spawn(async move {
-            let Some(_consuming) = store.consumer_lock(&ingest_cancel).await else {
+            let standing_by = |on: bool| metrics.standby.store(on.into(), Ordering::Relaxed);
+            let Some(_consuming) = store.consumer_lock(&ingest_cancel, &standing_by).await else {
                 return;
             };
             // The broker may not be there yet: retry setup with backoff

@@ -24,6 +24,9 @@ pub struct Metrics {
     pub decided_again: AtomicU64,
     /// Attempts to commit a batch that failed (each retry counts).
     pub batch_failures: AtomicU64,
+    /// 1 while this instance stands by for the stream: on SQLite, another
+    /// process consumes into the database.
+    pub standby: AtomicU64,
     /// Why the batch in hand cannot be committed, and since when; `None`
     /// once a batch went through.
     ingest_failing: Mutex<Option<(String, chrono::DateTime<chrono::Utc>)>>,

@@ -591,13 +591,15 @@ impl AnyStore {
     /// and returns what it holds while it does: at once on PostgreSQL, whose
     /// instances share the consumer window in the database; on SQLite once
     /// no other process consumes (its window is in this process's memory).
-    /// `None`: cancelled while waiting.
+    /// `None`: cancelled while waiting. `standing_by` is told when a wait
+    /// begins and ends.
     pub async fn consumer_lock(
         &self,
         cancel: &tokio_util::sync::CancellationToken,
+        standing_by: &(dyn Fn(bool) + Sync),
     ) -> Option<Option<window::ConsumerLock>> {
         match self {
-            AnyStore::Sqlite(s) => s.consumer_lock(cancel).await,
+            AnyStore::Sqlite(s) => s.consumer_lock(cancel, standing_by).await,
             AnyStore::Postgres(_) => Some(None),
         }
     }

@@ -132,10 +132,16 @@ impl SqliteStore {
     /// Waits until no other process consumes into this database, and holds
     /// the lock that says this one does (`None`: cancelled while waiting).
     /// An in-memory database is this process's alone.
-    pub async fn consumer_lock(&self, cancel: &CancellationToken) -> Option<Option<ConsumerLock>> {
+    pub async fn consumer_lock(
+        &self,
+        cancel: &CancellationToken,
+        standing_by: &(dyn Fn(bool) + Sync),
+    ) -> Option<Option<ConsumerLock>> {
         match &self.file {
             None => Some(None),
-            Some(file) => ConsumerLock::take(file, cancel).await.map(Some),
+            Some(file) => ConsumerLock::take(file, cancel, standing_by)
+                .await
+                .map(Some),
         }
     }
 }

@@ -176,13 +176,19 @@ impl ConsumerLock {
     /// Takes the lock, waiting as long as another process holds it (a
     /// standby instance, or the next one of a restart while the last one
     /// still finishes its batches). `None` once `cancel` is cancelled.
-    pub async fn take(db: &Path, cancel: &CancellationToken) -> Option<Self> {
+    /// `standing_by` is told when the wait begins (true) and ends (false).
+    pub async fn take(
+        db: &Path,
+        cancel: &CancellationToken,
+        standing_by: &(dyn Fn(bool) + Sync),
+    ) -> Option<Self> {
         let mut told = false;
         loop {
             match Self::try_take(db) {
                 Ok(Some(lock)) => {
                     if told {
                         tracing::info!(lock = %lock.path.display(), "the other instance stopped: consuming now");
+                        standing_by(false);
                     }
                     return Some(lock);
                 }
@@ -198,6 +204,7 @@ impl ConsumerLock {
                      standing by until it stops (run several instances on PostgreSQL)"
                 );
                 told = true;
+                standing_by(true);
             }
             tokio::select! {
                 _ = cancel.cancelled() => return None,

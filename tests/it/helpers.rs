@@ -751,6 +751,7 @@ impl TestEnv {
 
 /// A second nudge instance on the same database, stream and consumer.
 pub struct Peer {
+    pub http: SocketAddr,
     cancel: CancellationToken,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -767,9 +768,10 @@ impl TestApp {
         let app = Application::build(self.config.clone())
             .await
             .expect("peer builds");
+        let http = app.http_addr();
         let cancel = CancellationToken::new();
         let task = tokio::spawn(app.run_until_stopped(cancel.clone()));
-        Peer { cancel, task }
+        Peer { http, cancel, task }
     }
 
     pub async fn spawn(backend: Backend) -> TestApp {

@@ -522,6 +522,23 @@ async fn on_sqlite_a_second_instance_stands_by_and_takes_over() {
     }
     app.wait_events(20).await;
     assert!(!lock_free(), "an instance holds the consumer lock");
+    // The one standing by says so, and is still healthy: it serves the API.
+    let health = format!("http://{}/health", peer.http);
+    let said: Value = eventually(Duration::from_secs(10), "the peer to stand by", || async {
+        let r = reqwest::get(&health).await.ok()?;
+        let ok = r.status().is_success();
+        let body: Value = r.json().await.ok()?;
+        (ok && body["ingest"].as_str()?.starts_with("standby")).then_some(body)
+    })
+    .await;
+    assert_eq!(said["status"], "ready", "{said}");
+    let metrics = reqwest::get(format!("http://{}/metrics", peer.http))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("nudge_consumer_standby 1"), "{metrics}");
 
     let env = app.stop().await;
     for i in 20..40 {
@@ -538,6 +555,8 @@ async fn on_sqlite_a_second_instance_stands_by_and_takes_over() {
         (store.count_events().await.ok()? == 40).then_some(())
     })
     .await;
+    let said: Value = reqwest::get(&health).await.unwrap().json().await.unwrap();
+    assert_eq!(said["ingest"], "ok", "{said}");
     peer.stop().await;
     assert!(lock_free(), "the lock is free once both stopped");
 }
