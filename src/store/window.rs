@@ -144,9 +144,11 @@ pub struct ConsumerLock {
 }
 
 impl ConsumerLock {
-    /// The lock file of the database at `db`.
+    /// The lock file of the database at `db`: beside the file itself, so
+    /// that every path to it (relative, through a link) finds the same lock.
     pub fn path_for(db: &Path) -> PathBuf {
-        let mut name = db.as_os_str().to_owned();
+        let db = std::fs::canonicalize(db).unwrap_or_else(|_| db.to_path_buf());
+        let mut name = db.into_os_string();
         name.push("-consumer.lock");
         PathBuf::from(name)
     }
@@ -284,5 +286,17 @@ mod tests {
         assert!(ConsumerLock::try_take(&db).unwrap().is_none());
         drop(first);
         assert!(ConsumerLock::try_take(&db).unwrap().is_some());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_link_to_the_database_finds_the_same_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("nudge.db");
+        std::fs::write(&db, b"").unwrap();
+        let link = dir.path().join("link.db");
+        std::os::unix::fs::symlink(&db, &link).unwrap();
+        let _held = ConsumerLock::try_take(&db).unwrap().expect("free at first");
+        assert!(ConsumerLock::try_take(&link).unwrap().is_none());
     }
 }
