@@ -184,7 +184,7 @@ impl ConsumerLock {
         cancel: &CancellationToken,
         standing_by: &(dyn Fn(bool) + Sync),
     ) -> Option<Self> {
-        let mut told = false;
+        let (mut told, mut failing) = (false, false);
         loop {
             match Self::try_take(db) {
                 Ok(Some(lock)) => {
@@ -194,19 +194,23 @@ impl ConsumerLock {
                     }
                     return Some(lock);
                 }
+                Ok(None) if !told => {
+                    tracing::warn!(
+                        lock = %Self::path_for(db).display(),
+                        "another nudge process consumes into this SQLite database; \
+                         standing by until it stops (run several instances on PostgreSQL)"
+                    );
+                    told = true;
+                    standing_by(true);
+                }
                 Ok(None) => {}
                 // A directory not writable yet (a volume still mounting):
                 // retried like a broker that is not up yet.
-                Err(e) => tracing::warn!(error = %e, "cannot take the consumer lock; retrying"),
-            }
-            if !told {
-                tracing::warn!(
-                    lock = %Self::path_for(db).display(),
-                    "another nudge process consumes into this SQLite database; \
-                     standing by until it stops (run several instances on PostgreSQL)"
-                );
-                told = true;
-                standing_by(true);
+                Err(e) if !failing => {
+                    tracing::warn!(error = %e, "cannot take the consumer lock; retrying");
+                    failing = true;
+                }
+                Err(_) => {}
             }
             tokio::select! {
                 _ = cancel.cancelled() => return None,
