@@ -134,10 +134,11 @@ async fn health(State(s): State<ApiState>) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let standby = s.metrics.standby.load(std::sync::atomic::Ordering::Relaxed) > 0;
     let ingest = match failing {
         // Serving the API, mail and timers; another process consumes.
-        None if standby => "standby: another nudge process consumes into this database".to_string(),
+        None if s.metrics.standby() => {
+            "standby: another nudge process consumes into this database".to_string()
+        }
         None => "ok".to_string(),
         Some((error, since)) => format!(
             "failing since {}: {error}",
@@ -170,7 +171,7 @@ async fn metrics(State(s): State<ApiState>) -> Response {
         (
             "nudge_consumer_standby",
             "1 while this instance waits for another process consuming into the same SQLite database.",
-            s.metrics.standby.load(std::sync::atomic::Ordering::Relaxed),
+            u64::from(s.metrics.standby()),
         ),
     ];
     (

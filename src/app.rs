@@ -17,7 +17,6 @@ use crate::unsubscribe::Signer;
 use anyhow::Context;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -133,7 +132,7 @@ impl Application {
         let store = self.store.clone();
         let metrics = self.metrics.clone();
         tracker.spawn(async move {
-            let standing_by = |on: bool| metrics.standby.store(on.into(), Ordering::Relaxed);
+            let standing_by = |on: bool| metrics.set_standby(on);
             let Some(_consuming) = store.consumer_lock(&ingest_cancel, &standing_by).await else {
                 return;
             };

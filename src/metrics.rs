@@ -5,7 +5,7 @@ use crate::store::BatchWrite;
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 
 #[derive(Default)]
 pub struct Metrics {
@@ -24,9 +24,9 @@ pub struct Metrics {
     pub decided_again: AtomicU64,
     /// Attempts to commit a batch that failed (each retry counts).
     pub batch_failures: AtomicU64,
-    /// 1 while this instance stands by for the stream: on SQLite, another
+    /// While this instance stands by for the stream: on SQLite, another
     /// process consumes into the database.
-    pub standby: AtomicU64,
+    standby: AtomicBool,
     /// Why the batch in hand cannot be committed, and since when; `None`
     /// once a batch went through.
     ingest_failing: Mutex<Option<(String, chrono::DateTime<chrono::Utc>)>>,
@@ -89,6 +89,14 @@ impl Metrics {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         *f = None;
+    }
+
+    pub fn set_standby(&self, on: bool) {
+        self.standby.store(on, Relaxed);
+    }
+
+    pub fn standby(&self) -> bool {
+        self.standby.load(Relaxed)
     }
 
     /// The last commit error and since when commits fail, while they do.

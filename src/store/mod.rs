@@ -597,10 +597,10 @@ impl AnyStore {
         &self,
         cancel: &tokio_util::sync::CancellationToken,
         standing_by: &(dyn Fn(bool) + Sync),
-    ) -> Option<Option<window::ConsumerLock>> {
+    ) -> Option<window::ConsumerLock> {
         match self {
             AnyStore::Sqlite(s) => s.consumer_lock(cancel, standing_by).await,
-            AnyStore::Postgres(_) => Some(None),
+            AnyStore::Postgres(_) => Some(window::ConsumerLock::shared()),
         }
     }
 }

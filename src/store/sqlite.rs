@@ -136,12 +136,10 @@ impl SqliteStore {
         &self,
         cancel: &CancellationToken,
         standing_by: &(dyn Fn(bool) + Sync),
-    ) -> Option<Option<ConsumerLock>> {
+    ) -> Option<ConsumerLock> {
         match &self.file {
-            None => Some(None),
-            Some(file) => ConsumerLock::take(file, cancel, standing_by)
-                .await
-                .map(Some),
+            None => Some(ConsumerLock::shared()),
+            Some(file) => ConsumerLock::take(file, cancel, standing_by).await,
         }
     }
 }

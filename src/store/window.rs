@@ -134,16 +134,22 @@ fn trim(slots: &mut BTreeMap<u64, Slot>, floor: u64) {
     *slots = slots.split_off(&(floor.saturating_add(1)));
 }
 
-/// Held while this process consumes the stream into a SQLite database: an
+/// Held while this process consumes the stream. Into a SQLite file: an
 /// advisory lock on a file beside the database, released when dropped or
-/// when the process ends, however it ends.
+/// when the process ends, however it ends. Where instances share the window
+/// in the database (PostgreSQL), or nobody else can open it (in memory):
+/// nothing to hold.
 #[derive(Debug)]
 pub struct ConsumerLock {
-    _file: std::fs::File,
-    path: PathBuf,
+    _file: Option<std::fs::File>,
 }
 
 impl ConsumerLock {
+    /// For a database any number of processes may consume into.
+    pub fn shared() -> Self {
+        Self { _file: None }
+    }
+
     /// The lock file of the database at `db`: beside the file itself, so
     /// that every path to it (relative, through a link) finds the same lock.
     pub fn path_for(db: &Path) -> PathBuf {
@@ -166,7 +172,7 @@ impl ConsumerLock {
                 source: sqlx::Error::Io(e),
             })?;
         match file.try_lock() {
-            Ok(()) => Ok(Some(Self { _file: file, path })),
+            Ok(()) => Ok(Some(Self { _file: Some(file) })),
             Err(std::fs::TryLockError::WouldBlock) => Ok(None),
             Err(std::fs::TryLockError::Error(e)) => Err(StoreError::Db {
                 context: "locking the consumer lock file",
@@ -189,7 +195,7 @@ impl ConsumerLock {
             match Self::try_take(db) {
                 Ok(Some(lock)) => {
                     if told {
-                        tracing::info!(lock = %lock.path.display(), "the other instance stopped: consuming now");
+                        tracing::info!(lock = %Self::path_for(db).display(), "the other instance stopped: consuming now");
                         standing_by(false);
                     }
                     return Some(lock);

@@ -491,6 +491,20 @@ async fn the_consumer_window_is_vacuumed_on_postgres() {
     .await;
 }
 
+/// Registrations of clients `c{i}`, one for each `i`.
+async fn register(env: &TestEnv, clients: std::ops::Range<u32>) {
+    for i in clients {
+        let client = format!("c{i}");
+        env.publish(&crate::helpers::registered(
+            &format!("r{i}"),
+            &client,
+            "web",
+            "Ann",
+        ))
+        .await;
+    }
+}
+
 /// One process at a time consumes into a SQLite database (its consumer
 /// window is in memory): a second instance on the same file stands by, and
 /// takes over once the first stops, as in a restart that starts the new
@@ -511,15 +525,7 @@ async fn on_sqlite_a_second_instance_stands_by_and_takes_over() {
             .unwrap()
             .is_some()
     };
-    for i in 0..20 {
-        app.publish(&crate::helpers::registered(
-            &format!("r{i}"),
-            &format!("c{i}"),
-            "web",
-            "Ann",
-        ))
-        .await;
-    }
+    register(&app, 0..20).await;
     app.wait_events(20).await;
     assert!(!lock_free(), "an instance holds the consumer lock");
     // The one standing by says so, and is still healthy: it serves the API.
@@ -541,15 +547,7 @@ async fn on_sqlite_a_second_instance_stands_by_and_takes_over() {
     assert!(metrics.contains("nudge_consumer_standby 1"), "{metrics}");
 
     let env = app.stop().await;
-    for i in 20..40 {
-        env.publish(&crate::helpers::registered(
-            &format!("r{i}"),
-            &format!("c{i}"),
-            "web",
-            "Ann",
-        ))
-        .await;
-    }
+    register(&env, 20..40).await;
     let store = AnyStore::open(&env.config.database).await.unwrap();
     eventually(Duration::from_secs(20), "the peer to consume", || async {
         (store.count_events().await.ok()? == 40).then_some(())
