@@ -50,6 +50,10 @@ pub struct Counters {
     values: HashMap<CounterKey, (Stored, f64)>,
     members: HashSet<(CounterKey, String)>,
     added: Vec<(CounterKey, String)>,
+    /// How many times a counter was read or changed: a step of a batch that
+    /// moved it used shared state, and must be decided in the stream's order
+    /// with every other such step (see `pipeline`).
+    uses: u64,
 }
 
 /// A time period a counter is kept per.
@@ -114,7 +118,13 @@ impl Counters {
             values: HashMap::new(),
             members: HashSet::new(),
             added: Vec::new(),
+            uses: 0,
         }
+    }
+
+    /// How many times counters were read or changed so far.
+    pub fn uses(&self) -> u64 {
+        self.uses
     }
 
     pub fn key(&self, name: &str, period: &str, at: DateTime<Utc>) -> Result<CounterKey, String> {
@@ -125,6 +135,7 @@ impl Counters {
     }
 
     fn entry(&mut self, key: &CounterKey) -> Result<&mut (Stored, f64), String> {
+        self.uses += 1;
         if !self.values.contains_key(key) {
             let stored = self.source.load(key)?;
             self.values.insert(key.clone(), (stored, stored.value));
@@ -146,6 +157,7 @@ impl Counters {
     /// Adds `member` to the distinct set; true if it was not there. The
     /// counter's value is the number of members.
     pub fn add_distinct(&mut self, key: &CounterKey, member: &str) -> Result<bool, String> {
+        self.uses += 1;
         let pair = (key.clone(), member.to_string());
         if self.members.contains(&pair) || self.source.is_member(key, member)? {
             self.members.insert(pair);
@@ -157,12 +169,15 @@ impl Counters {
         Ok(true)
     }
 
-    /// What the batch changed, for the store to write.
+    /// What the batch used, for the store to write: every counter read or
+    /// changed, each as a compare-and-swap on the version read. A counter
+    /// only read is written too (same value, next version): a decision on a
+    /// value another writer changed meanwhile must not commit, and a writer
+    /// that read it must see that it was used.
     pub fn writes(&self) -> (Vec<CounterWrite>, Vec<(CounterKey, String)>) {
         let mut writes: Vec<CounterWrite> = self
             .values
             .iter()
-            .filter(|(_, (stored, now))| *now != stored.value)
             .map(|(key, (stored, now))| CounterWrite {
                 key: key.clone(),
                 version: stored.version,
@@ -176,6 +191,7 @@ impl Counters {
 
     /// Forgets what was read and changed, for a retry of the batch.
     pub fn reset(&mut self) {
+        self.uses = 0;
         self.values.clear();
         self.members.clear();
         self.added.clear();

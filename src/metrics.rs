@@ -22,6 +22,10 @@ pub struct Metrics {
     pub order_waits_expired: AtomicU64,
     /// Batches decided ahead whose decision did not hold (see `chain`).
     pub decided_again: AtomicU64,
+    /// Steps set aside because deciding them panicked.
+    pub steps_panicked: AtomicU64,
+    /// Batches that stopped waiting for an earlier message nobody announced.
+    pub order_gaps_expired: AtomicU64,
     /// Attempts to commit a batch that failed (each retry counts).
     pub batch_failures: AtomicU64,
     /// While this instance stands by for the stream: on SQLite, another
@@ -65,6 +69,17 @@ impl Metrics {
 
     pub fn order_wait_expired(&self) {
         self.order_waits_expired.fetch_add(1, Relaxed);
+    }
+
+    /// A step of a batch panicked while decided and was set aside.
+    pub fn step_panicked(&self) {
+        self.steps_panicked.fetch_add(1, Relaxed);
+    }
+
+    /// Held events were applied without waiting longer for an earlier
+    /// message nobody announced (a gap in the consumer's window).
+    pub fn order_gap_expired(&self) {
+        self.order_gaps_expired.fetch_add(1, Relaxed);
     }
 
     pub fn decided_again(&self) {
@@ -207,6 +222,16 @@ impl Metrics {
                 "nudge_order_waits_expired_total",
                 "Batches applied without waiting longer for earlier events of the same clients held by another instance.",
                 &self.order_waits_expired,
+            ),
+            (
+                "nudge_order_gaps_expired_total",
+                "Batches applied without waiting longer for an earlier message of the stream that no instance announced (its holder died before announcing it): that message is decided when it is redelivered, after later ones.",
+                &self.order_gaps_expired,
+            ),
+            (
+                "nudge_steps_panicked_total",
+                "Steps (an event, a timer, a client's sweep) whose decision panicked: each is set aside with a line in the client's process log, and its batch goes on.",
+                &self.steps_panicked,
             ),
             (
                 "nudge_batches_decided_again_total",

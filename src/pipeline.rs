@@ -56,18 +56,33 @@ struct Prepared {
 
 impl Prepared {
     fn steps(&self) -> Vec<Step> {
-        sorted_steps(self.events.clone())
+        ordered_steps(self.events.clone())
     }
 }
 
-/// Each client's events in event time; the sort is stable, so ties keep
-/// stream order.
-fn sorted_steps(mut events: Vec<StoredEvent>) -> Vec<Step> {
-    events.sort_by(|a, b| {
-        (&a.envelope.client_id, a.envelope.occurred_at)
-            .cmp(&(&b.envelope.client_id, b.envelope.occurred_at))
-    });
+/// The events in the order of the stream: the one order every decision
+/// follows, live, in replay and in backtest, whatever the batches. Each
+/// client's own events are applied in it, and so are the steps that use the
+/// counters shared by all clients, across clients (a shop that publishes in
+/// time order makes it event-time order, ties broken by stream sequence).
+/// Events that came without a sequence (driven directly, not from the
+/// stream) keep the order they were given in; the sort is stable.
+fn ordered_steps(mut events: Vec<StoredEvent>) -> Vec<Step> {
+    events.sort_by_key(|e| e.stream_seq);
     events.into_iter().map(Step::Event).collect()
+}
+
+/// The first stream sequence below which every message is settled as far as
+/// this batch knows: none unannounced (a gap), none pending in another
+/// instance's batch, and none of this batch still held back. A step that
+/// used shared counters may commit only below it, so that every step before
+/// it in the stream has been decided first.
+fn shared_cut(blockers: &crate::store::WindowBlockers, held: &[StoredEvent]) -> u64 {
+    let own = held.iter().filter_map(|e| e.stream_seq).min();
+    blockers
+        .first_gap
+        .min(blockers.first_pending)
+        .min(own.unwrap_or(u64::MAX))
 }
 
 /// Splits events into those free to apply now and those held back by an
@@ -151,6 +166,7 @@ fn next_owner() -> String {
 }
 
 /// What a batch commits besides what it decides.
+#[derive(Default)]
 struct Work {
     rejected: Vec<Rejected>,
     log: Vec<LogEntry>,
@@ -170,6 +186,16 @@ struct Decided {
     write: BatchWrite,
     runs: Vec<(String, bool)>,
     report: BatchReport,
+    /// Stream sequences of the steps that used shared counters, ascending.
+    shared_seqs: Vec<u64>,
+}
+
+/// What became of work offered for commit with an order cut.
+enum Outcome {
+    Committed(BatchReport),
+    /// A step at this sequence used shared counters at or past the cut: the
+    /// steps from it on must wait for the messages before them.
+    HeldFrom(u64),
 }
 
 /// One unit of work on one client's history.
@@ -189,6 +215,95 @@ impl Step {
             Step::Advance(c, _) | Step::Sweep(c, ..) => c,
         }
     }
+
+    /// What names this step when it must be set aside: the event, the
+    /// client's first due timer (as the step begins), or the sweep.
+    fn key(&self, state: &ClientState) -> String {
+        match self {
+            Step::Event(e) => format!("event:{}", e.envelope.id),
+            Step::Advance(c, _) => match state.timers.first() {
+                Some(t) => format!("timer:{}:{}:{}:{c}", t.rule, t.name, t.due.timestamp()),
+                None => format!("advance:{c}"),
+            },
+            Step::Sweep(c, rule, slot) => format!("sweep:{rule}:{}:{c}", slot.timestamp()),
+        }
+    }
+
+    /// What a step set aside does instead of deciding: an event is stored
+    /// but not applied, the timer whose firing broke off is dropped, a sweep
+    /// skips the client; each says so in the client's process log.
+    fn set_aside(&self, state: &mut ClientState, why: &str) -> crate::decide::Decision {
+        let (at, event_id, message) = match self {
+            Step::Event(e) => (
+                e.envelope.occurred_at,
+                Some(e.envelope.id.clone()),
+                format!(
+                    "event set aside: deciding it broke off ({why}); it is stored, not applied, \
+                     and no rule ran for it"
+                ),
+            ),
+            Step::Advance(_, until) => {
+                let message = match state.pop_due(*until) {
+                    Some(t) => format!(
+                        "timer `{}` of rule `{}` dropped: firing it broke off ({why})",
+                        t.name, t.rule
+                    ),
+                    None => format!("due timers not fired: firing them broke off ({why})"),
+                };
+                (*until, None, message)
+            }
+            Step::Sweep(_, rule, slot) => (
+                *slot,
+                None,
+                format!("sweep of `{rule}` skipped for this client: it broke off ({why})"),
+            ),
+        };
+        crate::decide::Decision {
+            log: vec![LogEntry {
+                client_id: state.client_id.clone(),
+                at,
+                level: Level::Error,
+                rule: None,
+                event_id,
+                message,
+            }],
+            ..Default::default()
+        }
+    }
+}
+
+/// Steps whose decision panicked, by [`Step::key`], with the panic's
+/// message: set aside whenever a batch holding them is decided, here and on
+/// every later attempt, so that one event, timer or sweep that breaks the
+/// core fails alone and the batch goes on. Bounded: the oldest are forgotten
+/// (a step forgotten and met again panics again and is set aside again).
+#[derive(Default)]
+struct Poisoned {
+    keys: std::sync::Mutex<(HashMap<String, String>, std::collections::VecDeque<String>)>,
+}
+
+/// Steps remembered as set aside at most.
+const MAX_POISONED: usize = 10_000;
+
+impl Poisoned {
+    fn insert(&self, key: String, message: String) {
+        let mut guard = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        let (map, order) = &mut *guard;
+        if map.insert(key.clone(), message).is_none() {
+            order.push_back(key);
+        }
+        while order.len() > MAX_POISONED {
+            if let Some(old) = order.pop_front() {
+                map.remove(&old);
+            }
+        }
+    }
+
+    /// A copy to decide a batch with; `None` (the usual case) when empty.
+    fn snapshot(&self) -> Option<HashMap<String, String>> {
+        let guard = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        (!guard.0.is_empty()).then(|| guard.0.clone())
+    }
 }
 
 /// How often a batch is retried when another writer changed the same clients.
@@ -206,6 +321,8 @@ pub struct Pipeline {
     business_tz: Tz,
     /// The pending values of this instance's batches in flight.
     chain: Arc<Chain>,
+    /// Steps set aside because deciding them panicked.
+    poisoned: Poisoned,
 }
 
 /// Shared counters read from the store on first use in a batch. The core
@@ -260,6 +377,7 @@ impl Pipeline {
             settings: Arc::new(CoreSettings::from_config(config)),
             business_tz: config.history.business_tz(),
             chain: Arc::new(Chain::default()),
+            poisoned: Poisoned::default(),
         }
     }
 
@@ -294,17 +412,14 @@ impl Pipeline {
     pub async fn process(&self, batch: &[Incoming]) -> Result<BatchReport, StoreError> {
         let p = self.prepare(batch);
         // Settled in the window too, should an ordered attempt have announced them.
-        let settled = batch.iter().filter_map(|m| m.stream_seq).collect();
-        let mut report = self
-            .commit_steps(
-                p.steps(),
-                p.rejected,
-                p.log,
-                None,
-                settled,
-                &mut Turn::default(),
-            )
-            .await?;
+        let work = Work {
+            rejected: p.rejected,
+            log: p.log,
+            sweep: None,
+            settled: batch.iter().filter_map(|m| m.stream_seq).collect(),
+        };
+        let steps = ordered_steps(p.events);
+        let mut report = self.commit_all(steps, work, &mut Turn::default()).await?;
         report.duplicates += p.duplicates;
         self.observe_latency(batch);
         Ok(report)
@@ -318,14 +433,22 @@ impl Pipeline {
         }
     }
 
-    /// Like [`Pipeline::process`], but applies each client's events in the
-    /// order of the stream even when other instances hold events of the same
-    /// clients: the batch is announced in the shared window, and an event is
-    /// committed only once every earlier message of the stream is known and
-    /// none of its client is pending in another batch. Parts of the batch
-    /// commit as they become free; waiting is bounded by `max_wait`, after
-    /// which the rest commits anyway (an instance that died holding earlier
-    /// events must not stop the others).
+    /// Like [`Pipeline::process`], but decides in the order of the stream
+    /// even when other instances hold earlier messages: the batch is
+    /// announced in the shared window, and
+    /// - an event is committed only once every earlier message of the
+    ///   stream is known and none of its client is pending in another batch
+    ///   (each client's events in stream order);
+    /// - an event whose decision used the counters shared by all clients is
+    ///   committed only once every earlier message of the stream, of any
+    ///   client, is settled, and on the counters as they left (shared state
+    ///   in stream order; the commit's compare-and-swap checks the values).
+    ///
+    /// Parts of the batch commit as they become free. Waiting is bounded by
+    /// `max_wait` (half the lease): a message held that long by nobody alive
+    /// (an instance that died holding or pulling it) stops holding the rest,
+    /// which is logged and counted; the message is then decided when it is
+    /// redelivered, as a late event.
     ///
     /// A batch with a chained [`Turn`] commits only after the batch before
     /// it in its sequence, and is decided while that one commits, on top of
@@ -392,10 +515,7 @@ impl Pipeline {
         // one, so that batches still commit in the order they were pulled.
         turn.wait().await;
 
-        let started = tokio::time::Instant::now();
-        let deadline = started + lease / 2;
-        // Another instance announces what it pulled within milliseconds.
-        let gaps_until = started + (lease / 10).min(std::time::Duration::from_secs(2));
+        let deadline = tokio::time::Instant::now() + lease / 2;
         let mut pause = std::time::Duration::from_millis(1);
         let mut waiting = p.events;
         let mut rejected = p.rejected;
@@ -406,22 +526,17 @@ impl Pipeline {
             ..Default::default()
         };
         let mut trimmed = false;
-        let mut last_blockers = None;
+        let mut last_blockers: Option<(u64, crate::store::WindowBlockers)> = None;
+        // A step at this sequence used shared counters and waits for every
+        // message before it: the events from it on are not decided again
+        // until the cut has passed it.
+        let mut shared_wait: Option<u64> = None;
         while !waiting.is_empty() || !rejected.is_empty() || !settled_free.is_empty() {
-            let (ready, held) = if tokio::time::Instant::now() >= deadline {
-                tracing::warn!(
-                    held = waiting.len(),
-                    first_held = ?waiting.iter().filter_map(|e| e.stream_seq).min(),
-                    blockers = ?last_blockers,
-                    "gave up waiting for earlier events of the same clients; applying in arrival order"
-                );
-                self.metrics.order_wait_expired();
-                (std::mem::take(&mut waiting), Vec::new())
+            let (mut ready, held, cut) = if tokio::time::Instant::now() >= deadline {
+                self.give_up_waiting(&waiting, last_blockers.as_ref());
+                (std::mem::take(&mut waiting), Vec::new(), None)
             } else {
-                let floor = floor
-                    .floor()
-                    .await
-                    .map_err(|e| StoreError::Counters(format!("reading the ack floor: {e}")))?;
+                let floor = floor.floor().await.map_err(StoreError::AckFloor)?;
                 if !trimmed {
                     self.store.window_trim(floor).await?;
                     trimmed = true;
@@ -432,41 +547,66 @@ impl Pipeline {
                     .max()
                     .map_or(0, |s| s + 1);
                 let clients = clients_of(&waiting);
-                let mut blockers = self
+                let blockers = self
                     .store
                     .window_blockers(&[&owner], floor, below, &clients, Utc::now())
                     .await?;
-                if tokio::time::Instant::now() >= gaps_until {
-                    // A message pulled but never announced: an instance that
-                    // died right after pulling, or a broker that forgot acks.
-                    // Only what is known to be pending still holds back.
-                    blockers.first_gap = u64::MAX;
-                }
-                let split = split_free(std::mem::take(&mut waiting), &blockers);
+                let (ready, held) = split_free(std::mem::take(&mut waiting), &blockers);
+                let cut = shared_cut(&blockers, &held);
                 last_blockers = Some((floor, blockers));
-                split
+                (ready, held, Some(cut))
             };
             waiting = held;
+            // Still short of the step that waits for the messages before it.
+            if let (Some(cut), Some(at)) = (cut, shared_wait) {
+                if cut <= at {
+                    let (now, later): (Vec<_>, Vec<_>) = ready
+                        .into_iter()
+                        .partition(|e| e.stream_seq.is_none_or(|s| s < at));
+                    waiting.extend(later);
+                    ready = now;
+                } else {
+                    shared_wait = None;
+                }
+            }
             if ready.is_empty() && rejected.is_empty() && settled_free.is_empty() {
+                waiting.sort_by_key(|e| e.stream_seq);
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(std::time::Duration::from_millis(20));
                 continue;
             }
             pause = std::time::Duration::from_millis(1);
-            let mut settled: Vec<u64> = ready.iter().filter_map(|e| e.stream_seq).collect();
-            settled.append(&mut settled_free);
-            let steps = sorted_steps(ready);
-            let part = self
-                .commit_steps(
-                    steps,
-                    std::mem::take(&mut rejected),
-                    std::mem::take(&mut log),
-                    None,
-                    settled,
-                    // This batch's turn came before the loop.
-                    &mut Turn::default(),
-                )
-                .await?;
+            let mut work = Work {
+                rejected: std::mem::take(&mut rejected),
+                log: std::mem::take(&mut log),
+                sweep: None,
+                settled: ready.iter().filter_map(|e| e.stream_seq).collect(),
+            };
+            work.settled.append(&mut settled_free);
+            let part = loop {
+                let steps = ordered_steps(ready.clone());
+                // This batch's turn came before the loop.
+                match self
+                    .commit_steps(steps, &work, cut, &mut Turn::default())
+                    .await?
+                {
+                    Outcome::Committed(part) => break part,
+                    Outcome::HeldFrom(at) => {
+                        // The steps before it decide the same without it:
+                        // each depends only on the ones before it.
+                        shared_wait = Some(at);
+                        let (now, later): (Vec<_>, Vec<_>) = ready
+                            .into_iter()
+                            .partition(|e| e.stream_seq.is_none_or(|s| s < at));
+                        let later_seqs: HashSet<u64> =
+                            later.iter().filter_map(|e| e.stream_seq).collect();
+                        work.settled.retain(|s| !later_seqs.contains(s));
+                        waiting.extend(later);
+                        ready = now;
+                    }
+                }
+            };
+            waiting.sort_by_key(|e| e.stream_seq);
             report.accepted += part.accepted;
             report.duplicates += part.duplicates;
             report.rejected += part.rejected;
@@ -478,6 +618,40 @@ impl Pipeline {
         turn.finish();
         self.observe_latency(batch);
         Ok(report)
+    }
+
+    /// Says why held events are applied without waiting longer, and counts it.
+    fn give_up_waiting(
+        &self,
+        waiting: &[StoredEvent],
+        last: Option<&(u64, crate::store::WindowBlockers)>,
+    ) {
+        let first_held = waiting.iter().filter_map(|e| e.stream_seq).min();
+        let gap = last.is_some_and(|(_, b)| {
+            first_held.is_some_and(|h| b.first_gap <= h)
+                && b.first_gap < b.first_pending
+                && b.pending.is_empty()
+        });
+        if gap {
+            tracing::warn!(
+                held = waiting.len(),
+                ?first_held,
+                blockers = ?last,
+                "gave up waiting for an earlier message nobody announced (an instance died \
+                 holding it?): applying the held events now; that message is decided when \
+                 it is redelivered, after them"
+            );
+            self.metrics.order_gap_expired();
+        } else {
+            tracing::warn!(
+                held = waiting.len(),
+                ?first_held,
+                blockers = ?last,
+                "gave up waiting for earlier messages held by another batch whose lease runs on: \
+                 applying the held events now, in stream order among themselves"
+            );
+            self.metrics.order_wait_expired();
+        }
     }
 
     /// Decides the work on top of what the batches before `turn` decided,
@@ -503,7 +677,9 @@ impl Pipeline {
             Some(w) => {
                 let mut owners = self.chain.owners_before(turn);
                 owners.push(w.owner.to_string());
-                decided.write.window_floor = self.free_floor(&owners, w.events, w.floor).await?;
+                let shared = decided.shared_seqs.last().copied();
+                decided.write.window_floor =
+                    self.free_floor(&owners, w.events, shared, w.floor).await?;
                 decided.write.window_floor.is_some()
             }
         };
@@ -533,18 +709,17 @@ impl Pipeline {
     }
 
     /// The ack floor if no earlier message holds back any of these events:
-    /// every message below them is known, and none of their clients is
-    /// pending in a batch of other `owners`.
+    /// every message below them is known, none of their clients is pending
+    /// in a batch of other `owners`, and, when a step at `shared` used the
+    /// shared counters, no message of any client before it is pending either.
     async fn free_floor(
         &self,
         owners: &[String],
         events: &[StoredEvent],
+        shared: Option<u64>,
         floor: &dyn AckFloor,
     ) -> Result<Option<u64>, StoreError> {
-        let floor = floor
-            .floor()
-            .await
-            .map_err(|e| StoreError::Counters(format!("reading the ack floor: {e}")))?;
+        let floor = floor.floor().await.map_err(StoreError::AckFloor)?;
         let Some(below) = events.iter().filter_map(|e| e.stream_seq).max() else {
             return Ok(Some(floor));
         };
@@ -554,7 +729,8 @@ impl Pipeline {
             .store
             .window_blockers(&owners, floor, below + 1, &clients, Utc::now())
             .await?;
-        Ok(held_from(events, &blockers).is_empty().then_some(floor))
+        let shared_free = shared.is_none_or(|s| s < shared_cut(&blockers, &[]));
+        Ok((shared_free && held_from(events, &blockers).is_empty()).then_some(floor))
     }
 
     /// Parses a batch: valid events (first of each id), rejections with
@@ -655,8 +831,7 @@ impl Pipeline {
     ) -> Result<BatchReport, StoreError> {
         let steps = clients.into_iter().map(|c| Step::Advance(c, now)).collect();
         let mut turn = self.chain.next_turn();
-        self.commit_steps(steps, Vec::new(), Vec::new(), None, Vec::new(), &mut turn)
-            .await
+        self.commit_all(steps, Work::default(), &mut turn).await
     }
 
     /// Runs scheduled rule `rule` at `slot` for a page of clients, recording
@@ -669,47 +844,51 @@ impl Pipeline {
         clients: Vec<ClientId>,
         done: bool,
     ) -> Result<BatchReport, StoreError> {
-        let progress = SweepProgress {
-            rule: rule.to_string(),
-            slot,
-            cursor: clients.last().cloned().or(after),
-            done,
+        let work = Work {
+            sweep: Some(SweepProgress {
+                rule: rule.to_string(),
+                slot,
+                cursor: clients.last().cloned().or(after),
+                done,
+            }),
+            ..Default::default()
         };
         let steps = clients
             .into_iter()
             .map(|c| Step::Sweep(c, rule.to_string(), slot))
             .collect();
         let mut turn = self.chain.next_turn();
-        self.commit_steps(
-            steps,
-            Vec::new(),
-            Vec::new(),
-            Some(progress),
-            Vec::new(),
-            &mut turn,
-        )
-        .await
+        self.commit_all(steps, work, &mut turn).await
     }
 
+    /// Commits work that no order cut holds back.
+    async fn commit_all(
+        &self,
+        steps: Vec<Step>,
+        work: Work,
+        turn: &mut Turn,
+    ) -> Result<BatchReport, StoreError> {
+        match self.commit_steps(steps, &work, None, turn).await? {
+            Outcome::Committed(report) => Ok(report),
+            Outcome::HeldFrom(_) => unreachable!("only a cut holds steps back"),
+        }
+    }
+
+    /// Decides and commits the steps with the rest of the work, deciding
+    /// again after a conflict with another writer. With a `cut`, a step at
+    /// or past it that used shared counters holds back the steps from it on
+    /// (nothing is committed then).
     async fn commit_steps(
         &self,
         steps: Vec<Step>,
-        rejected: Vec<Rejected>,
-        log: Vec<LogEntry>,
-        sweep: Option<SweepProgress>,
-        settled: Vec<u64>,
+        work: &Work,
+        cut: Option<u64>,
         turn: &mut Turn,
-    ) -> Result<BatchReport, StoreError> {
-        let work = Work {
-            rejected,
-            log,
-            sweep,
-            settled,
-        };
+    ) -> Result<Outcome, StoreError> {
         if turn.is_chained()
-            && let Some(report) = self.commit_ahead(steps.clone(), &work, turn, None).await?
+            && let Some(report) = self.commit_ahead(steps.clone(), work, turn, None).await?
         {
-            return Ok(report);
+            return Ok(Outcome::Committed(report));
         }
         turn.wait().await;
         for attempt in 0..MAX_CONFLICT_RETRIES {
@@ -745,10 +924,15 @@ impl Pipeline {
                 })
                 .cloned()
                 .collect();
-            let decided = self.decide(fresh, &work, known.len(), None).await?;
+            let decided = self.decide(fresh, work, known.len(), None).await?;
+            if let Some(cut) = cut
+                && let Some(at) = decided.shared_seqs.iter().find(|s| **s >= cut)
+            {
+                return Ok(Outcome::HeldFrom(*at));
+            }
             if self.commit(&decided).await? {
                 turn.finish();
-                return Ok(decided.report);
+                return Ok(Outcome::Committed(decided.report));
             }
             tracing::debug!("batch conflicted with another writer; retrying");
         }
@@ -758,25 +942,39 @@ impl Pipeline {
     /// Loads the clients of the steps and decides them, with the rest of
     /// the work; `duplicates` were left out as known. A batch deciding
     /// ahead in a sequence (`ahead`) reads the pending values of the
-    /// batches before it.
+    /// batches before it. A step whose decision panicked is set aside (see
+    /// [`Poisoned`]) and the batch decided again without it, from freshly
+    /// loaded states, since the panic may have left its client half-changed.
     async fn decide(
         &self,
-        fresh: Vec<Step>,
+        mut fresh: Vec<Step>,
         work: &Work,
         duplicates: usize,
         ahead: Option<&Turn>,
     ) -> Result<Decided, StoreError> {
-        let mut client_ids: Vec<&ClientId> = fresh.iter().map(Step::client).collect();
+        let mut client_ids: Vec<ClientId> = fresh.iter().map(Step::client).cloned().collect();
         client_ids.sort();
         client_ids.dedup();
-        let pending = ahead.map(|turn| self.chain.pending(&client_ids, turn));
-        let mut states = self.store.load_clients(&client_ids).await?;
-        if let Some(pending) = pending {
-            pending.apply(&mut states);
-        }
-        let (mut write, runs) = self
-            .decide_all(fresh, states, ahead.map(Turn::ordinal))
-            .await?;
+        let client_refs: Vec<&ClientId> = client_ids.iter().collect();
+        let (mut write, runs, shared_seqs) = loop {
+            let pending = ahead.map(|turn| self.chain.pending(&client_refs, turn));
+            let mut states = self.store.load_clients(&client_refs).await?;
+            if let Some(pending) = pending {
+                pending.apply(&mut states);
+            }
+            match self
+                .decide_all(fresh, states, ahead.map(Turn::ordinal))
+                .await?
+            {
+                Ok(decided) => break decided,
+                Err((steps, key, message)) => {
+                    tracing::error!(step = %key, %message, "deciding a step panicked; it is set aside and the batch decided again without it");
+                    self.metrics.step_panicked();
+                    self.poisoned.insert(key, message);
+                    fresh = steps;
+                }
+            }
+        };
         if self.suppress_effects {
             write.effects.clear();
             write.log.clear();
@@ -795,6 +993,7 @@ impl Pipeline {
             write,
             runs,
             report,
+            shared_seqs,
         })
     }
 
@@ -805,6 +1004,7 @@ impl Pipeline {
             write,
             runs,
             report,
+            ..
         } = decided;
         match self.store.commit_batch(write).await? {
             CommitOutcome::Committed => {
@@ -851,14 +1051,22 @@ impl Pipeline {
         }
     }
 
-    /// Runs the decision core for every step, off the async workers: rules
-    /// are CPU work and must not stall I/O.
+    /// Runs the decision core for every step, in the order given, off the
+    /// async workers: rules are CPU work and must not stall I/O. Notes the
+    /// stream sequences of the steps that used shared counters. A step that
+    /// panics stops the run: `Err` gives the steps back with the panicking
+    /// step's key and message, for the caller to set it aside and decide
+    /// again (the states may be half-changed by then).
+    #[allow(clippy::type_complexity)]
     async fn decide_all(
         &self,
         steps: Vec<Step>,
         mut states: HashMap<ClientId, ClientState>,
         ahead: Option<u64>,
-    ) -> Result<(BatchWrite, Vec<(String, bool)>), StoreError> {
+    ) -> Result<
+        Result<(BatchWrite, Vec<(String, bool)>, Vec<u64>), (Vec<Step>, String, String)>,
+        StoreError,
+    > {
         let rules = self.catalog.rules();
         let templates = self.catalog.templates();
         let engine = self.catalog.engine.clone();
@@ -869,6 +1077,7 @@ impl Pipeline {
             ahead: ahead.map(|turn| (self.chain.clone(), turn)),
         };
         let tz = self.business_tz;
+        let poisoned = self.poisoned.snapshot();
         let run = move || {
             let core = Core {
                 engine: &engine,
@@ -881,22 +1090,52 @@ impl Pipeline {
             let received_at = Utc::now();
             let mut write = BatchWrite::default();
             let mut runs: Vec<(String, bool)> = Vec::new();
+            let mut shared_seqs = Vec::new();
             let mut touched: HashSet<ClientId> = HashSet::new();
-            for step in steps {
+            for (i, step) in steps.iter().enumerate() {
                 let id = step.client().clone();
                 let state = states
                     .entry(id.clone())
                     .or_insert_with(|| ClientState::new(id.clone()));
-                let d = match &step {
-                    Step::Event(e) => core.on_event(state, &e.envelope, &mut counters),
-                    Step::Advance(_, until) => core.advance(state, *until, &mut counters),
-                    Step::Sweep(_, rule, slot) => match rules.get(rule) {
-                        Some(r) => core.sweep(state, r, *slot, &mut counters),
-                        None => Default::default(),
-                    },
+                let uses = counters.uses();
+                // A timer's key names the first due one, as the step begins.
+                let advance_key = matches!(step, Step::Advance(..)).then(|| step.key(state));
+                let set_aside = poisoned.as_ref().and_then(|p| {
+                    let key = advance_key.clone().unwrap_or_else(|| step.key(state));
+                    p.get(&key).cloned()
+                });
+                let d = match set_aside {
+                    Some(why) => step.set_aside(state, &why),
+                    None => {
+                        let decided =
+                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match step {
+                                Step::Event(e) => core.on_event(state, &e.envelope, &mut counters),
+                                Step::Advance(_, until) => {
+                                    core.advance(state, *until, &mut counters)
+                                }
+                                Step::Sweep(_, rule, slot) => match rules.get(rule) {
+                                    Some(r) => core.sweep(state, r, *slot, &mut counters),
+                                    None => Default::default(),
+                                },
+                            }));
+                        match decided {
+                            Ok(d) => d,
+                            Err(panic) => {
+                                let message = crate::rules::api::panic_message(panic.as_ref());
+                                let key = advance_key.unwrap_or_else(|| steps[i].key(state));
+                                return Err((steps, key, message));
+                            }
+                        }
+                    }
                 };
                 if failure.is_none() {
                     failure = d.counter_failure.clone();
+                }
+                if counters.uses() != uses
+                    && let Step::Event(e) = step
+                    && let Some(seq) = e.stream_seq
+                {
+                    shared_seqs.push(seq);
                 }
                 // A state is written only if something changed it: a due
                 // timer fired, a sweep found work, or an event arrived.
@@ -909,7 +1148,7 @@ impl Pipeline {
                 write.effects.extend(d.effects);
                 write.log.extend(d.log);
                 if let Step::Event(e) = step {
-                    write.events.push(e);
+                    write.events.push(e.clone());
                 }
                 write
                     .events
@@ -927,14 +1166,16 @@ impl Pipeline {
                 .filter(|(id, _)| touched.contains(id))
                 .map(|(_, s)| Arc::new(s))
                 .collect();
-            (write, runs, failure)
+            Ok((write, runs, shared_seqs, failure))
         };
         match tokio::task::spawn_blocking(run).await {
+            Ok(Err(panicked)) => Ok(Err(panicked)),
             // A counter that could not be read means a rule decided on
             // nothing: retry the batch rather than commit that.
-            Ok((_, _, Some(failure))) => Err(StoreError::Counters(failure)),
-            Ok((w, runs, None)) => Ok((w, runs)),
-            // A panic in the core is a bug; surface it rather than ack silently.
+            Ok(Ok((_, _, _, Some(failure)))) => Err(StoreError::Counters(failure)),
+            Ok(Ok((w, runs, shared, None))) => Ok(Ok((w, runs, shared))),
+            // Every step runs under catch_unwind: what is left is a bug in
+            // this function itself.
             Err(e) => std::panic::resume_unwind(e.into_panic()),
         }
     }
@@ -972,6 +1213,7 @@ mod tests {
         let blockers = WindowBlockers {
             first_gap: u64::MAX,
             pending: vec![("c".into(), 289)],
+            first_pending: 289,
         };
         let (free, held) = split_free(events, &blockers);
         assert_eq!(free.len(), 1);
@@ -985,7 +1227,43 @@ mod tests {
         let blockers = WindowBlockers {
             first_gap: u64::MAX,
             pending: vec![("c".into(), 290), ("c".into(), 291)],
+            first_pending: 290,
         };
         assert!(held_from(&events, &blockers).is_empty());
+    }
+
+    #[test]
+    fn steps_follow_the_stream_across_clients() {
+        // Stored in the batch out of order, as a redelivery can leave them.
+        let events = vec![
+            stored("z", "zed", 12),
+            stored("a", "ana", 11),
+            stored("b", "bob", 10),
+        ];
+        let order: Vec<u64> = ordered_steps(events)
+            .iter()
+            .map(|s| match s {
+                Step::Event(e) => e.stream_seq.unwrap(),
+                _ => unreachable!(),
+            })
+            .collect();
+        assert_eq!(order, vec![10, 11, 12], "not by client id");
+    }
+
+    #[test]
+    fn shared_steps_wait_for_any_earlier_message_and_for_their_own_held_ones() {
+        let blockers = WindowBlockers {
+            first_gap: 500,
+            pending: Vec::new(),
+            first_pending: 300,
+        };
+        assert_eq!(shared_cut(&blockers, &[]), 300);
+        assert_eq!(shared_cut(&blockers, &[stored("h", "c", 250)]), 250);
+        let free = WindowBlockers {
+            first_gap: u64::MAX,
+            pending: Vec::new(),
+            first_pending: u64::MAX,
+        };
+        assert_eq!(shared_cut(&free, &[]), u64::MAX);
     }
 }

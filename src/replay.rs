@@ -1,5 +1,7 @@
 //! Walking the stored history again through the decision core: the shop's
-//! events in event-time order, with the sweeps that ran at their times.
+//! events in the order of the stream, the order the daemon decided them in
+//! (event-time order for a shop that publishes in time order; a late event
+//! where it arrived), with the sweeps that ran at their times.
 //!
 //! `nudge replay` uses it to rebuild the derived history (clients, sessions,
 //! timers, counters) after a fix, with effects suppressed; `nudge backtest`
@@ -392,7 +394,7 @@ pub struct Progress {
 }
 
 /// Feeds the stored events up to `until` (and the sweeps logged before it)
-/// to `replay` in time order; `on_decision` sees each decision with the
+/// to `replay` in stream order; `on_decision` sees each decision with the
 /// time of its trigger, in that order. The next page of the log is read
 /// (and decoded) while this one is decided.
 pub async fn walk<S: Store + Clone>(
@@ -423,9 +425,10 @@ pub async fn walk<S: Store + Clone>(
         }
         let mut plan = replay.plan();
         for (event, _) in &page {
+            // The log is in stream order: a late event (an earlier event
+            // time) may still follow one past `until`, so read on.
             if until.is_some_and(|u| event.occurred_at > u) {
-                next = None;
-                break;
+                continue;
             }
             if !erased.is_empty() && erased.contains(&crate::store::erasure_hash(&event.client_id))
             {

@@ -83,11 +83,25 @@ thread_local! {
 }
 
 /// Runs `f` with `ctx` installed and returns its result with the context as the run left it.
-pub fn collect<T>(ctx: RunContext, f: impl FnOnce() -> T) -> (T, RunContext) {
+/// A panic in `f` (a bug in a rule function or in the engine) comes back as
+/// `Err` with its message, and the context comes back all the same: what it
+/// had been lent (the batch's shared counters, the client's own) is never
+/// lost with the run, so one run's panic fails that run, nothing more.
+pub fn collect<T>(ctx: RunContext, f: impl FnOnce() -> T) -> (Result<T, String>, RunContext) {
     let previous = CONTEXT.with(|c| c.borrow_mut().replace(ctx));
-    let out = f();
+    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .map_err(|panic| panic_message(panic.as_ref()));
     let ctx = CONTEXT.with(|c| std::mem::replace(&mut *c.borrow_mut(), previous));
     (out, ctx.expect("installed above"))
+}
+
+/// The message a panic was raised with.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_string())
 }
 
 fn with_ctx<T>(f: impl FnOnce(&mut RunContext) -> T) -> Result<T, Box<EvalAltResult>> {
@@ -314,7 +328,7 @@ mod tests {
         let (res, ctx) = collect(RunContext::new("r", "c", "e"), || {
             engine.run(r#"mail("a"); mail("b", #{ x: 1, y: [true] });"#)
         });
-        res.unwrap();
+        res.unwrap().unwrap();
         let reqs = ctx.requests;
         assert_eq!(reqs.len(), 2);
         assert_eq!(
@@ -328,9 +342,26 @@ mod tests {
             }
         );
         let (res, ctx) = collect(RunContext::new("r", "c", "e"), || engine.run("1 + 1;"));
-        res.unwrap();
+        res.unwrap().unwrap();
         assert!(ctx.requests.is_empty());
         assert!(engine.run(r#"mail("outside");"#).is_err());
+    }
+
+    #[test]
+    fn a_panic_in_a_run_fails_the_run_and_gives_the_context_back() {
+        let mut engine = Engine::new();
+        register(&mut engine);
+        engine.register_fn("explode", |_: i64| -> i64 { panic!("out of bounds") });
+        let mut ctx = RunContext::new("r", "c", "e");
+        ctx.facts.insert("kept".into(), Value::from(1));
+        let (res, ctx) = collect(ctx, || engine.run(r#"mail("a"); explode(1);"#));
+        assert_eq!(res.unwrap_err(), "out of bounds");
+        assert_eq!(ctx.facts["kept"], 1, "what was lent comes back");
+        assert_eq!(ctx.requests.len(), 1);
+        // The context is no longer installed: the next run starts clean.
+        let (res, ctx) = collect(RunContext::new("r", "c", "e2"), || engine.run("1;"));
+        res.unwrap().unwrap();
+        assert!(ctx.requests.is_empty());
     }
 
     #[test]
@@ -352,7 +383,7 @@ mod tests {
             remember("code", a);
         "#;
         let (res, ctx) = collect(ctx, || engine.run(script));
-        res.unwrap();
+        res.unwrap().unwrap();
         assert_eq!(ctx.facts["seen"], 3);
         assert_eq!(ctx.requests.len(), 2);
         assert!(

@@ -208,11 +208,18 @@ impl RuleEngine {
         let scope = &mut inputs.scope;
         let (result, ctx) = api::collect(ctx, || self.engine.run_ast_with_scope(scope, &rule.ast));
         inputs.reset();
-        let result = result.map_err(|e| RuleError {
-            rule: rule.name.clone(),
-            line: e.position().line().unwrap_or(0),
-            message: describe(&e),
-        });
+        let result = match result {
+            Ok(result) => result.map_err(|e| RuleError {
+                rule: rule.name.clone(),
+                line: e.position().line().unwrap_or(0),
+                message: describe(&e),
+            }),
+            Err(panic) => Err(RuleError {
+                rule: rule.name.clone(),
+                line: 0,
+                message: format!("the run broke off: internal error: {panic}"),
+            }),
+        };
         (ctx, result)
     }
 }

@@ -42,6 +42,11 @@ pub enum StoreError {
     /// wrong with the batch, it is retried as it is.
     #[error("still conflicting with other writers after {0} attempts")]
     Contended(usize),
+    /// The broker did not say how far the consumer is acked: the order of
+    /// the stream cannot be checked, so the batch waits and is retried as it
+    /// is (never taken apart, which would skip the consumer's window).
+    #[error("the broker's ack floor could not be read: {0}")]
+    AckFloor(String),
 }
 
 impl StoreError {
@@ -52,7 +57,7 @@ impl StoreError {
     /// An outage, or writers contending: worth retrying as it is, and never
     /// a sign that a message in the batch is to blame.
     pub fn is_transient(&self) -> bool {
-        self.is_outage() || matches!(self, StoreError::Contended(_))
+        self.is_outage() || matches!(self, StoreError::Contended(_) | StoreError::AckFloor(_))
     }
 
     pub fn is_outage(&self) -> bool {
@@ -219,12 +224,17 @@ pub struct WindowBlockers {
     pub first_gap: u64,
     /// Messages of these clients still pending in other batches: `(client, seq)`.
     pub pending: Vec<(String, u64)>,
+    /// The first message of any client still pending in another batch
+    /// (`u64::MAX`: none): steps that use shared counters wait for it.
+    pub first_pending: u64,
 }
 
-/// Where a walk through the event log got to: `(occurred_at, stream_seq, id)`.
+/// Where a walk through the event log got to: `(stream_seq, id)`. The log
+/// is walked in the stream's order, the order the daemon decided it in (the
+/// id only breaks ties should a stream have been recreated, its sequences
+/// starting over).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogCursor {
-    pub occurred_at: DateTime<Utc>,
     pub seq: i64,
     pub id: String,
 }

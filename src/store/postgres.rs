@@ -865,15 +865,13 @@ impl Store for PgStore {
              FROM events WHERE stream_seq IS NOT NULL",
         );
         if let Some(c) = after {
-            q.push(" AND (occurred_at, stream_seq, id) > (")
-                .push_bind(c.occurred_at)
-                .push(", ")
+            q.push(" AND (stream_seq, id) > (")
                 .push_bind(c.seq)
                 .push(", ")
                 .push_bind(c.id.clone())
                 .push(")");
         }
-        q.push(" ORDER BY occurred_at, stream_seq, id LIMIT ")
+        q.push(" ORDER BY stream_seq, id LIMIT ")
             .push_bind(i64::from(limit));
         let rows = q
             .build()
@@ -901,7 +899,6 @@ impl Store for PgStore {
                 )
                 .map_err(|e| corrupt(e.to_string()))?;
                 let cursor = LogCursor {
-                    occurred_at,
                     seq: r.get(6),
                     id: env.id.as_str().to_string(),
                 };
@@ -1257,12 +1254,26 @@ impl Store for PgStore {
         .fetch_all(&self.pool)
         .await
         .map_err(db("reading the window"))?;
+        // Any client's: steps that use shared counters wait for every
+        // earlier message, not only their clients' own.
+        let first_pending: Option<i64> = sqlx::query_scalar(
+            "SELECT MIN(seq) FROM inflight WHERE NOT done AND owner <> ALL($1) \
+             AND lease_until > $2 AND seq < $3 AND seq > $4",
+        )
+        .bind(owners)
+        .bind(now)
+        .bind(below as i64)
+        .bind(floor as i64)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db("reading the window"))?;
         Ok(WindowBlockers {
             first_gap: first_gap.map_or(u64::MAX, |g| g as u64),
             pending: rows
                 .into_iter()
                 .map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1) as u64))
                 .collect(),
+            first_pending: first_pending.map_or(u64::MAX, |s| s as u64),
         })
     }
 

@@ -1057,15 +1057,12 @@ impl Store for SqliteStore {
         after: Option<&LogCursor>,
         limit: u32,
     ) -> Result<Vec<(Envelope, LogCursor)>, StoreError> {
-        let (t, seq, id) = after.map_or((String::new(), i64::MIN, String::new()), |c| {
-            (ts(c.occurred_at), c.seq, c.id.clone())
-        });
+        let (seq, id) = after.map_or((i64::MIN, String::new()), |c| (c.seq, c.id.clone()));
         let rows = sqlx::query(
             "SELECT id, client_id, type, occurred_at, data, context, stream_seq FROM events \
-             WHERE stream_seq IS NOT NULL AND (occurred_at, stream_seq, id) > (?, ?, ?) \
-             ORDER BY occurred_at, stream_seq, id LIMIT ?",
+             WHERE stream_seq IS NOT NULL AND (stream_seq, id) > (?, ?) \
+             ORDER BY stream_seq, id LIMIT ?",
         )
-        .bind(t)
         .bind(seq)
         .bind(id)
         .bind(limit)
@@ -1093,7 +1090,6 @@ impl Store for SqliteStore {
                 )
                 .map_err(|e| corrupt(e.to_string()))?;
                 let cursor = LogCursor {
-                    occurred_at,
                     seq: r.get(6),
                     id: env.id.as_str().to_string(),
                 };

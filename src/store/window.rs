@@ -88,21 +88,26 @@ impl MemoryWindow {
             }
         }
         let clients: HashSet<&str> = clients.iter().copied().collect();
-        let pending = if below > floor + 1 {
-            slots
-                .range(floor + 1..below)
-                .filter(|(_, slot)| {
-                    !slot.done && slot.lease_until > now && !owners.contains(&slot.owner.as_str())
-                })
-                .filter_map(|(seq, slot)| {
-                    let client = slot.client.as_deref()?;
-                    clients.contains(client).then(|| (client.to_string(), *seq))
-                })
-                .collect()
-        } else {
-            Vec::new()
-        };
-        WindowBlockers { first_gap, pending }
+        let mut first_pending = u64::MAX;
+        let mut pending = Vec::new();
+        if below > floor + 1 {
+            let others = slots.range(floor + 1..below).filter(|(_, slot)| {
+                !slot.done && slot.lease_until > now && !owners.contains(&slot.owner.as_str())
+            });
+            for (seq, slot) in others {
+                first_pending = first_pending.min(*seq);
+                if let Some(client) = slot.client.as_deref()
+                    && clients.contains(client)
+                {
+                    pending.push((client.to_string(), *seq));
+                }
+            }
+        }
+        WindowBlockers {
+            first_gap,
+            pending,
+            first_pending,
+        }
     }
 
     /// Marks messages of a committed batch as settled, then forgets those at
