@@ -87,6 +87,10 @@ pub async fn replay(
 /// One effect a backtest found.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq, PartialOrd, Ord)]
 pub struct FoundEffect {
+    /// The effect's key, as the daemon's outbox has it for the same decision.
+    pub key: String,
+    /// What caused it: the event id, or a timer or sweep.
+    pub cause: String,
     pub rule: String,
     pub kind: String,
     /// The template (mails), event type (emits) or team (tasks).
@@ -112,7 +116,7 @@ pub struct Backtest {
     pub effects: Vec<FoundEffect>,
 }
 
-/// Runs the rules in `rules_dir` over the stored history in event-time order,
+/// Runs the rules in `rules_dir` over the stored history in stream order,
 /// in memory: reports what they would have done between `since` and `until`.
 pub async fn backtest(
     config: &Config,
@@ -169,6 +173,8 @@ pub async fn backtest(
                     }
                 };
                 report.effects.push(FoundEffect {
+                    key: e.key,
+                    cause: e.cause,
                     rule: e.rule,
                     kind: kind.to_string(),
                     template: name,

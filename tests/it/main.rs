@@ -11,6 +11,7 @@ mod campaigns;
 mod chain;
 mod cli;
 mod faults;
+mod ordering;
 
 mod rejects;
 mod reload;

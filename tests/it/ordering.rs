@@ -1,0 +1,401 @@
+//! Live decisions equal replay, backtest and a plain reference computation,
+//! whatever the batches: a generated shop history (clients registering, then
+//! months of orders with many ties on event time and totals around the
+//! threshold) goes through the live daemon with several batch sizes, lingers
+//! and batches in flight (and, on PostgreSQL, three instances at once), and
+//! every effect is compared with `nudge backtest`, `nudge replay` and what
+//! the test itself computes in stream order. The campaigns decided by shared
+//! counters are the ones under test: the 99th big client of a quarter
+//! (`happy_client`, `add_distinct`), every 40th order of a month (`add`'s
+//! running total) and a decision on a counter only read (`total`).
+
+use crate::helpers::{Backend, TestDb, TestEnv, daemon_vars, event, registered_at, spawn_daemon};
+use chrono::{DateTime, Duration as Span, Utc};
+use nudge::counters::period_key;
+use nudge::store::Store;
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::time::Duration;
+
+/// Decisions on counters shared by all clients: every 40th order of a month
+/// makes a task (the value `add` returns), and a small order while exactly
+/// ten big ones were counted this month makes another (a counter only read).
+const MONTHLY: &str = r#"
+const ON = ["order_placed"];
+let total = event.data.total ?? 0.0;
+if type_of(total) == "i64" { total = total.to_float(); }
+let n = add("orders_seen", "month", 1).to_int();
+if n % 40 == 0 {
+    task("sales", `Order ${n} of the month`, #{ order_id: event.data.order_id });
+}
+if total > 1000.0 {
+    add("big_orders", "month", 1);
+} else if total("big_orders", "month") == 10.0 {
+    task("sales", "A small order after ten big ones", #{ order_id: event.data.order_id });
+}
+"#;
+
+/// A small deterministic generator (xorshift64*), so a failing history can
+/// be made again from its seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// One order of the history, as the reference sees it.
+struct Order {
+    id: String,
+    client: String,
+    at: DateTime<Utc>,
+    total: f64,
+}
+
+/// The history in the order it is published (the stream's order), and the
+/// orders among it.
+fn shop_history(seed: u64, clients: usize, orders: usize) -> (Vec<Value>, Vec<Order>) {
+    let mut rng = Rng(seed | 1);
+    let t0: DateTime<Utc> = "2026-01-05T08:00:00Z".parse().unwrap();
+    // Client ids whose alphabetical order has nothing to do with time.
+    let ids: Vec<String> = (0..clients)
+        .map(|i| format!("{:08x}-{i}", rng.next() as u32))
+        .collect();
+    let mut events = Vec::new();
+    for (i, c) in ids.iter().enumerate() {
+        // Ten registrations a minute: ties on event time.
+        let at = t0 + Span::minutes(i as i64 / 10);
+        events.push((at, registered_at(&format!("r-{c}"), c, &at.to_rfc3339())));
+    }
+    let mut list = Vec::new();
+    let start = t0 + Span::days(1);
+    for k in 0..orders {
+        let c = &ids[rng.below(clients as u64) as usize];
+        // Six months on an hourly grid: many orders share their time.
+        let at = start + Span::hours(rng.below(24 * 182) as i64);
+        // Around the threshold, whole and fractional, some exactly on it.
+        let total = match rng.below(10) {
+            0 => 1000.0,
+            1 => 1000.5,
+            _ => 900.0 + rng.below(20_000) as f64 / 100.0,
+        };
+        let id = format!("o-{k}");
+        events.push((
+            at,
+            event(
+                &id,
+                "order_placed",
+                c,
+                &at.to_rfc3339(),
+                json!({"order_id": id, "total": total, "currency": "EUR",
+                       "items": [{"product_id": "p1", "quantity": 1, "price": total}]}),
+                json!({"channel": "web"}),
+            ),
+        ));
+        list.push(Order {
+            id,
+            client: c.clone(),
+            at,
+            total,
+        });
+    }
+    // Published in event-time order; ties in the generator's order.
+    let mut order: Vec<usize> = (0..events.len()).collect();
+    order.sort_by_key(|i| events[*i].0);
+    let published: Vec<Value> = order.iter().map(|i| events[*i].1.clone()).collect();
+    let pos: HashMap<String, usize> = published
+        .iter()
+        .enumerate()
+        .map(|(n, e)| (e["id"].as_str().unwrap().to_string(), n))
+        .collect();
+    list.sort_by_key(|o| pos[&o.id]);
+    (published, list)
+}
+
+/// What the counter campaigns must decide, computed plainly in stream
+/// order: `(rule, kind, cause)` of each effect.
+fn reference(orders: &[Order]) -> BTreeSet<(String, String, String)> {
+    let tz = chrono_tz::Tz::UTC;
+    let mut out = BTreeSet::new();
+    let mut put = |rule: &str, kind: &str, cause: &str| {
+        out.insert((rule.to_string(), kind.to_string(), cause.to_string()));
+    };
+    let mut big_clients: HashMap<String, HashSet<String>> = HashMap::new();
+    let mut seen: HashMap<String, i64> = HashMap::new();
+    let mut big: HashMap<String, i64> = HashMap::new();
+    for o in orders {
+        let quarter = period_key("quarter", o.at, tz).unwrap();
+        let month = period_key("month", o.at, tz).unwrap();
+        if o.total > 1000.0 {
+            let set = big_clients.entry(quarter).or_default();
+            if set.insert(o.client.clone()) && set.len() == 99 {
+                for kind in ["mail", "emit", "task"] {
+                    put("happy_client", kind, &o.id);
+                }
+            }
+        }
+        let n = seen.entry(month.clone()).or_default();
+        *n += 1;
+        if *n % 40 == 0 {
+            put("monthly", "task", &o.id);
+        }
+        let b = big.entry(month).or_default();
+        if o.total > 1000.0 {
+            *b += 1;
+        } else if *b == 10 {
+            put("monthly", "task", &o.id);
+        }
+    }
+    out
+}
+
+/// The effects of the counter campaigns among `(rule, kind, cause)`.
+fn campaigns(all: &BTreeSet<(String, String, String)>) -> BTreeSet<(String, String, String)> {
+    all.iter()
+        .filter(|(rule, ..)| rule == "happy_client" || rule == "monthly")
+        .cloned()
+        .collect()
+}
+
+/// Waits until the consumer `name` has acked the whole stream.
+async fn wait_consumed(env: &TestEnv, name: &str, what: &str) {
+    let stream = env
+        .js
+        .get_stream(&env.config.nats.stream)
+        .await
+        .expect("the stream exists");
+    let last = stream.cached_info().state.last_sequence;
+    crate::helpers::eventually(Duration::from_secs(120), what, || async {
+        let mut consumer: async_nats::jetstream::consumer::PullConsumer =
+            stream.get_consumer(name).await.ok()?;
+        let info = consumer.info().await.ok()?;
+        (info.ack_floor.stream_sequence >= last).then_some(())
+    })
+    .await;
+}
+
+/// Every effect in a database's outbox: `(rule, kind, cause)` and the keys.
+async fn outbox_of(
+    store: &nudge::store::AnyStore,
+) -> (BTreeSet<(String, String, String)>, Vec<String>) {
+    let rows = store.list_outbox(1_000_000).await.unwrap();
+    let mut keys: Vec<String> = rows.iter().map(|r| r.key.clone()).collect();
+    keys.sort();
+    let set = rows
+        .into_iter()
+        .map(|r| (r.rule, r.kind, r.cause))
+        .collect();
+    (set, keys)
+}
+
+/// One live run on a database of its own, with its own durable consumer on
+/// the shared stream: its outbox once the whole stream is consumed.
+async fn live_run(
+    env: &TestEnv,
+    backend: Backend,
+    name: &str,
+    batch: usize,
+    linger_ms: u64,
+    in_flight: usize,
+) -> (nudge::store::AnyStore, TestDb) {
+    let db = TestDb::create(backend, env.dir.path(), name).await;
+    let mut config = env.config.clone();
+    config.database.url = db.url.clone();
+    config.nats.consumer = name.to_string();
+    config.nats.batch_size = batch;
+    config.nats.batch_linger_ms = linger_ms;
+    config.nats.batches_in_flight = in_flight;
+    let app = nudge::app::Application::build(config)
+        .await
+        .expect("app builds");
+    let store = app.store().clone();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(app.run_until_stopped(cancel.clone()));
+    wait_consumed(env, name, &format!("{name} consumes the stream")).await;
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+    (store, db)
+}
+
+async fn setup(backend: Backend, seed: u64) -> (TestEnv, Vec<Value>, Vec<Order>) {
+    let env = TestEnv::new(backend).await;
+    // Sweeps run at wall-clock times that a back-dated history does not
+    // respect: the campaigns under test are event-driven.
+    std::fs::remove_file(env.rules_dir().join("idle_reminder.rhai")).unwrap();
+    std::fs::write(env.rules_dir().join("monthly.rhai"), MONTHLY).unwrap();
+    env.create_stream().await;
+    let (events, orders) = shop_history(seed, 1_500, 4_000);
+    (env, events, orders)
+}
+
+async fn publish_all(env: &TestEnv, events: &[Value]) {
+    for e in events {
+        env.publish(e).await;
+    }
+}
+
+backend_tests!(live_decisions_equal_backtest_replay_and_a_reference_whatever_the_batches);
+
+async fn live_decisions_equal_backtest_replay_and_a_reference_whatever_the_batches(
+    backend: Backend,
+) {
+    let seed = 0x5EED_0019;
+    let (env, events, orders) = setup(backend, seed).await;
+    let expected = reference(&orders);
+    assert!(
+        expected.iter().filter(|e| e.0 == "happy_client").count() >= 3,
+        "the history reaches the 99th big client in at least one quarter: {expected:?}"
+    );
+
+    // The first run consumes while the shop publishes (small batches as
+    // events trickle in); the others find the whole history waiting (full
+    // batches holding hundreds of clients each).
+    let db = TestDb::create(backend, env.dir.path(), "live0").await;
+    let mut config = env.config.clone();
+    config.database.url = db.url.clone();
+    config.nats.consumer = "live0".into();
+    let app = nudge::app::Application::build(config.clone())
+        .await
+        .expect("app builds");
+    let first = app.store().clone();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(app.run_until_stopped(cancel.clone()));
+    publish_all(&env, &events).await;
+    wait_consumed(&env, "live0", "the first run consumes the stream").await;
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+    let (live, live_keys) = outbox_of(&first).await;
+    assert_eq!(
+        campaigns(&live),
+        expected,
+        "live (consuming while published) against the reference"
+    );
+
+    let mut rng = Rng(seed);
+    let runs = [(2000, 5, 3), (1, 0, 1), (37, 0, 4)]
+        .into_iter()
+        .chain((0..2).map(|_| {
+            (
+                1 + rng.below(700) as usize,
+                rng.below(20),
+                1 + rng.below(4) as usize,
+            )
+        }))
+        .collect::<Vec<_>>();
+    for (i, (batch, linger, in_flight)) in runs.into_iter().enumerate() {
+        let name = format!("live{}", i + 1);
+        let (store, _db) = live_run(&env, backend, &name, batch, linger, in_flight).await;
+        let (effects, keys) = outbox_of(&store).await;
+        println!(
+            "ordering: {name}: batch {batch}, linger {linger} ms, {in_flight} in flight: {} effects",
+            keys.len()
+        );
+        assert_eq!(
+            campaigns(&effects),
+            expected,
+            "{name} (batch {batch}, linger {linger}, {in_flight} in flight) against the reference"
+        );
+        assert_eq!(
+            keys, live_keys,
+            "{name}: every effect, not only the campaigns"
+        );
+    }
+
+    // The backtest of the same rules over the first run's log.
+    let bt = nudge::tools::backtest(&config, &first, &env.rules_dir(), None, None)
+        .await
+        .unwrap();
+    let mut bt_keys: Vec<String> = bt.effects.iter().map(|e| e.key.clone()).collect();
+    bt_keys.sort();
+    let bt_set: BTreeSet<(String, String, String)> = bt
+        .effects
+        .iter()
+        .map(|e| (e.rule.clone(), e.kind.clone(), e.cause.clone()))
+        .collect();
+    assert_eq!(
+        campaigns(&bt_set),
+        expected,
+        "backtest against the reference"
+    );
+    assert_eq!(
+        bt_keys, live_keys,
+        "backtest against live, effect by effect"
+    );
+
+    // A replay rebuilds the same counters.
+    let orders = &orders;
+    let counters = |store: nudge::store::AnyStore| async move {
+        let mut out = BTreeMap::new();
+        for e in orders {
+            for (name, period) in [
+                ("big_order_clients", "quarter"),
+                ("orders_seen", "month"),
+                ("big_orders", "month"),
+            ] {
+                let key = nudge::counters::CounterKey {
+                    name: name.into(),
+                    period: period_key(period, e.at, chrono_tz::Tz::UTC).unwrap(),
+                };
+                let v = store.load_counter(&key).await.unwrap().value;
+                out.insert(format!("{}/{}", key.name, key.period), v);
+            }
+        }
+        out
+    };
+    let before = counters(first.clone()).await;
+    nudge::tools::replay(&config, &first, |_| {}).await.unwrap();
+    let after = counters(first.clone()).await;
+    assert_eq!(before, after, "replay rebuilds the same shared counters");
+    drop(db);
+}
+
+/// Three instances on one PostgreSQL database take the same history at
+/// once in small batches: the campaigns pick exactly what the reference
+/// picks, in event-time order, not in the order the instances commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_decide_shared_counters_in_stream_order_on_postgres() {
+    let seed = 0x5EED_0003;
+    let (env, events, orders) = setup(Backend::Postgres, seed).await;
+    let expected = reference(&orders);
+    publish_all(&env, &events).await;
+    let vars = daemon_vars(
+        &env,
+        &[
+            ("NUDGE__NATS__BATCH_SIZE", "25"),
+            ("NUDGE__NATS__BATCHES_IN_FLIGHT", "2"),
+            ("NUDGE__NATS__ACK_WAIT_SECS", "30"),
+            ("NUDGE__TEAMS__SALES__EMAIL", "sales@shop.test"),
+        ],
+    );
+    let instances: Vec<_> = (0..3).map(|_| spawn_daemon(&vars)).collect();
+    wait_consumed(
+        &env,
+        &env.config.nats.consumer,
+        "three instances consume the stream",
+    )
+    .await;
+    drop(instances);
+    let store = nudge::app::open_store(&env.config).await.unwrap();
+    let (effects, keys) = outbox_of(&store).await;
+    assert_eq!(
+        campaigns(&effects),
+        expected,
+        "three instances against the reference"
+    );
+    let bt = nudge::tools::backtest(&env.config, &store, &env.rules_dir(), None, None)
+        .await
+        .unwrap();
+    let mut bt_keys: Vec<String> = bt.effects.iter().map(|e| e.key.clone()).collect();
+    bt_keys.sort();
+    assert_eq!(
+        bt_keys, keys,
+        "backtest against three live instances, effect by effect"
+    );
+}
