@@ -12,9 +12,11 @@
 use crate::helpers::{Backend, TestDb, TestEnv, daemon_vars, event, registered_at, spawn_daemon};
 use chrono::{DateTime, Duration as Span, Utc};
 use nudge::counters::period_key;
+use nudge::pipeline::{Incoming, Pipeline};
 use nudge::store::Store;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Decisions on counters shared by all clients: every 40th order of a month
@@ -398,4 +400,143 @@ async fn three_instances_decide_shared_counters_in_stream_order_on_postgres() {
         bt_keys, keys,
         "backtest against three live instances, effect by effect"
     );
+}
+
+/// A broker that never acks: the window keeps every message it was told of.
+struct NoAcks;
+
+impl nudge::pipeline::AckFloor for NoAcks {
+    fn floor(&self) -> futures::future::BoxFuture<'_, Result<u64, String>> {
+        Box::pin(async { Ok(0) })
+    }
+}
+
+/// The pipeline of one instance on a SQLite database of its own.
+async fn pipeline_on(dir: &std::path::Path, name: &str) -> Arc<Pipeline> {
+    let rules = dir.join("rules");
+    let templates = dir.join("templates");
+    std::fs::create_dir_all(&rules).unwrap();
+    std::fs::create_dir_all(&templates).unwrap();
+    std::fs::write(rules.join("monthly.rhai"), MONTHLY).unwrap();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    std::fs::copy(
+        root.join("rules/happy_client.rhai"),
+        rules.join("happy_client.rhai"),
+    )
+    .unwrap();
+    for f in ["happy_client.txt", "happy_client.html"] {
+        std::fs::copy(root.join("templates").join(f), templates.join(f)).unwrap();
+    }
+    let vars: Vec<(String, String)> = [
+        ("NUDGE__RULES__DIR", rules.display().to_string()),
+        ("NUDGE__TEMPLATES__DIR", templates.display().to_string()),
+        (
+            "NUDGE__DATABASE__URL",
+            format!("sqlite://{}", dir.join(format!("{name}.db")).display()),
+        ),
+        ("NUDGE__TEAMS__SALES__EMAIL", "sales@shop.test".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let config = nudge::config::Config::load_with_env(None, vars).unwrap();
+    let store = nudge::app::open_store(&config).await.unwrap();
+    store.migrate().await.unwrap();
+    let catalog = Arc::new(nudge::catalog::Catalog::load(&config));
+    Arc::new(Pipeline::new(
+        store,
+        catalog,
+        Arc::new(nudge::metrics::Metrics::default()),
+        &config,
+    ))
+}
+
+/// The decision core, as the pipeline drives it, decides the same however
+/// the stream is cut into batches: one batch, one event a batch, random
+/// cuts committed one after another, or random cuts with up to four
+/// batches in flight at once (each decided on top of the one before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_split_of_the_stream_into_batches_decides_the_same() {
+    let (events, orders) = shop_history(0x5EED_5E11, 300, 1_500);
+    let incoming: Vec<Incoming> = events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| Incoming {
+            subject: format!("shop.events.{}", e["type"].as_str().unwrap()),
+            payload: serde_json::to_vec(e).unwrap().into(),
+            stream_seq: Some(i as u64 + 1),
+            published: None,
+        })
+        .collect();
+    let expected: BTreeSet<_> = reference(&orders)
+        .into_iter()
+        .filter(|(rule, ..)| rule == "monthly")
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = Rng(0x5EED_5E12);
+    let mut first: Option<Vec<String>> = None;
+    for case in 0..12 {
+        // Cut points: everything in one batch, one event a batch, or random.
+        let cuts: Vec<usize> = match case {
+            0 => vec![incoming.len()],
+            1 => (1..=incoming.len()).collect(),
+            _ => {
+                let mut at = 0;
+                let mut cuts = Vec::new();
+                while at < incoming.len() {
+                    let longest = 1 + rng.below(400);
+                    at = (at + 1 + rng.below(longest) as usize).min(incoming.len());
+                    cuts.push(at);
+                }
+                cuts
+            }
+        };
+        let in_flight = if case < 2 {
+            1
+        } else {
+            1 + rng.below(4) as usize
+        };
+        let pipeline = pipeline_on(dir.path(), &format!("split{case}")).await;
+        let mut from = 0;
+        let limit = Arc::new(tokio::sync::Semaphore::new(in_flight));
+        let mut tasks = Vec::new();
+        for to in &cuts {
+            let batch = incoming[from..*to].to_vec();
+            from = *to;
+            let permit = limit.clone().acquire_owned().await.unwrap();
+            let p = pipeline.clone();
+            let mut turn = p.turn();
+            tasks.push(tokio::spawn(async move {
+                let r = p
+                    .process_in_order(&batch, &NoAcks, Duration::from_secs(30), &mut turn)
+                    .await;
+                drop(permit);
+                r
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        let (effects, keys) = outbox_of(pipeline.store()).await;
+        let monthly: BTreeSet<_> = effects
+            .iter()
+            .filter(|(rule, ..)| rule == "monthly")
+            .cloned()
+            .collect();
+        assert_eq!(
+            monthly,
+            expected,
+            "case {case}: {} batches, {in_flight} in flight",
+            cuts.len()
+        );
+        match &first {
+            None => first = Some(keys),
+            Some(first) => assert_eq!(
+                &keys,
+                first,
+                "case {case}: {} batches, {in_flight} in flight: every effect as with one batch",
+                cuts.len()
+            ),
+        }
+    }
 }
