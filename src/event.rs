@@ -20,7 +20,30 @@ pub enum Rejection {
     Missing { field: &'static str },
     #[error("field `{field}` is invalid: {reason}")]
     Invalid { field: &'static str, reason: String },
+    #[error("`{what}` is reserved for nudge itself: {why}")]
+    Reserved { what: String, why: &'static str },
 }
+
+/// Largest amount of money one event may carry (`total`, `price`), either
+/// way. Money beyond it is a producer's bug, and sums of such amounts run
+/// to infinity, which JSON cannot store.
+pub const MAX_MONEY: f64 = 1e12;
+
+/// Largest quantity one event may carry (`quantity`), either way.
+pub const MAX_QUANTITY: f64 = 1e6;
+
+/// Event types nudge makes itself: a rule sees them as `event.type` for a
+/// timer coming due and a scheduled sweep, so a producer's event of that
+/// type would pass for one.
+pub const RESERVED_TYPES: &[&str] = &["timer", "sweep"];
+
+/// Ids nudge gives its own secondary events start so: a producer's event
+/// with such an id could take the place of one.
+pub const RESERVED_ID_PREFIX: &str = "nudge-";
+
+/// `context` keys nudge sets on its own secondary events (`nudge_depth`
+/// stops emit cycles): a producer may not set them.
+pub const RESERVED_CONTEXT: &[&str] = &["nudge_depth"];
 
 macro_rules! bounded_id {
     ($(#[$doc:meta])* $name:ident, $field:literal) => {
@@ -220,7 +243,7 @@ impl Envelope {
         let text = std::str::from_utf8(bytes).map_err(|_| Rejection::NotUtf8)?;
         // NUL is valid JSON but no database keeps it in text: refuse it here,
         // with a reason, rather than fail to store the batch later.
-        if text.contains("\\u0000") {
+        if has_nul_escape(text) {
             return Err(Rejection::Invalid {
                 field: "envelope",
                 reason: "contains a NUL character (\\u0000)".into(),
@@ -245,6 +268,16 @@ impl Envelope {
         let Value::Object(mut obj) = value else {
             return Err(Rejection::NotJson("top level is not an object".into()));
         };
+        // The text check of `parse` cannot see a decoded value: walk it.
+        if obj
+            .iter()
+            .any(|(k, v)| k.contains('\0') || value_has_nul(v))
+        {
+            return Err(Rejection::Invalid {
+                field: "envelope",
+                reason: "contains a NUL character (\\u0000)".into(),
+            });
+        }
         let mut take = |field: &str| obj.remove(field).unwrap_or(Value::Null);
         Self::validate(Wire {
             id: take("id"),
@@ -270,8 +303,27 @@ impl Envelope {
             // Microseconds are what the databases keep: deciding on the
             // same precision live and in a replay gives the same history.
             .trunc_subsecs(6);
+        if RESERVED_TYPES.contains(&event_type.as_str()) {
+            return Err(Rejection::Reserved {
+                what: format!("type {:?}", event_type.as_str()),
+                why: "nudge gives it to timers and sweeps",
+            });
+        }
+        if id.as_str().starts_with(RESERVED_ID_PREFIX) {
+            return Err(Rejection::Reserved {
+                what: format!("id prefix {RESERVED_ID_PREFIX:?}"),
+                why: "nudge's own secondary events have such ids",
+            });
+        }
         let data = object(wire.data, "data")?;
         let context = object(wire.context, "context")?;
+        if let Some(key) = RESERVED_CONTEXT.iter().find(|k| context.contains_key(**k)) {
+            return Err(Rejection::Reserved {
+                what: format!("context.{key}"),
+                why: "nudge sets it on its own secondary events",
+            });
+        }
+        check_numbers(event_type.as_str(), &data)?;
 
         for (ty, field, kind) in TYPED_DATA {
             if *ty != event_type.as_str() {
@@ -414,6 +466,72 @@ fn check_kind(data: &Map<String, Value>, field: &str, kind: Kind) -> Result<(), 
             reason: format!("`data.{field}` must be {want}, got {}", kind_name(v)),
         })
     }
+}
+
+/// Whether JSON text holds an escaped NUL (`\u0000`). The six characters
+/// count only where the backslash starts an escape: in `"\\u0000"` the
+/// backslash is itself escaped and the text is a backslash and `u0000`.
+fn has_nul_escape(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    let mut from = 0;
+    while let Some(i) = text[from..].find("\\u0000").map(|i| i + from) {
+        // Backslashes in a row before this one: an even count leaves this
+        // one starting an escape.
+        let run = bytes[..i].iter().rev().take_while(|b| **b == b'\\').count();
+        if run % 2 == 0 {
+            return true;
+        }
+        from = i + 1;
+    }
+    false
+}
+
+fn value_has_nul(v: &Value) -> bool {
+    match v {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(a) => a.iter().any(value_has_nul),
+        Value::Object(m) => m.iter().any(|(k, v)| k.contains('\0') || value_has_nul(v)),
+        _ => false,
+    }
+}
+
+/// Numbers with a built-in meaning stay within [`MAX_MONEY`] and
+/// [`MAX_QUANTITY`]: history sums them, rules count them, and a sum that
+/// reaches infinity cannot be stored.
+fn check_numbers(event_type: &str, data: &Map<String, Value>) -> Result<(), Rejection> {
+    fn bounded(v: Option<&Value>, path: &str, max: f64) -> Result<(), Rejection> {
+        let Some(x) = v.and_then(Value::as_f64) else {
+            return Ok(());
+        };
+        if x.is_finite() && x.abs() <= max {
+            return Ok(());
+        }
+        Err(Rejection::Invalid {
+            field: "data",
+            reason: format!("`data.{path}` is {x}, beyond the bound of ±{max:e}"),
+        })
+    }
+    match event_type {
+        "order_placed" => {
+            bounded(data.get("total"), "total", MAX_MONEY)?;
+            if let Some(Value::Array(items)) = data.get("items") {
+                for (i, item) in items.iter().enumerate() {
+                    bounded(item.get("price"), &format!("items[{i}].price"), MAX_MONEY)?;
+                    bounded(
+                        item.get("quantity"),
+                        &format!("items[{i}].quantity"),
+                        MAX_QUANTITY,
+                    )?;
+                }
+            }
+        }
+        "product_viewed" | "cart_item_added" => {
+            bounded(data.get("price"), "price", MAX_MONEY)?;
+            bounded(data.get("quantity"), "quantity", MAX_QUANTITY)?;
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 fn kind_name(v: &Value) -> &'static str {

@@ -42,11 +42,65 @@ pub enum Request {
     },
 }
 
+/// What one rule run may ask for and keep ([`crate::config::RulesConfig`]).
+/// Arguments out of range fail the run; volume beyond a cap is dropped with
+/// a note in the client's process log, so a rule at a cap keeps working.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunLimits {
+    /// Longest `after()` delay, in seconds.
+    pub max_delay_secs: i64,
+    /// Largest `remember` value and timer/mail/emit/task data, in JSON bytes.
+    pub max_value_bytes: usize,
+    pub max_facts_per_rule: usize,
+    pub max_timers_per_rule: usize,
+    /// `print`/`debug` bytes per run.
+    pub max_log_bytes: usize,
+    pub max_mails: usize,
+    pub max_tasks: usize,
+    pub max_emits: usize,
+}
+
+impl RunLimits {
+    pub fn from_config(c: &crate::config::RulesConfig) -> Self {
+        Self {
+            max_delay_secs: i64::from(c.max_delay_days) * 86_400,
+            max_value_bytes: c.max_value_bytes,
+            max_facts_per_rule: c.max_facts_per_rule,
+            max_timers_per_rule: c.max_timers_per_rule,
+            max_log_bytes: c.max_log_bytes_per_run,
+            max_mails: c.max_mails_per_run,
+            max_tasks: c.max_tasks_per_run,
+            max_emits: c.max_emits_per_run,
+        }
+    }
+}
+
+impl Default for RunLimits {
+    fn default() -> Self {
+        Self::from_config(&crate::config::RulesConfig::default())
+    }
+}
+
+/// Largest amount `add` and `client_add` take in one call, either way: the
+/// bound on money at the edge ([`crate::event::MAX_MONEY`]), so no counter
+/// can be driven to infinity (stored as `null`, then unreadable).
+pub const MAX_ADD_AMOUNT: f64 = crate::event::MAX_MONEY;
+
+/// Longest name of a timer, counter, template, team, `remember` key or
+/// emitted type's argument, in bytes: names are keys kept with the client.
+pub const MAX_NAME_BYTES: usize = 128;
+
 /// The state of one rule run: what the rule may read and what it asked for.
 #[derive(Debug, Default)]
 pub struct RunContext {
     /// Requests in the order made.
     pub requests: Vec<Request>,
+    /// Caps reached in this run, each said once, for the client's process log.
+    pub notes: Vec<String>,
+    /// What this run may ask for; set by the engine from the configuration.
+    pub limits: RunLimits,
+    /// `print`/`debug` bytes written so far.
+    logged: usize,
     /// This rule's memory about this client, changed in place by `remember`.
     pub facts: Map<String, Value>,
     /// Names of this rule's pending timers for this client.
@@ -126,8 +180,183 @@ fn client_counter_key(
     Ok(format!("{name}/{p}"))
 }
 
+/// Queues a request, or drops it with a note (once per kind and run) when
+/// the run already asked for as many of its kind as it may.
 fn push(req: Request) -> Result<(), Box<EvalAltResult>> {
-    with_ctx(|ctx| ctx.requests.push(req))
+    with_ctx(|ctx| {
+        let (cap, what, key) = match &req {
+            Request::Mail { .. } => (ctx.limits.max_mails, "mails", "rules.max_mails_per_run"),
+            Request::Task { .. } => (ctx.limits.max_tasks, "tasks", "rules.max_tasks_per_run"),
+            Request::Emit { .. } => (ctx.limits.max_emits, "emits", "rules.max_emits_per_run"),
+            Request::After { name, .. } => {
+                let cap = ctx.limits.max_timers_per_rule;
+                if ctx.is_pending(name) || ctx.pending_names() < cap {
+                    ctx.requests.push(req);
+                } else {
+                    ctx.note(format!(
+                        "a new timer not set: the rule already has {cap} pending for this client \
+                         (rules.max_timers_per_rule)"
+                    ));
+                }
+                return;
+            }
+            Request::Cancel { .. } => {
+                ctx.requests.push(req);
+                return;
+            }
+        };
+        let same = |r: &Request| std::mem::discriminant(r) == std::mem::discriminant(&req);
+        if ctx.requests.iter().filter(|r| same(r)).count() < cap {
+            ctx.requests.push(req);
+        } else {
+            ctx.note(format!(
+                "more than {cap} {what} asked for in one run: the rest dropped ({key})"
+            ));
+        }
+    })
+}
+
+impl RunContext {
+    /// Whether the timer `name` is pending: the latest request of this run
+    /// wins over what was pending before it.
+    fn is_pending(&self, name: &str) -> bool {
+        for r in self.requests.iter().rev() {
+            match r {
+                Request::After { name: n, .. } if n == name => return true,
+                Request::Cancel { name: n } if n == name => return false,
+                _ => {}
+            }
+        }
+        self.timers.iter().any(|t| t == name)
+    }
+
+    /// How many of this rule's timers are pending for the client, this run's
+    /// requests included.
+    fn pending_names(&self) -> usize {
+        let mut names: std::collections::BTreeSet<&str> =
+            self.timers.iter().map(String::as_str).collect();
+        for r in &self.requests {
+            match r {
+                Request::After { name, .. } => {
+                    names.insert(name);
+                }
+                Request::Cancel { name } => {
+                    names.remove(name.as_str());
+                }
+                _ => {}
+            }
+        }
+        names.len()
+    }
+
+    /// Records that a cap was reached, once per message and run.
+    pub fn note(&mut self, message: String) {
+        if !self.notes.contains(&message) {
+            self.notes.push(message);
+        }
+    }
+}
+
+/// Fails the run with `message` (shown with the rule's name and line).
+fn refuse<T>(message: String) -> Result<T, Box<EvalAltResult>> {
+    Err(message.into())
+}
+
+/// A name the rule gives (timer, counter, template, key): 1 to
+/// [`MAX_NAME_BYTES`] bytes.
+fn check_name(what: &str, name: &str) -> Result<(), Box<EvalAltResult>> {
+    if name.is_empty() || name.len() > MAX_NAME_BYTES {
+        return refuse(format!(
+            "{what} must be 1 to {MAX_NAME_BYTES} bytes long, got {}",
+            name.len()
+        ));
+    }
+    Ok(())
+}
+
+/// An amount for a counter: finite and within ±[`MAX_ADD_AMOUNT`].
+fn check_amount(f: &str, amount: f64) -> Result<f64, Box<EvalAltResult>> {
+    if amount.is_finite() && amount.abs() <= MAX_ADD_AMOUNT {
+        Ok(amount)
+    } else {
+        refuse(format!(
+            "{f}(): the amount must be a finite number within ±{MAX_ADD_AMOUNT:e}, got {amount}"
+        ))
+    }
+}
+
+/// A delay for `after()`: at most `rules.max_delay_days`. A negative delay
+/// means "now" (a due time already past fires at once), as before.
+fn check_delay(delay: i64) -> Result<i64, Box<EvalAltResult>> {
+    let max = with_ctx(|ctx| ctx.limits.max_delay_secs)?;
+    if delay > max {
+        return refuse(format!(
+            "after(): a delay of {delay} seconds is beyond the limit of {max} \
+             (rules.max_delay_days)"
+        ));
+    }
+    Ok(delay.max(0))
+}
+
+/// JSON bytes of `v`, for the size caps.
+fn json_bytes(v: &Value) -> usize {
+    serde_json::to_vec(v).map_or(usize::MAX, |b| b.len())
+}
+
+/// Data a request carries (timer, mail, emit, task): at most
+/// `rules.max_value_bytes` of JSON, else the run fails: it would be stored
+/// with the client or the outbox.
+fn check_data(f: &str, data: Map<String, Value>) -> Result<Map<String, Value>, Box<EvalAltResult>> {
+    let max = with_ctx(|ctx| ctx.limits.max_value_bytes)?;
+    if data.is_empty() {
+        return Ok(data);
+    }
+    let data = Value::Object(data);
+    let n = json_bytes(&data);
+    if n > max {
+        return refuse(format!(
+            "{f}(): its data is {n} bytes of JSON, over the limit of {max} (rules.max_value_bytes)"
+        ));
+    }
+    let Value::Object(m) = data else {
+        unreachable!("built as an object above")
+    };
+    Ok(m)
+}
+
+/// `seconds(n)` .. `days(n)`: `n * unit`, failing the run on overflow.
+fn duration(f: &str, n: i64, unit: i64) -> Result<i64, Box<EvalAltResult>> {
+    n.checked_mul(unit)
+        .map_or_else(|| refuse(format!("{f}({n}): too large a duration")), Ok)
+}
+
+/// Sends `print`/`debug` output to the log within the run's byte budget;
+/// the first line over it is cut and the rest dropped, with a note. Outside
+/// a run (never, in practice) the line goes out as it is.
+pub(crate) fn log_line(s: &str) -> Option<String> {
+    CONTEXT.with(|c| {
+        let mut c = c.borrow_mut();
+        let Some(ctx) = c.as_mut() else {
+            return Some(s.to_string());
+        };
+        let left = ctx.limits.max_log_bytes.saturating_sub(ctx.logged);
+        if left == 0 {
+            return None;
+        }
+        if s.len() <= left {
+            ctx.logged += s.len();
+            return Some(s.to_string());
+        }
+        ctx.logged = ctx.limits.max_log_bytes;
+        let max = ctx.limits.max_log_bytes;
+        ctx.note(format!(
+            "print/debug output over {max} bytes in one run: cut (rules.max_log_bytes_per_run)"
+        ));
+        Some(format!(
+            "{}... (cut: over {max} bytes of output in this run)",
+            crate::history::truncated(s, left)
+        ))
+    })
 }
 
 fn to_json(v: Dynamic) -> Result<Value, Box<EvalAltResult>> {
@@ -176,29 +405,33 @@ fn unique_code(prefix: &str) -> Result<String, Box<EvalAltResult>> {
 
 pub fn register(engine: &mut Engine) {
     engine.register_fn("mail", |template: &str| {
+        check_name("a template name", template)?;
         push(Request::Mail {
             template: template.to_string(),
             vars: Map::new(),
         })
     });
     engine.register_fn("mail", |template: &str, vars: RhaiMap| {
+        check_name("a template name", template)?;
         push(Request::Mail {
             template: template.to_string(),
-            vars: to_json_map(vars)?,
+            vars: check_data("mail", to_json_map(vars)?)?,
         })
     });
     engine.register_fn("after", |delay: i64, name: &str| {
+        check_name("a timer name", name)?;
         push(Request::After {
-            delay_secs: delay.max(0),
+            delay_secs: check_delay(delay)?,
             name: name.to_string(),
             data: Map::new(),
         })
     });
     engine.register_fn("after", |delay: i64, name: &str, data: RhaiMap| {
+        check_name("a timer name", name)?;
         push(Request::After {
-            delay_secs: delay.max(0),
+            delay_secs: check_delay(delay)?,
             name: name.to_string(),
-            data: to_json_map(data)?,
+            data: check_data("after", to_json_map(data)?)?,
         })
     });
     engine.register_fn("cancel", |name: &str| {
@@ -206,23 +439,28 @@ pub fn register(engine: &mut Engine) {
             name: name.to_string(),
         })
     });
-    engine.register_fn("pending", |name: &str| {
-        with_ctx(|ctx| {
-            // The latest request wins: a timer set or cancelled in this run counts.
-            for r in ctx.requests.iter().rev() {
-                match r {
-                    Request::After { name: n, .. } if n == name => return true,
-                    Request::Cancel { name: n } if n == name => return false,
-                    _ => {}
-                }
-            }
-            ctx.timers.iter().any(|t| t == name)
-        })
-    });
+    engine.register_fn("pending", |name: &str| with_ctx(|ctx| ctx.is_pending(name)));
+    // What a rule remembers is loaded and saved with every event of the
+    // client: past its caps a value is not kept (noted), the run goes on.
     engine.register_fn("remember", |key: &str, value: Dynamic| {
+        check_name("a remember() key", key)?;
         let value = to_json(value)?;
+        let n = json_bytes(&value);
         with_ctx(|ctx| {
-            ctx.facts.insert(key.to_string(), value);
+            let l = ctx.limits;
+            if n > l.max_value_bytes {
+                ctx.note(format!(
+                    "remember(): a value over {} bytes of JSON not kept (rules.max_value_bytes)",
+                    l.max_value_bytes
+                ));
+            } else if !ctx.facts.contains_key(key) && ctx.facts.len() >= l.max_facts_per_rule {
+                ctx.note(format!(
+                    "remember(): a new key not kept: the rule already keeps {} keys for this client (rules.max_facts_per_rule)",
+                    l.max_facts_per_rule
+                ));
+            } else {
+                ctx.facts.insert(key.to_string(), value);
+            }
         })
     });
     engine.register_fn("recall", |key: &str| {
@@ -236,12 +474,18 @@ pub fn register(engine: &mut Engine) {
     });
     engine.register_fn("unique_code", unique_code);
     engine.register_fn("emit", |event_type: &str, data: RhaiMap| {
+        if crate::event::RESERVED_TYPES.contains(&event_type) {
+            return refuse(format!(
+                "emit(\"{event_type}\"): the type is reserved for nudge's timers and sweeps"
+            ));
+        }
         push(Request::Emit {
             event_type: event_type.to_string(),
-            data: to_json_map(data)?,
+            data: check_data("emit", to_json_map(data)?)?,
         })
     });
     engine.register_fn("task", |team: &str, title: &str| {
+        check_name("a team name", team)?;
         push(Request::Task {
             team: team.to_string(),
             title: title.to_string(),
@@ -249,24 +493,33 @@ pub fn register(engine: &mut Engine) {
         })
     });
     engine.register_fn("task", |team: &str, title: &str, data: RhaiMap| {
+        check_name("a team name", team)?;
         push(Request::Task {
             team: team.to_string(),
             title: title.to_string(),
-            data: to_json_map(data)?,
+            data: check_data("task", to_json_map(data)?)?,
         })
     });
     // Shared counters: `add` returns the new total, `total` reads it;
     // `add_distinct` is true when the member was new, `distinct` counts members.
+    // Arguments are checked before the counter is touched: an error inside
+    // `with_counter` means "the counter could not be read" and retries the batch.
     engine.register_fn("add", |name: &str, period: &str, amount: f64| {
+        check_name("a counter name", name)?;
+        let amount = check_amount("add", amount)?;
         with_counter(name, period, |c, k| c.add(k, amount))
     });
     engine.register_fn("add", |name: &str, period: &str, amount: i64| {
-        with_counter(name, period, |c, k| c.add(k, amount as f64))
+        check_name("a counter name", name)?;
+        let amount = check_amount("add", amount as f64)?;
+        with_counter(name, period, |c, k| c.add(k, amount))
     });
     engine.register_fn("total", |name: &str, period: &str| {
         with_counter(name, period, |c, k| c.get(k))
     });
     engine.register_fn("add_distinct", |name: &str, period: &str, member: &str| {
+        check_name("a counter name", name)?;
+        check_name("a distinct member", member)?;
         with_counter(name, period, |c, k| c.add_distinct(k, member))
     });
     engine.register_fn("distinct", |name: &str, period: &str| {
@@ -274,22 +527,10 @@ pub fn register(engine: &mut Engine) {
     });
     // The client's own counters.
     engine.register_fn("client_add", |name: &str, period: &str, amount: f64| {
-        let now = with_ctx(|ctx| ctx.now)?;
-        let key = client_counter_key(name, period, now)?;
-        with_ctx(|ctx| {
-            let v = ctx.client_counters.entry(key).or_default();
-            *v += amount;
-            *v
-        })
+        client_add(name, period, amount)
     });
     engine.register_fn("client_add", |name: &str, period: &str, amount: i64| {
-        let now = with_ctx(|ctx| ctx.now)?;
-        let key = client_counter_key(name, period, now)?;
-        with_ctx(|ctx| {
-            let v = ctx.client_counters.entry(key).or_default();
-            *v += amount as f64;
-            *v
-        })
+        client_add(name, period, amount as f64)
     });
     engine.register_fn("client_total", |name: &str, period: &str| {
         let now = with_ctx(|ctx| ctx.now)?;
@@ -298,10 +539,51 @@ pub fn register(engine: &mut Engine) {
     });
     // Durations in seconds, to compare with `now` and the times in `client`.
     engine.register_fn("seconds", |n: i64| n);
-    engine.register_fn("minutes", |n: i64| n * 60);
-    engine.register_fn("hours", |n: i64| n * 3600);
-    engine.register_fn("days", |n: i64| n * 86_400);
+    engine.register_fn("minutes", |n: i64| duration("minutes", n, 60));
+    engine.register_fn("hours", |n: i64| duration("hours", n, 3600));
+    engine.register_fn("days", |n: i64| duration("days", n, 86_400));
 }
+
+/// Adds to the client's own counter. The total saturates within
+/// ±[`crate::history::MAX_MONEY_SUM`] so it always stays storable.
+fn client_add(name: &str, period: &str, amount: f64) -> Result<f64, Box<EvalAltResult>> {
+    check_name("a counter name", name)?;
+    let amount = check_amount("client_add", amount)?;
+    let now = with_ctx(|ctx| ctx.now)?;
+    let key = client_counter_key(name, period, now)?;
+    with_ctx(|ctx| {
+        let counters = &mut ctx.client_counters;
+        if !counters.contains_key(&key) && counters.len() >= MAX_CLIENT_COUNTERS {
+            // Period keys sort in time, so the first of this counter's keys
+            // is its oldest period: it goes, and the counter keeps counting.
+            let prefix = format!("{name}/");
+            let oldest = counters
+                .range(prefix.clone()..)
+                .next()
+                .map(|(k, _)| k.clone())
+                .filter(|k| k.starts_with(&prefix));
+            match oldest {
+                Some(k) => {
+                    counters.remove(&k);
+                }
+                None => {
+                    ctx.note(format!(
+                        "client_add(): a new counter not counted: the client already has {MAX_CLIENT_COUNTERS} counters"
+                    ));
+                    return 0.0;
+                }
+            }
+        }
+        let v = counters.entry(key).or_default();
+        *v = crate::history::money_add(*v, amount);
+        *v
+    })
+}
+
+/// Counter periods (`name/period-key`) one client keeps: with a new name or
+/// day each event, they would grow without end. At the cap a counter's
+/// oldest period makes room for its new one.
+pub const MAX_CLIENT_COUNTERS: usize = 200;
 
 #[cfg(test)]
 mod tests {
