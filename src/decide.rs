@@ -1054,4 +1054,33 @@ mod tests {
         };
         assert_eq!(counters.get(&k).unwrap(), 2.0);
     }
+
+    #[test]
+    fn rule_mistakes_fail_the_run_and_caps_are_logged_never_a_panic() {
+        let (engine, rules, templates, _d) = fixture(
+            "const ON = [\"client_registered\", \"login_succeeded\"];\n\
+             if event.type == \"client_registered\" { after(days(200000000), \"x\"); }\n\
+             else { for i in 0..50 { mail(\"t\"); } }",
+        );
+        let core = core(&engine, &rules, &templates);
+        let mut state = ClientState::new(ClientId::parse("c1").unwrap());
+        let d = core.on_event(&mut state, &registered("e1"), &mut Counters::default());
+        assert_eq!(d.runs, vec![("r".to_string(), false)]);
+        assert!(d.log[0].message.contains("max_delay_days"), "{:?}", d.log);
+        assert!(state.timers.is_empty());
+        let d = core.on_event(
+            &mut state,
+            &at("e2", "login_succeeded", "2026-11-01T11:00:00Z"),
+            &mut Counters::default(),
+        );
+        let cap = RulesConfig::default().max_mails_per_run;
+        assert_eq!(d.effects.len(), cap);
+        let note = d
+            .log
+            .iter()
+            .find(|l| l.level == Level::Warning)
+            .expect("noted");
+        assert!(note.message.contains("max_mails_per_run"), "{note:?}");
+        assert_eq!(d.runs, vec![("r".to_string(), true)]);
+    }
 }

@@ -618,6 +618,91 @@ mod tests {
     }
 
     #[test]
+    fn amounts_and_quantities_stay_within_their_bounds() {
+        let order = |data: Value| {
+            parse(json!({"id": "o", "type": "order_placed", "client_id": "c1",
+                "occurred_at": "2026-11-01T10:00:00Z", "data": data}))
+        };
+        assert!(
+            order(json!({"total": 1e12, "items": [{"price": -1e12, "quantity": 1e6}]})).is_ok()
+        );
+        for bad in [
+            json!({"total": 1e308}),
+            json!({"total": -1.000001e12}),
+            json!({"items": [{"price": 1e13}]}),
+            json!({"items": [{"quantity": 2e6}]}),
+        ] {
+            let err = order(bad.clone()).unwrap_err().to_string();
+            assert!(err.contains("beyond the bound"), "{bad}: {err}");
+        }
+        let cart = parse(
+            json!({"id": "a", "type": "cart_item_added", "client_id": "c1",
+            "occurred_at": "2026-11-01T10:00:00Z", "data": {"quantity": 1e7}}),
+        );
+        assert!(cart.unwrap_err().to_string().contains("data.quantity"));
+        // Other events' numbers mean nothing to nudge: kept as sent.
+        assert!(
+            parse(json!({"id": "x", "type": "page_viewed", "client_id": "c1",
+            "occurred_at": "2026-11-01T10:00:00Z", "data": {"total": 1e308}}))
+            .is_ok()
+        );
+        // Out of f64's range is not JSON nudge can read.
+        let text = br#"{"id":"o","type":"order_placed","client_id":"c","occurred_at":"2026-11-01T10:00:00Z","data":{"total":1e999}}"#;
+        assert!(Envelope::parse(text, 65536).is_err());
+    }
+
+    #[test]
+    fn types_ids_and_context_keys_of_nudge_are_refused() {
+        for (field, value) in [
+            ("type", json!("timer")),
+            ("type", json!("sweep")),
+            ("id", json!("nudge-abc")),
+        ] {
+            let mut v = good();
+            v[field] = value;
+            let err = parse(v).unwrap_err();
+            assert!(matches!(err, Rejection::Reserved { .. }), "{field}: {err}");
+            assert!(err.to_string().contains("reserved for nudge"), "{err}");
+        }
+        let mut v = good();
+        v["context"]["nudge_depth"] = json!(99);
+        assert!(parse(v).unwrap_err().to_string().contains("nudge_depth"));
+        // Alike, but not nudge's.
+        let mut v = good();
+        v["type"] = json!("timers");
+        v["id"] = json!("nudgeabc");
+        assert!(parse(v).is_ok());
+    }
+
+    #[test]
+    fn an_escaped_backslash_before_u0000_is_not_a_nul() {
+        // The JSON text "\\u0000" is a backslash then `u0000`: no NUL.
+        let mut v = good();
+        v["data"]["note"] = json!("\\u0000 and \\\\u0000");
+        let text = v.to_string();
+        assert!(text.contains(r"\\u0000"));
+        let e = Envelope::parse(text.as_bytes(), 65536).unwrap();
+        assert_eq!(e.data["note"], "\\u0000 and \\\\u0000");
+        // An escaped backslash then a real escaped NUL is still refused.
+        let text = text.replace(r"\\u0000 and", r"\\\u0000 and");
+        assert!(
+            Envelope::parse(text.as_bytes(), 65536)
+                .unwrap_err()
+                .to_string()
+                .contains("NUL")
+        );
+        // A NUL reaching `from_value` already decoded is refused too.
+        let mut v = good();
+        v["context"]["page"] = json!("a\u{0}b");
+        assert!(
+            Envelope::from_value(v)
+                .unwrap_err()
+                .to_string()
+                .contains("NUL")
+        );
+    }
+
+    #[test]
     fn ids_are_bounded() {
         assert!(EventId::parse("").is_err());
         assert!(EventId::parse("x".repeat(129)).is_err());
@@ -658,6 +743,25 @@ mod tests {
 
         proptest! {
             #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn order_totals_are_accepted_exactly_within_the_bound(total in any::<f64>().prop_filter("finite", |f| f.is_finite())) {
+                let v = serde_json::json!({"id": "o", "type": "order_placed", "client_id": "c",
+                    "occurred_at": "2026-11-01T10:00:00Z", "data": {"total": total}});
+                let r = Envelope::parse(&serde_json::to_vec(&v).unwrap(), 65536);
+                prop_assert_eq!(r.is_ok(), total.abs() <= MAX_MONEY, "{} -> {:?}", total, r);
+            }
+
+            #[test]
+            fn strings_with_backslashes_are_refused_only_for_a_real_nul(
+                s in prop::collection::vec(prop_oneof![Just("\\"), Just("u0000"), Just("\0"), Just("a")], 0..12)
+            ) {
+                let s: String = s.concat();
+                let v = serde_json::json!({"id": "e", "type": "page_viewed", "client_id": "c",
+                    "occurred_at": "2026-11-01T10:00:00Z", "data": {"note": s}});
+                let r = Envelope::parse(&serde_json::to_vec(&v).unwrap(), 65536);
+                prop_assert_eq!(r.is_err(), s.contains('\0'), "{:?} -> {:?}", s, r);
+            }
 
             #[test]
             fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..2048)) {

@@ -716,6 +716,123 @@ mod tests {
         assert_eq!(s.stats.events["product_viewed"], 2);
     }
 
+    #[test]
+    fn sums_stay_finite_and_a_client_keeps_bounded_maps() {
+        let mut s = ClientState::new(ClientId::parse("c1").unwrap());
+        let gap = Duration::minutes(30);
+        let limits = HistoryLimits::default();
+        // Built past the edge's bounds on purpose: history holds on its own.
+        let order = |i: usize, total: f64, pids: std::ops::Range<usize>| {
+            let items: Vec<Value> = pids
+                .map(|p| json!({"product_id": format!("p{p}"), "name": "n".repeat(1000), "quantity": u64::MAX}))
+                .collect();
+            let mut e = ev(
+                &format!("o{i}"),
+                "order_placed",
+                "2026-11-03T09:00:00Z",
+                json!({}),
+            );
+            e.data = json!({"total": total, "items": items, "channel": format!("ch{i}")})
+                .as_object()
+                .unwrap()
+                .clone();
+            e
+        };
+        for i in 0..40 {
+            s.apply_limited(&order(i, 1e308, i * 1100..(i + 1) * 1100), gap, &limits);
+        }
+        assert_eq!(s.stats.spend, MAX_MONEY_SUM);
+        assert_eq!(s.stats.purchases.len(), limits.max_purchases);
+        assert!(
+            s.stats
+                .purchases
+                .values()
+                .all(|p| p.name.as_ref().unwrap().len() <= MAX_NAME_TEXT)
+        );
+        assert_eq!(s.stats.orders_by_channel.len(), limits.max_order_channels);
+        assert!(
+            s.stats
+                .orders_by_channel
+                .values()
+                .all(|c| c.total.is_finite())
+        );
+        for i in 0..1000 {
+            s.apply_limited(
+                &ev(
+                    &format!("t{i}"),
+                    &format!("type_{i}"),
+                    "2026-11-03T10:00:00Z",
+                    json!({}),
+                ),
+                gap,
+                &limits,
+            );
+        }
+        assert_eq!(s.stats.events.len(), limits.max_event_types);
+        assert_eq!(s.stats.last_at.len(), limits.max_event_types);
+        assert_eq!(s.stats.orders, 40, "known types still count");
+        let bytes = serde_json::to_vec(&s).unwrap().len();
+        assert!(bytes < 200_000, "state of {bytes} bytes");
+        // And it reads back as it was.
+        let back: ClientState = serde_json::from_slice(&serde_json::to_vec(&s).unwrap()).unwrap();
+        assert_eq!(back, s);
+    }
+
+    #[test]
+    fn a_stored_state_always_decodes() {
+        let mut s = ClientState::new(ClientId::parse("c1").unwrap());
+        s.apply(
+            &ev(
+                "1",
+                "order_placed",
+                "2026-11-03T09:00:00Z",
+                json!({"total": 10.0}),
+            ),
+            Duration::minutes(30),
+        );
+        s.counters.insert("x/all".into(), 2.0);
+        s.facts
+            .insert("r".into(), json!({"k": 1}).as_object().unwrap().clone());
+        let mut v = serde_json::to_value(&s).unwrap();
+        // Infinity as serde_json writes it: null where a number belongs.
+        v["stats"]["spend"] = Value::Null;
+        v["stats"]["orders_by_channel"]["online"]["total"] = Value::Null;
+        v["counters"]["x/all"] = Value::Null;
+        let back: ClientState = serde_json::from_str(&v.to_string()).unwrap();
+        assert_eq!(back.stats.spend, 0.0);
+        assert_eq!(back.counters["x/all"], 0.0);
+        assert_eq!(back.stats.orders, 1, "the rest kept");
+        // A part of the wrong shape starts fresh; the others are kept.
+        v["stats"] = json!("garbage");
+        v["timers"] = json!({"not": "a list"});
+        let back: ClientState = serde_json::from_str(&v.to_string()).unwrap();
+        assert_eq!(back.stats, Stats::default());
+        assert!(back.timers.is_empty());
+        assert_eq!(back.facts, s.facts);
+        assert_eq!(back.client_id.as_str(), "c1");
+        // Without a client id there is nothing to start from.
+        assert!(serde_json::from_str::<ClientState>(r#"{"stats": {}}"#).is_err());
+        assert!(ClientState::decode("[1]").is_err());
+    }
+
+    #[test]
+    fn long_session_ids_are_kept_short_and_still_group_events() {
+        let mut s = ClientState::new(ClientId::parse("c1").unwrap());
+        let gap = Duration::minutes(30);
+        let sid = "s".repeat(60_000);
+        s.apply(
+            &sev("1", "page_viewed", "2026-11-01T10:00:00Z", Some(&sid)),
+            gap,
+        );
+        s.apply(
+            &sev("2", "page_viewed", "2026-11-01T12:00:00Z", Some(&sid)),
+            gap,
+        );
+        let cur = s.sessions.current.as_ref().unwrap();
+        assert_eq!(cur.id.len(), MAX_KEY_BYTES);
+        assert_eq!(cur.events, 2);
+    }
+
     fn sev(id: &str, ty: &str, at: &str, sid: Option<&str>) -> Envelope {
         let mut v = json!({"id": id, "type": ty, "client_id": "c1", "occurred_at": at});
         if let Some(sid) = sid {

@@ -646,4 +646,167 @@ mod tests {
         });
         assert_eq!(again.facts["code"], ctx.facts["code"]);
     }
+
+    /// Runs `script` in a fresh context with default limits; returns the
+    /// error text (if the run failed) and the context.
+    fn run(script: &str) -> (Option<String>, RunContext) {
+        let mut engine = Engine::new();
+        register(&mut engine);
+        let mut ctx = RunContext::new("r", "c1", "e1");
+        ctx.now = "2026-11-01T10:00:00Z".parse().unwrap();
+        ctx.counters = crate::counters::Counters::new(
+            Box::new(crate::counters::MemorySource::default()),
+            chrono_tz::Tz::UTC,
+        );
+        let (res, ctx) = collect(ctx, || engine.run(script));
+        (res.err().map(|e| e.to_string()), ctx)
+    }
+
+    #[test]
+    fn after_refuses_delays_beyond_the_limit_and_durations_that_overflow() {
+        for script in [
+            r#"after(9223372036854775807, "x");"#,
+            r#"after(days(200000000), "x");"#,
+            r#"after(days(3651), "x");"#,
+        ] {
+            let (err, ctx) = run(script);
+            let err = err.unwrap_or_else(|| panic!("{script} must fail"));
+            assert!(err.contains("rules.max_delay_days"), "{script}: {err}");
+            assert!(ctx.requests.is_empty());
+        }
+        let (err, _) = run("days(9223372036854775807);");
+        assert!(err.unwrap().contains("too large a duration"));
+        let (err, _) = run("minutes(-9223372036854775807);");
+        assert!(err.unwrap().contains("too large a duration"));
+        // Zero, the limit itself and a negative delay (fires at once) are fine.
+        let (err, ctx) = run(r#"after(0, "a"); after(days(3650), "b"); after(-5, "c");"#);
+        assert_eq!(err, None);
+        let delays: Vec<i64> = ctx
+            .requests
+            .iter()
+            .map(|r| match r {
+                Request::After { delay_secs, .. } => *delay_secs,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(delays, vec![0, 3650 * 86_400, 0]);
+        let (err, _) = run(&format!(
+            r#"after(1, "{}");"#,
+            "n".repeat(MAX_NAME_BYTES + 1)
+        ));
+        assert!(err.unwrap().contains("timer name"));
+        let (err, _) = run(r#"after(1, "");"#);
+        assert!(err.unwrap().contains("timer name"));
+    }
+
+    #[test]
+    fn counter_amounts_must_be_finite_and_bounded_without_failing_the_batch() {
+        for script in [
+            r#"add("x", "all", 1e308 * 10.0);"#,
+            r#"add("x", "all", 0.0 / 0.0);"#,
+            r#"add("x", "all", 1e13);"#,
+            r#"client_add("x", "month", 1e308 * 10.0);"#,
+            r#"client_add("x", "month", -2e12);"#,
+        ] {
+            let (err, ctx) = run(script);
+            let err = err.unwrap_or_else(|| panic!("{script} must fail"));
+            assert!(err.contains("finite number within"), "{script}: {err}");
+            // A bad argument is the rule's fault, not an unreadable counter:
+            // the batch must not be retried for it.
+            assert_eq!(ctx.counter_failure, None, "{script}");
+        }
+        let (err, _) = run(r#"add("x", "fortnight", 1);"#);
+        assert!(err.unwrap().contains("unknown period"));
+        let (err, ctx) = run(r#"add("x", "all", 1e12); client_add("y", "month", 1e12);"#);
+        assert_eq!(err, None);
+        assert_eq!(ctx.client_counters["y/2026-11"], 1e12);
+    }
+
+    #[test]
+    fn a_clients_counters_stay_finite_and_bounded_in_number() {
+        let (err, ctx) = run(r#"for i in 0..2000 { client_add("big", "all", 1e12); }
+               for i in 0..300 { client_add(`c${i}`, "all", 1); }"#);
+        assert_eq!(err, None);
+        assert!(ctx.client_counters["big/all"].is_finite());
+        assert!(ctx.client_counters["big/all"] <= crate::history::MAX_MONEY_SUM);
+        assert_eq!(ctx.client_counters.len(), MAX_CLIENT_COUNTERS);
+        assert_eq!(ctx.notes.len(), 1, "{:?}", ctx.notes);
+    }
+
+    #[test]
+    fn effects_per_run_are_capped_with_one_note_each() {
+        let (err, ctx) = run(
+            r#"for i in 0..1000 { mail("t"); task("sales", "call"); emit("x", #{}); after(60, `t${i}`); }"#,
+        );
+        assert_eq!(err, None);
+        let count = |f: fn(&Request) -> bool| ctx.requests.iter().filter(|r| f(r)).count();
+        let l = RunLimits::default();
+        assert_eq!(count(|r| matches!(r, Request::Mail { .. })), l.max_mails);
+        assert_eq!(count(|r| matches!(r, Request::Task { .. })), l.max_tasks);
+        assert_eq!(count(|r| matches!(r, Request::Emit { .. })), l.max_emits);
+        assert_eq!(
+            count(|r| matches!(r, Request::After { .. })),
+            l.max_timers_per_rule
+        );
+        assert_eq!(ctx.notes.len(), 4, "{:?}", ctx.notes);
+        assert!(
+            ctx.notes
+                .iter()
+                .any(|n| n.contains("rules.max_mails_per_run"))
+        );
+        // Setting a pending timer again replaces it, at the cap too.
+        let mut engine = Engine::new();
+        register(&mut engine);
+        let mut full = RunContext::new("r", "c1", "e1");
+        full.timers = (0..l.max_timers_per_rule)
+            .map(|i| format!("t{i}"))
+            .collect();
+        let (res, full) = collect(full, || engine.run(r#"after(5, "t3"); after(5, "new");"#));
+        res.unwrap();
+        assert_eq!(full.requests.len(), 1);
+        assert_eq!(full.notes.len(), 1);
+    }
+
+    #[test]
+    fn remember_keeps_values_and_keys_within_their_caps() {
+        let l = RunLimits::default();
+        let (err, ctx) = run(&format!(
+            r#"remember("big", "{}"); remember("ok", 1);
+               for i in 0..500 {{ remember(`k${{i}}`, i); }}"#,
+            "x".repeat(l.max_value_bytes)
+        ));
+        assert_eq!(err, None);
+        assert!(!ctx.facts.contains_key("big"), "over max_value_bytes");
+        assert_eq!(ctx.facts.len(), l.max_facts_per_rule);
+        assert_eq!(ctx.notes.len(), 2, "{:?}", ctx.notes);
+        // Data of a request over the size limit fails the run.
+        let (err, _) = run(&format!(
+            r#"mail("t", #{{ x: "{}" }});"#,
+            "x".repeat(l.max_value_bytes)
+        ));
+        assert!(err.unwrap().contains("rules.max_value_bytes"));
+        let (err, _) = run(r#"emit("timer", #{});"#);
+        assert!(err.unwrap().contains("reserved"));
+    }
+
+    #[test]
+    fn print_output_is_cut_at_the_runs_budget() {
+        let mut engine = Engine::new();
+        register(&mut engine);
+        let printed = std::sync::Arc::new(std::sync::Mutex::new(0usize));
+        let p = printed.clone();
+        engine.on_print(move |s| {
+            if let Some(s) = log_line(s) {
+                *p.lock().unwrap() += s.len();
+            }
+        });
+        let script = r#"let s = "x"; for i in 0..16 { s += s; } for i in 0..1000 { print(s); }"#;
+        let (res, ctx) = collect(RunContext::new("r", "c", "e"), || engine.run(script));
+        res.unwrap();
+        let max = RunLimits::default().max_log_bytes;
+        let n = *printed.lock().unwrap();
+        assert!(n <= max + 100, "{n} bytes printed");
+        assert_eq!(ctx.notes.len(), 1, "{:?}", ctx.notes);
+        assert!(ctx.notes[0].contains("rules.max_log_bytes_per_run"));
+    }
 }
