@@ -260,10 +260,11 @@ pub struct RulesConfig {
     /// (a timer years away is a mistake, and an unbounded one overflows the
     /// time arithmetic). Default 3650 (ten years).
     pub max_delay_days: u32,
-    /// Largest value one rule may keep with `remember`, and largest data of a
-    /// timer, mail, emit or task, in bytes of JSON. A larger one is not kept
-    /// and the run's process log says so: it would be loaded and saved with
-    /// every event of the client. Default 8192.
+    /// Largest value one rule may keep with `remember` (a larger one is not
+    /// kept; the process log says so) and largest data of a timer (a larger
+    /// one fails the run), in bytes of JSON: both are loaded and saved with
+    /// every event of the client. (A mail's, emit's or task's data is bounded
+    /// by `max_string_bytes`.) Default 8192.
     pub max_value_bytes: usize,
     /// Keys one rule may `remember` per client; a new key beyond it is not
     /// kept (noted in the process log). Default 50.

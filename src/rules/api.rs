@@ -49,8 +49,11 @@ pub enum Request {
 pub struct RunLimits {
     /// Longest `after()` delay, in seconds.
     pub max_delay_secs: i64,
-    /// Largest `remember` value and timer/mail/emit/task data, in JSON bytes.
+    /// Largest `remember` value and timer data, in JSON bytes: kept with the client.
     pub max_value_bytes: usize,
+    /// Largest data of a mail, emit or task, in JSON bytes: kept once, in
+    /// the outbox (`rules.max_string_bytes`).
+    pub max_effect_bytes: usize,
     pub max_facts_per_rule: usize,
     pub max_timers_per_rule: usize,
     /// `print`/`debug` bytes per run.
@@ -65,6 +68,7 @@ impl RunLimits {
         Self {
             max_delay_secs: i64::from(c.max_delay_days) * 86_400,
             max_value_bytes: c.max_value_bytes,
+            max_effect_bytes: c.max_string_bytes,
             max_facts_per_rule: c.max_facts_per_rule,
             max_timers_per_rule: c.max_timers_per_rule,
             max_log_bytes: c.max_log_bytes_per_run,
@@ -88,7 +92,7 @@ pub const MAX_ADD_AMOUNT: f64 = crate::event::MAX_MONEY;
 
 /// Longest name of a timer, counter, template, team, `remember` key or
 /// emitted type's argument, in bytes: names are keys kept with the client.
-pub const MAX_NAME_BYTES: usize = 128;
+pub const MAX_NAME_BYTES: usize = 512;
 
 /// The state of one rule run: what the rule may read and what it asked for.
 #[derive(Debug, Default)]
@@ -303,11 +307,14 @@ fn json_bytes(v: &Value) -> usize {
     serde_json::to_vec(v).map_or(usize::MAX, |b| b.len())
 }
 
-/// Data a request carries (timer, mail, emit, task): at most
-/// `rules.max_value_bytes` of JSON, else the run fails: it would be stored
-/// with the client or the outbox.
+/// Data a request carries: a timer's at most `rules.max_value_bytes` of
+/// JSON (it is kept with the client), a mail's, emit's or task's at most
+/// `rules.max_string_bytes` (kept once, in the outbox); else the run fails.
 fn check_data(f: &str, data: Map<String, Value>) -> Result<Map<String, Value>, Box<EvalAltResult>> {
-    let max = with_ctx(|ctx| ctx.limits.max_value_bytes)?;
+    let (max, key) = with_ctx(|ctx| match f {
+        "after" => (ctx.limits.max_value_bytes, "rules.max_value_bytes"),
+        _ => (ctx.limits.max_effect_bytes, "rules.max_string_bytes"),
+    })?;
     if data.is_empty() {
         return Ok(data);
     }
@@ -315,7 +322,7 @@ fn check_data(f: &str, data: Map<String, Value>) -> Result<Map<String, Value>, B
     let n = json_bytes(&data);
     if n > max {
         return refuse(format!(
-            "{f}(): its data is {n} bytes of JSON, over the limit of {max} (rules.max_value_bytes)"
+            "{f}(): its data is {n} bytes of JSON, over the limit of {max} ({key})"
         ));
     }
     let Value::Object(m) = data else {
@@ -781,10 +788,16 @@ mod tests {
         assert_eq!(ctx.notes.len(), 2, "{:?}", ctx.notes);
         // Data of a request over the size limit fails the run.
         let (err, _) = run(&format!(
-            r#"mail("t", #{{ x: "{}" }});"#,
+            r#"after(1, "t", #{{ x: "{}" }});"#,
             "x".repeat(l.max_value_bytes)
         ));
         assert!(err.unwrap().contains("rules.max_value_bytes"));
+        let (err, _) = run(&format!(
+            r#"mail("t", #{{ x: "{}", y: "{}" }});"#,
+            "x".repeat(l.max_effect_bytes / 2),
+            "y".repeat(l.max_effect_bytes / 2)
+        ));
+        assert!(err.unwrap().contains("rules.max_string_bytes"));
         let (err, _) = run(r#"emit("timer", #{});"#);
         assert!(err.unwrap().contains("reserved"));
     }
