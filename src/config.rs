@@ -256,6 +256,33 @@ pub struct RulesConfig {
     pub quarantine_after: u32,
     /// Free-form values rules read as `settings` (e.g. partner shares). Default empty.
     pub settings: serde_json::Map<String, serde_json::Value>,
+    /// Longest delay `after()` accepts, in days; a longer one fails the run
+    /// (a timer years away is a mistake, and an unbounded one overflows the
+    /// time arithmetic). Default 3650 (ten years).
+    pub max_delay_days: u32,
+    /// Largest value one rule may keep with `remember` (a larger one is not
+    /// kept; the process log says so) and largest data of a timer (a larger
+    /// one fails the run), in bytes of JSON: both are loaded and saved with
+    /// every event of the client. (A mail's, emit's or task's data is bounded
+    /// by `max_string_bytes`.) Default 8192.
+    pub max_value_bytes: usize,
+    /// Keys one rule may `remember` per client; a new key beyond it is not
+    /// kept (noted in the process log). Default 50.
+    pub max_facts_per_rule: usize,
+    /// Pending timers one rule may hold per client; a new timer name beyond
+    /// it is not set (noted). Default 20.
+    pub max_timers_per_rule: usize,
+    /// Bytes of `print`/`debug` output one rule run may write to the log; the
+    /// rest is cut with a note. Default 16384.
+    pub max_log_bytes_per_run: usize,
+    /// Mails one rule run may queue; the rest are dropped with a note.
+    /// Default 10.
+    pub max_mails_per_run: usize,
+    /// Tasks one rule run may make; the rest are dropped with a note. Default 10.
+    pub max_tasks_per_run: usize,
+    /// Secondary events one rule run may emit; the rest are dropped with a
+    /// note. Default 10.
+    pub max_emits_per_run: usize,
 }
 
 impl Default for RulesConfig {
@@ -271,6 +298,14 @@ impl Default for RulesConfig {
             max_emit_depth: 4,
             quarantine_after: 20,
             settings: Default::default(),
+            max_delay_days: 3650,
+            max_value_bytes: 8 * 1024,
+            max_facts_per_rule: 50,
+            max_timers_per_rule: 20,
+            max_log_bytes_per_run: 16 * 1024,
+            max_mails_per_run: 10,
+            max_tasks_per_run: 10,
+            max_emits_per_run: 10,
         }
     }
 }
@@ -335,6 +370,18 @@ pub struct HistoryConfig {
     pub session_gap_minutes: u32,
     /// IANA timezone of the business: shared counters' days, weeks, quarters. Default `UTC`.
     pub business_timezone: String,
+    /// Distinct products kept per client in `stats.purchases` (the most
+    /// bought stay). Every event of the client loads and saves its state, so
+    /// without a bound 40 orders of 1,100 products made a 1.6 MB state.
+    /// Default 200.
+    pub max_purchases: usize,
+    /// Distinct event types counted per client in `stats.events` and
+    /// `stats.last_at`; events of a further type still count everywhere
+    /// else. Default 200.
+    pub max_event_types: usize,
+    /// Distinct order channels kept per client in `orders_by_channel` (the
+    /// channel is free text). Default 20.
+    pub max_order_channels: usize,
 }
 
 impl Default for HistoryConfig {
@@ -342,6 +389,9 @@ impl Default for HistoryConfig {
         Self {
             session_gap_minutes: 30,
             business_timezone: "UTC".into(),
+            max_purchases: 200,
+            max_event_types: 200,
+            max_order_channels: 20,
         }
     }
 }
@@ -354,6 +404,15 @@ impl HistoryConfig {
 
     pub fn session_gap(&self) -> chrono::Duration {
         chrono::Duration::minutes(self.session_gap_minutes as i64)
+    }
+
+    /// What a client's state keeps at most, for [`crate::history::ClientState::apply_limited`].
+    pub fn limits(&self) -> crate::history::HistoryLimits {
+        crate::history::HistoryLimits {
+            max_purchases: self.max_purchases,
+            max_event_types: self.max_event_types,
+            max_order_channels: self.max_order_channels,
+        }
     }
 }
 
@@ -520,6 +579,41 @@ impl Config {
             ("delivery.max_attempts", self.delivery.max_attempts as u64),
             ("rules.max_operations", self.rules.max_operations),
             ("rules.reload_poll_ms", self.rules.reload_poll_ms),
+            ("rules.max_delay_days", self.rules.max_delay_days as u64),
+            ("rules.max_value_bytes", self.rules.max_value_bytes as u64),
+            (
+                "rules.max_facts_per_rule",
+                self.rules.max_facts_per_rule as u64,
+            ),
+            (
+                "rules.max_timers_per_rule",
+                self.rules.max_timers_per_rule as u64,
+            ),
+            (
+                "rules.max_log_bytes_per_run",
+                self.rules.max_log_bytes_per_run as u64,
+            ),
+            (
+                "rules.max_mails_per_run",
+                self.rules.max_mails_per_run as u64,
+            ),
+            (
+                "rules.max_tasks_per_run",
+                self.rules.max_tasks_per_run as u64,
+            ),
+            (
+                "rules.max_emits_per_run",
+                self.rules.max_emits_per_run as u64,
+            ),
+            ("history.max_purchases", self.history.max_purchases as u64),
+            (
+                "history.max_event_types",
+                self.history.max_event_types as u64,
+            ),
+            (
+                "history.max_order_channels",
+                self.history.max_order_channels as u64,
+            ),
             ("smtp.timeout_secs", self.smtp.timeout_secs),
             (
                 "history.session_gap_minutes",

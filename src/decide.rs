@@ -9,7 +9,7 @@ use crate::config::Config;
 use crate::counters::Counters;
 use crate::effects::{Effect, EffectKind, effect_key};
 use crate::event::{ClientId, Envelope, EventId, EventType};
-use crate::history::{ClientState, RECENT_MAILS, SentMail, Session, Timer};
+use crate::history::{ClientState, HistoryLimits, RECENT_MAILS, SentMail, Session, Timer};
 use crate::rules::{Inputs, Reads, Request, Rule, RuleEngine, RunContext, loader::RuleSet, values};
 use crate::store::{Level, LogEntry};
 use crate::templates::{MailKind, TemplateSet};
@@ -60,6 +60,8 @@ struct Trigger {
 pub struct CoreSettings {
     /// Silence that ends a session when the producer sends no session id.
     pub session_gap: Duration,
+    /// What a client's state keeps at most.
+    pub history_limits: HistoryLimits,
     /// How deep secondary events may cause further ones.
     pub max_emit_depth: u32,
     /// Team name -> the address its tasks are mailed to.
@@ -79,6 +81,7 @@ impl CoreSettings {
     pub fn from_config(config: &Config) -> Self {
         Self {
             session_gap: config.history.session_gap(),
+            history_limits: config.history.limits(),
             max_emit_depth: config.rules.max_emit_depth,
             teams: config
                 .teams
@@ -125,7 +128,11 @@ impl Core<'_> {
             .and_then(Value::as_u64)
             .unwrap_or(0) as u32;
         let mut decision = self.advance(state, event.occurred_at, counters);
-        state.apply(event, self.settings.session_gap);
+        state.apply_limited(
+            event,
+            self.settings.session_gap,
+            &self.settings.history_limits,
+        );
         let ty = event.event_type.as_str();
         if let Err(e) = self.count_engagement(state, event, counters) {
             decision.counter_failure = Some(e);
@@ -369,6 +376,9 @@ impl Core<'_> {
                     Level::Error,
                     format!("{e} (trigger {})", trigger.cause),
                 ));
+                for note in ctx.notes {
+                    decision.log.push(log(Level::Warning, note));
+                }
                 decision.runs.push((rule.name.clone(), false));
                 return (decision, emitted);
             }
@@ -379,8 +389,13 @@ impl Core<'_> {
             client_counters,
             counters: lent,
             counter_failure,
+            notes,
             ..
         } = ctx;
+        // Caps the run reached (rules.max_*): its excess was dropped.
+        for note in notes {
+            decision.log.push(log(Level::Warning, note));
+        }
         state.counters = client_counters;
         *counters = lent;
         decision.counter_failure = counter_failure;
@@ -440,12 +455,25 @@ impl Core<'_> {
                     delay_secs,
                     name,
                     data,
-                } => state.set_timer(Timer {
-                    rule: rule.name.clone(),
-                    name,
-                    due: trigger.at + Duration::seconds(delay_secs),
-                    data,
-                }),
+                } => {
+                    // `after()` bounds the delay; checked again here because
+                    // chrono panics past its range.
+                    let Some(due) = Duration::try_seconds(delay_secs)
+                        .and_then(|d| trigger.at.checked_add_signed(d))
+                    else {
+                        decision.log.push(log(
+                            Level::Error,
+                            format!("timer `{name}` not set: a delay of {delay_secs} seconds is out of range"),
+                        ));
+                        continue;
+                    };
+                    state.set_timer(Timer {
+                        rule: rule.name.clone(),
+                        name,
+                        due,
+                        data,
+                    })
+                }
                 Request::Cancel { name } => state.cancel_timer(&rule.name, &name),
                 Request::Emit { event_type, data } => {
                     if trigger.depth >= self.settings.max_emit_depth {
@@ -1025,5 +1053,34 @@ mod tests {
             period: "all".into(),
         };
         assert_eq!(counters.get(&k).unwrap(), 2.0);
+    }
+
+    #[test]
+    fn rule_mistakes_fail_the_run_and_caps_are_logged_never_a_panic() {
+        let (engine, rules, templates, _d) = fixture(
+            "const ON = [\"client_registered\", \"login_succeeded\"];\n\
+             if event.type == \"client_registered\" { after(days(200000000), \"x\"); }\n\
+             else { for i in 0..50 { mail(\"t\"); } }",
+        );
+        let core = core(&engine, &rules, &templates);
+        let mut state = ClientState::new(ClientId::parse("c1").unwrap());
+        let d = core.on_event(&mut state, &registered("e1"), &mut Counters::default());
+        assert_eq!(d.runs, vec![("r".to_string(), false)]);
+        assert!(d.log[0].message.contains("max_delay_days"), "{:?}", d.log);
+        assert!(state.timers.is_empty());
+        let d = core.on_event(
+            &mut state,
+            &at("e2", "login_succeeded", "2026-11-01T11:00:00Z"),
+            &mut Counters::default(),
+        );
+        let cap = RulesConfig::default().max_mails_per_run;
+        assert_eq!(d.effects.len(), cap);
+        let note = d
+            .log
+            .iter()
+            .find(|l| l.level == Level::Warning)
+            .expect("noted");
+        assert!(note.message.contains("max_mails_per_run"), "{note:?}");
+        assert_eq!(d.runs, vec![("r".to_string(), true)]);
     }
 }

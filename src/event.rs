@@ -20,7 +20,30 @@ pub enum Rejection {
     Missing { field: &'static str },
     #[error("field `{field}` is invalid: {reason}")]
     Invalid { field: &'static str, reason: String },
+    #[error("`{what}` is reserved for nudge itself: {why}")]
+    Reserved { what: String, why: &'static str },
 }
+
+/// Largest amount of money one event may carry (`total`, `price`), either
+/// way. Money beyond it is a producer's bug, and sums of such amounts run
+/// to infinity, which JSON cannot store.
+pub const MAX_MONEY: f64 = 1e12;
+
+/// Largest quantity one event may carry (`quantity`), either way.
+pub const MAX_QUANTITY: f64 = 1e6;
+
+/// Event types nudge makes itself: a rule sees them as `event.type` for a
+/// timer coming due and a scheduled sweep, so a producer's event of that
+/// type would pass for one.
+pub const RESERVED_TYPES: &[&str] = &["timer", "sweep"];
+
+/// Ids nudge gives its own secondary events start so: a producer's event
+/// with such an id could take the place of one.
+pub const RESERVED_ID_PREFIX: &str = "nudge-";
+
+/// `context` keys nudge sets on its own secondary events (`nudge_depth`
+/// stops emit cycles): a producer may not set them.
+pub const RESERVED_CONTEXT: &[&str] = &["nudge_depth"];
 
 macro_rules! bounded_id {
     ($(#[$doc:meta])* $name:ident, $field:literal) => {
@@ -220,7 +243,7 @@ impl Envelope {
         let text = std::str::from_utf8(bytes).map_err(|_| Rejection::NotUtf8)?;
         // NUL is valid JSON but no database keeps it in text: refuse it here,
         // with a reason, rather than fail to store the batch later.
-        if text.contains("\\u0000") {
+        if has_nul_escape(text) {
             return Err(Rejection::Invalid {
                 field: "envelope",
                 reason: "contains a NUL character (\\u0000)".into(),
@@ -245,6 +268,16 @@ impl Envelope {
         let Value::Object(mut obj) = value else {
             return Err(Rejection::NotJson("top level is not an object".into()));
         };
+        // The text check of `parse` cannot see a decoded value: walk it.
+        if obj
+            .iter()
+            .any(|(k, v)| k.contains('\0') || value_has_nul(v))
+        {
+            return Err(Rejection::Invalid {
+                field: "envelope",
+                reason: "contains a NUL character (\\u0000)".into(),
+            });
+        }
         let mut take = |field: &str| obj.remove(field).unwrap_or(Value::Null);
         Self::validate(Wire {
             id: take("id"),
@@ -270,8 +303,27 @@ impl Envelope {
             // Microseconds are what the databases keep: deciding on the
             // same precision live and in a replay gives the same history.
             .trunc_subsecs(6);
+        if RESERVED_TYPES.contains(&event_type.as_str()) {
+            return Err(Rejection::Reserved {
+                what: format!("type {:?}", event_type.as_str()),
+                why: "nudge gives it to timers and sweeps",
+            });
+        }
+        if id.as_str().starts_with(RESERVED_ID_PREFIX) {
+            return Err(Rejection::Reserved {
+                what: format!("id prefix {RESERVED_ID_PREFIX:?}"),
+                why: "nudge's own secondary events have such ids",
+            });
+        }
         let data = object(wire.data, "data")?;
         let context = object(wire.context, "context")?;
+        if let Some(key) = RESERVED_CONTEXT.iter().find(|k| context.contains_key(**k)) {
+            return Err(Rejection::Reserved {
+                what: format!("context.{key}"),
+                why: "nudge sets it on its own secondary events",
+            });
+        }
+        check_numbers(event_type.as_str(), &data)?;
 
         for (ty, field, kind) in TYPED_DATA {
             if *ty != event_type.as_str() {
@@ -416,6 +468,72 @@ fn check_kind(data: &Map<String, Value>, field: &str, kind: Kind) -> Result<(), 
     }
 }
 
+/// Whether JSON text holds an escaped NUL (`\u0000`). The six characters
+/// count only where the backslash starts an escape: in `"\\u0000"` the
+/// backslash is itself escaped and the text is a backslash and `u0000`.
+fn has_nul_escape(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    let mut from = 0;
+    while let Some(i) = text[from..].find("\\u0000").map(|i| i + from) {
+        // Backslashes in a row before this one: an even count leaves this
+        // one starting an escape.
+        let run = bytes[..i].iter().rev().take_while(|b| **b == b'\\').count();
+        if run % 2 == 0 {
+            return true;
+        }
+        from = i + 1;
+    }
+    false
+}
+
+fn value_has_nul(v: &Value) -> bool {
+    match v {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(a) => a.iter().any(value_has_nul),
+        Value::Object(m) => m.iter().any(|(k, v)| k.contains('\0') || value_has_nul(v)),
+        _ => false,
+    }
+}
+
+/// Numbers with a built-in meaning stay within [`MAX_MONEY`] and
+/// [`MAX_QUANTITY`]: history sums them, rules count them, and a sum that
+/// reaches infinity cannot be stored.
+fn check_numbers(event_type: &str, data: &Map<String, Value>) -> Result<(), Rejection> {
+    fn bounded(v: Option<&Value>, path: &str, max: f64) -> Result<(), Rejection> {
+        let Some(x) = v.and_then(Value::as_f64) else {
+            return Ok(());
+        };
+        if x.is_finite() && x.abs() <= max {
+            return Ok(());
+        }
+        Err(Rejection::Invalid {
+            field: "data",
+            reason: format!("`data.{path}` is {x}, beyond the bound of ±{max:e}"),
+        })
+    }
+    match event_type {
+        "order_placed" => {
+            bounded(data.get("total"), "total", MAX_MONEY)?;
+            if let Some(Value::Array(items)) = data.get("items") {
+                for (i, item) in items.iter().enumerate() {
+                    bounded(item.get("price"), &format!("items[{i}].price"), MAX_MONEY)?;
+                    bounded(
+                        item.get("quantity"),
+                        &format!("items[{i}].quantity"),
+                        MAX_QUANTITY,
+                    )?;
+                }
+            }
+        }
+        "product_viewed" | "cart_item_added" => {
+            bounded(data.get("price"), "price", MAX_MONEY)?;
+            bounded(data.get("quantity"), "quantity", MAX_QUANTITY)?;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
 fn kind_name(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
@@ -500,6 +618,91 @@ mod tests {
     }
 
     #[test]
+    fn amounts_and_quantities_stay_within_their_bounds() {
+        let order = |data: Value| {
+            parse(json!({"id": "o", "type": "order_placed", "client_id": "c1",
+                "occurred_at": "2026-11-01T10:00:00Z", "data": data}))
+        };
+        assert!(
+            order(json!({"total": 1e12, "items": [{"price": -1e12, "quantity": 1e6}]})).is_ok()
+        );
+        for bad in [
+            json!({"total": 1e308}),
+            json!({"total": -1.000001e12}),
+            json!({"items": [{"price": 1e13}]}),
+            json!({"items": [{"quantity": 2e6}]}),
+        ] {
+            let err = order(bad.clone()).unwrap_err().to_string();
+            assert!(err.contains("beyond the bound"), "{bad}: {err}");
+        }
+        let cart = parse(
+            json!({"id": "a", "type": "cart_item_added", "client_id": "c1",
+            "occurred_at": "2026-11-01T10:00:00Z", "data": {"quantity": 1e7}}),
+        );
+        assert!(cart.unwrap_err().to_string().contains("data.quantity"));
+        // Other events' numbers mean nothing to nudge: kept as sent.
+        assert!(
+            parse(json!({"id": "x", "type": "page_viewed", "client_id": "c1",
+            "occurred_at": "2026-11-01T10:00:00Z", "data": {"total": 1e308}}))
+            .is_ok()
+        );
+        // Out of f64's range is not JSON nudge can read.
+        let text = br#"{"id":"o","type":"order_placed","client_id":"c","occurred_at":"2026-11-01T10:00:00Z","data":{"total":1e999}}"#;
+        assert!(Envelope::parse(text, 65536).is_err());
+    }
+
+    #[test]
+    fn types_ids_and_context_keys_of_nudge_are_refused() {
+        for (field, value) in [
+            ("type", json!("timer")),
+            ("type", json!("sweep")),
+            ("id", json!("nudge-abc")),
+        ] {
+            let mut v = good();
+            v[field] = value;
+            let err = parse(v).unwrap_err();
+            assert!(matches!(err, Rejection::Reserved { .. }), "{field}: {err}");
+            assert!(err.to_string().contains("reserved for nudge"), "{err}");
+        }
+        let mut v = good();
+        v["context"]["nudge_depth"] = json!(99);
+        assert!(parse(v).unwrap_err().to_string().contains("nudge_depth"));
+        // Alike, but not nudge's.
+        let mut v = good();
+        v["type"] = json!("timers");
+        v["id"] = json!("nudgeabc");
+        assert!(parse(v).is_ok());
+    }
+
+    #[test]
+    fn an_escaped_backslash_before_u0000_is_not_a_nul() {
+        // The JSON text "\\u0000" is a backslash then `u0000`: no NUL.
+        let mut v = good();
+        v["data"]["note"] = json!("\\u0000 and \\\\u0000");
+        let text = v.to_string();
+        assert!(text.contains(r"\\u0000"));
+        let e = Envelope::parse(text.as_bytes(), 65536).unwrap();
+        assert_eq!(e.data["note"], "\\u0000 and \\\\u0000");
+        // An escaped backslash then a real escaped NUL is still refused.
+        let text = text.replace(r"\\u0000 and", r"\\\u0000 and");
+        assert!(
+            Envelope::parse(text.as_bytes(), 65536)
+                .unwrap_err()
+                .to_string()
+                .contains("NUL")
+        );
+        // A NUL reaching `from_value` already decoded is refused too.
+        let mut v = good();
+        v["context"]["page"] = json!("a\u{0}b");
+        assert!(
+            Envelope::from_value(v)
+                .unwrap_err()
+                .to_string()
+                .contains("NUL")
+        );
+    }
+
+    #[test]
     fn ids_are_bounded() {
         assert!(EventId::parse("").is_err());
         assert!(EventId::parse("x".repeat(129)).is_err());
@@ -540,6 +743,25 @@ mod tests {
 
         proptest! {
             #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn order_totals_are_accepted_exactly_within_the_bound(total in any::<f64>().prop_filter("finite", |f| f.is_finite())) {
+                let v = serde_json::json!({"id": "o", "type": "order_placed", "client_id": "c",
+                    "occurred_at": "2026-11-01T10:00:00Z", "data": {"total": total}});
+                let r = Envelope::parse(&serde_json::to_vec(&v).unwrap(), 65536);
+                prop_assert_eq!(r.is_ok(), total.abs() <= MAX_MONEY, "{} -> {:?}", total, r);
+            }
+
+            #[test]
+            fn strings_with_backslashes_are_refused_only_for_a_real_nul(
+                s in prop::collection::vec(prop_oneof![Just("\\"), Just("u0000"), Just("\0"), Just("a")], 0..12)
+            ) {
+                let s: String = s.concat();
+                let v = serde_json::json!({"id": "e", "type": "page_viewed", "client_id": "c",
+                    "occurred_at": "2026-11-01T10:00:00Z", "data": {"note": s}});
+                let r = Envelope::parse(&serde_json::to_vec(&v).unwrap(), 65536);
+                prop_assert_eq!(r.is_err(), s.contains('\0'), "{:?} -> {:?}", s, r);
+            }
 
             #[test]
             fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..2048)) {

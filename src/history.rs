@@ -5,12 +5,16 @@
 
 use crate::event::{ClientId, Envelope};
 use chrono::{DateTime, Duration, Utc};
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 
 /// Everything nudge keeps about one client besides the raw event log.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// Decoding it never fails on its content (see [`ClientState::decode`]): a
+/// state nudge cannot read would set every later event of the client aside
+/// and take its 360 view down, so what cannot be read starts fresh instead.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ClientState {
     pub client_id: ClientId,
     /// Optimistic-concurrency version: 0 for a client the store has never seen.
@@ -30,6 +34,146 @@ pub struct ClientState {
     #[serde(default)]
     pub counters: BTreeMap<String, f64>,
 }
+
+/// [`ClientState`] as stored, decoded strictly: the fast path.
+#[derive(Deserialize)]
+struct StoredState {
+    client_id: ClientId,
+    profile: Profile,
+    stats: Stats,
+    #[serde(default)]
+    sessions: Sessions,
+    #[serde(default)]
+    timers: Vec<Timer>,
+    #[serde(default)]
+    facts: BTreeMap<String, Map<String, Value>>,
+    #[serde(default, deserialize_with = "lenient_f64_map")]
+    counters: BTreeMap<String, f64>,
+}
+
+impl From<StoredState> for ClientState {
+    fn from(s: StoredState) -> Self {
+        Self {
+            client_id: s.client_id,
+            version: 0,
+            profile: s.profile,
+            stats: s.stats,
+            sessions: s.sessions,
+            timers: s.timers,
+            facts: s.facts,
+            counters: s.counters,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ClientState {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // Kept raw first (a scan, no tree), so the strict decode below can
+        // fall back to a part-by-part one when it fails.
+        let raw = Box::<serde_json::value::RawValue>::deserialize(d)?;
+        ClientState::decode(raw.get()).map_err(serde::de::Error::custom)
+    }
+}
+
+impl ClientState {
+    /// Decodes a stored state. A part that cannot be read (a type changed by
+    /// hand, a bug of an older version) starts fresh and the rest is kept,
+    /// with a warning naming the part; only a state whose `client_id` cannot
+    /// be read, or text that is not JSON at all, is an error. Numbers that
+    /// are `null` where a number belongs (how JSON writes infinity) read as 0.
+    pub fn decode(text: &str) -> Result<Self, String> {
+        let strict = match serde_json::from_str::<StoredState>(text) {
+            Ok(s) => return Ok(s.into()),
+            Err(e) => e,
+        };
+        let Value::Object(mut parts) =
+            serde_json::from_str::<Value>(text).map_err(|e| e.to_string())?
+        else {
+            return Err(format!("a client state must be an object: {strict}"));
+        };
+        let client_id: ClientId =
+            serde_json::from_value(parts.remove("client_id").unwrap_or_default())
+                .map_err(|e| format!("client_id: {e}"))?;
+        let mut state = ClientState::new(client_id);
+        fn part<T: serde::de::DeserializeOwned + Default>(
+            parts: &mut Map<String, Value>,
+            name: &str,
+            client: &ClientId,
+        ) -> T {
+            let Some(v) = parts.remove(name) else {
+                return T::default();
+            };
+            serde_json::from_value(v).unwrap_or_else(|e| {
+                tracing::warn!(client = %client, part = name, "stored client state: `{name}` could not be read and starts fresh: {e}");
+                T::default()
+            })
+        }
+        let id = state.client_id.clone();
+        state.profile = part(&mut parts, "profile", &id);
+        state.stats = part(&mut parts, "stats", &id);
+        state.sessions = part(&mut parts, "sessions", &id);
+        state.timers = part(&mut parts, "timers", &id);
+        state.facts = part(&mut parts, "facts", &id);
+        let counters: LenientCounters = part(&mut parts, "counters", &id);
+        state.counters = counters.0;
+        tracing::warn!(client = %id, "stored client state read in parts after: {strict}");
+        Ok(state)
+    }
+}
+
+/// The client's counters, read leniently (a `null` is 0).
+#[derive(Default, Deserialize)]
+#[serde(transparent)]
+struct LenientCounters(#[serde(deserialize_with = "lenient_f64_map")] BTreeMap<String, f64>);
+
+/// A number that may be stored as `null` (serde_json writes a non-finite
+/// float so): read as 0, so such a state stays readable.
+fn lenient_f64<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    let v = Option::<f64>::deserialize(d)?;
+    Ok(v.filter(|x| x.is_finite()).unwrap_or(0.0))
+}
+
+fn lenient_f64_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, f64>, D::Error> {
+    let m = BTreeMap::<String, Option<f64>>::deserialize(d)?;
+    Ok(m.into_iter()
+        .map(|(k, v)| (k, v.filter(|x| x.is_finite()).unwrap_or(0.0)))
+        .collect())
+}
+
+/// Largest `spend` or channel total a client's history holds, either way.
+/// The edge bounds one order at [`crate::event::MAX_MONEY`]; sums saturate
+/// here so that no run of orders makes them infinite (stored as `null`).
+pub const MAX_MONEY_SUM: f64 = 1e15;
+
+/// `a + b`, kept finite and within ±[`MAX_MONEY_SUM`].
+pub fn money_add(a: f64, b: f64) -> f64 {
+    let b = if b.is_finite() { b } else { 0.0 };
+    let a = if a.is_finite() { a } else { 0.0 };
+    (a + b).clamp(-MAX_MONEY_SUM, MAX_MONEY_SUM)
+}
+
+/// What a client's state keeps at most ([`crate::config::HistoryConfig`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryLimits {
+    /// Distinct products in `stats.purchases`.
+    pub max_purchases: usize,
+    /// Distinct event types in `stats.events` / `stats.last_at`.
+    pub max_event_types: usize,
+    /// Distinct channels in `stats.orders_by_channel`.
+    pub max_order_channels: usize,
+}
+
+impl Default for HistoryLimits {
+    fn default() -> Self {
+        crate::config::HistoryConfig::default().limits()
+    }
+}
+
+/// Longest text kept of one error's page, message or code, in bytes.
+pub const MAX_ERROR_TEXT: usize = 1024;
+
+/// Longest product name kept with a purchase, in bytes.
+pub const MAX_NAME_TEXT: usize = 256;
 
 /// A visit: the producer's `context.session_id`, or derived from a gap in activity.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -102,12 +246,14 @@ pub struct Stats {
     pub cart_adds: u64,
     pub orders: u64,
     pub orders_cancelled: u64,
-    /// Sum of `order_placed.total`, in the shop's currency.
+    /// Sum of `order_placed.total`, in the shop's currency (saturating at
+    /// ±[`MAX_MONEY_SUM`]).
+    #[serde(deserialize_with = "lenient_f64")]
     pub spend: f64,
     /// Orders by `order_placed.channel` (`online`, `instore`, ...).
     #[serde(default)]
     pub orders_by_channel: BTreeMap<String, ChannelOrders>,
-    /// Products bought, by product id.
+    /// Products bought, by product id: the `history.max_purchases` most bought.
     #[serde(default)]
     pub purchases: BTreeMap<String, Purchase>,
     /// The last errors the client met (`error_occurred`), newest last.
@@ -138,6 +284,7 @@ pub struct ChannelOrders {
     pub count: u64,
     /// Items (sum of quantities) over these orders.
     pub items: u64,
+    #[serde(deserialize_with = "lenient_f64")]
     pub total: f64,
 }
 
@@ -224,9 +371,20 @@ impl ClientState {
         (self.timers.first()?.due <= until).then(|| self.timers.remove(0))
     }
 
-    /// Folds one event into the history. Order-insensitive where it can be:
-    /// first and last seen are a min and a max of event time.
+    /// Folds one event into the history with the default limits.
     pub fn apply(&mut self, event: &Envelope, session_gap: Duration) {
+        self.apply_limited(event, session_gap, &HistoryLimits::default());
+    }
+
+    /// Folds one event into the history, keeping within `limits`.
+    /// Order-insensitive where it can be: first and last seen are a min and
+    /// a max of event time.
+    pub fn apply_limited(
+        &mut self,
+        event: &Envelope,
+        session_gap: Duration,
+        limits: &HistoryLimits,
+    ) {
         let at = event.occurred_at;
         self.track_session(event, session_gap);
         let p = &mut self.profile;
@@ -234,9 +392,14 @@ impl ClientState {
         p.last_seen = Some(p.last_seen.map_or(at, |t| t.max(at)));
 
         let ty = event.event_type.as_str();
-        *self.stats.events.entry(ty.to_string()).or_default() += 1;
-        let last = self.stats.last_at.entry(ty.to_string()).or_insert(at);
-        *last = (*last).max(at);
+        // A producer inventing a new type per event would grow these maps
+        // without end: past the cap a new type is not counted here (it still
+        // runs rules, is stored and counts in sessions).
+        if self.stats.events.contains_key(ty) || self.stats.events.len() < limits.max_event_types {
+            *self.stats.events.entry(ty.to_string()).or_default() += 1;
+            let last = self.stats.last_at.entry(ty.to_string()).or_insert(at);
+            *last = (*last).max(at);
+        }
 
         let data = &event.data;
         match ty {
@@ -265,20 +428,7 @@ impl ClientState {
             "product_viewed" => {
                 if let Some(pid) = data.get("product_id").and_then(value_as_key) {
                     let views = &mut self.stats.product_views;
-                    if !views.contains_key(&pid) {
-                        // Room for a new product: the least viewed goes (the
-                        // first of them by id, so a replay decides the same).
-                        while views.len() >= MAX_PRODUCT_VIEWS {
-                            let least = views
-                                .iter()
-                                .min_by_key(|(_, n)| **n)
-                                .map(|(k, _)| k.clone());
-                            match least {
-                                Some(k) => views.remove(&k),
-                                None => break,
-                            };
-                        }
-                    }
+                    make_room(views, &pid, MAX_PRODUCT_VIEWS, |n| *n);
                     *views.entry(pid).or_default() += 1;
                 }
             }
@@ -286,13 +436,14 @@ impl ClientState {
             "order_placed" => {
                 let total = data.get("total").and_then(Value::as_f64).unwrap_or(0.0);
                 self.stats.orders += 1;
-                self.stats.spend += total;
-                let channel = data
-                    .get("channel")
-                    .and_then(Value::as_str)
-                    .unwrap_or("online")
-                    .to_string();
-                let mut items = 0;
+                self.stats.spend = money_add(self.stats.spend, total);
+                let channel = truncated(
+                    data.get("channel")
+                        .and_then(Value::as_str)
+                        .unwrap_or("online"),
+                    MAX_KEY_BYTES,
+                );
+                let mut items: u64 = 0;
                 for item in data
                     .get("items")
                     .and_then(Value::as_array)
@@ -300,24 +451,30 @@ impl ClientState {
                     .flatten()
                 {
                     let quantity = item.get("quantity").and_then(Value::as_u64).unwrap_or(1);
-                    items += quantity;
+                    items = items.saturating_add(quantity);
                     if let Some(pid) = item.get("product_id").and_then(value_as_key) {
-                        let p = self.stats.purchases.entry(pid).or_default();
-                        p.quantity += quantity;
+                        let purchases = &mut self.stats.purchases;
+                        make_room(purchases, &pid, limits.max_purchases, |p| p.quantity);
+                        let p = purchases.entry(pid).or_default();
+                        p.quantity = p.quantity.saturating_add(quantity);
                         if let Some(name) = item.get("name").and_then(Value::as_str) {
-                            p.name = Some(name.to_string());
+                            p.name = Some(truncated(name, MAX_NAME_TEXT));
                         }
                     }
                 }
-                let c = self.stats.orders_by_channel.entry(channel).or_default();
+                let channels = &mut self.stats.orders_by_channel;
+                make_room(channels, &channel, limits.max_order_channels, |c| c.count);
+                let c = channels.entry(channel).or_default();
                 c.count += 1;
-                c.items += items;
-                c.total += total;
+                c.items = c.items.saturating_add(items);
+                c.total = money_add(c.total, total);
             }
             "error_occurred" => {
                 let text = |k: &str| {
-                    data.get(k)
-                        .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string))
+                    data.get(k).map(|v| {
+                        let s = v.as_str().map_or_else(|| v.to_string(), str::to_string);
+                        truncated(&s, MAX_ERROR_TEXT)
+                    })
                 };
                 self.stats.recent_errors.push(ErrorSeen {
                     page: text("page"),
@@ -343,7 +500,9 @@ impl ClientState {
     /// else the current session unless `session_gap` passed since its last event.
     fn track_session(&mut self, event: &Envelope, gap: Duration) {
         let at = event.occurred_at;
-        let sid = event.session_id();
+        // Kept as sent up to a length; a longer id is compared by its start.
+        let sid = event.session_id().map(|s| truncated(s, MAX_KEY_BYTES));
+        let sid = sid.as_deref();
         let same = match (&self.sessions.current, sid) {
             (None, _) => false,
             (Some(cur), Some(sid)) => cur.id == sid,
@@ -413,10 +572,46 @@ fn get_profile_string<'a>(p: &'a Profile, field: &str) -> Option<&'a str> {
     }
 }
 
+/// Makes room for `key` in a map kept to `cap` entries: when it is new and
+/// the map is full, the entries with the least weight go (the first of them
+/// by key, so a replay decides the same).
+fn make_room<V>(map: &mut BTreeMap<String, V>, key: &str, cap: usize, weight: impl Fn(&V) -> u64) {
+    if map.contains_key(key) {
+        return;
+    }
+    while map.len() >= cap.max(1) {
+        let least = map
+            .iter()
+            .min_by_key(|(_, v)| weight(v))
+            .map(|(k, _)| k.clone());
+        match least {
+            Some(k) => map.remove(&k),
+            None => break,
+        };
+    }
+}
+
+/// At most `max` bytes of `s`, cut at a character boundary.
+pub fn truncated(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
+}
+
+/// Longest product id, order channel or session id a state keeps, in bytes:
+/// these become keys of maps kept per client.
+pub const MAX_KEY_BYTES: usize = 128;
+
 /// Product ids arrive as strings or numbers; both name the same product.
+/// An id longer than [`MAX_KEY_BYTES`] is not a product id nudge keeps.
 fn value_as_key(v: &Value) -> Option<String> {
     match v {
-        Value::String(s) => Some(s.clone()),
+        Value::String(s) if s.len() <= MAX_KEY_BYTES => Some(s.clone()),
         Value::Number(n) => Some(n.to_string()),
         _ => None,
     }
@@ -519,6 +714,123 @@ mod tests {
         assert_eq!(s.stats.spend, 120.5);
         assert_eq!(s.stats.orders_by_channel["online"].count, 1);
         assert_eq!(s.stats.events["product_viewed"], 2);
+    }
+
+    #[test]
+    fn sums_stay_finite_and_a_client_keeps_bounded_maps() {
+        let mut s = ClientState::new(ClientId::parse("c1").unwrap());
+        let gap = Duration::minutes(30);
+        let limits = HistoryLimits::default();
+        // Built past the edge's bounds on purpose: history holds on its own.
+        let order = |i: usize, total: f64, pids: std::ops::Range<usize>| {
+            let items: Vec<Value> = pids
+                .map(|p| json!({"product_id": format!("p{p}"), "name": "n".repeat(1000), "quantity": u64::MAX}))
+                .collect();
+            let mut e = ev(
+                &format!("o{i}"),
+                "order_placed",
+                "2026-11-03T09:00:00Z",
+                json!({}),
+            );
+            e.data = json!({"total": total, "items": items, "channel": format!("ch{i}")})
+                .as_object()
+                .unwrap()
+                .clone();
+            e
+        };
+        for i in 0..40 {
+            s.apply_limited(&order(i, 1e308, i * 1100..(i + 1) * 1100), gap, &limits);
+        }
+        assert_eq!(s.stats.spend, MAX_MONEY_SUM);
+        assert_eq!(s.stats.purchases.len(), limits.max_purchases);
+        assert!(
+            s.stats
+                .purchases
+                .values()
+                .all(|p| p.name.as_ref().unwrap().len() <= MAX_NAME_TEXT)
+        );
+        assert_eq!(s.stats.orders_by_channel.len(), limits.max_order_channels);
+        assert!(
+            s.stats
+                .orders_by_channel
+                .values()
+                .all(|c| c.total.is_finite())
+        );
+        for i in 0..1000 {
+            s.apply_limited(
+                &ev(
+                    &format!("t{i}"),
+                    &format!("type_{i}"),
+                    "2026-11-03T10:00:00Z",
+                    json!({}),
+                ),
+                gap,
+                &limits,
+            );
+        }
+        assert_eq!(s.stats.events.len(), limits.max_event_types);
+        assert_eq!(s.stats.last_at.len(), limits.max_event_types);
+        assert_eq!(s.stats.orders, 40, "known types still count");
+        let bytes = serde_json::to_vec(&s).unwrap().len();
+        assert!(bytes < 200_000, "state of {bytes} bytes");
+        // And it reads back as it was.
+        let back: ClientState = serde_json::from_slice(&serde_json::to_vec(&s).unwrap()).unwrap();
+        assert_eq!(back, s);
+    }
+
+    #[test]
+    fn a_stored_state_always_decodes() {
+        let mut s = ClientState::new(ClientId::parse("c1").unwrap());
+        s.apply(
+            &ev(
+                "1",
+                "order_placed",
+                "2026-11-03T09:00:00Z",
+                json!({"total": 10.0}),
+            ),
+            Duration::minutes(30),
+        );
+        s.counters.insert("x/all".into(), 2.0);
+        s.facts
+            .insert("r".into(), json!({"k": 1}).as_object().unwrap().clone());
+        let mut v = serde_json::to_value(&s).unwrap();
+        // Infinity as serde_json writes it: null where a number belongs.
+        v["stats"]["spend"] = Value::Null;
+        v["stats"]["orders_by_channel"]["online"]["total"] = Value::Null;
+        v["counters"]["x/all"] = Value::Null;
+        let back: ClientState = serde_json::from_str(&v.to_string()).unwrap();
+        assert_eq!(back.stats.spend, 0.0);
+        assert_eq!(back.counters["x/all"], 0.0);
+        assert_eq!(back.stats.orders, 1, "the rest kept");
+        // A part of the wrong shape starts fresh; the others are kept.
+        v["stats"] = json!("garbage");
+        v["timers"] = json!({"not": "a list"});
+        let back: ClientState = serde_json::from_str(&v.to_string()).unwrap();
+        assert_eq!(back.stats, Stats::default());
+        assert!(back.timers.is_empty());
+        assert_eq!(back.facts, s.facts);
+        assert_eq!(back.client_id.as_str(), "c1");
+        // Without a client id there is nothing to start from.
+        assert!(serde_json::from_str::<ClientState>(r#"{"stats": {}}"#).is_err());
+        assert!(ClientState::decode("[1]").is_err());
+    }
+
+    #[test]
+    fn long_session_ids_are_kept_short_and_still_group_events() {
+        let mut s = ClientState::new(ClientId::parse("c1").unwrap());
+        let gap = Duration::minutes(30);
+        let sid = "s".repeat(60_000);
+        s.apply(
+            &sev("1", "page_viewed", "2026-11-01T10:00:00Z", Some(&sid)),
+            gap,
+        );
+        s.apply(
+            &sev("2", "page_viewed", "2026-11-01T12:00:00Z", Some(&sid)),
+            gap,
+        );
+        let cur = s.sessions.current.as_ref().unwrap();
+        assert_eq!(cur.id.len(), MAX_KEY_BYTES);
+        assert_eq!(cur.events, 2);
     }
 
     fn sev(id: &str, ty: &str, at: &str, sid: Option<&str>) -> Envelope {

@@ -42,11 +42,69 @@ pub enum Request {
     },
 }
 
+/// What one rule run may ask for and keep ([`crate::config::RulesConfig`]).
+/// Arguments out of range fail the run; volume beyond a cap is dropped with
+/// a note in the client's process log, so a rule at a cap keeps working.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunLimits {
+    /// Longest `after()` delay, in seconds.
+    pub max_delay_secs: i64,
+    /// Largest `remember` value and timer data, in JSON bytes: kept with the client.
+    pub max_value_bytes: usize,
+    /// Largest data of a mail, emit or task, in JSON bytes: kept once, in
+    /// the outbox (`rules.max_string_bytes`).
+    pub max_effect_bytes: usize,
+    pub max_facts_per_rule: usize,
+    pub max_timers_per_rule: usize,
+    /// `print`/`debug` bytes per run.
+    pub max_log_bytes: usize,
+    pub max_mails: usize,
+    pub max_tasks: usize,
+    pub max_emits: usize,
+}
+
+impl RunLimits {
+    pub fn from_config(c: &crate::config::RulesConfig) -> Self {
+        Self {
+            max_delay_secs: i64::from(c.max_delay_days) * 86_400,
+            max_value_bytes: c.max_value_bytes,
+            max_effect_bytes: c.max_string_bytes,
+            max_facts_per_rule: c.max_facts_per_rule,
+            max_timers_per_rule: c.max_timers_per_rule,
+            max_log_bytes: c.max_log_bytes_per_run,
+            max_mails: c.max_mails_per_run,
+            max_tasks: c.max_tasks_per_run,
+            max_emits: c.max_emits_per_run,
+        }
+    }
+}
+
+impl Default for RunLimits {
+    fn default() -> Self {
+        Self::from_config(&crate::config::RulesConfig::default())
+    }
+}
+
+/// Largest amount `add` and `client_add` take in one call, either way: the
+/// bound on money at the edge ([`crate::event::MAX_MONEY`]), so no counter
+/// can be driven to infinity (stored as `null`, then unreadable).
+pub const MAX_ADD_AMOUNT: f64 = crate::event::MAX_MONEY;
+
+/// Longest name of a timer, counter, template, team, `remember` key or
+/// emitted type's argument, in bytes: names are keys kept with the client.
+pub const MAX_NAME_BYTES: usize = 512;
+
 /// The state of one rule run: what the rule may read and what it asked for.
 #[derive(Debug, Default)]
 pub struct RunContext {
     /// Requests in the order made.
     pub requests: Vec<Request>,
+    /// Caps reached in this run, each said once, for the client's process log.
+    pub notes: Vec<String>,
+    /// What this run may ask for; set by the engine from the configuration.
+    pub limits: RunLimits,
+    /// `print`/`debug` bytes written so far.
+    logged: usize,
     /// This rule's memory about this client, changed in place by `remember`.
     pub facts: Map<String, Value>,
     /// Names of this rule's pending timers for this client.
@@ -140,8 +198,186 @@ fn client_counter_key(
     Ok(format!("{name}/{p}"))
 }
 
+/// Queues a request, or drops it with a note (once per kind and run) when
+/// the run already asked for as many of its kind as it may.
 fn push(req: Request) -> Result<(), Box<EvalAltResult>> {
-    with_ctx(|ctx| ctx.requests.push(req))
+    with_ctx(|ctx| {
+        let (cap, what, key) = match &req {
+            Request::Mail { .. } => (ctx.limits.max_mails, "mails", "rules.max_mails_per_run"),
+            Request::Task { .. } => (ctx.limits.max_tasks, "tasks", "rules.max_tasks_per_run"),
+            Request::Emit { .. } => (ctx.limits.max_emits, "emits", "rules.max_emits_per_run"),
+            Request::After { name, .. } => {
+                let cap = ctx.limits.max_timers_per_rule;
+                if ctx.is_pending(name) || ctx.pending_names() < cap {
+                    ctx.requests.push(req);
+                } else {
+                    ctx.note(format!(
+                        "a new timer not set: the rule already has {cap} pending for this client \
+                         (rules.max_timers_per_rule)"
+                    ));
+                }
+                return;
+            }
+            Request::Cancel { .. } => {
+                ctx.requests.push(req);
+                return;
+            }
+        };
+        let same = |r: &Request| std::mem::discriminant(r) == std::mem::discriminant(&req);
+        if ctx.requests.iter().filter(|r| same(r)).count() < cap {
+            ctx.requests.push(req);
+        } else {
+            ctx.note(format!(
+                "more than {cap} {what} asked for in one run: the rest dropped ({key})"
+            ));
+        }
+    })
+}
+
+impl RunContext {
+    /// Whether the timer `name` is pending: the latest request of this run
+    /// wins over what was pending before it.
+    fn is_pending(&self, name: &str) -> bool {
+        for r in self.requests.iter().rev() {
+            match r {
+                Request::After { name: n, .. } if n == name => return true,
+                Request::Cancel { name: n } if n == name => return false,
+                _ => {}
+            }
+        }
+        self.timers.iter().any(|t| t == name)
+    }
+
+    /// How many of this rule's timers are pending for the client, this run's
+    /// requests included.
+    fn pending_names(&self) -> usize {
+        let mut names: std::collections::BTreeSet<&str> =
+            self.timers.iter().map(String::as_str).collect();
+        for r in &self.requests {
+            match r {
+                Request::After { name, .. } => {
+                    names.insert(name);
+                }
+                Request::Cancel { name } => {
+                    names.remove(name.as_str());
+                }
+                _ => {}
+            }
+        }
+        names.len()
+    }
+
+    /// Records that a cap was reached, once per message and run.
+    pub fn note(&mut self, message: String) {
+        if !self.notes.contains(&message) {
+            self.notes.push(message);
+        }
+    }
+}
+
+/// Fails the run with `message` (shown with the rule's name and line).
+fn refuse<T>(message: String) -> Result<T, Box<EvalAltResult>> {
+    Err(message.into())
+}
+
+/// A name the rule gives (timer, counter, template, key): 1 to
+/// [`MAX_NAME_BYTES`] bytes.
+fn check_name(what: &str, name: &str) -> Result<(), Box<EvalAltResult>> {
+    if name.is_empty() || name.len() > MAX_NAME_BYTES {
+        return refuse(format!(
+            "{what} must be 1 to {MAX_NAME_BYTES} bytes long, got {}",
+            name.len()
+        ));
+    }
+    Ok(())
+}
+
+/// An amount for a counter: finite and within ±[`MAX_ADD_AMOUNT`].
+fn check_amount(f: &str, amount: f64) -> Result<f64, Box<EvalAltResult>> {
+    if amount.is_finite() && amount.abs() <= MAX_ADD_AMOUNT {
+        Ok(amount)
+    } else {
+        refuse(format!(
+            "{f}(): the amount must be a finite number within ±{MAX_ADD_AMOUNT:e}, got {amount}"
+        ))
+    }
+}
+
+/// A delay for `after()`: at most `rules.max_delay_days`. A negative delay
+/// means "now" (a due time already past fires at once), as before.
+fn check_delay(delay: i64) -> Result<i64, Box<EvalAltResult>> {
+    let max = with_ctx(|ctx| ctx.limits.max_delay_secs)?;
+    if delay > max {
+        return refuse(format!(
+            "after(): a delay of {delay} seconds is beyond the limit of {max} \
+             (rules.max_delay_days)"
+        ));
+    }
+    Ok(delay.max(0))
+}
+
+/// JSON bytes of `v`, for the size caps.
+fn json_bytes(v: &Value) -> usize {
+    serde_json::to_vec(v).map_or(usize::MAX, |b| b.len())
+}
+
+/// Data a request carries: a timer's at most `rules.max_value_bytes` of
+/// JSON (it is kept with the client), a mail's, emit's or task's at most
+/// `rules.max_string_bytes` (kept once, in the outbox); else the run fails.
+fn check_data(f: &str, data: Map<String, Value>) -> Result<Map<String, Value>, Box<EvalAltResult>> {
+    let (max, key) = with_ctx(|ctx| match f {
+        "after" => (ctx.limits.max_value_bytes, "rules.max_value_bytes"),
+        _ => (ctx.limits.max_effect_bytes, "rules.max_string_bytes"),
+    })?;
+    if data.is_empty() {
+        return Ok(data);
+    }
+    let data = Value::Object(data);
+    let n = json_bytes(&data);
+    if n > max {
+        return refuse(format!(
+            "{f}(): its data is {n} bytes of JSON, over the limit of {max} ({key})"
+        ));
+    }
+    let Value::Object(m) = data else {
+        unreachable!("built as an object above")
+    };
+    Ok(m)
+}
+
+/// `seconds(n)` .. `days(n)`: `n * unit`, failing the run on overflow.
+fn duration(f: &str, n: i64, unit: i64) -> Result<i64, Box<EvalAltResult>> {
+    n.checked_mul(unit)
+        .map_or_else(|| refuse(format!("{f}({n}): too large a duration")), Ok)
+}
+
+/// Sends `print`/`debug` output to the log within the run's byte budget;
+/// the first line over it is cut and the rest dropped, with a note. Outside
+/// a run (never, in practice) the line goes out as it is.
+pub(crate) fn log_line(s: &str) -> Option<String> {
+    CONTEXT.with(|c| {
+        let mut c = c.borrow_mut();
+        let Some(ctx) = c.as_mut() else {
+            return Some(s.to_string());
+        };
+        let left = ctx.limits.max_log_bytes.saturating_sub(ctx.logged);
+        if left == 0 {
+            return None;
+        }
+        if s.len() <= left {
+            ctx.logged += s.len();
+            return Some(s.to_string());
+        }
+        ctx.logged = ctx.limits.max_log_bytes;
+        let max = ctx.limits.max_log_bytes;
+        ctx.note(format!(
+            "print/debug output over {max} bytes in one run: cut (rules.max_log_bytes_per_run)"
+        ));
+        Some(format!(
+            "{}... (cut: over {max} bytes of output in this run)",
+            crate::history::truncated(s, left)
+        ))
+    })
 }
 
 fn to_json(v: Dynamic) -> Result<Value, Box<EvalAltResult>> {
@@ -190,29 +426,33 @@ fn unique_code(prefix: &str) -> Result<String, Box<EvalAltResult>> {
 
 pub fn register(engine: &mut Engine) {
     engine.register_fn("mail", |template: &str| {
+        check_name("a template name", template)?;
         push(Request::Mail {
             template: template.to_string(),
             vars: Map::new(),
         })
     });
     engine.register_fn("mail", |template: &str, vars: RhaiMap| {
+        check_name("a template name", template)?;
         push(Request::Mail {
             template: template.to_string(),
-            vars: to_json_map(vars)?,
+            vars: check_data("mail", to_json_map(vars)?)?,
         })
     });
     engine.register_fn("after", |delay: i64, name: &str| {
+        check_name("a timer name", name)?;
         push(Request::After {
-            delay_secs: delay.max(0),
+            delay_secs: check_delay(delay)?,
             name: name.to_string(),
             data: Map::new(),
         })
     });
     engine.register_fn("after", |delay: i64, name: &str, data: RhaiMap| {
+        check_name("a timer name", name)?;
         push(Request::After {
-            delay_secs: delay.max(0),
+            delay_secs: check_delay(delay)?,
             name: name.to_string(),
-            data: to_json_map(data)?,
+            data: check_data("after", to_json_map(data)?)?,
         })
     });
     engine.register_fn("cancel", |name: &str| {
@@ -220,23 +460,28 @@ pub fn register(engine: &mut Engine) {
             name: name.to_string(),
         })
     });
-    engine.register_fn("pending", |name: &str| {
-        with_ctx(|ctx| {
-            // The latest request wins: a timer set or cancelled in this run counts.
-            for r in ctx.requests.iter().rev() {
-                match r {
-                    Request::After { name: n, .. } if n == name => return true,
-                    Request::Cancel { name: n } if n == name => return false,
-                    _ => {}
-                }
-            }
-            ctx.timers.iter().any(|t| t == name)
-        })
-    });
+    engine.register_fn("pending", |name: &str| with_ctx(|ctx| ctx.is_pending(name)));
+    // What a rule remembers is loaded and saved with every event of the
+    // client: past its caps a value is not kept (noted), the run goes on.
     engine.register_fn("remember", |key: &str, value: Dynamic| {
+        check_name("a remember() key", key)?;
         let value = to_json(value)?;
+        let n = json_bytes(&value);
         with_ctx(|ctx| {
-            ctx.facts.insert(key.to_string(), value);
+            let l = ctx.limits;
+            if n > l.max_value_bytes {
+                ctx.note(format!(
+                    "remember(): a value over {} bytes of JSON not kept (rules.max_value_bytes)",
+                    l.max_value_bytes
+                ));
+            } else if !ctx.facts.contains_key(key) && ctx.facts.len() >= l.max_facts_per_rule {
+                ctx.note(format!(
+                    "remember(): a new key not kept: the rule already keeps {} keys for this client (rules.max_facts_per_rule)",
+                    l.max_facts_per_rule
+                ));
+            } else {
+                ctx.facts.insert(key.to_string(), value);
+            }
         })
     });
     engine.register_fn("recall", |key: &str| {
@@ -250,12 +495,18 @@ pub fn register(engine: &mut Engine) {
     });
     engine.register_fn("unique_code", unique_code);
     engine.register_fn("emit", |event_type: &str, data: RhaiMap| {
+        if crate::event::RESERVED_TYPES.contains(&event_type) {
+            return refuse(format!(
+                "emit(\"{event_type}\"): the type is reserved for nudge's timers and sweeps"
+            ));
+        }
         push(Request::Emit {
             event_type: event_type.to_string(),
-            data: to_json_map(data)?,
+            data: check_data("emit", to_json_map(data)?)?,
         })
     });
     engine.register_fn("task", |team: &str, title: &str| {
+        check_name("a team name", team)?;
         push(Request::Task {
             team: team.to_string(),
             title: title.to_string(),
@@ -263,24 +514,33 @@ pub fn register(engine: &mut Engine) {
         })
     });
     engine.register_fn("task", |team: &str, title: &str, data: RhaiMap| {
+        check_name("a team name", team)?;
         push(Request::Task {
             team: team.to_string(),
             title: title.to_string(),
-            data: to_json_map(data)?,
+            data: check_data("task", to_json_map(data)?)?,
         })
     });
     // Shared counters: `add` returns the new total, `total` reads it;
     // `add_distinct` is true when the member was new, `distinct` counts members.
+    // Arguments are checked before the counter is touched: an error inside
+    // `with_counter` means "the counter could not be read" and retries the batch.
     engine.register_fn("add", |name: &str, period: &str, amount: f64| {
+        check_name("a counter name", name)?;
+        let amount = check_amount("add", amount)?;
         with_counter(name, period, |c, k| c.add(k, amount))
     });
     engine.register_fn("add", |name: &str, period: &str, amount: i64| {
-        with_counter(name, period, |c, k| c.add(k, amount as f64))
+        check_name("a counter name", name)?;
+        let amount = check_amount("add", amount as f64)?;
+        with_counter(name, period, |c, k| c.add(k, amount))
     });
     engine.register_fn("total", |name: &str, period: &str| {
         with_counter(name, period, |c, k| c.get(k))
     });
     engine.register_fn("add_distinct", |name: &str, period: &str, member: &str| {
+        check_name("a counter name", name)?;
+        check_name("a distinct member", member)?;
         with_counter(name, period, |c, k| c.add_distinct(k, member))
     });
     engine.register_fn("distinct", |name: &str, period: &str| {
@@ -288,22 +548,10 @@ pub fn register(engine: &mut Engine) {
     });
     // The client's own counters.
     engine.register_fn("client_add", |name: &str, period: &str, amount: f64| {
-        let now = with_ctx(|ctx| ctx.now)?;
-        let key = client_counter_key(name, period, now)?;
-        with_ctx(|ctx| {
-            let v = ctx.client_counters.entry(key).or_default();
-            *v += amount;
-            *v
-        })
+        client_add(name, period, amount)
     });
     engine.register_fn("client_add", |name: &str, period: &str, amount: i64| {
-        let now = with_ctx(|ctx| ctx.now)?;
-        let key = client_counter_key(name, period, now)?;
-        with_ctx(|ctx| {
-            let v = ctx.client_counters.entry(key).or_default();
-            *v += amount as f64;
-            *v
-        })
+        client_add(name, period, amount as f64)
     });
     engine.register_fn("client_total", |name: &str, period: &str| {
         let now = with_ctx(|ctx| ctx.now)?;
@@ -312,10 +560,51 @@ pub fn register(engine: &mut Engine) {
     });
     // Durations in seconds, to compare with `now` and the times in `client`.
     engine.register_fn("seconds", |n: i64| n);
-    engine.register_fn("minutes", |n: i64| n * 60);
-    engine.register_fn("hours", |n: i64| n * 3600);
-    engine.register_fn("days", |n: i64| n * 86_400);
+    engine.register_fn("minutes", |n: i64| duration("minutes", n, 60));
+    engine.register_fn("hours", |n: i64| duration("hours", n, 3600));
+    engine.register_fn("days", |n: i64| duration("days", n, 86_400));
 }
+
+/// Adds to the client's own counter. The total saturates within
+/// ±[`crate::history::MAX_MONEY_SUM`] so it always stays storable.
+fn client_add(name: &str, period: &str, amount: f64) -> Result<f64, Box<EvalAltResult>> {
+    check_name("a counter name", name)?;
+    let amount = check_amount("client_add", amount)?;
+    let now = with_ctx(|ctx| ctx.now)?;
+    let key = client_counter_key(name, period, now)?;
+    with_ctx(|ctx| {
+        let counters = &mut ctx.client_counters;
+        if !counters.contains_key(&key) && counters.len() >= MAX_CLIENT_COUNTERS {
+            // Period keys sort in time, so the first of this counter's keys
+            // is its oldest period: it goes, and the counter keeps counting.
+            let prefix = format!("{name}/");
+            let oldest = counters
+                .range(prefix.clone()..)
+                .next()
+                .map(|(k, _)| k.clone())
+                .filter(|k| k.starts_with(&prefix));
+            match oldest {
+                Some(k) => {
+                    counters.remove(&k);
+                }
+                None => {
+                    ctx.note(format!(
+                        "client_add(): a new counter not counted: the client already has {MAX_CLIENT_COUNTERS} counters"
+                    ));
+                    return 0.0;
+                }
+            }
+        }
+        let v = counters.entry(key).or_default();
+        *v = crate::history::money_add(*v, amount);
+        *v
+    })
+}
+
+/// Counter periods (`name/period-key`) one client keeps: with a new name or
+/// day each event, they would grow without end. At the cap a counter's
+/// oldest period makes room for its new one.
+pub const MAX_CLIENT_COUNTERS: usize = 200;
 
 #[cfg(test)]
 mod tests {
@@ -394,5 +683,174 @@ mod tests {
             engine.run(r#"remember("code", unique_code("BROWSE"));"#)
         });
         assert_eq!(again.facts["code"], ctx.facts["code"]);
+    }
+
+    /// Runs `script` in a fresh context with default limits; returns the
+    /// error text (if the run failed) and the context.
+    fn run(script: &str) -> (Option<String>, RunContext) {
+        let mut engine = Engine::new();
+        register(&mut engine);
+        let mut ctx = RunContext::new("r", "c1", "e1");
+        ctx.now = "2026-11-01T10:00:00Z".parse().unwrap();
+        ctx.counters = crate::counters::Counters::new(
+            Box::new(crate::counters::MemorySource::default()),
+            chrono_tz::Tz::UTC,
+        );
+        let (res, ctx) = collect(ctx, || engine.run(script));
+        (res.err().map(|e| e.to_string()), ctx)
+    }
+
+    #[test]
+    fn after_refuses_delays_beyond_the_limit_and_durations_that_overflow() {
+        for script in [
+            r#"after(9223372036854775807, "x");"#,
+            r#"after(days(200000000), "x");"#,
+            r#"after(days(3651), "x");"#,
+        ] {
+            let (err, ctx) = run(script);
+            let err = err.unwrap_or_else(|| panic!("{script} must fail"));
+            assert!(err.contains("rules.max_delay_days"), "{script}: {err}");
+            assert!(ctx.requests.is_empty());
+        }
+        let (err, _) = run("days(9223372036854775807);");
+        assert!(err.unwrap().contains("too large a duration"));
+        let (err, _) = run("minutes(-9223372036854775807);");
+        assert!(err.unwrap().contains("too large a duration"));
+        // Zero, the limit itself and a negative delay (fires at once) are fine.
+        let (err, ctx) = run(r#"after(0, "a"); after(days(3650), "b"); after(-5, "c");"#);
+        assert_eq!(err, None);
+        let delays: Vec<i64> = ctx
+            .requests
+            .iter()
+            .map(|r| match r {
+                Request::After { delay_secs, .. } => *delay_secs,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(delays, vec![0, 3650 * 86_400, 0]);
+        let (err, _) = run(&format!(
+            r#"after(1, "{}");"#,
+            "n".repeat(MAX_NAME_BYTES + 1)
+        ));
+        assert!(err.unwrap().contains("timer name"));
+        let (err, _) = run(r#"after(1, "");"#);
+        assert!(err.unwrap().contains("timer name"));
+    }
+
+    #[test]
+    fn counter_amounts_must_be_finite_and_bounded_without_failing_the_batch() {
+        for script in [
+            r#"add("x", "all", 1e308 * 10.0);"#,
+            r#"add("x", "all", 0.0 / 0.0);"#,
+            r#"add("x", "all", 1e13);"#,
+            r#"client_add("x", "month", 1e308 * 10.0);"#,
+            r#"client_add("x", "month", -2e12);"#,
+        ] {
+            let (err, ctx) = run(script);
+            let err = err.unwrap_or_else(|| panic!("{script} must fail"));
+            assert!(err.contains("finite number within"), "{script}: {err}");
+            // A bad argument is the rule's fault, not an unreadable counter:
+            // the batch must not be retried for it.
+            assert_eq!(ctx.counter_failure, None, "{script}");
+        }
+        let (err, _) = run(r#"add("x", "fortnight", 1);"#);
+        assert!(err.unwrap().contains("unknown period"));
+        let (err, ctx) = run(r#"add("x", "all", 1e12); client_add("y", "month", 1e12);"#);
+        assert_eq!(err, None);
+        assert_eq!(ctx.client_counters["y/2026-11"], 1e12);
+    }
+
+    #[test]
+    fn a_clients_counters_stay_finite_and_bounded_in_number() {
+        let (err, ctx) = run(r#"for i in 0..2000 { client_add("big", "all", 1e12); }
+               for i in 0..300 { client_add(`c${i}`, "all", 1); }"#);
+        assert_eq!(err, None);
+        assert!(ctx.client_counters["big/all"].is_finite());
+        assert!(ctx.client_counters["big/all"] <= crate::history::MAX_MONEY_SUM);
+        assert_eq!(ctx.client_counters.len(), MAX_CLIENT_COUNTERS);
+        assert_eq!(ctx.notes.len(), 1, "{:?}", ctx.notes);
+    }
+
+    #[test]
+    fn effects_per_run_are_capped_with_one_note_each() {
+        let (err, ctx) = run(
+            r#"for i in 0..1000 { mail("t"); task("sales", "call"); emit("x", #{}); after(60, `t${i}`); }"#,
+        );
+        assert_eq!(err, None);
+        let count = |f: fn(&Request) -> bool| ctx.requests.iter().filter(|r| f(r)).count();
+        let l = RunLimits::default();
+        assert_eq!(count(|r| matches!(r, Request::Mail { .. })), l.max_mails);
+        assert_eq!(count(|r| matches!(r, Request::Task { .. })), l.max_tasks);
+        assert_eq!(count(|r| matches!(r, Request::Emit { .. })), l.max_emits);
+        assert_eq!(
+            count(|r| matches!(r, Request::After { .. })),
+            l.max_timers_per_rule
+        );
+        assert_eq!(ctx.notes.len(), 4, "{:?}", ctx.notes);
+        assert!(
+            ctx.notes
+                .iter()
+                .any(|n| n.contains("rules.max_mails_per_run"))
+        );
+        // Setting a pending timer again replaces it, at the cap too.
+        let mut engine = Engine::new();
+        register(&mut engine);
+        let mut full = RunContext::new("r", "c1", "e1");
+        full.timers = (0..l.max_timers_per_rule)
+            .map(|i| format!("t{i}"))
+            .collect();
+        let (res, full) = collect(full, || engine.run(r#"after(5, "t3"); after(5, "new");"#));
+        res.unwrap();
+        assert_eq!(full.requests.len(), 1);
+        assert_eq!(full.notes.len(), 1);
+    }
+
+    #[test]
+    fn remember_keeps_values_and_keys_within_their_caps() {
+        let l = RunLimits::default();
+        let (err, ctx) = run(&format!(
+            r#"remember("big", "{}"); remember("ok", 1);
+               for i in 0..500 {{ remember(`k${{i}}`, i); }}"#,
+            "x".repeat(l.max_value_bytes)
+        ));
+        assert_eq!(err, None);
+        assert!(!ctx.facts.contains_key("big"), "over max_value_bytes");
+        assert_eq!(ctx.facts.len(), l.max_facts_per_rule);
+        assert_eq!(ctx.notes.len(), 2, "{:?}", ctx.notes);
+        // Data of a request over the size limit fails the run.
+        let (err, _) = run(&format!(
+            r#"after(1, "t", #{{ x: "{}" }});"#,
+            "x".repeat(l.max_value_bytes)
+        ));
+        assert!(err.unwrap().contains("rules.max_value_bytes"));
+        let (err, _) = run(&format!(
+            r#"mail("t", #{{ x: "{}", y: "{}" }});"#,
+            "x".repeat(l.max_effect_bytes / 2),
+            "y".repeat(l.max_effect_bytes / 2)
+        ));
+        assert!(err.unwrap().contains("rules.max_string_bytes"));
+        let (err, _) = run(r#"emit("timer", #{});"#);
+        assert!(err.unwrap().contains("reserved"));
+    }
+
+    #[test]
+    fn print_output_is_cut_at_the_runs_budget() {
+        let mut engine = Engine::new();
+        register(&mut engine);
+        let printed = std::sync::Arc::new(std::sync::Mutex::new(0usize));
+        let p = printed.clone();
+        engine.on_print(move |s| {
+            if let Some(s) = log_line(s) {
+                *p.lock().unwrap() += s.len();
+            }
+        });
+        let script = r#"let s = "x"; for i in 0..16 { s += s; } for i in 0..1000 { print(s); }"#;
+        let (res, ctx) = collect(RunContext::new("r", "c", "e"), || engine.run(script));
+        res.unwrap();
+        let max = RunLimits::default().max_log_bytes;
+        let n = *printed.lock().unwrap();
+        assert!(n <= max + 100, "{n} bytes printed");
+        assert_eq!(ctx.notes.len(), 1, "{:?}", ctx.notes);
+        assert!(ctx.notes[0].contains("rules.max_log_bytes_per_run"));
     }
 }

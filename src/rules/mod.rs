@@ -15,7 +15,7 @@ use rhai::{AST, Dynamic, Engine, EvalAltResult, Scope};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-pub use api::{Request, RunContext};
+pub use api::{Request, RunContext, RunLimits};
 
 /// A compiled rule.
 #[derive(Debug, Clone)]
@@ -105,6 +105,8 @@ pub struct RuleError {
 /// The sandboxed Rhai engine every rule runs in.
 pub struct RuleEngine {
     engine: Engine,
+    /// What each run may ask for and keep, handed to every run's context.
+    limits: RunLimits,
 }
 
 impl RuleEngine {
@@ -121,12 +123,23 @@ impl RuleEngine {
         engine.set_max_array_size(limits.max_array_len);
         engine.set_max_map_size(limits.max_map_len);
         engine.set_fail_on_invalid_map_property(false);
-        engine.on_print(|s| tracing::info!(target: "nudge::rule", "{s}"));
+        // Output counts against the run's budget (rules.max_log_bytes_per_run):
+        // a rule printing in a loop would otherwise fill the disk.
+        engine.on_print(|s| {
+            if let Some(s) = api::log_line(s) {
+                tracing::info!(target: "nudge::rule", "{s}")
+            }
+        });
         engine.on_debug(|s, src, pos| {
-            tracing::debug!(target: "nudge::rule", source = src, line = pos.line(), "{s}")
+            if let Some(s) = api::log_line(s) {
+                tracing::debug!(target: "nudge::rule", source = src, line = pos.line(), "{s}")
+            }
         });
         api::register(&mut engine);
-        Self { engine }
+        Self {
+            engine,
+            limits: RunLimits::from_config(limits),
+        }
     }
 
     /// Compiles one rule file; its triggers come from `const ON = [...]`.
@@ -203,8 +216,9 @@ impl RuleEngine {
         &self,
         rule: &Rule,
         inputs: &mut Inputs,
-        ctx: RunContext,
+        mut ctx: RunContext,
     ) -> (RunContext, Result<(), RuleError>) {
+        ctx.limits = self.limits;
         let scope = &mut inputs.scope;
         let (result, ctx) = api::collect(ctx, || self.engine.run_ast_with_scope(scope, &rule.ast));
         inputs.reset();

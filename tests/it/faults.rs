@@ -1,9 +1,11 @@
 //! Faults: broken rules, poison messages, a killed daemon, a restarted broker;
 //! the database, its disk and the mail server failing (`outages`); hostile
-//! input (`bad_input`); rules that run away (`rule_faults`). The numbers each
+//! input (`bad_input`); hostile data and rule mistakes (`hostile_data`); rules
+//! that run away (`rule_faults`). The numbers each
 //! proves are printed (`cargo test -- --nocapture` shows them).
 
 mod bad_input;
+mod hostile_data;
 mod outages;
 mod rule_faults;
 
