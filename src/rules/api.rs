@@ -697,7 +697,7 @@ mod tests {
             chrono_tz::Tz::UTC,
         );
         let (res, ctx) = collect(ctx, || engine.run(script));
-        (res.err().map(|e| e.to_string()), ctx)
+        (res.unwrap().err().map(|e| e.to_string()), ctx)
     }
 
     #[test]
@@ -800,7 +800,7 @@ mod tests {
             .map(|i| format!("t{i}"))
             .collect();
         let (res, full) = collect(full, || engine.run(r#"after(5, "t3"); after(5, "new");"#));
-        res.unwrap();
+        res.unwrap().unwrap();
         assert_eq!(full.requests.len(), 1);
         assert_eq!(full.notes.len(), 1);
     }
@@ -846,7 +846,7 @@ mod tests {
         });
         let script = r#"let s = "x"; for i in 0..16 { s += s; } for i in 0..1000 { print(s); }"#;
         let (res, ctx) = collect(RunContext::new("r", "c", "e"), || engine.run(script));
-        res.unwrap();
+        res.unwrap().unwrap();
         let max = RunLimits::default().max_log_bytes;
         let n = *printed.lock().unwrap();
         assert!(n <= max + 100, "{n} bytes printed");
