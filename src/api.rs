@@ -329,8 +329,13 @@ async fn rules(State(s): State<ApiState>) -> Response {
         })
         .collect();
     let errors: Vec<String> = s.catalog.errors().iter().map(|e| e.to_string()).collect();
-    Json(json!({"rules": rules, "errors": errors, "quarantined": s.catalog.quarantined()}))
-        .into_response()
+    Json(json!({
+        "rules": rules,
+        "errors": errors,
+        "quarantined": s.catalog.quarantined(),
+        "quarantine": s.catalog.quarantine_criterion(),
+    }))
+    .into_response()
 }
 
 #[derive(Deserialize)]

@@ -6,6 +6,7 @@
 //! few `stat` calls per poll.
 
 use crate::config::Config;
+use crate::event::ClientId;
 use crate::rules::loader::{RuleLoader, RuleSet};
 use crate::rules::{CompileError, RuleEngine};
 use crate::templates::{TemplateLoader, TemplateSet};
@@ -21,14 +22,21 @@ pub struct Catalog {
     templates: ArcSwap<TemplateSet>,
     loaders: Mutex<Loaders>,
     health: Mutex<Health>,
-    /// Consecutive failures that take a rule out of service (0: never).
+    /// Distinct failing clients that take a rule out of service (0: never).
     quarantine_after: u32,
+    /// The last runs of a rule the quarantine looks at.
+    quarantine_window: usize,
 }
+
+/// The share of a full window's runs that must have failed for a quarantine.
+const QUARANTINE_FAILURE_SHARE: f64 = 0.9;
 
 /// How the rules have been doing, and which are out of service.
 #[derive(Default)]
 struct Health {
-    consecutive_failures: std::collections::HashMap<String, u32>,
+    /// Each rule's last runs in the order they were decided (the stream's):
+    /// the client a run failed for, `None` for a run that succeeded.
+    recent: std::collections::HashMap<String, std::collections::VecDeque<Option<ClientId>>>,
     quarantined: std::collections::BTreeMap<String, Quarantined>,
 }
 
@@ -78,22 +86,43 @@ impl Catalog {
             }),
             health: Mutex::new(Health::default()),
             quarantine_after: config.rules.quarantine_after,
+            quarantine_window: config.rules.quarantine_window.max(1) as usize,
         }
     }
 
-    /// Counts rule runs; a rule failing `rules.quarantine_after` times in a
-    /// row is taken out of service (until its file is saved again), so one
-    /// broken rule cannot flood the logs while the others go on.
-    pub fn record_runs(&self, runs: &[(String, bool)]) {
+    /// Counts rule runs, in the order they were decided, with the client
+    /// each was for. A rule is taken out of service (until its file is saved
+    /// again) when it is broken for many clients: its last
+    /// `rules.quarantine_window` runs are nearly all failures
+    /// ([`QUARANTINE_FAILURE_SHARE`]) over at least `rules.quarantine_after`
+    /// distinct clients. A rule that fails on one client's odd data, however
+    /// often, or on a few clients' among others it serves, stays in service:
+    /// that is those clients' problem, logged for them.
+    pub fn record_runs(&self, runs: &[(String, bool, ClientId)]) {
         if self.quarantine_after == 0 || runs.is_empty() {
             return;
         }
         let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
         let mut newly = Vec::new();
-        for (rule, ok) in runs {
-            let n = h.consecutive_failures.entry(rule.clone()).or_default();
-            *n = if *ok { 0 } else { *n + 1 };
-            if *n >= self.quarantine_after && !h.quarantined.contains_key(rule) {
+        for (rule, ok, client) in runs {
+            let recent = h.recent.entry(rule.clone()).or_default();
+            recent.push_back((!ok).then(|| client.clone()));
+            if recent.len() > self.quarantine_window {
+                recent.pop_front();
+            }
+            if *ok || recent.len() < self.quarantine_window {
+                continue;
+            }
+            let failed: Vec<&ClientId> = recent.iter().flatten().collect();
+            let share = failed.len() as f64 / recent.len() as f64;
+            if share < QUARANTINE_FAILURE_SHARE {
+                continue;
+            }
+            let distinct: std::collections::HashSet<&ClientId> = failed.into_iter().collect();
+            if distinct.len() >= self.quarantine_after as usize
+                && !h.quarantined.contains_key(rule)
+                && !newly.contains(rule)
+            {
                 newly.push(rule.clone());
             }
         }
@@ -104,7 +133,10 @@ impl Catalog {
         for rule in &newly {
             let path = set.get(rule).map(|r| r.path.clone());
             let reason = format!(
-                "failed {} times in a row; fix and save the file to bring it back",
+                "broken for many clients: at least {:.0} % of its last {} runs failed, for {} or \
+                 more distinct clients; fix and save the file to bring it back",
+                QUARANTINE_FAILURE_SHARE * 100.0,
+                self.quarantine_window,
                 self.quarantine_after
             );
             tracing::error!(rule, "rule quarantined: {reason}");
@@ -117,9 +149,21 @@ impl Catalog {
                     stamp: path.as_deref().and_then(stamp),
                 },
             );
-            h.consecutive_failures.remove(rule);
+            h.recent.remove(rule);
         }
         self.rules.store(Arc::new(without(&set, &h.quarantined)));
+    }
+
+    /// When a rule is taken out of service, for `/api/rules`.
+    pub fn quarantine_criterion(&self) -> serde_json::Value {
+        serde_json::json!({
+            "distinct_clients": self.quarantine_after,
+            "window_runs": self.quarantine_window,
+            "failure_share": QUARANTINE_FAILURE_SHARE,
+            "rule": "a rule is quarantined when at least failure_share of its last window_runs \
+                     runs (in stream order) failed, for at least distinct_clients distinct \
+                     clients; saving its file brings it back",
+        })
     }
 
     /// Rules out of service, with why.
@@ -161,8 +205,10 @@ impl Catalog {
             templates = template_set.names().count(),
             "rules and templates reloaded"
         );
-        // A quarantined rule stays out while its file is as it was.
+        // A quarantined rule stays out while its file is as it was; the
+        // others start counting anew, since a saved file may be a fix.
         let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        h.recent.clear();
         h.quarantined.retain(|name, q| {
             let path = rule_set.get(name).map(|r| r.path.clone());
             let same = path.as_deref().and_then(stamp) == q.stamp && q.stamp.is_some();
@@ -224,4 +270,58 @@ fn fingerprint(dirs: &[&Path]) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
     }
     out.sort();
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn catalog(dir: &Path) -> Catalog {
+        let rules = dir.join("rules");
+        std::fs::create_dir_all(&rules).unwrap();
+        std::fs::create_dir_all(dir.join("templates")).unwrap();
+        std::fs::write(rules.join("r.rhai"), "const ON = [\"x\"];\n").unwrap();
+        let mut config = Config::default();
+        config.rules.dir = rules;
+        config.templates.dir = dir.join("templates");
+        Catalog::load(&config)
+    }
+
+    fn run(ok: bool, client: &str) -> (String, bool, ClientId) {
+        ("r".to_string(), ok, ClientId::parse(client).unwrap())
+    }
+
+    #[test]
+    fn one_clients_odd_data_or_a_burst_among_good_runs_never_quarantines_a_rule() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = catalog(dir.path());
+        // One client failing again and again: that client's problem.
+        c.record_runs(&vec![run(false, "odd"); 500]);
+        assert!(c.quarantined().is_empty());
+        // Twenty odd clients in a row, among clients the rule serves.
+        let mut runs: Vec<_> = (0..40).map(|i| run(true, &format!("g{i}"))).collect();
+        runs.extend((0..20).map(|i| run(false, &format!("bad{i}"))));
+        runs.extend((0..40).map(|i| run(true, &format!("h{i}"))));
+        runs.extend((0..20).map(|i| run(false, &format!("worse{i}"))));
+        c.record_runs(&runs);
+        assert!(c.quarantined().is_empty(), "{:?}", c.quarantined());
+        assert!(c.rules().get("r").is_some());
+    }
+
+    #[test]
+    fn a_rule_broken_for_many_clients_is_quarantined() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = catalog(dir.path());
+        let window = Config::default().rules.quarantine_window as usize;
+        let runs: Vec<_> = (0..window - 1)
+            .map(|i| run(false, &format!("c{i}")))
+            .collect();
+        c.record_runs(&runs);
+        assert!(c.quarantined().is_empty(), "the window is not full yet");
+        c.record_runs(&[run(false, "last")]);
+        let q = c.quarantined();
+        assert_eq!(q.len(), 1);
+        assert!(q[0].reason.contains("distinct clients"), "{}", q[0].reason);
+        assert!(c.rules().get("r").is_none(), "out of service");
+    }
 }

@@ -251,9 +251,16 @@ pub struct RulesConfig {
     pub max_map_len: usize,
     /// How many secondary events deep an emit may go before it is stopped. Default 4.
     pub max_emit_depth: u32,
-    /// Consecutive failures after which a rule is quarantined until its file
-    /// changes (0: never). Default 20.
+    /// Distinct clients a rule must have failed for before it is
+    /// quarantined until its file changes (0: never). One client's odd data
+    /// fails that client's runs only; a rule is taken out of service when
+    /// it is broken for many: its last `quarantine_window` runs, in stream
+    /// order, are at least 90 % failures, over at least this many distinct
+    /// clients. Default 20.
     pub quarantine_after: u32,
+    /// The runs of a rule the quarantine looks at (see `quarantine_after`).
+    /// Default 100.
+    pub quarantine_window: u32,
     /// Free-form values rules read as `settings` (e.g. partner shares). Default empty.
     pub settings: serde_json::Map<String, serde_json::Value>,
     /// Longest delay `after()` accepts, in days; a longer one fails the run
@@ -297,6 +304,7 @@ impl Default for RulesConfig {
             max_map_len: 10_000,
             max_emit_depth: 4,
             quarantine_after: 20,
+            quarantine_window: 100,
             settings: Default::default(),
             max_delay_days: 3650,
             max_value_bytes: 8 * 1024,

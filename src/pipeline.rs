@@ -184,7 +184,8 @@ struct Window<'a> {
 /// A batch decided, ready to commit.
 struct Decided {
     write: BatchWrite,
-    runs: Vec<(String, bool)>,
+    /// Rules that ran, whether they succeeded, and for which client.
+    runs: Vec<(String, bool, ClientId)>,
     report: BatchReport,
     /// Stream sequences of the steps that used shared counters, ascending.
     shared_seqs: Vec<u64>,
@@ -1010,7 +1011,7 @@ impl Pipeline {
             CommitOutcome::Committed => {
                 // Counted once decided for good: a batch decided again
                 // after a conflict does not run its rules twice over.
-                for (rule, ok) in runs {
+                for (rule, ok, _) in runs {
                     self.metrics.rule_run(rule, *ok);
                 }
                 self.catalog.record_runs(runs);
@@ -1064,7 +1065,7 @@ impl Pipeline {
         mut states: HashMap<ClientId, ClientState>,
         ahead: Option<u64>,
     ) -> Result<
-        Result<(BatchWrite, Vec<(String, bool)>, Vec<u64>), (Vec<Step>, String, String)>,
+        Result<(BatchWrite, Vec<(String, bool, ClientId)>, Vec<u64>), (Vec<Step>, String, String)>,
         StoreError,
     > {
         let rules = self.catalog.rules();
@@ -1089,7 +1090,7 @@ impl Pipeline {
             let mut failure = None;
             let received_at = Utc::now();
             let mut write = BatchWrite::default();
-            let mut runs: Vec<(String, bool)> = Vec::new();
+            let mut runs: Vec<(String, bool, ClientId)> = Vec::new();
             let mut shared_seqs = Vec::new();
             let mut touched: HashSet<ClientId> = HashSet::new();
             for (i, step) in steps.iter().enumerate() {
@@ -1141,10 +1142,11 @@ impl Pipeline {
                 // timer fired, a sweep found work, or an event arrived.
                 let changed =
                     matches!(step, Step::Event(_)) || !d.runs.is_empty() || !d.log.is_empty();
+                runs.extend(d.runs.into_iter().map(|(rule, ok)| (rule, ok, id.clone())));
                 if changed {
                     touched.insert(id);
                 }
-                runs.extend(d.runs);
+
                 write.effects.extend(d.effects);
                 write.log.extend(d.log);
                 if let Step::Event(e) = step {

@@ -19,18 +19,26 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 async fn a_rule_failing_again_and_again_is_quarantined_until_its_file_changes(backend: Backend) {
-    let env = TestEnv::with_env(backend, &[("NUDGE__RULES__QUARANTINE_AFTER", "3")]).await;
+    let env = TestEnv::with_env(
+        backend,
+        &[
+            ("NUDGE__RULES__QUARANTINE_AFTER", "3"),
+            ("NUDGE__RULES__QUARANTINE_WINDOW", "5"),
+        ],
+    )
+    .await;
     std::fs::write(
         env.rules_dir().join("broken.rhai"),
         "const ON = [\"page_viewed\"];\nlet x = event.data.missing.deeper;\n",
     )
     .unwrap();
     let app = env.start().await;
+    // Broken for everyone: five runs for five clients, all failed.
     for i in 0..5 {
         app.publish(&event(
             &format!("p{i}"),
             "page_viewed",
-            "qa",
+            &format!("qa{i}"),
             &ago(100 - i),
             json!({"url": "/"}),
             json!({"session_id": "s"}),
