@@ -6,6 +6,7 @@
 mod bad_input;
 mod outages;
 mod rule_faults;
+mod stalls;
 
 use crate::helpers::{
     Backend, TestApp, TestEnv, ago, daemon_vars, event, eventually, publish_retrying,
