@@ -93,16 +93,28 @@ async fn isolate(
 
 /// The consumer's ack floor, read from the broker: what every instance
 /// sharing the consumer has acked up to.
-struct ConsumerFloor(jetstream::consumer::Consumer<pull::Config>);
+struct ConsumerFloor {
+    consumer: jetstream::consumer::Consumer<pull::Config>,
+    /// A stop does not wait for a broker that does not answer.
+    cancel: CancellationToken,
+}
+
+/// How long reading the ack floor may take: the broker answers in
+/// milliseconds when it is there.
+const FLOOR_TIMEOUT: Duration = Duration::from_secs(3);
 
 impl crate::pipeline::AckFloor for ConsumerFloor {
     fn floor(&self) -> futures::future::BoxFuture<'_, Result<u64, String>> {
         Box::pin(async move {
-            self.0
-                .get_info()
-                .await
-                .map(|i| i.ack_floor.stream_sequence)
-                .map_err(|e| e.to_string())
+            let info = tokio::time::timeout(FLOOR_TIMEOUT, self.consumer.get_info());
+            tokio::select! {
+                _ = self.cancel.cancelled() => Err("stopping".to_string()),
+                info = info => match info {
+                    Ok(Ok(i)) => Ok(i.ack_floor.stream_sequence),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err(format!("no answer from the broker within {FLOOR_TIMEOUT:?}")),
+                },
+            }
         })
     }
 }
@@ -222,7 +234,10 @@ pub async fn run(
     let linger = Duration::from_millis(cfg.batch_linger_ms);
     let settler = Batch {
         pipeline,
-        floor: Arc::new(ConsumerFloor(consumer.clone())),
+        floor: Arc::new(ConsumerFloor {
+            consumer: consumer.clone(),
+            cancel: cancel.clone(),
+        }),
         ack_wait: Duration::from_secs(cfg.ack_wait_secs),
         max_deliveries: cfg.max_deliveries.max(1),
         wake,
@@ -402,9 +417,16 @@ impl Batch {
                     pipeline.metrics().batch_failed(&e.to_string());
                     let pause = Duration::from_millis(200 * 2u64.pow(failures.min(6)));
                     tracing::error!(error = %e, retry_in = ?pause, "batch not committed; will retry");
-                    for m in &held {
-                        // Keep the messages ours while we wait.
-                        let _ = m.ack_with(jetstream::AckKind::Progress).await;
+                    let progress = async {
+                        for m in &held {
+                            // Keep the messages ours while we wait.
+                            let _ = m.ack_with(jetstream::AckKind::Progress).await;
+                        }
+                    };
+                    tokio::select! {
+                        // With the broker away these can wait for ever.
+                        _ = self.cancel.cancelled() => return,
+                        _ = progress => {}
                     }
                     tokio::select! {
                         // Not acked: the broker redelivers after ack_wait.
