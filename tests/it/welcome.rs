@@ -140,7 +140,36 @@ async fn events_published_before_start_or_while_down_are_all_processed(backend: 
     app.stop().await;
 }
 
+async fn an_over_long_name_still_gets_its_mail_with_a_shortened_subject(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    // A name no header can hold on one line, without a space to fold at.
+    let name = "Z".repeat(1500);
+    app.publish(&registered("e-long", "zed", "organic", &name))
+        .await;
+    app.publish(&registered("e-ok", "amy", "organic", "Amy"))
+        .await;
+    let mails = wait_welcomes(&app, &["zed@example.com", "amy@example.com"]).await;
+    let zed = mails.iter().find(|m| m.to == "zed@example.com").unwrap();
+    assert!(zed.subject.starts_with("Welcome, ZZZ"), "{}", zed.subject);
+    assert!(zed.subject.ends_with('…'), "{}", zed.subject);
+    assert_eq!(
+        zed.subject.chars().count(),
+        nudge::templates::MAX_SUBJECT_CHARS
+    );
+    // The body still has the whole name; no line of the message is over
+    // SMTP's limit.
+    assert!(zed.text.contains(&name));
+    for line in zed.raw.lines() {
+        assert!(line.len() <= 998, "a {}-octet line", line.len());
+    }
+    app.wait_outbox_settled().await;
+    let outbox = app.store.list_outbox(10).await.unwrap();
+    assert!(outbox.iter().all(|r| r.status == "sent"), "{outbox:?}");
+    app.stop().await;
+}
+
 backend_tests!(
+    an_over_long_name_still_gets_its_mail_with_a_shortened_subject,
     each_acquisition_channel_gets_its_welcome_mail,
     the_same_event_id_twice_gives_one_mail,
     events_published_before_start_or_while_down_are_all_processed,
