@@ -22,6 +22,17 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+/// How long a stop waits for the work in hand (the batches being committed,
+/// the mails being sent) before it gives up on it: whatever the broker and
+/// the database are doing, `run_until_stopped` returns within this plus
+/// [`STOP_NATS_WAIT`]. Work given up on is safe: a batch not committed is
+/// not acked and comes back; a mail claimed but not sent is retried after
+/// its lease.
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// The most a stop waits for the broker to confirm it read our last words.
+const STOP_NATS_WAIT: Duration = Duration::from_secs(2);
+
 pub struct Application {
     config: Config,
     store: AnyStore,
@@ -144,7 +155,13 @@ impl Application {
                     let stream = ingest::ensure_stream(&js, &nats_cfg).await?;
                     ingest::ensure_consumer(&stream, &nats_cfg).await
                 };
-                match attempt.await {
+                let attempt = tokio::select! {
+                    // A JetStream request can wait seconds for an answer
+                    // from a broker that is not there.
+                    _ = ingest_cancel.cancelled() => return,
+                    attempt = attempt => attempt,
+                };
+                match attempt {
                     Ok(c) => break c,
                     Err(e) => {
                         tracing::warn!(error = %e, retry_in = ?delay, "nats not ready");
@@ -189,9 +206,32 @@ impl Application {
         tracker.close();
         cancel.cancelled().await;
         tracing::info!("stopping: finishing the work in hand");
-        tracker.wait().await;
-        // Acks are buffered publishes: make sure they reach the server.
-        let _ = self.nats.flush().await;
+        if tokio::time::timeout(STOP_GRACE, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::error!(
+                grace = ?STOP_GRACE,
+                "the work in hand did not finish in time; stopping without it (what was not acked is redelivered)"
+            );
+        }
+        // Acks are buffered publishes, and ingest's pull request was
+        // unsubscribed when it stopped. `flush` only writes them to the
+        // socket; a request the server answers (here "no responders")
+        // proves it has read all of it: from now on it delivers nothing to
+        // this instance, where a message would wait ack_wait for nothing.
+        // Bounded: with the broker away, neither would ever complete.
+        let roundtrip = self
+            .nats
+            .request(self.nats.new_inbox(), bytes::Bytes::new());
+        if tokio::time::timeout(STOP_NATS_WAIT, roundtrip)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "the broker did not answer before the stop; unacked events are redelivered after nats.ack_wait_secs"
+            );
+        }
         tracing::info!("stopped");
         Ok(())
     }

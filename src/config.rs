@@ -82,6 +82,11 @@ pub struct NatsConfig {
     pub ack_wait_secs: u64,
     /// Copies of the stream nudge creates: 3 on a 3-node cluster. Default 1.
     pub replicas: usize,
+    /// Deliveries of a message (counted by the broker, across restarts and
+    /// instances) after which its batch is taken apart and the message, if
+    /// it alone fails while the database answers, is kept as rejected.
+    /// Default 5.
+    pub max_deliveries: u64,
 }
 
 impl NatsConfig {
@@ -110,6 +115,7 @@ impl Default for NatsConfig {
             max_event_bytes: 64 * 1024,
             ack_wait_secs: 30,
             replicas: 1,
+            max_deliveries: 5,
         }
     }
 }

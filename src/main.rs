@@ -374,21 +374,39 @@ impl StopSignals {
 }
 
 /// Cancels on SIGTERM or Ctrl-C: the daemon then finishes the batch in hand.
+/// The stop is bounded: the daemon gives up on unfinished work after
+/// [`nudge::app::STOP_GRACE`], and should anything still hold the process
+/// (a blocking call, a runtime that cannot shut down), it exits by force
+/// a few seconds later. A second signal exits at once.
 async fn stop_on_signal(signals: StopSignals, cancel: CancellationToken) {
-    let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
-    {
-        let mut term = signals.term;
+    let mut term = signals.term;
+    #[cfg(unix)]
+    let mut next_signal = async move || {
         tokio::select! {
-            _ = ctrl_c => {},
+            _ = tokio::signal::ctrl_c() => {},
             _ = term.recv() => {},
         }
-    }
+    };
     #[cfg(not(unix))]
-    {
-        let _ = signals;
-        let _ = ctrl_c.await;
-    }
+    let mut next_signal = async move || {
+        let _ = &signals;
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    next_signal().await;
     tracing::info!("stop requested");
     cancel.cancel();
+    // A plain thread: it fires even if every runtime worker is stuck.
+    std::thread::spawn(|| {
+        std::thread::sleep(nudge::app::STOP_GRACE + FORCED_EXIT_AFTER_GRACE);
+        eprintln!("nudge: still not stopped; exiting by force (unacked events are redelivered)");
+        std::process::exit(1);
+    });
+    next_signal().await;
+    eprintln!("nudge: second stop signal; exiting at once (unacked events are redelivered)");
+    std::process::exit(1);
 }
+
+/// What the forced exit adds to the stop's grace: the final exchange with
+/// the broker (at most 2 s) and the runtime's own shutdown.
+const FORCED_EXIT_AFTER_GRACE: std::time::Duration = std::time::Duration::from_secs(5);

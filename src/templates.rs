@@ -106,12 +106,30 @@ impl TemplateSet {
         };
         let subject = part("subject")?;
         Ok(Rendered {
-            subject: one_line(&subject),
+            subject: shorten(one_line(&subject), MAX_SUBJECT_CHARS),
             text: part("txt")?,
             html: part("html")?,
             kind,
         })
     }
+}
+
+/// The longest subject sent, in characters. A subject is rendered from
+/// the client's data (a name): a value of a thousand characters without a
+/// space cannot be folded, makes a header line longer than SMTP's 998
+/// octets, and the server refuses the mail for good. Mail clients show
+/// far fewer characters anyway.
+pub const MAX_SUBJECT_CHARS: usize = 200;
+
+/// Cuts `s` to at most `max` characters, ending with an ellipsis when cut
+/// (at a character boundary: never inside a multi-byte character).
+fn shorten(s: String, max: usize) -> String {
+    if s.chars().count() <= max {
+        return s;
+    }
+    let mut cut: String = s.chars().take(max.saturating_sub(1)).collect();
+    cut.push('…');
+    cut
 }
 
 /// Collapses whitespace, CR and LF included, so a subject is one header line.
@@ -293,6 +311,17 @@ mod tests {
     fn write(dir: &Path, name: &str, txt: &str, html: &str) {
         std::fs::write(dir.join(format!("{name}.txt")), txt).unwrap();
         std::fs::write(dir.join(format!("{name}.html")), html).unwrap();
+    }
+
+    #[test]
+    fn an_over_long_subject_is_cut_with_an_ellipsis_at_a_char_boundary() {
+        let long = "é".repeat(1000);
+        let cut = shorten(long, MAX_SUBJECT_CHARS);
+        assert_eq!(cut.chars().count(), MAX_SUBJECT_CHARS);
+        assert!(cut.ends_with('…') && cut.starts_with("éé"));
+        assert_eq!(shorten("short".into(), MAX_SUBJECT_CHARS), "short");
+        let exact = "a".repeat(MAX_SUBJECT_CHARS);
+        assert_eq!(shorten(exact.clone(), MAX_SUBJECT_CHARS), exact);
     }
 
     #[test]

@@ -8,6 +8,7 @@ mod bad_input;
 mod hostile_data;
 mod outages;
 mod rule_faults;
+mod stalls;
 
 use crate::helpers::{
     Backend, TestApp, TestEnv, ago, daemon_vars, event, eventually, publish_retrying,

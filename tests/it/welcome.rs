@@ -1,7 +1,8 @@
 //! The first rule end to end: registrations over NATS, mail over SMTP.
 
-use crate::helpers::{Backend, TestApp, TestEnv, registered};
+use crate::helpers::{Backend, Mail, TestApp, TestEnv, registered};
 use nudge::store::Store;
+use std::time::{Duration, Instant};
 
 async fn each_acquisition_channel_gets_its_welcome_mail(backend: Backend) {
     let app = TestApp::spawn(backend).await;
@@ -82,13 +83,39 @@ async fn the_same_event_id_twice_gives_one_mail(backend: Backend) {
     app.stop().await;
 }
 
+/// Waits up to 20 s for welcome mails to `to`, all of them; on timeout
+/// says what the broker holds for nudge's consumer (a message delivered to
+/// a stopped instance shows as pending an ack).
+async fn wait_welcomes(app: &TestApp, to: &[&str]) -> Vec<Mail> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        // The sweep of `idle_reminder` may mail the same clients: only the
+        // welcome mails count here.
+        let welcomes: Vec<Mail> = app
+            .mails()
+            .into_iter()
+            .filter(|m| m.header("X-Nudge-Rule").as_deref() == Some("welcome"))
+            .collect();
+        if to.iter().all(|t| welcomes.iter().any(|m| m.to == *t)) {
+            return welcomes;
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "no welcome mail to each of {to:?} within 20 s: {welcomes:?}; broker: {:?}",
+                app.consumer_info().await
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn events_published_before_start_or_while_down_are_all_processed(backend: Backend) {
     let env = TestEnv::new(backend).await;
     // The shop published before nudge ever ran.
     env.create_stream().await;
     env.publish(&registered("r-1", "fay", "trial", "Fay")).await;
     let app = env.start().await;
-    app.wait_mails(1).await;
+    wait_welcomes(&app, &["fay@example.com"]).await;
     app.wait_outbox_settled().await;
 
     // nudge is down; the shop goes on publishing.
@@ -96,16 +123,53 @@ async fn events_published_before_start_or_while_down_are_all_processed(backend: 
     env.publish(&registered("r-2", "gus", "promo", "Gus")).await;
     env.publish(&registered("r-1", "fay", "trial", "Fay")).await;
     let app = env.start().await;
-    let mails = app.wait_mails(2).await;
-    app.wait_outbox_settled().await;
+    wait_welcomes(&app, &["fay@example.com", "gus@example.com"]).await;
     app.wait_events(2).await;
-    let mut to: Vec<_> = app.mails().iter().map(|m| m.to.clone()).collect();
+    app.wait_outbox_settled().await;
+    let mut to: Vec<_> = wait_welcomes(&app, &[])
+        .await
+        .iter()
+        .map(|m| m.to.clone())
+        .collect();
     to.sort();
-    assert_eq!(to, vec!["fay@example.com", "gus@example.com"], "{mails:?}");
+    assert_eq!(
+        to,
+        vec!["fay@example.com", "gus@example.com"],
+        "one welcome each"
+    );
+    app.stop().await;
+}
+
+async fn an_over_long_name_still_gets_its_mail_with_a_shortened_subject(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    // A name no header can hold on one line, without a space to fold at.
+    let name = "Z".repeat(1500);
+    app.publish(&registered("e-long", "zed", "organic", &name))
+        .await;
+    app.publish(&registered("e-ok", "amy", "organic", "Amy"))
+        .await;
+    let mails = wait_welcomes(&app, &["zed@example.com", "amy@example.com"]).await;
+    let zed = mails.iter().find(|m| m.to == "zed@example.com").unwrap();
+    assert!(zed.subject.starts_with("Welcome, ZZZ"), "{}", zed.subject);
+    assert!(zed.subject.ends_with('…'), "{}", zed.subject);
+    assert_eq!(
+        zed.subject.chars().count(),
+        nudge::templates::MAX_SUBJECT_CHARS
+    );
+    // The body still has the whole name; no line of the message is over
+    // SMTP's limit.
+    assert!(zed.text.contains(&name));
+    for line in zed.raw.lines() {
+        assert!(line.len() <= 998, "a {}-octet line", line.len());
+    }
+    app.wait_outbox_settled().await;
+    let outbox = app.store.list_outbox(10).await.unwrap();
+    assert!(outbox.iter().all(|r| r.status == "sent"), "{outbox:?}");
     app.stop().await;
 }
 
 backend_tests!(
+    an_over_long_name_still_gets_its_mail_with_a_shortened_subject,
     each_acquisition_channel_gets_its_welcome_mail,
     the_same_event_id_twice_gives_one_mail,
     events_published_before_start_or_while_down_are_all_processed,
