@@ -66,19 +66,27 @@ pub async fn ensure_consumer(
 /// Failed attempts of one batch before its messages are tried one by one.
 const ISOLATE_AFTER: u32 = 3;
 
-/// Commits the messages one at a time; a message that alone cannot be
-/// committed while the database answers is a poison message: it is kept as
-/// rejected with the error, so the stream goes on. If the database does not
-/// answer or cannot take writes at all (an outage: full, read-only, locked),
-/// nothing is rejected and the error comes back.
+/// Commits the messages one at a time, each in the stream's order like any
+/// batch (through the consumer's window: an earlier message of the same
+/// client in another batch still goes first); a message that alone cannot
+/// be committed while the database answers is a poison message: it is kept
+/// as rejected with the error, so the stream goes on. If the database does
+/// not answer or cannot take writes at all (an outage: full, read-only,
+/// locked), nothing is rejected and the error comes back.
 async fn isolate(
     pipeline: &Pipeline,
     incoming: &[Incoming],
+    floor: &dyn crate::pipeline::AckFloor,
+    lease: Duration,
 ) -> Result<crate::pipeline::BatchReport, crate::store::StoreError> {
     let mut total = crate::pipeline::BatchReport::default();
     for m in incoming {
         let one = std::slice::from_ref(m);
-        let report = match pipeline.process(one).await {
+        let mut turn = crate::chain::Turn::default();
+        let report = match pipeline
+            .process_in_order(one, floor, lease, &mut turn)
+            .await
+        {
             Ok(r) => r,
             Err(e) if e.is_outage() => return Err(e),
             Err(_) => pipeline.quarantine_poison(m).await?,
@@ -382,7 +390,7 @@ impl Batch {
             let result = if suspect >= ISOLATE_AFTER && incoming.len() > 1 {
                 // The batch keeps failing: find out whether one message
                 // is to blame rather than hold up the stream behind it.
-                isolate(pipeline, &incoming).await
+                isolate(pipeline, &incoming, self.floor.as_ref(), self.ack_wait).await
             } else if suspect >= ISOLATE_AFTER {
                 pipeline.quarantine_poison(&incoming[0]).await
             } else {

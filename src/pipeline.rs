@@ -808,6 +808,8 @@ impl Pipeline {
         tracing::error!(subject = %m.subject, seq = ?m.stream_seq, %error, "poison message kept as rejected");
         let shown = &m.payload[..m.payload.len().min(self.max_event_bytes)];
         let write = BatchWrite {
+            // Settled in the window: the attempts announced it.
+            settled: m.stream_seq.into_iter().collect(),
             rejected: vec![Rejected {
                 received_at: Utc::now(),
                 subject: m.subject.clone(),
