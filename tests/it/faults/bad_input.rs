@@ -451,13 +451,16 @@ async fn hostile_input_is_stored_or_rejected_with_a_reason_and_never_blocks(back
             "search {q:?} finds {who}: {found}"
         );
     }
-    // The long name went out whole; the wrong-typed names fell back.
+    // The long name went out, its subject cut at 200 characters (on a
+    // character boundary, with an ellipsis); the wrong-typed names fell back.
     let mails = app.mails();
     let long = mails
         .iter()
         .find(|m| m.to == "long@example.com")
         .expect("the long name's mail");
-    assert_eq!(long.subject, format!("Welcome, {long_name}!"));
+    let whole = format!("Welcome, {long_name}!");
+    let kept: String = whole.chars().take(199).collect();
+    assert_eq!(long.subject, format!("{kept}…"));
     let odd = mails
         .iter()
         .find(|m| m.to == "odd@example.com")
