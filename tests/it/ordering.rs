@@ -540,3 +540,145 @@ async fn any_split_of_the_stream_into_batches_decides_the_same() {
         }
     }
 }
+
+/// A broker whose ack floor stays at 0, that holds the first look at it
+/// until `open` is notified: an instance that pulled a batch and is slow to
+/// go on with it.
+struct Gate {
+    open: Arc<tokio::sync::Notify>,
+    passed: std::sync::atomic::AtomicBool,
+}
+
+impl nudge::pipeline::AckFloor for Gate {
+    fn floor(&self) -> futures::future::BoxFuture<'_, Result<u64, String>> {
+        Box::pin(async {
+            if !self.passed.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                self.open.notified().await;
+            }
+            Ok(0)
+        })
+    }
+}
+
+/// The first order of the month makes a task: a decision on a counter
+/// shared by all clients, taken by whichever order counts first.
+const FIRST: &str = r#"
+const ON = ["order_placed"];
+if add("orders", "month", 1) == 1.0 { task("sales", "First order of the month"); }
+"#;
+
+fn order_message(seq: u64) -> Incoming {
+    let id = format!("o{seq}");
+    let e = event(
+        &id,
+        "order_placed",
+        &format!("client-{seq}"),
+        "2026-06-01T10:00:00Z",
+        json!({"order_id": id, "total": 10, "currency": "EUR", "items": []}),
+        json!({}),
+    );
+    Incoming {
+        subject: "shop.events.order_placed".into(),
+        payload: serde_json::to_vec(&e).unwrap().into(),
+        stream_seq: Some(seq),
+        published: None,
+    }
+}
+
+backend_tests!(
+    a_later_batch_of_another_instance_waits_for_the_earlier_one_before_using_shared_counters
+);
+
+/// Two instances on one database: one pulled messages 1-10 and is slow,
+/// the other pulled 11-20 (other clients) and is quick. Their events are
+/// free as far as each client's order goes, but the counter shared by all
+/// clients must see message 1 before message 11: the quick instance waits.
+async fn a_later_batch_of_another_instance_waits_for_the_earlier_one_before_using_shared_counters(
+    backend: Backend,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::create(backend, dir.path(), "two").await;
+    let rules = dir.path().join("rules");
+    let templates = dir.path().join("templates");
+    std::fs::create_dir_all(&rules).unwrap();
+    std::fs::create_dir_all(&templates).unwrap();
+    std::fs::write(rules.join("first.rhai"), FIRST).unwrap();
+    let vars: Vec<(String, String)> = [
+        ("NUDGE__RULES__DIR", rules.display().to_string()),
+        ("NUDGE__TEMPLATES__DIR", templates.display().to_string()),
+        ("NUDGE__DATABASE__URL", db.url.clone()),
+        ("NUDGE__TEAMS__SALES__EMAIL", "sales@shop.test".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let config = nudge::config::Config::load_with_env(None, vars).unwrap();
+    let store = nudge::app::open_store(&config).await.unwrap();
+    store.migrate().await.unwrap();
+    let instance = || {
+        Arc::new(Pipeline::new(
+            store.clone(),
+            Arc::new(nudge::catalog::Catalog::load(&config)),
+            Arc::new(nudge::metrics::Metrics::default()),
+            &config,
+        ))
+    };
+    let (slow, quick) = (instance(), instance());
+    let open = Arc::new(tokio::sync::Notify::new());
+    let gate = Gate {
+        open: open.clone(),
+        passed: false.into(),
+    };
+    let first: Vec<Incoming> = (1..=10).map(order_message).collect();
+    let second: Vec<Incoming> = (11..=20).map(order_message).collect();
+    let slow_task = tokio::spawn(async move {
+        slow.process_in_order(
+            &first,
+            &gate,
+            Duration::from_secs(30),
+            &mut Default::default(),
+        )
+        .await
+    });
+    // The slow one has announced its batch (and waits at the gate).
+    crate::helpers::eventually(Duration::from_secs(10), "the first batch announced", || {
+        let store = store.clone();
+        async move {
+            let b = store
+                .window_blockers(&["nobody"], 0, 21, &[], chrono::Utc::now())
+                .await
+                .ok()?;
+            (b.first_pending == 1).then_some(())
+        }
+    })
+    .await;
+    let quick_task = tokio::spawn(async move {
+        quick
+            .process_in_order(
+                &second,
+                &NoAcks,
+                Duration::from_secs(30),
+                &mut Default::default(),
+            )
+            .await
+    });
+    // Long enough for the quick one to commit, were it allowed to.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !quick_task.is_finished(),
+        "the later batch waits for the earlier one"
+    );
+    open.notify_one();
+    slow_task.await.unwrap().unwrap();
+    quick_task.await.unwrap().unwrap();
+    let (effects, _) = outbox_of(&store).await;
+    let tasks: Vec<_> = effects
+        .iter()
+        .filter(|(_, kind, _)| kind == "task")
+        .collect();
+    assert_eq!(
+        tasks,
+        vec![&("first".to_string(), "task".to_string(), "o1".to_string())],
+        "the first order of the month in stream order, not the first committed"
+    );
+}
