@@ -860,6 +860,32 @@ fn push_digits(s: &mut String, n: u32, width: u32) {
     }
 }
 
+/// A client's stored state as the batch decides on it. A state that cannot
+/// be read at all (not JSON, or no readable `client_id` in it; partly
+/// readable ones are mended by [`ClientState::decode`]) is never the end
+/// of the client: their history starts fresh from the row's id, the error
+/// is logged, and the row's version is kept so that the next write replaces
+/// the unreadable text. Only an id the row itself cannot give is an error.
+pub fn state_from_row(
+    client_id: &str,
+    version: i64,
+    text: &str,
+) -> Result<ClientState, StoreError> {
+    let mut state = match serde_json::from_str::<ClientState>(text) {
+        Ok(state) => state,
+        Err(e) => {
+            let id = ClientId::parse(client_id).map_err(|id_error| StoreError::Corrupt {
+                context: "clients.state",
+                message: format!("{e}; and the row's client id: {id_error}"),
+            })?;
+            tracing::error!(client = %id, error = %e, "a stored client state could not be read; the client's history starts fresh");
+            ClientState::new(id)
+        }
+    };
+    state.version = version;
+    Ok(state)
+}
+
 pub fn parse_ts(s: &str) -> Result<DateTime<Utc>, StoreError> {
     DateTime::parse_from_rfc3339(s)
         .map(|t| t.with_timezone(&Utc))

@@ -316,13 +316,6 @@ fn json(v: &impl serde::Serialize) -> String {
     serde_json::to_string(v).expect("plain data serialises")
 }
 
-fn corrupt(context: &'static str) -> impl Fn(serde_json::Error) -> StoreError {
-    move |e| StoreError::Corrupt {
-        context,
-        message: e.to_string(),
-    }
-}
-
 /// A lost race between instances that PostgreSQL reports as an error:
 /// deadlock detected or serialization failure. Retried as a conflict.
 fn is_race(e: &sqlx::Error) -> bool {
@@ -390,17 +383,16 @@ impl Store for PgStore {
         ids: &[&ClientId],
     ) -> Result<HashMap<ClientId, ClientState>, StoreError> {
         let ids: Vec<&str> = ids.iter().map(|i| i.as_str()).collect();
-        let rows =
-            sqlx::query("SELECT version, state::text FROM clients WHERE client_id = ANY($1)")
-                .bind(&ids)
-                .fetch_all(&self.pool)
-                .await
-                .map_err(db("loading client states"))?;
+        let rows = sqlx::query(
+            "SELECT version, state::text, client_id FROM clients WHERE client_id = ANY($1)",
+        )
+        .bind(&ids)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("loading client states"))?;
         let mut out = HashMap::with_capacity(rows.len());
         for row in rows {
-            let mut state: ClientState =
-                serde_json::from_str(row.get::<&str, _>(1)).map_err(corrupt("clients.state"))?;
-            state.version = row.get(0);
+            let state = super::state_from_row(row.get(2), row.get(0), row.get(1))?;
             out.insert(state.client_id.clone(), state);
         }
         Ok(out)

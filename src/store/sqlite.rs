@@ -578,7 +578,7 @@ impl Store for SqliteStore {
         let mut out = HashMap::with_capacity(ids.len());
         for chunk in statement_chunks(ids, chunk_rows(1)) {
             let mut q = QueryBuilder::<Sqlite>::new(
-                "SELECT version, state FROM clients WHERE client_id IN (",
+                "SELECT version, state, client_id FROM clients WHERE client_id IN (",
             );
             let mut sep = q.separated(", ");
             for id in chunk {
@@ -591,14 +591,7 @@ impl Store for SqliteStore {
                 .await
                 .map_err(db("loading client states"))?;
             for row in rows {
-                let mut state: ClientState =
-                    serde_json::from_str(row.get::<&str, _>(1)).map_err(|e| {
-                        StoreError::Corrupt {
-                            context: "clients.state",
-                            message: e.to_string(),
-                        }
-                    })?;
-                state.version = row.get(0);
+                let state = super::state_from_row(row.get(2), row.get(0), row.get(1))?;
                 out.insert(state.client_id.clone(), state);
             }
         }

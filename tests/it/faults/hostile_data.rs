@@ -227,6 +227,7 @@ async fn a_stored_state_nudge_cannot_read_starts_fresh_and_the_client_goes_on(ba
     let env = TestEnv::new(backend).await;
     let app = env.start().await;
     app.publish(&registered_at("r1", "ana", &ago(600))).await;
+    app.publish(&registered_at("r0", "cleo", &ago(650))).await;
     app.publish(&event(
         "o1",
         "order_placed",
@@ -236,8 +237,8 @@ async fn a_stored_state_nudge_cannot_read_starts_fresh_and_the_client_goes_on(ba
         json!({}),
     ))
     .await;
-    app.wait_events(2).await;
-    app.wait_mails(1).await;
+    app.wait_events(3).await;
+    app.wait_mails(2).await;
     let env = app.stop().await;
     // What a state written before these fixes could hold: an infinite spend
     // (written as null) and a part of the wrong shape.
@@ -255,7 +256,12 @@ async fn a_stored_state_nudge_cannot_read_starts_fresh_and_the_client_goes_on(ba
         }
     })
     .await;
+    // And a state with nothing of a client in it: no readable id at all.
+    sql.execute("UPDATE clients SET state = '{\"nonsense\": true}' WHERE client_id = 'cleo'")
+        .await;
     let app = env.start().await;
+    let resp = app.get("/api/clients/cleo").await;
+    assert_eq!(resp.status(), 200, "the 360 view of an unreadable state");
     let resp = app.get("/api/clients/ana").await;
     assert_eq!(resp.status(), 200, "the 360 view of a damaged state");
     app.publish(&event(
@@ -268,7 +274,16 @@ async fn a_stored_state_nudge_cannot_read_starts_fresh_and_the_client_goes_on(ba
     ))
     .await;
     app.publish(&registered_at("r2", "bob", &ago(50))).await;
-    app.wait_events(4).await;
+    app.publish(&event(
+        "o3",
+        "order_placed",
+        "cleo",
+        &ago(40),
+        json!({"total": 7}),
+        json!({}),
+    ))
+    .await;
+    app.wait_events(6).await;
     eventually(Duration::from_secs(20), "bob's welcome mail", || async {
         app.mails()
             .iter()
@@ -288,6 +303,12 @@ async fn a_stored_state_nudge_cannot_read_starts_fresh_and_the_client_goes_on(ba
         view["total_spent"],
         json!(5.0),
         "the spend stored as null read as 0, then the new order: {view:#}"
+    );
+    let view: Value = app.get("/api/clients/cleo").await.json().await.unwrap();
+    assert_eq!(
+        view["total_spent"],
+        json!(7.0),
+        "an unreadable state starts fresh, and the client goes on: {view:#}"
     );
 }
 
