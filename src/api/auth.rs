@@ -157,7 +157,11 @@ pub async fn authenticate(State(s): State<ApiState>, mut req: Request, next: Nex
         })
     } else if let Some(given) = bearer {
         s.tokens.check(given)
-    } else if req.uri().path() == "/api/live" {
+    } else if req
+        .extensions()
+        .get::<MatchedPath>()
+        .is_some_and(|p| p.as_str() == "/api/live")
+    {
         query_param(&req, "ticket")
             .and_then(|t| verify_ticket(&s, t, chrono::Utc::now().timestamp()))
             // The token's role now, not when the ticket was made.
