@@ -1119,4 +1119,37 @@ mod http_tests {
             assert!(e.contains(key), "{key}: {e}");
         }
     }
+
+    #[test]
+    fn the_production_config_listens_on_loopback_and_takes_its_tokens_from_the_environment() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/nudge.yaml");
+        let env = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect()
+        };
+        let e = Config::load_with_env(Some(&path), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("http.tokens.callcentre"), "{e}");
+        let c = Config::load_with_env(
+            Some(&path),
+            env(&[
+                (
+                    "NUDGE__HTTP__TOKENS__CALLCENTRE__TOKEN",
+                    "call-centre-token-1",
+                ),
+                (
+                    "NUDGE__HTTP__TOKENS__MARKETING__TOKEN",
+                    "marketing-token-12",
+                ),
+                ("NUDGE__HTTP__TOKENS__DPO__TOKEN", "data-protection-token"),
+            ]),
+        )
+        .unwrap();
+        assert!(c.http.listen.ip().is_loopback());
+        assert_eq!(c.http.tokens["dpo"].role, Role::Admin);
+        assert_eq!(c.http.allowed_hosts, ["nudge.shop.example"]);
+    }
 }
