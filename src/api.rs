@@ -1,23 +1,35 @@
-//! The HTTP side: health and metrics (open), and the `/api` routes (behind
-//! the bearer token when `http.token` is set).
+//! The HTTP side: health and metrics (open), the staff page, unsubscribe
+//! links (open, signed), and the `/api` routes, each behind a role
+//! (`auth`). The routes are declared once, with their OpenAPI description
+//! and role (`utoipa`), and the document served at `/api/openapi.json` is
+//! what the role check reads.
+
+mod auth;
+mod guard;
+mod serve;
+
+pub use auth::{Caller, Tokens};
+pub use serve::{Limits, serve};
 
 use crate::catalog::Catalog;
 use crate::event::ClientId;
 use crate::live::Live;
 use crate::metrics::Metrics;
 use crate::scheduler::{Scheduler, TriggerError};
-use crate::store::{AnyStore, Store, TaskFilter};
+use crate::store::{AnyStore, AuditEntry, Store, TaskFilter, erasure_hash};
 use crate::unsubscribe::Signer;
-use axum::extract::Path;
-use axum::extract::{Query, Request, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::{StatusCode, header};
-use axum::middleware::{self, Next};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 use std::sync::Arc;
+use std::time::Duration;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 #[derive(Clone)]
 pub struct ApiState {
@@ -26,7 +38,7 @@ pub struct ApiState {
     pub catalog: Arc<Catalog>,
     pub metrics: Arc<Metrics>,
     pub scheduler: Option<Arc<Scheduler>>,
-    /// Checks unsubscribe links.
+    /// Checks unsubscribe links, and signs the live feed's tickets.
     pub signer: Option<Arc<Signer>>,
     /// Where the shop's events go: an unsubscribe click becomes one of them.
     pub subject_prefix: String,
@@ -34,33 +46,180 @@ pub struct ApiState {
     pub stream: String,
     pub consumer: String,
     pub live: Live,
-    pub token: Option<Arc<str>>,
+    /// The configured tokens; none: the API is open.
+    pub tokens: Arc<Tokens>,
+    /// `http.allowed_hosts`; empty: any Host.
+    pub allowed_hosts: Arc<Vec<String>>,
+    /// How long one request may take (rule runs and the live feed excepted).
+    pub request_timeout: Duration,
+    /// The role each `/api` route needs, read from the OpenAPI document.
+    roles: Arc<auth::RoleMap>,
+    /// The OpenAPI document, served at `/api/openapi.json`.
+    openapi: Arc<serde_json::Value>,
+}
+
+impl ApiState {
+    /// The state of the HTTP side; `http` gives the tokens, hosts and limits.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        store: AnyStore,
+        nats: Option<async_nats::Client>,
+        catalog: Arc<Catalog>,
+        metrics: Arc<Metrics>,
+        scheduler: Option<Arc<Scheduler>>,
+        signer: Option<Arc<Signer>>,
+        nats_cfg: &crate::config::NatsConfig,
+        live: Live,
+        http: &crate::config::HttpConfig,
+    ) -> Self {
+        let openapi = openapi();
+        Self {
+            store,
+            nats,
+            catalog,
+            metrics,
+            scheduler,
+            signer,
+            subject_prefix: nats_cfg.subject_prefix.clone(),
+            stream: nats_cfg.stream.clone(),
+            consumer: nats_cfg.consumer.clone(),
+            live,
+            tokens: Arc::new(Tokens::from_config(http)),
+            allowed_hosts: Arc::new(
+                http.allowed_hosts
+                    .iter()
+                    .map(|h| h.to_ascii_lowercase())
+                    .collect(),
+            ),
+            request_timeout: Duration::from_secs(http.request_timeout_secs),
+            roles: Arc::new(auth::RoleMap::from_openapi(&openapi)),
+            openapi: Arc::new(openapi),
+        }
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "nudge",
+        description = "The HTTP API of nudge, the marketing-automation rules engine. Every `/api` route needs `Authorization: Bearer <token>`; a token has a role (ingest < staff < marketer < admin) and a route answers 403 to a role below the one in its `x-nudge-role`."
+    ),
+    modifiers(&BearerScheme)
+)]
+struct ApiDoc;
+
+struct BearerScheme;
+
+impl utoipa::Modify for BearerScheme {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = doc.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// `/api` routes answered within `request_timeout`.
+fn timed_api() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::new()
+        .routes(routes!(whoami))
+        .routes(routes!(openapi_json))
+        .routes(routes!(search))
+        .routes(routes!(client_360, erase_client))
+        .routes(routes!(client_events))
+        .routes(routes!(client_log))
+        .routes(routes!(export_client))
+        .routes(routes!(live_ticket))
+        .routes(routes!(rejected))
+        .routes(routes!(rules))
+        .routes(routes!(tasks))
+        .routes(routes!(task_done))
+        .routes(routes!(preview))
+        .routes(routes!(audit_log))
+}
+
+/// `/api` routes that may take long: a rule run sweeps every client (cut
+/// short, it would leave its sweep half done until its lease ran out), and
+/// the live feed stays open.
+fn untimed_api() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::new()
+        .routes(routes!(run_rule))
+        .routes(routes!(live))
+}
+
+/// The open routes: health, metrics, the staff page, unsubscribe links.
+fn open_routes() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::new()
+        .routes(routes!(staff_page))
+        .routes(routes!(health))
+        .routes(routes!(metrics))
+        .routes(routes!(unsubscribe_page, unsubscribe))
+}
+
+/// The OpenAPI document, made from the route declarations above, with each
+/// operation's role as `x-nudge-role` and in its description.
+pub fn openapi() -> serde_json::Value {
+    let doc = OpenApiRouter::<ApiState>::with_openapi(ApiDoc::openapi())
+        .merge(open_routes())
+        .nest("/api", timed_api().merge(untimed_api()))
+        .into_openapi();
+    let mut v = serde_json::to_value(&doc).expect("an OpenAPI document serialises");
+    for item in v["paths"]
+        .as_object_mut()
+        .into_iter()
+        .flatten()
+        .map(|(_, i)| i)
+    {
+        for op in item.as_object_mut().into_iter().flatten().map(|(_, o)| o) {
+            let role = op["security"][0]["bearer"][0]
+                .as_str()
+                .unwrap_or("open")
+                .to_string();
+            let note = if role == "open" {
+                "Open: no token.".to_string()
+            } else {
+                format!("Role: `{role}` or higher.")
+            };
+            let desc = op["description"].as_str().unwrap_or("").to_string();
+            op["description"] = json!(if desc.is_empty() {
+                note
+            } else {
+                format!("{note} {desc}")
+            });
+            op["x-nudge-role"] = json!(role);
+        }
+    }
+    v
 }
 
 pub fn router(state: ApiState) -> Router {
-    let api = Router::new()
-        .route("/clients", get(search))
-        .route("/clients/{id}/events", get(client_events))
-        .route("/live", get(live))
-        .route("/rejected", get(rejected))
-        .route("/rules", get(rules))
-        .route("/rules/{name}/run", post(run_rule))
-        .route("/tasks", get(tasks))
-        .route("/tasks/{id}/done", post(task_done))
-        .route("/clients/{id}/log", get(client_log))
-        .route("/clients/{id}/export", get(export_client))
-        .route("/clients/{id}", get(client_360).delete(erase_client))
-        .route("/templates/{name}/preview", get(preview))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
-    Router::new()
-        .route("/", get(staff_page))
-        .route("/health", get(health))
-        .route("/metrics", get(metrics))
-        .route(
-            "/unsubscribe/{token}",
-            get(unsubscribe_page).post(unsubscribe),
-        )
+    let timeout = tower_http::timeout::TimeoutLayer::with_status_code(
+        StatusCode::REQUEST_TIMEOUT,
+        state.request_timeout,
+    );
+    let api = timed_api()
+        .route_layer(timeout)
+        .merge(untimed_api())
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::authorize,
+        ))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::authenticate,
+        ));
+    let (router, _) = open_routes()
+        .route_layer(timeout)
         .nest("/api", api)
+        .split_for_parts();
+    router
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            guard::check_host,
+        ))
+        .layer(middleware::from_fn(guard::security_headers))
         .with_state(state)
 }
 
@@ -79,47 +238,103 @@ impl From<crate::store::StoreError> for ApiError {
     }
 }
 
-async fn require_token(State(s): State<ApiState>, req: Request, next: Next) -> Response {
-    let Some(expected) = &s.token else {
-        return next.run(req).await;
+/// Records who did what; a failure to record is logged, not returned: the
+/// action it describes has happened already.
+async fn audit(s: &ApiState, caller: &Caller, action: &str, target: String, outcome: &str) {
+    let entry = AuditEntry {
+        at: chrono::Utc::now(),
+        actor: caller.name.clone(),
+        role: caller.role.to_string(),
+        action: action.into(),
+        target,
+        outcome: outcome.into(),
     };
-    // The header, or `?token=` for EventSource, which cannot set headers.
-    let from_query = req.uri().query().and_then(|q| {
-        q.split('&')
-            .find_map(|kv| kv.strip_prefix("token="))
-            .map(|t| t.to_string())
-    });
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::to_string)
-        .or(from_query)
-        .unwrap_or_default();
-    if constant_time_eq(given.as_bytes(), expected.as_bytes()) {
-        next.run(req).await
-    } else {
-        ApiError(
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong bearer token".into(),
-        )
-        .into_response()
+    if let Err(e) = s.store.record_audit(&entry).await {
+        tracing::error!(error = %e, action, actor = %caller.name, "could not record an audit entry");
     }
 }
 
-/// Compares without an early exit, so timing does not reveal the token.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = a.len() ^ b.len();
-    for i in 0..a.len().max(b.len()) {
-        let x = a.get(i).copied().unwrap_or(0);
-        let y = b.get(i).copied().unwrap_or(0);
-        diff |= (x ^ y) as usize;
-    }
-    diff == 0
+fn client_target(client: &ClientId) -> String {
+    format!("client:{}", erasure_hash(client))
+}
+
+/// The caller: the token's name and role, for the staff page to show only
+/// what the role may do.
+#[utoipa::path(get, path = "/whoami", tag = "access",
+    security(("bearer" = ["ingest"])),
+    responses((status = 200, description = "the token's name and role", body = Caller)))]
+async fn whoami(Extension(caller): Extension<Caller>) -> Json<Caller> {
+    Json(caller)
+}
+
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", tag = "access",
+    security(("bearer" = ["ingest"])),
+    responses((status = 200, description = "the OpenAPI 3.1 document of the HTTP API")))]
+async fn openapi_json(State(s): State<ApiState>) -> Response {
+    Json(s.openapi.as_ref().clone()).into_response()
+}
+
+/// A ticket that opens the live feed for 60 seconds: `GET /api/live?ticket=`
+/// (EventSource cannot send an Authorization header; a ticket in a URL that
+/// leaks is worth a minute of the feed, not the token).
+#[utoipa::path(post, path = "/live/ticket", tag = "staff",
+    security(("bearer" = ["staff"])),
+    responses((status = 200, description = "`ticket`, `expires_in` seconds and the feed's `url`"),
+              (status = 503, description = "no signing key")))]
+async fn live_ticket(
+    State(s): State<ApiState>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Response, ApiError> {
+    let ticket =
+        auth::issue_ticket(&s, &caller, chrono::Utc::now().timestamp()).ok_or_else(|| {
+            ApiError(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no key to sign tickets with".into(),
+            )
+        })?;
+    Ok(Json(json!({
+        "ticket": ticket,
+        "expires_in": auth::TICKET_SECS,
+        "url": format!("/api/live?ticket={ticket}"),
+    }))
+    .into_response())
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+struct AuditQuery {
+    /// Only this target: `rule:<name>`, `task:<id>` or `client:<hash>`.
+    target: Option<String>,
+    /// Only this client (looked up by its hash, so erased clients too).
+    client: Option<String>,
+    limit: Option<u32>,
+}
+
+/// The audit log, newest first: exports, erasures, rule runs and tasks
+/// closed, with the token's name. Clients appear by their erasure hash.
+#[utoipa::path(get, path = "/audit", tag = "admin",
+    security(("bearer" = ["admin"])), params(AuditQuery),
+    responses((status = 200, description = "`audit`: entries with `at`, `actor`, `role`, `action`, `target`, `outcome`")))]
+async fn audit_log(
+    State(s): State<ApiState>,
+    Query(q): Query<AuditQuery>,
+) -> Result<Response, ApiError> {
+    let target = match (q.target, q.client) {
+        (_, Some(c)) => Some(client_target(&client_id(c)?)),
+        (t, None) => t,
+    };
+    let rows = s
+        .store
+        .list_audit(target.as_deref(), q.limit.unwrap_or(100).min(1000))
+        .await?;
+    Ok(Json(json!({ "audit": rows })).into_response())
 }
 
 /// Ready only when both NATS and the database answer.
+#[utoipa::path(get, path = "/health", tag = "open",
+    responses((status = 200, description = "ready: NATS and the database answer and batches commit"),
+              (status = 503, description = "not ready, saying which part is not")))]
 async fn health(State(s): State<ApiState>) -> Response {
     let db_ok = s.store.ping().await.is_ok();
     let nats_ok = s
@@ -154,6 +369,8 @@ async fn health(State(s): State<ApiState>) -> Response {
     (status, Json(body)).into_response()
 }
 
+#[utoipa::path(get, path = "/metrics", tag = "open",
+    responses((status = 200, description = "Prometheus text", content_type = "text/plain")))]
 async fn metrics(State(s): State<ApiState>) -> Response {
     let depth = s.store.outbox_depth().await.unwrap_or(0);
     let lag = consumer_lag(&s).await.unwrap_or(0);
@@ -189,6 +406,8 @@ async fn consumer_lag(s: &ApiState) -> Option<u64> {
 }
 
 /// The staff page: one static file, no build step (see `src/staff.html`).
+#[utoipa::path(get, path = "/", tag = "open",
+    responses((status = 200, description = "the staff page", content_type = "text/html")))]
 async fn staff_page() -> Response {
     (
         [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
@@ -197,12 +416,16 @@ async fn staff_page() -> Response {
         .into_response()
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct SearchQuery {
     q: String,
     limit: Option<u32>,
 }
 
+#[utoipa::path(get, path = "/clients", tag = "staff",
+    security(("bearer" = ["staff"])), params(SearchQuery),
+    responses((status = 200, description = "`clients` matching the id, e-mail or name")))]
 async fn search(
     State(s): State<ApiState>,
     Query(q): Query<SearchQuery>,
@@ -216,6 +439,9 @@ async fn search(
 
 /// The 360 view of a client, from the history nudge keeps (real time: what
 /// was committed a moment ago is here).
+#[utoipa::path(get, path = "/clients/{id}", tag = "staff",
+    security(("bearer" = ["staff"])), params(("id" = String, Path, description = "the client id")),
+    responses((status = 200, description = "the 360 view"), (status = 404, description = "no such client")))]
 async fn client_360(
     State(s): State<ApiState>,
     Path(id): Path<String>,
@@ -238,7 +464,8 @@ async fn client_360(
     Ok(Json(crate::view::client_360(c, &mails, &tasks)).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct EventsQuery {
     #[serde(rename = "type")]
     event_type: Option<String>,
@@ -247,12 +474,28 @@ struct EventsQuery {
     limit: Option<u32>,
 }
 
+#[utoipa::path(get, path = "/clients/{id}/events", tag = "staff",
+    security(("bearer" = ["staff"])), params(("id" = String, Path, description = "the client id"), EventsQuery),
+    responses((status = 200, description = "the timeline, newest first, and `next`"), (status = 404, description = "no such client (or erased)")))]
 async fn client_events(
     State(s): State<ApiState>,
     Path(id): Path<String>,
     Query(q): Query<EventsQuery>,
 ) -> Result<Response, ApiError> {
     let client = client_id(id)?;
+    // Only a client nudge knows has a timeline: an erased client's event
+    // rows stay (emptied, for counts and replays), their timeline does not.
+    if !s
+        .store
+        .load_clients(&[&client])
+        .await?
+        .contains_key(&client)
+    {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no client {client}"),
+        ));
+    }
     let before = match q.before.as_deref() {
         None | Some("") => None,
         Some(b) => {
@@ -278,6 +521,10 @@ async fn client_events(
 }
 
 /// Server-Sent Events: tasks, mails and notable events as they happen.
+#[utoipa::path(get, path = "/live", tag = "staff",
+    security(("bearer" = ["staff"])),
+    params(("ticket" = Option<String>, Query, description = "a ticket from POST /api/live/ticket, instead of the Authorization header")),
+    responses((status = 200, description = "Server-Sent Events: `event`, `task`, `mail`", content_type = "text/event-stream")))]
 async fn live(State(s): State<ApiState>) -> Response {
     use axum::response::sse::{Event, KeepAlive, Sse};
     let rx = s.live.subscribe();
@@ -302,11 +549,15 @@ async fn live(State(s): State<ApiState>) -> Response {
         .into_response()
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct Limit {
     limit: Option<u32>,
 }
 
+#[utoipa::path(get, path = "/rejected", tag = "admin",
+    security(("bearer" = ["admin"])), params(Limit),
+    responses((status = 200, description = "rejected envelopes (raw, personal data included) with reasons")))]
 async fn rejected(State(s): State<ApiState>, Query(q): Query<Limit>) -> Result<Response, ApiError> {
     let rows = s
         .store
@@ -315,6 +566,9 @@ async fn rejected(State(s): State<ApiState>, Query(q): Query<Limit>) -> Result<R
     Ok(Json(json!({ "rejected": rows })).into_response())
 }
 
+#[utoipa::path(get, path = "/rules", tag = "marketer",
+    security(("bearer" = ["marketer"])),
+    responses((status = 200, description = "rules in force, runs, errors, refused files, quarantined rules")))]
 async fn rules(State(s): State<ApiState>) -> Response {
     let set = s.catalog.rules();
     let rules: Vec<_> = set
@@ -338,7 +592,8 @@ async fn rules(State(s): State<ApiState>) -> Response {
     .into_response()
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct TaskQuery {
     /// `open` (default), `done` or `all`.
     status: Option<String>,
@@ -347,6 +602,9 @@ struct TaskQuery {
     limit: Option<u32>,
 }
 
+#[utoipa::path(get, path = "/tasks", tag = "staff",
+    security(("bearer" = ["staff"])), params(TaskQuery),
+    responses((status = 200, description = "`tasks`"), (status = 400, description = "a bad status")))]
 async fn tasks(
     State(s): State<ApiState>,
     Query(q): Query<TaskQuery>,
@@ -374,11 +632,18 @@ async fn tasks(
     Ok(Json(json!({ "tasks": rows })).into_response())
 }
 
+#[utoipa::path(post, path = "/tasks/{id}/done", tag = "staff",
+    security(("bearer" = ["staff"])), params(("id" = String, Path, description = "the task id")),
+    responses((status = 200, description = "closed"), (status = 404, description = "no such open task")))]
 async fn task_done(
     State(s): State<ApiState>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    if s.store.close_task(&id, chrono::Utc::now()).await? {
+    let closed = s.store.close_task(&id, chrono::Utc::now()).await?;
+    let outcome = if closed { "ok" } else { "not_found" };
+    audit(&s, &caller, "task_done", format!("task:{id}"), outcome).await;
+    if closed {
         Ok(Json(json!({ "id": id, "status": "done" })).into_response())
     } else {
         Err(ApiError(
@@ -388,6 +653,9 @@ async fn task_done(
     }
 }
 
+#[utoipa::path(get, path = "/clients/{id}/log", tag = "staff",
+    security(("bearer" = ["staff"])), params(("id" = String, Path, description = "the client id"), Limit),
+    responses((status = 200, description = "the client's process log")))]
 async fn client_log(
     State(s): State<ApiState>,
     Path(id): Path<String>,
@@ -402,12 +670,17 @@ async fn client_log(
     Ok(Json(json!({ "client_id": client, "log": rows })).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct PreviewQuery {
     client: String,
 }
 
 /// A template rendered with a client's history, for the staff page.
+#[utoipa::path(get, path = "/templates/{name}/preview", tag = "marketer",
+    security(("bearer" = ["marketer"])),
+    params(("name" = String, Path, description = "the template"), PreviewQuery),
+    responses((status = 200, description = "subject, text and HTML"), (status = 404, description = "no such template or client")))]
 async fn preview(
     State(s): State<ApiState>,
     Path(name): Path<String>,
@@ -430,12 +703,19 @@ fn client_id(id: String) -> Result<ClientId, ApiError> {
 }
 
 /// GDPR: everything nudge holds on a client.
+#[utoipa::path(get, path = "/clients/{id}/export", tag = "admin",
+    security(("bearer" = ["admin"])), params(("id" = String, Path, description = "the client id")),
+    responses((status = 200, description = "everything nudge holds on the client (GDPR)"), (status = 404, description = "no such client")))]
 async fn export_client(
     State(s): State<ApiState>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let client = client_id(id)?;
-    match s.store.export_client(&client).await? {
+    let found = s.store.export_client(&client).await?;
+    let outcome = if found.is_some() { "ok" } else { "not_found" };
+    audit(&s, &caller, "export", client_target(&client), outcome).await;
+    match found {
         Some(v) => Ok(Json(v).into_response()),
         None => Err(ApiError(
             StatusCode::NOT_FOUND,
@@ -445,12 +725,19 @@ async fn export_client(
 }
 
 /// GDPR: erase a client's personal data (`nudge forget` does the same).
+#[utoipa::path(delete, path = "/clients/{id}", tag = "admin",
+    security(("bearer" = ["admin"])), params(("id" = String, Path, description = "the client id")),
+    responses((status = 200, description = "erased"), (status = 404, description = "no such client")))]
 async fn erase_client(
     State(s): State<ApiState>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let client = client_id(id)?;
-    if s.store.erase_client(&client, chrono::Utc::now()).await? {
+    let erased = s.store.erase_client(&client, chrono::Utc::now()).await?;
+    let outcome = if erased { "ok" } else { "not_found" };
+    audit(&s, &caller, "erase", client_target(&client), outcome).await;
+    if erased {
         tracing::info!("a client was erased on request");
         Ok(Json(json!({"client_id": client, "erased": true})).into_response())
     } else {
@@ -485,6 +772,10 @@ fn refused_link() -> Response {
 }
 
 /// The confirmation page behind the link in a mail: a person clicks a button.
+#[utoipa::path(get, path = "/unsubscribe/{token}", tag = "open",
+    params(("token" = String, Path, description = "the signed link's token")),
+    responses((status = 200, description = "the confirmation page", content_type = "text/html"),
+              (status = 400, description = "a damaged or forged link", content_type = "text/html")))]
 async fn unsubscribe_page(State(s): State<ApiState>, Path(token): Path<String>) -> Response {
     if s.signer.as_ref().and_then(|sg| sg.verify(&token)).is_none() {
         return refused_link();
@@ -501,6 +792,11 @@ async fn unsubscribe_page(State(s): State<ApiState>, Path(token): Path<String>) 
 /// RFC 8058 one-click unsubscribe (and the page's button): the click becomes
 /// an `unsubscribed` event on the stream, so it is in the event log like the
 /// shop's own and holds across replays.
+#[utoipa::path(post, path = "/unsubscribe/{token}", tag = "open",
+    params(("token" = String, Path, description = "the signed link's token")),
+    responses((status = 200, description = "unsubscribed (RFC 8058 one-click)", content_type = "text/html"),
+              (status = 400, description = "a damaged or forged link", content_type = "text/html"),
+              (status = 503, description = "could not be recorded now", content_type = "text/html")))]
 async fn unsubscribe(State(s): State<ApiState>, Path(token): Path<String>) -> Response {
     let Some(client) = s.signer.as_ref().and_then(|sg| sg.verify(&token)) else {
         return refused_link();
@@ -513,7 +809,7 @@ async fn unsubscribe(State(s): State<ApiState>, Path(token): Path<String>) -> Re
         );
     };
     let now = chrono::Utc::now();
-    let id = format!("unsubscribe-{}-{}", client, now.timestamp_millis());
+    let id = crate::unsubscribe::event_id(&client, &token);
     let event = json!({
         "id": id,
         "type": "unsubscribed",
@@ -556,8 +852,13 @@ async fn unsubscribe(State(s): State<ApiState>, Path(token): Path<String>) -> Re
 }
 
 /// Runs a scheduled rule now (`nudge trigger RULE` does the same).
+#[utoipa::path(post, path = "/rules/{name}/run", tag = "marketer",
+    security(("bearer" = ["marketer"])), params(("name" = String, Path, description = "a scheduled rule")),
+    responses((status = 200, description = "the sweep's report"), (status = 404, description = "no such rule"),
+              (status = 400, description = "not a scheduled rule"), (status = 409, description = "already running")))]
 async fn run_rule(
     State(s): State<ApiState>,
+    Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
     let Some(scheduler) = &s.scheduler else {
@@ -566,7 +867,13 @@ async fn run_rule(
             "no scheduler".into(),
         ));
     };
-    match scheduler.trigger(&name).await {
+    let result = scheduler.trigger(&name).await;
+    let outcome = match &result {
+        Ok(_) => "ok".to_string(),
+        Err(e) => e.to_string(),
+    };
+    audit(&s, &caller, "rule_run", format!("rule:{name}"), &outcome).await;
+    match result {
         Ok(report) => Ok(Json(json!({ "sweep": report })).into_response()),
         Err(TriggerError::UnknownRule(_)) => Err(ApiError(
             StatusCode::NOT_FOUND,
@@ -582,13 +889,28 @@ async fn run_rule(
 
 #[cfg(test)]
 mod tests {
-    use super::constant_time_eq;
+    use super::*;
 
     #[test]
-    fn token_comparison() {
-        assert!(constant_time_eq(b"abc", b"abc"));
-        assert!(!constant_time_eq(b"abc", b"abd"));
-        assert!(!constant_time_eq(b"abc", b"abcd"));
-        assert!(!constant_time_eq(b"", b"a"));
+    fn every_api_route_declares_a_role_that_the_role_map_enforces() {
+        let doc = openapi();
+        let roles = auth::RoleMap::from_openapi(&doc);
+        let mut n = 0;
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, op) in item.as_object().unwrap() {
+                let declared = op["x-nudge-role"].as_str().unwrap();
+                let m: axum::http::Method = method.to_uppercase().parse().unwrap();
+                if path.starts_with("/api/") {
+                    n += 1;
+                    let enforced = roles
+                        .get(&m, path)
+                        .unwrap_or_else(|| panic!("{method} {path}"));
+                    assert_eq!(enforced.as_str(), declared, "{method} {path}");
+                } else {
+                    assert_eq!(declared, "open", "{method} {path}");
+                }
+            }
+        }
+        assert_eq!(n, 17, "{doc:#}");
     }
 }

@@ -3,7 +3,7 @@
 //! [`Application::run_until_stopped`] runs every task until the token is
 //! cancelled, then lets each finish its unit of work.
 
-use crate::api::{ApiState, router};
+use crate::api::{ApiState, Limits, router, serve};
 use crate::catalog::Catalog;
 use crate::config::{Config, redact};
 use crate::delivery::{Clock, Sender, system_clock};
@@ -47,6 +47,8 @@ pub struct Application {
 
 impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
+        // Before anything is opened: an unsafe configuration changes nothing.
+        check_open_api(&config.http)?;
         let store = open_store(&config).await?;
         let catalog = Arc::new(Catalog::load(&config));
         let listener = tokio::net::TcpListener::bind(config.http.listen)
@@ -60,11 +62,6 @@ impl Application {
                 .await
                 .context("cannot load the unsubscribe signing key")?,
         );
-        if config.http.token.is_none() {
-            tracing::warn!(
-                "http.token is not set: /api is open to anyone who can reach http.listen"
-            );
-        }
         Ok(Self {
             config,
             store,
@@ -177,30 +174,24 @@ impl Application {
             ingest::run(consumer, pipeline, &nats_cfg, wake, ingest_cancel).await;
         });
 
-        let state = ApiState {
-            store: self.store.clone(),
-            nats: Some(self.nats.clone()),
-            catalog: self.catalog.clone(),
-            metrics: self.metrics.clone(),
-            scheduler: Some(scheduler),
-            signer: Some(self.signer.clone()),
-            subject_prefix: self.config.nats.subject_prefix.clone(),
-            stream: self.config.nats.stream.clone(),
-            consumer: self.config.nats.consumer.clone(),
-            live: self.live.clone(),
-            token: self.config.http.token.as_deref().map(Arc::from),
-        };
+        let state = ApiState::new(
+            self.store.clone(),
+            Some(self.nats.clone()),
+            self.catalog.clone(),
+            self.metrics.clone(),
+            Some(scheduler),
+            Some(self.signer.clone()),
+            &self.config.nats,
+            self.live.clone(),
+            &self.config.http,
+        );
+        let limits = Limits::from_config(&self.config.http);
         let http_cancel = cancel.clone();
         let addr = self.http_addr();
         let listener = self.listener;
         tracker.spawn(async move {
-            tracing::info!(%addr, "http listening");
-            let served = axum::serve(listener, router(state))
-                .with_graceful_shutdown(http_cancel.cancelled_owned())
-                .await;
-            if let Err(e) = served {
-                tracing::error!(error = %e, "http server failed");
-            }
+            tracing::info!(%addr, max_connections = limits.max_connections, "http listening");
+            serve(listener, router(state), limits, http_cancel).await;
         });
 
         tracker.close();
@@ -247,4 +238,26 @@ pub async fn open_store(config: &Config) -> anyhow::Result<AnyStore> {
         .await
         .context("cannot migrate the database")?;
     Ok(store)
+}
+
+/// Refuses to serve the API without any token on an address others can
+/// reach, unless `http.allow_open` says so: an open API exports and erases
+/// clients for anyone. On loopback it is open with a warning (a developer's
+/// machine, or a proxy on the same host that authenticates).
+fn check_open_api(http: &crate::config::HttpConfig) -> anyhow::Result<()> {
+    if http.token.is_some() || !http.tokens.is_empty() {
+        return Ok(());
+    }
+    if http.listen.ip().is_loopback() || http.allow_open {
+        tracing::warn!(
+            listen = %http.listen,
+            "no http.token or http.tokens: /api is open to anyone who can reach http.listen"
+        );
+        return Ok(());
+    }
+    anyhow::bail!(
+        "refusing to serve /api without a token on {}: set http.tokens (or http.token), \
+         listen on a loopback address, or set http.allow_open: true to serve it open on purpose",
+        http.listen
+    )
 }

@@ -461,8 +461,32 @@ impl Default for SchedulerConfig {
 pub struct HttpConfig {
     /// Address of the HTTP server. Default `127.0.0.1:8080`.
     pub listen: SocketAddr,
-    /// Bearer token for `/api/*`; unset means the API is open (a warning is logged).
+    /// A bearer token with the `admin` role, named `admin` (kept from before
+    /// named tokens). Unset and no `tokens`: the API is open, which nudge
+    /// refuses on a non-loopback address unless `allow_open` is set.
     pub token: Option<String>,
+    /// Named tokens, each with a role (`http.tokens.<name>: {role, token}` or
+    /// `{role, token_sha256}`), so each caller gets only what it needs and is
+    /// named in the audit log.
+    pub tokens: std::collections::BTreeMap<String, TokenConfig>,
+    /// Serve the API without any token on a non-loopback address. Default false.
+    pub allow_open: bool,
+    /// Host header values (`name` or `name:port`) accepted; others get 421, so
+    /// a page on another site cannot reach nudge through DNS rebinding.
+    /// A YAML list or one comma-separated string. Default: any.
+    #[serde(deserialize_with = "list_or_commas")]
+    pub allowed_hosts: Vec<String>,
+    /// Connections served at once; at the limit the oldest connection that has
+    /// not sent a request yet is closed for the new one. Default 512, and never
+    /// more than half the process's open-file limit.
+    pub max_connections: usize,
+    /// How long a client may take to send a request's headers, and how long
+    /// an idle keep-alive connection stays open. Default 10.
+    pub header_timeout_secs: u64,
+    /// How long one request may take, rule runs and the live feed excepted
+    /// (a rule run sweeps every client; the live feed is meant to stay open).
+    /// Default 30.
+    pub request_timeout_secs: u64,
     /// The address people reach nudge at, for links in mails. Default `http://127.0.0.1:8080`.
     pub public_url: String,
 }
@@ -472,9 +496,100 @@ impl Default for HttpConfig {
         Self {
             listen: "127.0.0.1:8080".parse().expect("valid default address"),
             token: None,
+            tokens: Default::default(),
+            allow_open: false,
+            allowed_hosts: Vec::new(),
+            max_connections: 512,
+            header_timeout_secs: 10,
+            request_timeout_secs: 30,
             public_url: "http://127.0.0.1:8080".into(),
         }
     }
+}
+
+/// What a token may do, least to most; each role may do all that the ones
+/// before it may.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, serde::Serialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Posting events only.
+    Ingest,
+    /// Reading clients, timelines, tasks and the live feed; closing tasks.
+    Staff,
+    /// Staff, and rules, previews, rule runs and reports.
+    Marketer,
+    /// Everything, export and erasure included.
+    Admin,
+}
+
+impl Role {
+    pub const ALL: [Role; 4] = [Role::Ingest, Role::Staff, Role::Marketer, Role::Admin];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Ingest => "ingest",
+            Role::Staff => "staff",
+            Role::Marketer => "marketer",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One named token: the secret itself, or only its SHA-256, so that the
+/// configuration need not hold the secret.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    pub role: Role,
+    /// The bearer token (16+ characters).
+    pub token: Option<String>,
+    /// Lowercase or uppercase hex of the SHA-256 of the bearer token.
+    pub token_sha256: Option<String>,
+}
+
+impl TokenConfig {
+    /// The SHA-256 of the token, which is what requests are checked against.
+    pub fn digest(&self) -> [u8; 32] {
+        use sha2::{Digest, Sha256};
+        match (&self.token, &self.token_sha256) {
+            (Some(t), _) => Sha256::digest(t.as_bytes()).into(),
+            (None, Some(h)) => {
+                let mut out = [0u8; 32];
+                // Checked by `Config::validate`.
+                hex::decode_to_slice(h, &mut out).expect("validated hex digest");
+                out
+            }
+            (None, None) => unreachable!("validated: a token or its hash"),
+        }
+    }
+}
+
+/// A list given as a YAML sequence or, as an environment variable must, as
+/// one comma-separated string.
+fn list_or_commas<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match Option::<Either>::deserialize(d)? {
+        None => Vec::new(),
+        Some(Either::One(s)) => s
+            .split(',')
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .collect(),
+        Some(Either::Many(v)) => v,
+    })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -691,6 +806,56 @@ impl Config {
         {
             return Err(key_err("http.token", "must be at least 16 characters"));
         }
+        for (name, t) in &self.http.tokens {
+            let key = format!("http.tokens.{name}");
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            {
+                return Err(key_err(
+                    &key,
+                    "a token's name takes letters, digits, '_' and '-'",
+                ));
+            }
+            if self.http.token.is_some() && name == "admin" {
+                return Err(key_err(
+                    &key,
+                    "`admin` is the name of http.token; choose another",
+                ));
+            }
+            match (&t.token, &t.token_sha256) {
+                (Some(tok), None) if tok.len() < 16 => {
+                    return Err(key_err(
+                        &format!("{key}.token"),
+                        "must be at least 16 characters",
+                    ));
+                }
+                (Some(_), None) => {}
+                (None, Some(h)) if h.len() != 64 || hex::decode(h).is_err() => {
+                    return Err(key_err(
+                        &format!("{key}.token_sha256"),
+                        "must be the 64 hex digits of a SHA-256",
+                    ));
+                }
+                (None, Some(_)) => {}
+                _ => {
+                    return Err(key_err(
+                        &key,
+                        "give exactly one of `token` and `token_sha256`",
+                    ));
+                }
+            }
+        }
+        for (key, v) in [
+            ("http.max_connections", self.http.max_connections as u64),
+            ("http.header_timeout_secs", self.http.header_timeout_secs),
+            ("http.request_timeout_secs", self.http.request_timeout_secs),
+        ] {
+            if v == 0 {
+                return Err(key_err(key, "must be greater than 0"));
+            }
+        }
         Ok(())
     }
 }
@@ -885,5 +1050,120 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("http.listen"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod http_tests {
+    use super::*;
+
+    fn load(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::load_with_env(
+            None,
+            pairs.iter().map(|(a, b)| (a.to_string(), b.to_string())),
+        )
+    }
+
+    #[test]
+    fn named_tokens_come_from_the_environment_with_a_role_and_a_token_or_its_hash() {
+        let hash = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+        let c = load(&[
+            ("NUDGE__HTTP__TOKENS__CALLCENTRE__ROLE", "staff"),
+            (
+                "NUDGE__HTTP__TOKENS__CALLCENTRE__TOKEN",
+                "a-call-centre-token",
+            ),
+            ("NUDGE__HTTP__TOKENS__PARTNER__ROLE", "ingest"),
+            ("NUDGE__HTTP__TOKENS__PARTNER__TOKEN_SHA256", hash),
+            (
+                "NUDGE__HTTP__ALLOWED_HOSTS",
+                "nudge.shop.example, localhost:8080",
+            ),
+        ])
+        .unwrap();
+        let t = &c.http.tokens["callcentre"];
+        assert_eq!(t.role, Role::Staff);
+        use sha2::{Digest, Sha256};
+        let want: [u8; 32] = Sha256::digest(b"a-call-centre-token").into();
+        assert_eq!(t.digest(), want);
+        assert_eq!(c.http.tokens["partner"].role, Role::Ingest);
+        assert_eq!(hex::encode(c.http.tokens["partner"].digest()), hash);
+        assert_eq!(
+            c.http.allowed_hosts,
+            ["nudge.shop.example", "localhost:8080"]
+        );
+        assert!(Role::Ingest < Role::Staff && Role::Marketer < Role::Admin);
+    }
+
+    #[test]
+    fn bad_tokens_are_refused_naming_the_key() {
+        let cases: [(&[(&str, &str)], &str); 5] = [
+            (
+                &[
+                    ("NUDGE__HTTP__TOKENS__X__ROLE", "staff"),
+                    ("NUDGE__HTTP__TOKENS__X__TOKEN", "short"),
+                ],
+                "http.tokens.x.token",
+            ),
+            (
+                &[("NUDGE__HTTP__TOKENS__X__ROLE", "staff")],
+                "http.tokens.x",
+            ),
+            (
+                &[
+                    ("NUDGE__HTTP__TOKENS__X__ROLE", "boss"),
+                    ("NUDGE__HTTP__TOKENS__X__TOKEN", "long-enough-token-1"),
+                ],
+                "http.tokens.x.role",
+            ),
+            (
+                &[
+                    ("NUDGE__HTTP__TOKENS__X__ROLE", "staff"),
+                    ("NUDGE__HTTP__TOKENS__X__TOKEN_SHA256", "abc"),
+                ],
+                "http.tokens.x.token_sha256",
+            ),
+            (
+                &[("NUDGE__HTTP__MAX_CONNECTIONS", "0")],
+                "http.max_connections",
+            ),
+        ];
+        for (vars, key) in cases {
+            let e = load(vars).unwrap_err().to_string();
+            assert!(e.contains(key), "{key}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_production_config_listens_on_loopback_and_takes_its_tokens_from_the_environment() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/nudge.yaml");
+        let env = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect()
+        };
+        let e = Config::load_with_env(Some(&path), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("http.tokens.callcentre"), "{e}");
+        let c = Config::load_with_env(
+            Some(&path),
+            env(&[
+                (
+                    "NUDGE__HTTP__TOKENS__CALLCENTRE__TOKEN",
+                    "call-centre-token-1",
+                ),
+                (
+                    "NUDGE__HTTP__TOKENS__MARKETING__TOKEN",
+                    "marketing-token-12",
+                ),
+                ("NUDGE__HTTP__TOKENS__DPO__TOKEN", "data-protection-token"),
+            ]),
+        )
+        .unwrap();
+        assert!(c.http.listen.ip().is_loopback());
+        assert_eq!(c.http.tokens["dpo"].role, Role::Admin);
+        assert_eq!(c.http.allowed_hosts, ["nudge.shop.example"]);
     }
 }

@@ -69,6 +69,29 @@ impl Signer {
         ClientId::parse(id).ok()
     }
 
+    /// A MAC of `msg` for another purpose than unsubscribing (`domain`
+    /// keeps the purposes apart): the live feed's tickets, which every
+    /// instance must be able to check, as it can these links.
+    pub fn tag(&self, domain: &[u8], msg: &[u8]) -> [u8; MAC_BYTES] {
+        let mut mac = HmacSha256::new_from_slice(&self.key).expect("HMAC takes keys of any length");
+        mac.update(domain);
+        mac.update(b"\0");
+        mac.update(msg);
+        let full = mac.finalize().into_bytes();
+        let mut out = [0u8; MAC_BYTES];
+        out.copy_from_slice(&full[..MAC_BYTES]);
+        out
+    }
+
+    /// Checks a [`Signer::tag`] in constant time.
+    pub fn verify_tag(&self, domain: &[u8], msg: &[u8], tag: &[u8]) -> bool {
+        let mut mac = HmacSha256::new_from_slice(&self.key).expect("HMAC takes keys of any length");
+        mac.update(domain);
+        mac.update(b"\0");
+        mac.update(msg);
+        tag.len() == MAC_BYTES && mac.verify_truncated_left(tag).is_ok()
+    }
+
     pub fn url(&self, public_url: &str, client: &ClientId) -> String {
         format!(
             "{}/unsubscribe/{}",
@@ -76,6 +99,23 @@ impl Signer {
             self.token(client)
         )
     }
+}
+
+/// The id of the `unsubscribed` event a click on a link makes: the same for
+/// every click on the same link, so the stream's dedupe and the event log's
+/// primary key keep one event however often it is clicked (an unsubscribe is
+/// never undone, so a later click has nothing to add), and short enough
+/// (`unsubscribe-` and 40 hex digits) for any client id the contract allows.
+pub fn event_id(client: &ClientId, token: &str) -> String {
+    use sha2::Digest;
+    let mut h = Sha256::new();
+    h.update(b"unsubscribe-event\0");
+    h.update(client.as_str().as_bytes());
+    h.update(b"\0");
+    h.update(token.as_bytes());
+    let mut hex = hex::encode(h.finalize());
+    hex.truncate(40);
+    format!("unsubscribe-{hex}")
 }
 
 #[cfg(test)]
@@ -104,5 +144,29 @@ mod tests {
             s.url("https://shop.example/nudge/", &ana),
             format!("https://shop.example/nudge/unsubscribe/{t}")
         );
+    }
+
+    #[test]
+    fn event_ids_fit_the_contract_for_the_longest_ids_and_repeat_per_link() {
+        let s = Signer::new("a key of some length");
+        let long = ClientId::parse("é".repeat(128)).unwrap();
+        let t = s.token(&long);
+        let id = event_id(&long, &t);
+        assert!(crate::event::EventId::parse(id.clone()).is_ok(), "{id}");
+        assert_eq!(id.chars().count(), 52);
+        assert_eq!(event_id(&long, &t), id);
+        let ana = ClientId::parse("ana").unwrap();
+        assert_ne!(event_id(&ana, &s.token(&ana)), id);
+    }
+
+    #[test]
+    fn tags_are_kept_apart_by_domain_and_key() {
+        let s = Signer::new("a key of some length");
+        let t = s.tag(b"live-ticket", b"body");
+        assert!(s.verify_tag(b"live-ticket", b"body", &t));
+        assert!(!s.verify_tag(b"unsubscribe", b"body", &t));
+        assert!(!s.verify_tag(b"live-ticket", b"bodY", &t));
+        assert!(!s.verify_tag(b"live-ticket", b"body", &t[..8]));
+        assert!(!Signer::new("another key entirely").verify_tag(b"live-ticket", b"body", &t));
     }
 }

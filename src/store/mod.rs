@@ -247,6 +247,22 @@ pub struct Derived {
     pub members: Vec<(CounterKey, String)>,
 }
 
+/// One line of the audit log: who did what to which target, through the API.
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditEntry {
+    pub at: DateTime<Utc>,
+    /// The token's name.
+    pub actor: String,
+    pub role: String,
+    /// `export`, `erase`, `rule_run` or `task_done`.
+    pub action: String,
+    /// `client:<erasure hash>`, `rule:<name>` or `task:<id>`: never a client
+    /// id, so the log keeps nothing personal after an erasure.
+    pub target: String,
+    /// `ok`, `not_found`, or why it was refused.
+    pub outcome: String,
+}
+
 /// One event of a client's timeline.
 #[derive(Debug, Clone, Serialize)]
 pub struct EventRow {
@@ -452,6 +468,17 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
     /// Hashes ([`erasure_hash`]) of the erased clients.
     fn erased(&self) -> impl Future<Output = Result<HashSet<String>, StoreError>> + Send;
+    /// Appends to the audit log.
+    fn record_audit(
+        &self,
+        entry: &AuditEntry,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// The audit log, newest first, of one target when given.
+    fn list_audit(
+        &self,
+        target: Option<&str>,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<AuditEntry>, StoreError>> + Send;
 
     /// A client's events, newest first, before `(time, id)` when given.
     fn client_events(
@@ -715,6 +742,16 @@ impl Store for AnyStore {
     async fn erased(&self) -> Result<HashSet<String>, StoreError> {
         forward!(self, s => s.erased())
     }
+    async fn record_audit(&self, entry: &AuditEntry) -> Result<(), StoreError> {
+        forward!(self, s => s.record_audit(entry))
+    }
+    async fn list_audit(
+        &self,
+        target: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        forward!(self, s => s.list_audit(target, limit))
+    }
     async fn sweep_log(&self) -> Result<Vec<(String, DateTime<Utc>)>, StoreError> {
         forward!(self, s => s.sweep_log())
     }
@@ -776,6 +813,34 @@ impl Store for AnyStore {
     async fn window_trim(&self, floor: u64) -> Result<(), StoreError> {
         forward!(self, s => s.window_trim(floor))
     }
+}
+
+/// The strings that name a client in raw text it left behind (rejected
+/// envelopes, error texts): the id, and the e-mail and names the store holds.
+/// Matched as they are (case-sensitive, as SQLite's `instr` and PostgreSQL's
+/// `strpos` do); names as JSON strings (`"Ana"`), so a short name does not
+/// match inside other words.
+pub(crate) fn erasure_needles(
+    id: &str,
+    email: Option<String>,
+    first_name: Option<String>,
+    last_name: Option<String>,
+) -> Vec<String> {
+    let mut needles = vec![id.to_string()];
+    // As stored, and in lower case: shops differ in how they spell it.
+    if let Some(e) = email.filter(|e| !e.is_empty()) {
+        let lower = e.to_lowercase();
+        if lower != e {
+            needles.push(lower);
+        }
+        needles.push(e);
+    }
+    for name in [first_name, last_name].into_iter().flatten() {
+        if !name.is_empty() {
+            needles.push(serde_json::Value::String(name).to_string());
+        }
+    }
+    needles
 }
 
 /// How an erased client is recorded: not by id, which is personal data too.

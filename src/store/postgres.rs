@@ -12,9 +12,10 @@
 //! - mails are claimed with `FOR UPDATE SKIP LOCKED`, sweeps with a lease.
 
 use super::{
-    BatchWrite, ClientSummary, CommitOutcome, Delivery, Derived, EventRow, LogCursor, LogEntry,
-    MailRow, OutboxItem, OutboxRow, Rejected, STATEMENT_CACHE, Store, StoreError, SweepClaim,
-    TaskFilter, TaskRow, Upkeep, WindowBlockers, db, spawn_upkeep, statement_chunks, ts,
+    AuditEntry, BatchWrite, ClientSummary, CommitOutcome, Delivery, Derived, EventRow, LogCursor,
+    LogEntry, MailRow, OutboxItem, OutboxRow, Rejected, STATEMENT_CACHE, Store, StoreError,
+    SweepClaim, TaskFilter, TaskRow, Upkeep, WindowBlockers, db, spawn_upkeep, statement_chunks,
+    ts,
 };
 use crate::counters::{CounterKey, Stored};
 use crate::effects::EffectKind;
@@ -642,13 +643,21 @@ impl Store for PgStore {
         let id = client.as_str();
         let hash = super::erasure_hash(client);
         let mut tx = self.pool.begin().await.map_err(db("starting an erasure"))?;
-        let known = sqlx::query("DELETE FROM clients WHERE client_id = $1")
+        // What names the client in raw text (rejected envelopes, errors).
+        let profile: Option<(Option<String>, Option<String>, Option<String>)> =
+            sqlx::query_as("SELECT email, first_name, last_name FROM clients WHERE client_id = $1")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db("reading a client to erase"))?;
+        let known = profile.is_some();
+        let (email, first, last) = profile.unwrap_or_default();
+        let needles = super::erasure_needles(id, email, first, last);
+        sqlx::query("DELETE FROM clients WHERE client_id = $1")
             .bind(id)
             .execute(&mut *tx)
             .await
-            .map_err(db("erasing a client"))?
-            .rows_affected()
-            > 0;
+            .map_err(db("erasing a client"))?;
         let statements: [(&str, &str); 4] = [
             (
                 "UPDATE events SET data = '{}', context = '{}' WHERE client_id = $1",
@@ -659,8 +668,11 @@ impl Store for PgStore {
                 "erasing the process log",
             ),
             (
+                // A failed mail's error often quotes the address ("550
+                // <ana@...>: no such user"): errors go too, not just payloads.
                 "UPDATE outbox SET payload = '{}', \
-                 last_error = CASE WHEN status IN ('pending', 'sending') THEN 'client erased' ELSE last_error END, \
+                 last_error = CASE WHEN status IN ('pending', 'sending') THEN 'client erased' \
+                 WHEN last_error IS NULL THEN NULL ELSE '(erased)' END, \
                  status = CASE WHEN status IN ('pending', 'sending') THEN 'failed' ELSE status END \
                  WHERE client_id = $1",
                 "erasing mails",
@@ -677,27 +689,16 @@ impl Store for PgStore {
                 .await
                 .map_err(db(what))?;
         }
-        // Rejected payloads are raw text, often not JSON: decide in Rust which
-        // of those that mention the id name the client.
-        let candidates =
-            sqlx::query("SELECT id, payload FROM rejected WHERE strpos(payload, $1) > 0")
-                .bind(id)
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(db("finding rejected envelopes"))?;
-        let doomed: Vec<i64> = candidates
-            .iter()
-            .filter(|r| {
-                serde_json::from_str::<serde_json::Value>(r.get(1))
-                    .is_ok_and(|v| v.get("client_id").and_then(|c| c.as_str()) == Some(id))
-            })
-            .map(|r| r.get(0))
-            .collect();
-        sqlx::query("DELETE FROM rejected WHERE id = ANY($1)")
-            .bind(&doomed)
-            .execute(&mut *tx)
-            .await
-            .map_err(db("erasing rejected envelopes"))?;
+        // Rejected envelopes are raw text, often not JSON (cut at the size
+        // limit, broken): any that holds the id, e-mail or a name goes.
+        sqlx::query(
+            "DELETE FROM rejected WHERE EXISTS (SELECT 1 FROM unnest($1::text[]) AS n(s) \
+             WHERE strpos(payload, n.s) > 0 OR strpos(reason, n.s) > 0)",
+        )
+        .bind(&needles)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("erasing rejected envelopes"))?;
         // Distinct counts keep their numbers, not who was counted.
         sqlx::query("UPDATE counter_members SET member = 'erased:' || $1 WHERE member = $2")
             .bind(&hash)
@@ -712,7 +713,61 @@ impl Store for PgStore {
             .await
             .map_err(db("recording an erasure"))?;
         tx.commit().await.map_err(db("committing an erasure"))?;
+        // The old row versions stay in the tables' pages until a vacuum
+        // removes them; do it now, off the request (it scans the indexes of
+        // each table, which takes a while on a large event log).
+        let pool = self.pool.clone();
+        tokio::spawn(async move {
+            let vacuum =
+                "VACUUM clients, events, outbox, tasks, rejected, client_log, counter_members";
+            if let Err(e) = sqlx::query(vacuum).execute(&pool).await {
+                tracing::warn!(error = %e, "vacuum after an erasure failed");
+            }
+        });
         Ok(known)
+    }
+
+    async fn record_audit(&self, e: &AuditEntry) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO audit (at, actor, role, action, target, outcome) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(e.at)
+        .bind(&e.actor)
+        .bind(&e.role)
+        .bind(&e.action)
+        .bind(&e.target)
+        .bind(&e.outcome)
+        .execute(&self.pool)
+        .await
+        .map_err(db("recording an audit entry"))?;
+        Ok(())
+    }
+
+    async fn list_audit(
+        &self,
+        target: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT at, actor, role, action, target, outcome FROM audit \
+             WHERE $1::text IS NULL OR target = $1 ORDER BY id DESC LIMIT $2",
+        )
+        .bind(target)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("reading the audit log"))?;
+        Ok(rows
+            .into_iter()
+            .map(|r| AuditEntry {
+                at: r.get(0),
+                actor: r.get(1),
+                role: r.get(2),
+                action: r.get(3),
+                target: r.get(4),
+                outcome: r.get(5),
+            })
+            .collect())
     }
 
     async fn erased(&self) -> Result<HashSet<String>, StoreError> {

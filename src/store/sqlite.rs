@@ -5,9 +5,10 @@
 
 use super::window::{ConsumerLock, MemoryWindow};
 use super::{
-    BatchWrite, ClientSummary, CommitOutcome, Delivery, Derived, EventRow, LogCursor, LogEntry,
-    MailRow, OutboxItem, OutboxRow, Rejected, STATEMENT_CACHE, Store, StoreError, SweepClaim,
-    TaskFilter, TaskRow, Upkeep, WindowBlockers, db, parse_ts, spawn_upkeep, statement_chunks, ts,
+    AuditEntry, BatchWrite, ClientSummary, CommitOutcome, Delivery, Derived, EventRow, LogCursor,
+    LogEntry, MailRow, OutboxItem, OutboxRow, Rejected, STATEMENT_CACHE, Store, StoreError,
+    SweepClaim, TaskFilter, TaskRow, Upkeep, WindowBlockers, db, parse_ts, spawn_upkeep,
+    statement_chunks, ts,
 };
 use crate::counters::{CounterKey, Stored};
 use crate::effects::EffectKind;
@@ -83,7 +84,10 @@ impl SqliteStore {
             .statement_cache_capacity(STATEMENT_CACHE)
             // REGEXP, for searches that ignore case beyond ASCII (SQLite's
             // own lower() and LIKE fold only A-Z).
-            .with_regexp();
+            .with_regexp()
+            // Deleted and overwritten content is zeroed, so an erased
+            // client's data does not linger in free pages of the file.
+            .pragma("secure_delete", "ON");
         let in_memory = url.contains(":memory:") || url.contains("mode=memory");
         let file = (!in_memory).then(|| opts.get_filename().to_path_buf());
         if let Some(dir) = opts.get_filename().parent()
@@ -855,14 +859,22 @@ impl Store for SqliteStore {
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(db("starting an erasure"))?;
-        let known = sqlx::query("DELETE FROM clients WHERE client_id = ?")
+        // What names the client in raw text (rejected envelopes, errors).
+        let profile: Option<(Option<String>, Option<String>, Option<String>)> =
+            sqlx::query_as("SELECT email, first_name, last_name FROM clients WHERE client_id = ?")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db("reading a client to erase"))?;
+        let known = profile.is_some();
+        let (email, first, last) = profile.unwrap_or_default();
+        let needles = super::erasure_needles(id, email, first, last);
+        sqlx::query("DELETE FROM clients WHERE client_id = ?")
             .bind(id)
             .execute(&mut *tx)
             .await
-            .map_err(db("erasing a client"))?
-            .rows_affected()
-            > 0;
-        let statements: [(&str, &str); 5] = [
+            .map_err(db("erasing a client"))?;
+        let statements: [(&str, &str); 4] = [
             (
                 "UPDATE events SET data = '{}', context = '{}' WHERE client_id = ?",
                 "erasing event payloads",
@@ -872,8 +884,11 @@ impl Store for SqliteStore {
                 "erasing the process log",
             ),
             (
+                // A failed mail's error often quotes the address ("550
+                // <ana@...>: no such user"): errors go too, not just payloads.
                 "UPDATE outbox SET payload = '{}', \
-                 last_error = CASE WHEN status IN ('pending', 'sending') THEN 'client erased' ELSE last_error END, \
+                 last_error = CASE WHEN status IN ('pending', 'sending') THEN 'client erased' \
+                 WHEN last_error IS NULL THEN NULL ELSE '(erased)' END, \
                  status = CASE WHEN status IN ('pending', 'sending') THEN 'failed' ELSE status END \
                  WHERE client_id = ?",
                 "erasing mails",
@@ -882,13 +897,6 @@ impl Store for SqliteStore {
                 "UPDATE tasks SET title = '(erased)', data = '{}' WHERE client_id = ?",
                 "erasing tasks",
             ),
-            (
-                // Payloads that are not JSON cannot name the client; CASE keeps
-                // json_extract away from them.
-                "DELETE FROM rejected WHERE CASE WHEN json_valid(payload) \
-                 THEN json_extract(payload, '$.client_id') END = ?",
-                "erasing rejected envelopes",
-            ),
         ];
         for (sql, what) in statements {
             sqlx::query(sql)
@@ -896,6 +904,17 @@ impl Store for SqliteStore {
                 .execute(&mut *tx)
                 .await
                 .map_err(db(what))?;
+        }
+        // Rejected envelopes are raw text, often not JSON (cut at the size
+        // limit, broken): any that holds the id, e-mail or a name goes.
+        for needle in &needles {
+            sqlx::query(
+                "DELETE FROM rejected WHERE instr(payload, ?1) > 0 OR instr(reason, ?1) > 0",
+            )
+            .bind(needle)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("erasing rejected envelopes"))?;
         }
         // Distinct counts keep their numbers, not who was counted.
         sqlx::query("UPDATE counter_members SET member = 'erased:' || ? WHERE member = ?")
@@ -911,7 +930,61 @@ impl Store for SqliteStore {
             .await
             .map_err(db("recording an erasure"))?;
         tx.commit().await.map_err(db("committing an erasure"))?;
+        // The pages as they were before the erasure stay in the WAL until a
+        // checkpoint copies the new ones over and the log is cut: do it now
+        // rather than at the next automatic checkpoint. A reader holding an
+        // old snapshot can keep it from finishing; the next one completes it.
+        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .execute(&self.writer)
+            .await
+        {
+            tracing::warn!(error = %e, "checkpoint after an erasure failed");
+        }
         Ok(known)
+    }
+
+    async fn record_audit(&self, e: &AuditEntry) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO audit (at, actor, role, action, target, outcome) VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(ts(e.at))
+        .bind(&e.actor)
+        .bind(&e.role)
+        .bind(&e.action)
+        .bind(&e.target)
+        .bind(&e.outcome)
+        .execute(&self.writer)
+        .await
+        .map_err(db("recording an audit entry"))?;
+        Ok(())
+    }
+
+    async fn list_audit(
+        &self,
+        target: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT at, actor, role, action, target, outcome FROM audit \
+             WHERE ?1 IS NULL OR target = ?1 ORDER BY id DESC LIMIT ?2",
+        )
+        .bind(target)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("reading the audit log"))?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(AuditEntry {
+                    at: parse_ts(r.get(0))?,
+                    actor: r.get(1),
+                    role: r.get(2),
+                    action: r.get(3),
+                    target: r.get(4),
+                    outcome: r.get(5),
+                })
+            })
+            .collect()
     }
 
     async fn erased(&self) -> Result<HashSet<String>, StoreError> {

@@ -230,7 +230,17 @@ fn urlencode(s: &str) -> String {
 async fn the_live_feed_streams_tasks_as_they_are_made(backend: Backend) {
     let app = spawn(backend).await;
     // Listen in the background, as the staff page does, while events come in.
-    let url = format!("http://{}/api/live?token={TOKEN}", app.http);
+    // EventSource cannot send headers: the page asks for a ticket first.
+    let ticket: Value = reqwest::Client::new()
+        .post(format!("http://{}/api/live/ticket", app.http))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let url = format!("http://{}{}", app.http, ticket["url"].as_str().unwrap());
     let listener = tokio::spawn(async move {
         let resp = reqwest::get(url).await.unwrap();
         assert_eq!(resp.status(), 200);
