@@ -411,6 +411,28 @@ impl nudge::pipeline::AckFloor for NoAcks {
     }
 }
 
+/// A configuration with these folders and database (migrated), and a
+/// `sales` team, with the store it opens.
+async fn config_and_store(
+    rules: &std::path::Path,
+    templates: &std::path::Path,
+    database_url: &str,
+) -> (nudge::config::Config, nudge::store::AnyStore) {
+    let vars: Vec<(String, String)> = [
+        ("NUDGE__RULES__DIR", rules.display().to_string()),
+        ("NUDGE__TEMPLATES__DIR", templates.display().to_string()),
+        ("NUDGE__DATABASE__URL", database_url.to_string()),
+        ("NUDGE__TEAMS__SALES__EMAIL", "sales@shop.test".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let config = nudge::config::Config::load_with_env(None, vars).unwrap();
+    let store = nudge::app::open_store(&config).await.unwrap();
+    store.migrate().await.unwrap();
+    (config, store)
+}
+
 /// The pipeline of one instance on a SQLite database of its own.
 async fn pipeline_on(dir: &std::path::Path, name: &str) -> Arc<Pipeline> {
     let rules = dir.join("rules");
@@ -427,21 +449,8 @@ async fn pipeline_on(dir: &std::path::Path, name: &str) -> Arc<Pipeline> {
     for f in ["happy_client.txt", "happy_client.html"] {
         std::fs::copy(root.join("templates").join(f), templates.join(f)).unwrap();
     }
-    let vars: Vec<(String, String)> = [
-        ("NUDGE__RULES__DIR", rules.display().to_string()),
-        ("NUDGE__TEMPLATES__DIR", templates.display().to_string()),
-        (
-            "NUDGE__DATABASE__URL",
-            format!("sqlite://{}", dir.join(format!("{name}.db")).display()),
-        ),
-        ("NUDGE__TEAMS__SALES__EMAIL", "sales@shop.test".into()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
-    let config = nudge::config::Config::load_with_env(None, vars).unwrap();
-    let store = nudge::app::open_store(&config).await.unwrap();
-    store.migrate().await.unwrap();
+    let url = format!("sqlite://{}", dir.join(format!("{name}.db")).display());
+    let (config, store) = config_and_store(&rules, &templates, &url).await;
     let catalog = Arc::new(nudge::catalog::Catalog::load(&config));
     Arc::new(Pipeline::new(
         store,
@@ -603,18 +612,7 @@ async fn a_later_batch_of_another_instance_waits_for_the_earlier_one_before_usin
     std::fs::create_dir_all(&rules).unwrap();
     std::fs::create_dir_all(&templates).unwrap();
     std::fs::write(rules.join("first.rhai"), FIRST).unwrap();
-    let vars: Vec<(String, String)> = [
-        ("NUDGE__RULES__DIR", rules.display().to_string()),
-        ("NUDGE__TEMPLATES__DIR", templates.display().to_string()),
-        ("NUDGE__DATABASE__URL", db.url.clone()),
-        ("NUDGE__TEAMS__SALES__EMAIL", "sales@shop.test".into()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
-    let config = nudge::config::Config::load_with_env(None, vars).unwrap();
-    let store = nudge::app::open_store(&config).await.unwrap();
-    store.migrate().await.unwrap();
+    let (config, store) = config_and_store(&rules, &templates, &db.url).await;
     let instance = || {
         Arc::new(Pipeline::new(
             store.clone(),
