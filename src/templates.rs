@@ -357,7 +357,9 @@ fn read_source(dir: &Path, name: &str) -> Result<Source, CompileError> {
                     e.detail().unwrap_or(&e.to_string()).to_string(),
                 )
             })?;
-        let tmpl = env.get_template(&id).map_err(|e| err(path, None, e.to_string()))?;
+        let tmpl = env
+            .get_template(&id)
+            .map_err(|e| err(path, None, e.to_string()))?;
         let walked = walk(&env, &tmpl);
         if let Some((filter, line)) = walked.unknown_filters.first() {
             return Err(err(

@@ -145,7 +145,9 @@ impl RuleEngine {
 
     /// Every function a rule can call (the rule API and Rhai's standard
     /// library), by name, with the numbers of arguments it takes.
-    pub fn functions(&self) -> std::collections::HashMap<String, std::collections::BTreeSet<usize>> {
+    pub fn functions(
+        &self,
+    ) -> std::collections::HashMap<String, std::collections::BTreeSet<usize>> {
         let mut out: std::collections::HashMap<String, std::collections::BTreeSet<usize>> =
             Default::default();
         for (name, n) in self.engine.collect_fn_metadata(
