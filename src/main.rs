@@ -97,18 +97,28 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Render a template with a client's history or with given variables.
+    /// Show the mails a rule would send a client now (or at --at), rendered
+    /// with every variable the rule computes and a real unsubscribe link;
+    /// or render a template with a client's profile or given variables.
     Preview {
-        template: String,
-        /// Use this client's history from the database.
+        /// A rule (with --client: run it for that client, nothing queued), or a template.
+        name: String,
+        /// Use this client's stored history.
         #[arg(long, conflicts_with = "vars")]
         client: Option<String>,
-        /// Use the variables in this YAML or JSON file.
+        /// With a rule: the time it runs at (RFC 3339; default: now).
+        #[arg(long, requires = "client")]
+        at: Option<chrono::DateTime<chrono::Utc>>,
+        /// Render the template with the variables in this YAML or JSON file
+        /// (over its front-matter defaults).
         #[arg(long)]
         vars: Option<PathBuf>,
-        /// Also write the HTML part to this file, for a browser.
+        /// Also write the (first) HTML part to this file, for a browser.
         #[arg(long)]
         html: Option<PathBuf>,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Rebuild clients, sessions, timers and counters from the event log with
     /// the rules in force; nothing is sent. Stop the daemons first.
@@ -410,26 +420,70 @@ async fn dispatch(
             }
         }
         Command::Preview {
-            template,
+            name,
             client,
+            at,
             vars,
             html,
+            json,
         } => {
             let catalog = Catalog::load(&config);
-            let vars = match (client, vars) {
+            let is_rule = catalog.rules().get(&name).is_some();
+            let mut parts: Vec<(String, nudge::templates::Rendered)> = Vec::new();
+            let rule_mode = is_rule && client.is_some();
+            match (client, vars) {
+                (Some(c), _) if is_rule => {
+                    let store = open_store(&config).await?;
+                    let at = at.unwrap_or_else(chrono::Utc::now);
+                    let p = tools::preview_rule(&config, &store, &name, &c, at).await?;
+                    if json {
+                        println!("{}", serde_json::to_string(&p)?);
+                    } else {
+                        println!(
+                            "rule {} for client {} at {}",
+                            p.rule,
+                            p.client_id,
+                            p.at.to_rfc3339()
+                        );
+                        for l in &p.log {
+                            println!("  log: {l}");
+                        }
+                        for o in &p.other {
+                            println!("  {o}");
+                        }
+                        if p.mails.is_empty() {
+                            println!("  no mail");
+                        }
+                    }
+                    for m in p.mails {
+                        parts.push((format!("{} to {}", m.template, m.to), m.rendered));
+                    }
+                }
                 (Some(c), _) => {
                     let store = open_store(&config).await?;
-                    tools::client_vars(&store, &c).await?
+                    let vars = tools::client_vars(&store, &c).await?;
+                    let templates = catalog.templates();
+                    let vars = tools::with_defaults(&templates, &name, vars);
+                    parts.push((name.clone(), tools::preview(&templates, &name, &vars)?));
                 }
-                (None, Some(f)) => tools::vars_file(&f)?,
+                (None, Some(f)) => {
+                    let templates = catalog.templates();
+                    let vars = tools::with_defaults(&templates, &name, tools::vars_file(&f)?);
+                    parts.push((name.clone(), tools::preview(&templates, &name, &vars)?));
+                }
                 (None, None) => anyhow::bail!("give --client ID or --vars FILE"),
-            };
-            let r = tools::preview(&catalog.templates(), &template, &vars)?;
-            println!(
-                "Subject: {}\nKind: {:?}\n\n--- text ---\n{}\n--- html ---\n{}",
-                r.subject, r.kind, r.text, r.html
-            );
-            if let Some(path) = html {
+            }
+            for (what, r) in &parts {
+                if json && !rule_mode {
+                    println!("{}", serde_json::to_string(r)?);
+                } else if !json {
+                    println!(
+                        "=== {what}\nSubject: {}\nKind: {:?}\n\n--- text ---\n{}\n--- html ---\n{}",
+                        r.subject, r.kind, r.text, r.html
+                    );
+                }
+            }
+            if let (Some(path), Some((_, r))) = (html, parts.first()) {
                 std::fs::write(&path, &r.html)
                     .with_context(|| format!("cannot write {}", path.display()))?;
                 eprintln!("HTML written to {}", path.display());

@@ -236,3 +236,70 @@ fn test_names_a_mail_of_a_template_that_does_not_exist() {
     );
     assert!(t.contains("fix them before testing"), "{t}");
 }
+
+/// `nudge preview RULE --client ID` runs the rule on the stored history
+/// with nothing queued: idle_reminder's computed `idle_days` and the
+/// client's real signed unsubscribe link are in the mail.
+async fn a_rule_preview_shows_the_mail_with_computed_variables_and_a_real_unsubscribe_link(
+    backend: crate::helpers::Backend,
+) {
+    use nudge::store::Store;
+    let env = crate::helpers::TestEnv::new(backend).await;
+    let store = nudge::app::open_store(&env.config).await.unwrap();
+    let catalog = std::sync::Arc::new(nudge::catalog::Catalog::load(&env.config));
+    let pipeline = nudge::pipeline::Pipeline::new(
+        store.clone(),
+        catalog,
+        std::sync::Arc::new(nudge::metrics::Metrics::default()),
+        &env.config,
+    );
+    let mut e = crate::helpers::registered_at("r-ivy", "ivy", &crate::helpers::ago(20 * 86_400));
+    e["data"]["marketing_consent"] = serde_json::json!(true);
+    e["data"]["first_name"] = serde_json::json!("Ivy");
+    pipeline
+        .process(&[nudge::pipeline::Incoming {
+            subject: "shop.events.client_registered".into(),
+            payload: serde_json::to_vec(&e).unwrap().into(),
+            stream_seq: Some(1),
+            published: None,
+        }])
+        .await
+        .unwrap();
+    let outbox = store.list_outbox(100).await.unwrap().len();
+
+    let at = chrono::Utc::now();
+    let p = nudge::tools::preview_rule(&env.config, &store, "idle_reminder", "ivy", at)
+        .await
+        .unwrap();
+    assert_eq!(p.mails.len(), 1, "{p:?}");
+    let m = &p.mails[0];
+    assert_eq!(m.template, "idle_reminder");
+    assert!(
+        m.rendered.text.contains("it has been 20 days"),
+        "{}",
+        m.rendered.text
+    );
+    let url = m.vars["unsubscribe_url"].as_str().unwrap();
+    let prefix = format!(
+        "{}/unsubscribe/",
+        env.config.http.public_url.trim_end_matches('/')
+    );
+    assert!(url.starts_with(&prefix), "{url}");
+    assert!(m.rendered.text.contains(url), "{}", m.rendered.text);
+    let signer =
+        nudge::unsubscribe::Signer::load(env.config.mail.unsubscribe_secret.as_deref(), &store)
+            .await
+            .unwrap();
+    assert_eq!(
+        signer.verify(&url[prefix.len()..]).map(|c| c.to_string()),
+        Some("ivy".to_string())
+    );
+    // Nothing queued, nothing remembered: a second preview finds the same.
+    assert_eq!(store.list_outbox(100).await.unwrap().len(), outbox);
+    let again = nudge::tools::preview_rule(&env.config, &store, "idle_reminder", "ivy", at)
+        .await
+        .unwrap();
+    assert_eq!(again.mails.len(), 1);
+}
+
+backend_tests!(a_rule_preview_shows_the_mail_with_computed_variables_and_a_real_unsubscribe_link);
