@@ -28,8 +28,11 @@ use tokio_util::sync::CancellationToken;
     about = "Marketing-automation rules engine daemon"
 )]
 struct Cli {
-    /// YAML configuration; every key can be overridden by NUDGE__SECTION__KEY.
-    #[arg(long, short, global = true, env = "NUDGE_CONFIG")]
+    /// YAML configuration. Looked up in this order: this option, then the
+    /// NUDGE_CONFIG environment variable, then `nudge.yaml` in the working
+    /// folder; without any, the built-in defaults (no teams, no
+    /// rules.settings). Every key can be overridden by NUDGE__SECTION__KEY.
+    #[arg(long, short, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
@@ -39,10 +42,17 @@ struct Cli {
 enum Command {
     /// Run the daemon: consume events, run rules, send mail.
     Run,
-    /// Validate the configuration, rules and templates; exit non-zero on any error.
-    Check,
+    /// Validate the configuration, rules and templates, and what the rules
+    /// reach (templates, functions, template variables); exit non-zero with
+    /// `file:line: message` for each problem.
+    Check {
+        /// One JSON object: the configuration used, the counts and the problems.
+        #[arg(long)]
+        json: bool,
+    },
     /// List rejected events with their reasons, newest first.
     Rejected {
+        /// How many to list at most.
         #[arg(long, default_value_t = 50)]
         limit: u32,
         /// One JSON object per line instead of a table.
@@ -50,27 +60,65 @@ enum Command {
         json: bool,
     },
     /// Publish contract events from a JSON-lines file to the stream.
-    Publish { file: PathBuf },
+    Publish {
+        /// The events, one JSON envelope per line (`#` comments and blank lines allowed).
+        file: PathBuf,
+        /// A JSON object with the count instead of a sentence.
+        #[arg(long)]
+        json: bool,
+    },
     /// Create or update the database schema, then exit.
-    Migrate,
+    Migrate {
+        /// A JSON object instead of a sentence.
+        #[arg(long)]
+        json: bool,
+    },
     /// Erase a client's personal data everywhere (GDPR), keeping anonymous aggregates.
-    Forget { client: String },
+    Forget {
+        /// The client id, as the shop sends it.
+        client: String,
+        /// A JSON object with the outcome instead of a sentence.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run a scheduled rule's sweep now; the running daemon sends what it queues.
-    Trigger { rule: String },
-    /// Run the rule tests (YAML files; default: `<rules.dir>/tests`).
-    Test { paths: Vec<PathBuf> },
-    /// Render a template with a client's history or with given variables.
+    Trigger {
+        /// The rule's name (its file name without `.rhai`).
+        rule: String,
+        /// A JSON object with the clients swept and the effects queued.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the rule tests; says which configuration it uses.
+    Test {
+        /// Test files, or folders of `*.yaml` files (default: `<rules.dir>/tests`).
+        paths: Vec<PathBuf>,
+        /// One JSON object with the counts and the report.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the mails a rule would send a client now (or at --at), rendered
+    /// with every variable the rule computes and a real unsubscribe link;
+    /// or render a template with a client's profile or given variables.
     Preview {
-        template: String,
-        /// Use this client's history from the database.
+        /// A rule (with --client: run it for that client, nothing queued), or a template.
+        name: String,
+        /// Use this client's stored history.
         #[arg(long, conflicts_with = "vars")]
         client: Option<String>,
-        /// Use the variables in this YAML or JSON file.
+        /// With a rule: the time it runs at (RFC 3339; default: now).
+        #[arg(long, requires = "client")]
+        at: Option<chrono::DateTime<chrono::Utc>>,
+        /// Render the template with the variables in this YAML or JSON file
+        /// (over its front-matter defaults).
         #[arg(long)]
         vars: Option<PathBuf>,
-        /// Also write the HTML part to this file, for a browser.
+        /// Also write the (first) HTML part to this file, for a browser.
         #[arg(long)]
         html: Option<PathBuf>,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Rebuild clients, sessions, timers and counters from the event log with
     /// the rules in force; nothing is sent. Stop the daemons first.
@@ -109,7 +157,8 @@ enum Command {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let mut config = match Config::load(cli.config.as_deref()) {
+    let source = ConfigSource::find(cli.config, std::env::var_os("NUDGE_CONFIG"));
+    let mut config = match Config::load(source.path()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("nudge: {e}");
@@ -121,7 +170,7 @@ async fn main() -> ExitCode {
         config.log.level = "warn".into();
     }
     nudge::telemetry::init(&config.log);
-    match dispatch(cli.command, config).await {
+    match dispatch(cli.command, config, source).await {
         Ok(code) => code,
         Err(e) => {
             eprintln!("nudge: {e:#}");
@@ -130,7 +179,93 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> {
+/// Where the configuration came from.
+enum ConfigSource {
+    Option(PathBuf),
+    Env(PathBuf),
+    WorkingFolder(PathBuf),
+    Defaults,
+}
+
+/// The configuration file looked for in the working folder.
+const DEFAULT_CONFIG_FILE: &str = "nudge.yaml";
+
+impl ConfigSource {
+    /// `--config`, then `NUDGE_CONFIG`, then `./nudge.yaml`, then the defaults.
+    fn find(option: Option<PathBuf>, env: Option<std::ffi::OsString>) -> Self {
+        if let Some(p) = option {
+            return Self::Option(p);
+        }
+        if let Some(p) = env.filter(|v| !v.is_empty()) {
+            return Self::Env(p.into());
+        }
+        let local = PathBuf::from(DEFAULT_CONFIG_FILE);
+        if local.is_file() {
+            return Self::WorkingFolder(local);
+        }
+        Self::Defaults
+    }
+
+    fn path(&self) -> Option<&std::path::Path> {
+        match self {
+            Self::Option(p) | Self::Env(p) | Self::WorkingFolder(p) => Some(p),
+            Self::Defaults => None,
+        }
+    }
+
+    /// One line saying which configuration is used.
+    fn describe(&self) -> String {
+        match self {
+            Self::Option(p) => format!("config: {} (--config)", p.display()),
+            Self::Env(p) => format!("config: {} (NUDGE_CONFIG)", p.display()),
+            Self::WorkingFolder(p) => {
+                format!("config: {} (found in the working folder)", p.display())
+            }
+            Self::Defaults => format!(
+                "config: built-in defaults (no --config, no NUDGE_CONFIG, no ./{DEFAULT_CONFIG_FILE}): \
+                 no teams and no rules.settings"
+            ),
+        }
+    }
+}
+
+/// Rules and templates loaded as `check` and `test` see them, with every
+/// problem (refused files and what `rules::check` finds) listed once.
+/// Nothing is logged: the caller prints the problems.
+struct Checked {
+    engine: Arc<nudge::rules::RuleEngine>,
+    rules: nudge::rules::loader::RuleSet,
+    templates: nudge::templates::TemplateSet,
+    problems: Vec<nudge::rules::CompileError>,
+}
+
+impl Checked {
+    fn load(config: &Config) -> Self {
+        let engine = Arc::new(nudge::rules::RuleEngine::new(&config.rules));
+        let rules =
+            nudge::rules::loader::RuleLoader::new(engine.clone(), config.rules.dir.clone()).load();
+        let templates = nudge::templates::TemplateLoader::new(config.templates.dir.clone()).load();
+        let mut problems: Vec<_> = rules
+            .errors
+            .iter()
+            .chain(&templates.errors)
+            .cloned()
+            .collect();
+        problems.extend(nudge::rules::check::check(&engine, &rules, &templates));
+        Self {
+            engine,
+            rules,
+            templates,
+            problems,
+        }
+    }
+}
+
+async fn dispatch(
+    command: Command,
+    config: Config,
+    source: ConfigSource,
+) -> anyhow::Result<ExitCode> {
     match command {
         Command::Run => {
             // Handlers first: a SIGTERM during startup (a rolling restart
@@ -143,21 +278,34 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> 
             };
             app.run_until_stopped(cancel).await?;
         }
-        Command::Check => {
-            let catalog = Catalog::load(&config);
-            let errors = catalog.errors();
-            for e in &errors {
-                eprintln!("{e}");
+        Command::Check { json } => {
+            let c = Checked::load(&config);
+            let ok = c.problems.is_empty();
+            if json {
+                let v = serde_json::json!({
+                    "config": source.path(),
+                    "ok": ok,
+                    "rules": c.rules.rules.len(),
+                    "templates": c.templates.names().count(),
+                    "problems": c.problems,
+                });
+                println!("{v}");
+            } else {
+                println!("{}", source.describe());
+                for p in &c.problems {
+                    println!("{p}");
+                }
+                if ok {
+                    println!(
+                        "ok: {} rules, {} templates",
+                        c.rules.rules.len(),
+                        c.templates.names().count()
+                    );
+                } else {
+                    println!("{} problem(s)", c.problems.len());
+                }
             }
-            let rules = catalog.rules();
-            let templates = catalog.templates();
-            println!(
-                "config ok; {} rules, {} templates loaded",
-                rules.rules.len(),
-                templates.names().count()
-            );
-            if !errors.is_empty() {
-                eprintln!("{} file(s) refused", errors.len());
+            if !ok {
                 return Ok(ExitCode::FAILURE);
             }
         }
@@ -178,13 +326,20 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> 
                 }
             }
         }
-        Command::Publish { file } => {
+        Command::Publish { file, json } => {
             let n = nudge::publish::publish_file(&config.nats, &file)
                 .await
                 .context("publish failed")?;
-            println!("published {n} events to {}", config.nats.stream);
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"published": n, "stream": config.nats.stream})
+                );
+            } else {
+                println!("published {n} events to {}", config.nats.stream);
+            }
         }
-        Command::Trigger { rule } => {
+        Command::Trigger { rule, json } => {
             let store = open_store(&config).await?;
             let catalog = Arc::new(Catalog::load(&config));
             let pipeline = Arc::new(Pipeline::new(
@@ -200,19 +355,36 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> 
                 Arc::new(Notify::new()),
             );
             let report = scheduler.trigger(&rule).await?;
-            println!(
-                "rule {}: swept {} clients, queued {} effects",
-                report.rule, report.clients, report.effects
-            );
-        }
-        Command::Test { paths } => {
-            let catalog = Catalog::load(&config);
-            let errors = catalog.errors();
-            for e in &errors {
-                eprintln!("{e}");
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"rule": report.rule, "clients": report.clients, "effects": report.effects})
+                );
+            } else {
+                println!(
+                    "rule {}: swept {} clients, queued {} effects",
+                    report.rule, report.clients, report.effects
+                );
             }
-            if !errors.is_empty() {
-                eprintln!("{} file(s) refused: fix them before testing", errors.len());
+        }
+        Command::Test { paths, json } => {
+            let c = Checked::load(&config);
+            if !json {
+                println!("{}", source.describe());
+            }
+            if !c.problems.is_empty() {
+                let lines: Vec<String> = c.problems.iter().map(|p| p.to_string()).collect();
+                if json {
+                    let v = serde_json::json!({"config": source.path(), "passed": 0,
+                        "failed": 0, "problems": c.problems});
+                    println!("{v}");
+                } else {
+                    println!("{}", lines.join("\n"));
+                    println!(
+                        "{} problem(s) in rules or templates: fix them before testing (`nudge check`)",
+                        lines.len()
+                    );
+                }
                 return Ok(ExitCode::FAILURE);
             }
             let paths = if paths.is_empty() {
@@ -221,43 +393,97 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> 
                 paths
             };
             let files = nudge::ruletest::collect_files(&paths)?;
-            let rules = catalog.rules();
-            let templates = catalog.templates();
             let settings = CoreSettings::from_config(&config);
             let subject = nudge::ruletest::Subject {
-                engine: &catalog.engine,
-                rules: &rules,
-                templates: &templates,
+                engine: &c.engine,
+                rules: &c.rules,
+                templates: &c.templates,
                 settings: &settings,
                 business_tz: config.history.business_tz(),
+                config_note: matches!(source, ConfigSource::Defaults).then(|| {
+                    format!(
+                        "run with the built-in defaults (no --config, NUDGE_CONFIG or ./{DEFAULT_CONFIG_FILE}): \
+                         no teams and no rules.settings, so tasks and settings-driven rules do nothing"
+                    )
+                }),
             };
             let report = nudge::ruletest::run_files(&subject, &files);
-            print!("{}", report.output);
+            if json {
+                let v = serde_json::json!({"config": source.path(), "passed": report.passed,
+                    "failed": report.failed, "report": report.output});
+                println!("{v}");
+            } else {
+                print!("{}", report.output);
+            }
             if report.failed > 0 || report.passed == 0 {
                 return Ok(ExitCode::FAILURE);
             }
         }
         Command::Preview {
-            template,
+            name,
             client,
+            at,
             vars,
             html,
+            json,
         } => {
             let catalog = Catalog::load(&config);
-            let vars = match (client, vars) {
+            let is_rule = catalog.rules().get(&name).is_some();
+            let mut parts: Vec<(String, nudge::templates::Rendered)> = Vec::new();
+            let rule_mode = is_rule && client.is_some();
+            match (client, vars) {
+                (Some(c), _) if is_rule => {
+                    let store = open_store(&config).await?;
+                    let at = at.unwrap_or_else(chrono::Utc::now);
+                    let p = tools::preview_rule(&config, &store, &name, &c, at).await?;
+                    if json {
+                        println!("{}", serde_json::to_string(&p)?);
+                    } else {
+                        println!(
+                            "rule {} for client {} at {}",
+                            p.rule,
+                            p.client_id,
+                            p.at.to_rfc3339()
+                        );
+                        for l in &p.log {
+                            println!("  log: {l}");
+                        }
+                        for o in &p.other {
+                            println!("  {o}");
+                        }
+                        if p.mails.is_empty() {
+                            println!("  no mail");
+                        }
+                    }
+                    for m in p.mails {
+                        parts.push((format!("{} to {}", m.template, m.to), m.rendered));
+                    }
+                }
                 (Some(c), _) => {
                     let store = open_store(&config).await?;
-                    tools::client_vars(&store, &c).await?
+                    let vars = tools::client_vars(&store, &c).await?;
+                    let templates = catalog.templates();
+                    let vars = tools::with_defaults(&templates, &name, vars);
+                    parts.push((name.clone(), tools::preview(&templates, &name, &vars)?));
                 }
-                (None, Some(f)) => tools::vars_file(&f)?,
+                (None, Some(f)) => {
+                    let templates = catalog.templates();
+                    let vars = tools::with_defaults(&templates, &name, tools::vars_file(&f)?);
+                    parts.push((name.clone(), tools::preview(&templates, &name, &vars)?));
+                }
                 (None, None) => anyhow::bail!("give --client ID or --vars FILE"),
-            };
-            let r = tools::preview(&catalog.templates(), &template, &vars)?;
-            println!(
-                "Subject: {}\nKind: {:?}\n\n--- text ---\n{}\n--- html ---\n{}",
-                r.subject, r.kind, r.text, r.html
-            );
-            if let Some(path) = html {
+            }
+            for (what, r) in &parts {
+                if json && !rule_mode {
+                    println!("{}", serde_json::to_string(r)?);
+                } else if !json {
+                    println!(
+                        "=== {what}\nSubject: {}\nKind: {:?}\n\n--- text ---\n{}\n--- html ---\n{}",
+                        r.subject, r.kind, r.text, r.html
+                    );
+                }
+            }
+            if let (Some(path), Some((_, r))) = (html, parts.first()) {
                 std::fs::write(&path, &r.html)
                     .with_context(|| format!("cannot write {}", path.display()))?;
                 eprintln!("HTML written to {}", path.display());
@@ -337,21 +563,30 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> 
                 }
             }
         }
-        Command::Forget { client } => {
+        Command::Forget { client, json } => {
             let store = open_store(&config).await?;
             let id = nudge::event::ClientId::parse(client)
                 .map_err(|e| anyhow::anyhow!("client id: {e}"))?;
-            if store.erase_client(&id, chrono::Utc::now()).await? {
+            let erased = store.erase_client(&id, chrono::Utc::now()).await?;
+            if json {
+                println!("{}", serde_json::json!({"client_id": id, "erased": erased}));
+            } else if erased {
                 println!("client {id} erased");
             } else {
                 println!("no client {id}; nothing to erase");
+            }
+            if !erased {
                 return Ok(ExitCode::FAILURE);
             }
         }
         Command::Bench(args) => nudge::bench::run(args, config).await?,
-        Command::Migrate => {
+        Command::Migrate { json } => {
             open_store(&config).await?;
-            println!("database is up to date");
+            if json {
+                println!("{}", serde_json::json!({"migrated": true}));
+            } else {
+                println!("database is up to date");
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

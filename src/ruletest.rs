@@ -189,6 +189,9 @@ pub struct Subject<'a> {
     pub templates: &'a TemplateSet,
     pub settings: &'a CoreSettings,
     pub business_tz: Tz,
+    /// Said under every failure: where the configuration came from, when
+    /// that may be why (built-in defaults have no teams and no settings).
+    pub config_note: Option<String>,
 }
 
 /// Test files under `paths` (files, or folders searched for `*.yaml`/`*.yml`).
@@ -313,14 +316,34 @@ fn run_case(subject: &Subject<'_>, case: &TestCase) -> Result<(), Vec<String>> {
     };
     let mut seen = Vec::new();
     let mut problems = Vec::new();
+    // Why something asked for was not made (no such template or team, no
+    // address, an emit refused): shown under a failure, so it explains itself.
+    let mut why = Vec::new();
+    let note = |l: &crate::store::LogEntry, why: &mut Vec<String>| {
+        if l.level == Level::Warning {
+            let rule = l.rule.as_deref().unwrap_or("-");
+            let line = format!("  why: rule {rule}, client {}: {}", l.client_id, l.message);
+            if !why.contains(&line) {
+                why.push(line);
+            }
+        }
+    };
     for step in &case.history {
-        world
+        let decisions = world
             .step(step)
             .map_err(|e| vec![format!("history: {e}")])?;
+        for d in &decisions {
+            for l in &d.log {
+                note(l, &mut why);
+            }
+        }
     }
     for step in &case.events {
         let decisions = world.step(step).map_err(|e| vec![e])?;
         for d in decisions {
+            for l in &d.log {
+                note(l, &mut why);
+            }
             for l in d.log.iter().filter(|l| l.level == Level::Error) {
                 problems.push(format!("! {}", l.message));
             }
@@ -347,6 +370,10 @@ fn run_case(subject: &Subject<'_>, case: &TestCase) -> Result<(), Vec<String>> {
     if problems.is_empty() {
         Ok(())
     } else {
+        problems.extend(why);
+        if let Some(n) = &subject.config_note {
+            problems.push(format!("  note: {n}"));
+        }
         Err(problems)
     }
 }

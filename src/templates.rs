@@ -2,6 +2,12 @@
 //! kind of mail, then the text part) and `templates/NAME.html` (the HTML
 //! part), rendered with minijinja. HTML is escaped by default; the subject is
 //! kept to one line so nothing from an event can add a header.
+//!
+//! The front matter may declare variables with defaults (`vars: {rank: 99}`):
+//! a mail gets them unless its rule passes its own, and `nudge check` accepts
+//! a template's variable only when every mail of it will have one (see
+//! [`STANDARD_VARS`] and `rules::check`). A filter the environment does not
+//! know refuses the template at load, with its line.
 
 use minijinja::{Environment, Value as JinjaValue};
 use serde::{Deserialize, Serialize};
@@ -25,6 +31,33 @@ struct FrontMatter {
     subject: String,
     #[serde(default)]
     kind: MailKind,
+    /// Variables every mail of this template has, with their defaults.
+    #[serde(default)]
+    vars: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Variables every mail has before its rule's own: those of
+/// `decide::mail_defaults`, and the unsubscribe link the sender adds.
+pub const STANDARD_VARS: &[&str] = &[
+    "client_id",
+    "email",
+    "first_name",
+    "last_name",
+    "acquisition_channel",
+    "promo_code",
+    "timezone",
+    "unsubscribe_url",
+];
+
+/// The variables of a staff task mail (`templates/staff_task.*`), set by the sender.
+pub const TASK_VARS: &[&str] = &["team", "title", "client_id", "client_url", "data"];
+
+/// A variable a template reads from its context, and where first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VarUse {
+    pub name: String,
+    pub file: String,
+    pub line: Option<usize>,
 }
 
 /// The sources of one template, as last read without error.
@@ -34,6 +67,10 @@ struct Source {
     kind: MailKind,
     text: String,
     html: String,
+    /// Front-matter defaults (`vars:`).
+    defaults: serde_json::Map<String, serde_json::Value>,
+    /// Variables the three parts read, in file order.
+    uses: Vec<VarUse>,
 }
 
 /// A mail ready to send.
@@ -49,6 +86,8 @@ pub struct Rendered {
 pub struct TemplateSet {
     env: Environment<'static>,
     kinds: BTreeMap<String, MailKind>,
+    /// Per template: front-matter defaults and the variables it reads.
+    vars: BTreeMap<String, (serde_json::Map<String, serde_json::Value>, Vec<VarUse>)>,
     pub errors: Vec<CompileError>,
 }
 
@@ -86,6 +125,16 @@ impl TemplateSet {
         self.kinds.get(name).copied()
     }
 
+    /// The front-matter defaults of a template (`vars:`).
+    pub fn defaults(&self, name: &str) -> Option<&serde_json::Map<String, serde_json::Value>> {
+        self.vars.get(name).map(|(d, _)| d)
+    }
+
+    /// The variables a template reads, each with where it is first read.
+    pub fn uses(&self, name: &str) -> &[VarUse] {
+        self.vars.get(name).map_or(&[], |(_, u)| u.as_slice())
+    }
+
     pub fn render(
         &self,
         name: &str,
@@ -94,7 +143,15 @@ impl TemplateSet {
         let kind = self
             .kind(name)
             .ok_or_else(|| RenderError::Unknown(name.to_string()))?;
-        let ctx = JinjaValue::from_serialize(vars);
+        // Front-matter defaults first: the mail's own variables win.
+        let ctx = match self.defaults(name) {
+            Some(d) if !d.is_empty() => {
+                let mut all = d.clone();
+                all.extend(vars.iter().map(|(k, v)| (k.clone(), v.clone())));
+                JinjaValue::from_serialize(&all)
+            }
+            _ => JinjaValue::from_serialize(vars),
+        };
         let part = |suffix: &str| -> Result<String, RenderError> {
             self.env
                 .get_template(&format!("{name}.{suffix}"))
@@ -211,6 +268,7 @@ fn new_env() -> Environment<'static> {
 fn build(sources: &BTreeMap<String, Source>, errors: Vec<CompileError>) -> TemplateSet {
     let mut env = new_env();
     let mut kinds = BTreeMap::new();
+    let mut vars = BTreeMap::new();
     for (name, src) in sources {
         // Each source compiled in `read_source` already, so these succeed.
         let added = env
@@ -219,9 +277,15 @@ fn build(sources: &BTreeMap<String, Source>, errors: Vec<CompileError>) -> Templ
             .and_then(|_| env.add_template_owned(format!("{name}.html"), src.html.clone()));
         if added.is_ok() {
             kinds.insert(name.clone(), src.kind);
+            vars.insert(name.clone(), (src.defaults.clone(), src.uses.clone()));
         }
     }
-    TemplateSet { env, kinds, errors }
+    TemplateSet {
+        env,
+        kinds,
+        vars,
+        errors,
+    }
 }
 
 fn read_source(dir: &Path, name: &str) -> Result<Source, CompileError> {
@@ -255,26 +319,37 @@ fn read_source(dir: &Path, name: &str) -> Result<Source, CompileError> {
         )
     })?;
     let fm: FrontMatter = serde_yaml::from_str(front).map_err(|e| {
-        err(
-            &txt_path,
-            e.location().map(|l| l.line() + 1),
-            format!("front matter: {e}"),
-        )
+        // The front matter starts on the file's second line; serde_yaml's
+        // message names its own line, so the file's line is given once.
+        let line = e.location().map(|l| l.line() + 1);
+        let message = e.to_string();
+        let message = match message.find(" at line ") {
+            Some(i) => message[..i].to_string(),
+            None => message,
+        };
+        err(&txt_path, line, format!("front matter: {message}"))
     })?;
-    let src = Source {
+    let subject_line = front
+        .lines()
+        .position(|l| l.trim_start().starts_with("subject:"))
+        .map_or(2, |i| i + 2);
+    let mut src = Source {
         subject: fm.subject,
         kind: fm.kind,
         text: body.to_string(),
         html,
+        defaults: fm.vars,
+        uses: Vec::new(),
     };
     // Compile each part once here so a broken one is refused with its line.
     let mut env = new_env();
     for (suffix, text, path, offset) in [
-        ("subject", &src.subject, &txt_path, 1),
+        ("subject", &src.subject, &txt_path, subject_line - 1),
         ("txt", &src.text, &txt_path, body_line - 1),
         ("html", &src.html, &html_path, 0),
     ] {
-        env.add_template_owned(format!("{name}.{suffix}"), text.clone())
+        let id = format!("{name}.{suffix}");
+        env.add_template_owned(id.clone(), text.clone())
             .map_err(|e| {
                 err(
                     path,
@@ -282,8 +357,77 @@ fn read_source(dir: &Path, name: &str) -> Result<Source, CompileError> {
                     e.detail().unwrap_or(&e.to_string()).to_string(),
                 )
             })?;
+        let tmpl = env
+            .get_template(&id)
+            .map_err(|e| err(path, None, e.to_string()))?;
+        let walked = walk(&env, &tmpl);
+        if let Some((filter, line)) = walked.unknown_filters.first() {
+            return Err(err(
+                path,
+                line.map(|l| l + offset),
+                format!("unknown filter `{filter}`"),
+            ));
+        }
+        let mut undeclared: Vec<String> = tmpl.undeclared_variables(false).into_iter().collect();
+        undeclared.sort_by_key(|v| walked.first_line.get(v).copied().flatten());
+        for v in undeclared {
+            if src.uses.iter().any(|u| u.name == v) {
+                continue;
+            }
+            let line = walked.first_line.get(&v).copied().flatten();
+            src.uses.push(VarUse {
+                name: v,
+                file: path.display().to_string(),
+                line: line.map(|l| l + offset),
+            });
+        }
     }
     Ok(src)
+}
+
+/// What a compiled template's instructions show.
+struct Walked {
+    /// Filters the environment does not know, with their lines (in the part).
+    unknown_filters: Vec<(String, Option<usize>)>,
+    /// The first line each name is looked up on.
+    first_line: BTreeMap<String, Option<usize>>,
+}
+
+/// Walks a template's instructions (its blocks included) for the filters it
+/// applies and the names it looks up. A filter is known when applying it to
+/// nothing fails for another reason than being unknown.
+fn walk(env: &Environment<'static>, tmpl: &minijinja::Template<'_, '_>) -> Walked {
+    use minijinja::machinery::{Instruction, get_compiled_template};
+    let compiled = get_compiled_template(tmpl);
+    let mut out = Walked {
+        unknown_filters: Vec::new(),
+        first_line: BTreeMap::new(),
+    };
+    for instrs in std::iter::once(&compiled.instructions).chain(compiled.blocks.values()) {
+        for idx in 0..instrs.len() as u32 {
+            match instrs.get(idx) {
+                Some(Instruction::ApplyFilter(name, ..)) if !filter_known(env, name) => {
+                    out.unknown_filters
+                        .push((name.to_string(), instrs.get_line(idx)));
+                }
+                Some(Instruction::Lookup(name)) => {
+                    out.first_line
+                        .entry(name.to_string())
+                        .or_insert(instrs.get_line(idx));
+                }
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+fn filter_known(env: &Environment<'static>, name: &str) -> bool {
+    let probe = format!("{{{{ none | {name} }}}}");
+    match env.render_str(&probe, ()) {
+        Ok(_) => true,
+        Err(e) => e.kind() != minijinja::ErrorKind::UnknownFilter,
+    }
 }
 
 /// Splits `---\nyaml\n---\nbody` into (yaml, body, 1-based line where body starts).

@@ -280,3 +280,149 @@ pub async fn replay_from_stream(
     }
     Ok(read)
 }
+
+/// One mail a rule preview would send.
+#[derive(Debug, Serialize)]
+pub struct PreviewMail {
+    pub template: String,
+    pub to: String,
+    /// Every variable the mail is rendered with: the standard ones, the
+    /// rule's, the front-matter defaults under them, and `unsubscribe_url`.
+    pub vars: Map<String, Value>,
+    pub rendered: Rendered,
+}
+
+/// What one rule would do for one client at one time.
+#[derive(Debug, Serialize)]
+pub struct RulePreview {
+    pub rule: String,
+    pub client_id: String,
+    pub at: DateTime<Utc>,
+    pub mails: Vec<PreviewMail>,
+    /// Emits and tasks, described.
+    pub other: Vec<String>,
+    /// The process-log lines of the run (why a mail was skipped, ...).
+    pub log: Vec<String>,
+}
+
+/// Shared counters read from the store as the rule uses them; what the run
+/// adds stays in memory. Runs on a blocking thread.
+struct ReadOnlyCounters {
+    store: AnyStore,
+    runtime: tokio::runtime::Handle,
+}
+
+impl crate::counters::CounterSource for ReadOnlyCounters {
+    fn load(
+        &mut self,
+        key: &crate::counters::CounterKey,
+    ) -> Result<crate::counters::Stored, String> {
+        self.runtime
+            .block_on(self.store.load_counter(key))
+            .map_err(|e| e.to_string())
+    }
+    fn is_member(
+        &mut self,
+        key: &crate::counters::CounterKey,
+        member: &str,
+    ) -> Result<bool, String> {
+        self.runtime
+            .block_on(self.store.is_member(key, member))
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Runs `rule` for the client's stored history at `at`, as a sweep of it
+/// would (`event.type == "sweep"`), with the decision core on a copy of the
+/// client and shared counters read from the store: nothing is queued or
+/// written. Each mail is rendered with every variable the rule computed and
+/// the client's real signed unsubscribe link.
+pub async fn preview_rule(
+    config: &Config,
+    store: &AnyStore,
+    rule: &str,
+    client: &str,
+    at: DateTime<Utc>,
+) -> anyhow::Result<RulePreview> {
+    let id = ClientId::parse(client).map_err(|e| anyhow::anyhow!("client id: {e}"))?;
+    let states = store.load_clients(&[&id]).await?;
+    let Some(mut state) = states.get(&id).cloned() else {
+        bail!("no client {client:?} in the database");
+    };
+    let signer =
+        crate::unsubscribe::Signer::load(config.mail.unsubscribe_secret.as_deref(), store).await?;
+    let unsubscribe = signer.url(&config.http.public_url, &id);
+    let catalog = Catalog::load(config);
+    let rules = catalog.rules();
+    let templates = catalog.templates();
+    let Some(found) = rules.get(rule).cloned() else {
+        bail!("no rule {rule:?} in {}", config.rules.dir.display());
+    };
+    let settings = CoreSettings::from_config(config);
+    let tz = config.history.business_tz();
+    let source = ReadOnlyCounters {
+        store: store.clone(),
+        runtime: tokio::runtime::Handle::current(),
+    };
+    let engine = catalog.engine.clone();
+    let templates2 = templates.clone();
+    let decision = tokio::task::spawn_blocking(move || {
+        let core = Core {
+            engine: &engine,
+            rules: &rules,
+            templates: &templates2,
+            settings: &settings,
+        };
+        let mut counters = crate::counters::Counters::new(Box::new(source), tz);
+        core.sweep(&mut state, &found, at, &mut counters)
+    })
+    .await?;
+    let mut preview = RulePreview {
+        rule: rule.to_string(),
+        client_id: client.to_string(),
+        at,
+        mails: Vec::new(),
+        other: Vec::new(),
+        log: decision
+            .log
+            .iter()
+            .filter(|l| l.rule.as_deref() == Some(rule))
+            .map(|l| l.message.clone())
+            .collect(),
+    };
+    for e in decision.effects.into_iter().filter(|e| e.rule == rule) {
+        match e.kind {
+            EffectKind::Mail { template, to, vars } => {
+                let mut all = templates.defaults(&template).cloned().unwrap_or_default();
+                all.extend(vars);
+                all.insert("unsubscribe_url".into(), Value::String(unsubscribe.clone()));
+                let rendered = templates.render(&template, &all)?;
+                preview.mails.push(PreviewMail {
+                    template,
+                    to,
+                    vars: all,
+                    rendered,
+                });
+            }
+            EffectKind::Emit { event_type, .. } => {
+                preview.other.push(format!("event `{event_type}` emitted"))
+            }
+            EffectKind::Task { team, title, .. } => {
+                preview.other.push(format!("task for {team}: {title}"))
+            }
+        }
+    }
+    Ok(preview)
+}
+
+/// The variables of a template-only preview: the template's front-matter
+/// defaults under the given ones.
+pub fn with_defaults(
+    templates: &TemplateSet,
+    name: &str,
+    vars: Map<String, Value>,
+) -> Map<String, Value> {
+    let mut all = templates.defaults(name).cloned().unwrap_or_default();
+    all.extend(vars);
+    all
+}

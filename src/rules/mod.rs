@@ -7,6 +7,7 @@
 //! changes.
 
 pub mod api;
+pub mod check;
 pub mod loader;
 pub mod values;
 
@@ -140,6 +141,23 @@ impl RuleEngine {
             engine,
             limits: RunLimits::from_config(limits),
         }
+    }
+
+    /// Every function a rule can call (the rule API and Rhai's standard
+    /// library), by name, with the numbers of arguments it takes.
+    pub fn functions(
+        &self,
+    ) -> std::collections::HashMap<String, std::collections::BTreeSet<usize>> {
+        let mut out: std::collections::HashMap<String, std::collections::BTreeSet<usize>> =
+            Default::default();
+        for (name, n) in self.engine.collect_fn_metadata(
+            None,
+            |f| Some((f.metadata.name.to_string(), f.metadata.num_params)),
+            true,
+        ) {
+            out.entry(name).or_default().insert(n);
+        }
+        out
     }
 
     /// Compiles one rule file; its triggers come from `const ON = [...]`.

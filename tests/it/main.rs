@@ -10,6 +10,7 @@ mod bench;
 mod browser;
 mod campaigns;
 mod chain;
+mod check;
 mod cli;
 mod faults;
 mod ordering;
