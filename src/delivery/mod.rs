@@ -176,6 +176,7 @@ impl Sender {
                 };
             }
         };
+        let emit = matches!(kind, EffectKind::Emit { .. });
         let (what, result) = match kind {
             EffectKind::Mail { template, to, vars } => {
                 let mid = message_id(&item.key, &self.from);
@@ -184,6 +185,7 @@ impl Sender {
                     .await
                 {
                     Ok(Sent::Deferred(until)) => {
+                        self.metrics.mails_deferred.fetch_add(1, Relaxed);
                         tracing::info!(template, to, %until, "marketing mail deferred: quiet hours");
                         return Delivery::Deferred {
                             key: item.key,
@@ -229,7 +231,12 @@ impl Sender {
         match result {
             Ok(id) => {
                 tracing::info!(what, "delivered");
-                self.metrics.mails_sent.fetch_add(1, Relaxed);
+                let counter = if emit {
+                    &self.metrics.emits_published
+                } else {
+                    &self.metrics.mails_sent
+                };
+                counter.fetch_add(1, Relaxed);
                 self.announce(&item, format!("{what} sent"));
                 Delivery::Sent {
                     log: log(Level::Notice, format!("{what} sent")),
@@ -239,7 +246,12 @@ impl Sender {
                 }
             }
             Err(e) if e.transient && item.attempts < self.cfg.max_attempts => {
-                self.metrics.mails_retried.fetch_add(1, Relaxed);
+                let counter = if emit {
+                    &self.metrics.emits_retried
+                } else {
+                    &self.metrics.mails_retried
+                };
+                counter.fetch_add(1, Relaxed);
                 let delay = backoff(self.cfg.retry_base_secs, item.attempts);
                 tracing::warn!(what, error = %e, attempt = item.attempts, retry_in_secs = delay.num_seconds(), "not delivered, will retry");
                 Delivery::Retry {
@@ -250,7 +262,12 @@ impl Sender {
             }
             Err(e) => {
                 tracing::error!(what, error = %e, attempt = item.attempts, "delivery failed");
-                self.metrics.mails_failed.fetch_add(1, Relaxed);
+                let counter = if emit {
+                    &self.metrics.emits_failed
+                } else {
+                    &self.metrics.mails_failed
+                };
+                counter.fetch_add(1, Relaxed);
                 let why = format!("{what} failed: {}", e.message);
                 self.announce(&item, why.clone());
                 Delivery::Failed {

@@ -406,6 +406,11 @@ async fn mail_headers_list_id_auto_submitted_encoded_links_title_lang_and_opaque
     app.publish(&registered_at("r-plain", "plain", &ago(20 * DAY)))
         .await;
     browse(&app, vip, "sv1", 10 * DAY).await;
+    // A client without consent browses too: the offer is skipped, counted.
+    let mut nico = registered_at("r-nico", "nico", &ago(20 * DAY));
+    nico["data"]["marketing_consent"] = json!(false);
+    app.publish(&nico).await;
+    browse(&app, "nico", "sn1", 10 * DAY).await;
     // Three orders this month: vip_callback hands sales a task, mailed.
     for i in 0..3 {
         app.publish(&event(
@@ -413,14 +418,15 @@ async fn mail_headers_list_id_auto_submitted_encoded_links_title_lang_and_opaque
             "order_placed",
             vip,
             &ago(600 - 60 * i),
+            // Through a partner: each order also emits `partner_commission`.
             json!({"order_id": format!("o{i}"), "channel": "online", "total": 20.0,
-                   "currency": "EUR", "items": []}),
+                   "currency": "EUR", "items": [], "partner_track_id": "acme"}),
             json!({}),
         ))
         .await;
     }
-    app.wait_events(7).await;
-    let mails = app.wait_mails(4).await;
+    app.wait_events(10).await;
+    let mails = app.wait_mails(5).await;
     app.wait_outbox_settled().await;
     let find = |to: &str, template: &str| {
         mails
@@ -505,6 +511,18 @@ async fn mail_headers_list_id_auto_submitted_encoded_links_title_lang_and_opaque
         "{link} in {html}"
     );
     assert!(task.html.contains("<html lang=\"en\">"));
+
+    // Metrics count mails apart from emits, and skips by reason.
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    for line in [
+        format!("nudge_mails_sent_total {}", mails.len()),
+        "nudge_emits_published_total 3".into(),
+        "nudge_mails_skipped_total{reason=\"no_consent\"} 1".into(),
+        "nudge_mails_deferred_total 0".into(),
+        "nudge_rules_quarantined 0".into(),
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in {metrics}");
+    }
 }
 
 backend_tests!(
