@@ -494,7 +494,29 @@ async fn client_360(
         ..Default::default()
     };
     let tasks = s.store.list_tasks(&filter, 50).await?;
-    Ok(Json(crate::view::client_360(c, &mails, &tasks)).into_response())
+    // Opens and clicks name the mail's Message-ID: the last few hundred say
+    // which of the 20 mails shown were opened or clicked.
+    let mut seen = [
+        std::collections::BTreeSet::new(),
+        std::collections::BTreeSet::new(),
+    ];
+    for (set, ty) in seen.iter_mut().zip(["email_opened", "email_clicked"]) {
+        for e in s.store.client_events(&client, Some(ty), None, 500).await? {
+            if let Some(key) = e.data["message_id"]
+                .as_str()
+                .and_then(crate::delivery::mailer::key_of_message_id)
+            {
+                set.insert(key.to_string());
+            }
+        }
+    }
+    let templates = s.catalog.templates();
+    let ctx = crate::view::MailContext {
+        templates: &templates,
+        opened: &seen[0],
+        clicked: &seen[1],
+    };
+    Ok(Json(crate::view::client_360(c, &mails, &tasks, &ctx)).into_response())
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]

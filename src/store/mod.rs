@@ -287,6 +287,10 @@ pub struct ClientSummary {
 /// A mail (or other effect) of one client, for the 360 view.
 #[derive(Debug, Clone, Serialize)]
 pub struct MailRow {
+    /// The `Message-ID` once sent (opens and clicks name it).
+    pub message_id: Option<String>,
+    /// The variables the mail is rendered with (its outbox payload's `vars`).
+    pub vars: serde_json::Value,
     pub rule: String,
     pub kind: String,
     pub template: Option<String>,

@@ -887,8 +887,9 @@ impl Store for PgStore {
         limit: u32,
     ) -> Result<Vec<MailRow>, StoreError> {
         let rows = sqlx::query(
-            "SELECT rule, kind, payload->>'template', status, created_at, sent_at, last_error \
-             FROM outbox WHERE client_id = $1 ORDER BY created_at DESC, key LIMIT $2",
+            "SELECT rule, kind, payload->>'template', status, created_at, sent_at, last_error, \
+             message_id, payload->'vars' FROM outbox WHERE client_id = $1 \
+             ORDER BY created_at DESC, key LIMIT $2",
         )
         .bind(client.as_str())
         .bind(i64::from(limit))
@@ -898,6 +899,8 @@ impl Store for PgStore {
         Ok(rows
             .into_iter()
             .map(|r| MailRow {
+                message_id: r.get(7),
+                vars: r.get::<Option<serde_json::Value>, _>(8).unwrap_or_default(),
                 rule: r.get(0),
                 kind: r.get(1),
                 template: r.get(2),

@@ -1101,7 +1101,8 @@ impl Store for SqliteStore {
     ) -> Result<Vec<MailRow>, StoreError> {
         let rows = sqlx::query(
             "SELECT rule, kind, json_extract(payload, '$.template'), status, created_at, sent_at, \
-             last_error FROM outbox WHERE client_id = ? ORDER BY created_at DESC, key LIMIT ?",
+             last_error, message_id, json_extract(payload, '$.vars') FROM outbox \
+             WHERE client_id = ? ORDER BY created_at DESC, key LIMIT ?",
         )
         .bind(client.as_str())
         .bind(limit)
@@ -1111,6 +1112,11 @@ impl Store for SqliteStore {
         rows.into_iter()
             .map(|r| {
                 Ok(MailRow {
+                    message_id: r.get(7),
+                    vars: r
+                        .get::<Option<&str>, _>(8)
+                        .and_then(|v| serde_json::from_str(v).ok())
+                        .unwrap_or_default(),
                     rule: r.get(0),
                     kind: r.get(1),
                     template: r.get(2),
