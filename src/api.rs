@@ -386,6 +386,11 @@ async fn metrics(State(s): State<ApiState>) -> Response {
             lag,
         ),
         (
+            "nudge_rules_quarantined",
+            "Rules taken out of service by the quarantine (listed under `quarantined` in /api/rules) until their file is saved again.",
+            s.catalog.quarantined().len() as u64,
+        ),
+        (
             "nudge_consumer_standby",
             "1 while this instance waits for another process consuming into the same SQLite database.",
             u64::from(s.metrics.standby()),
@@ -420,21 +425,49 @@ async fn staff_page() -> Response {
 #[into_params(parameter_in = Query)]
 struct SearchQuery {
     q: String,
+    /// Clients per page: 1 to 100, 20 when absent.
     limit: Option<u32>,
+    /// `next` from the previous page.
+    cursor: Option<String>,
 }
 
 #[utoipa::path(get, path = "/clients", tag = "staff",
     security(("bearer" = ["staff"])), params(SearchQuery),
-    responses((status = 200, description = "`clients` matching the id, e-mail or name")))]
+    responses((status = 200, description = "`clients` matching the id, e-mail or name (an exact id first, then the most recently seen), and `next`: the cursor of the next page, null on the last"),
+              (status = 400, description = "a bad cursor")))]
 async fn search(
     State(s): State<ApiState>,
     Query(q): Query<SearchQuery>,
 ) -> Result<Response, ApiError> {
-    let found = s
+    let limit = page_limit(q.limit, 20, 100);
+    // The search's order has no stable key of its own (an exact id first,
+    // then by last activity): its cursor is a position.
+    let offset: u32 = match q.cursor.as_deref() {
+        None | Some("") => 0,
+        Some(c) => c
+            .strip_prefix('o')
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| bad_cursor(c))?,
+    };
+    let mut found = s
         .store
-        .search_clients(q.q.trim(), q.limit.unwrap_or(20).min(100))
+        .search_clients(q.q.trim(), offset, limit + 1)
         .await?;
-    Ok(Json(json!({ "clients": found })).into_response())
+    let next = (found.len() > limit as usize).then(|| format!("o{}", offset + limit));
+    found.truncate(limit as usize);
+    Ok(Json(json!({ "clients": found, "next": next })).into_response())
+}
+
+/// A page's size: `asked` within 1..=`max`, `default` when absent.
+fn page_limit(asked: Option<u32>, default: u32, max: u32) -> u32 {
+    asked.unwrap_or(default).clamp(1, max)
+}
+
+fn bad_cursor(c: &str) -> ApiError {
+    ApiError(
+        StatusCode::BAD_REQUEST,
+        format!("cursor {c:?}: pass the `next` of the previous page as it is"),
+    )
 }
 
 /// The 360 view of a client, from the history nudge keeps (real time: what
@@ -461,7 +494,29 @@ async fn client_360(
         ..Default::default()
     };
     let tasks = s.store.list_tasks(&filter, 50).await?;
-    Ok(Json(crate::view::client_360(c, &mails, &tasks)).into_response())
+    // Opens and clicks name the mail's Message-ID: the last few hundred say
+    // which of the 20 mails shown were opened or clicked.
+    let mut seen = [
+        std::collections::BTreeSet::new(),
+        std::collections::BTreeSet::new(),
+    ];
+    for (set, ty) in seen.iter_mut().zip(["email_opened", "email_clicked"]) {
+        for e in s.store.client_events(&client, Some(ty), None, 500).await? {
+            if let Some(key) = e.data["message_id"]
+                .as_str()
+                .and_then(crate::delivery::mailer::key_of_message_id)
+            {
+                set.insert(key.to_string());
+            }
+        }
+    }
+    let templates = s.catalog.templates();
+    let ctx = crate::view::MailContext {
+        templates: &templates,
+        opened: &seen[0],
+        clicked: &seen[1],
+    };
+    Ok(Json(crate::view::client_360(c, &mails, &tasks, &ctx)).into_response())
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
@@ -555,15 +610,36 @@ struct Limit {
     limit: Option<u32>,
 }
 
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+struct PageQuery {
+    /// Entries per page: 1 to 1000, 100 when absent.
+    limit: Option<u32>,
+    /// `next` from the previous page.
+    cursor: Option<String>,
+}
+
 #[utoipa::path(get, path = "/rejected", tag = "admin",
-    security(("bearer" = ["admin"])), params(Limit),
-    responses((status = 200, description = "rejected envelopes (raw, personal data included) with reasons")))]
-async fn rejected(State(s): State<ApiState>, Query(q): Query<Limit>) -> Result<Response, ApiError> {
-    let rows = s
-        .store
-        .list_rejected(q.limit.unwrap_or(100).min(1000))
-        .await?;
-    Ok(Json(json!({ "rejected": rows })).into_response())
+    security(("bearer" = ["admin"])), params(PageQuery),
+    responses((status = 200, description = "`rejected`: envelopes (raw, personal data included) with reasons, newest first, and `next`: the cursor of the next page, null on the last"),
+              (status = 400, description = "a bad cursor")))]
+async fn rejected(
+    State(s): State<ApiState>,
+    Query(q): Query<PageQuery>,
+) -> Result<Response, ApiError> {
+    let limit = page_limit(q.limit, 100, 1000);
+    let before = match q.cursor.as_deref() {
+        None | Some("") => None,
+        Some(c) => Some(c.parse::<i64>().map_err(|_| bad_cursor(c))?),
+    };
+    let mut rows = s.store.rejected_page(before, limit + 1).await?;
+    let more = rows.len() > limit as usize;
+    rows.truncate(limit as usize);
+    let next = more
+        .then(|| rows.last().map(|(id, _)| id.to_string()))
+        .flatten();
+    let rows: Vec<_> = rows.into_iter().map(|(_, r)| r).collect();
+    Ok(Json(json!({ "rejected": rows, "next": next })).into_response())
 }
 
 #[utoipa::path(get, path = "/rules", tag = "marketer",
@@ -599,12 +675,16 @@ struct TaskQuery {
     status: Option<String>,
     team: Option<String>,
     client: Option<String>,
+    /// Tasks per page: 1 to 1000, 100 when absent.
     limit: Option<u32>,
+    /// `next` from the previous page.
+    cursor: Option<String>,
 }
 
 #[utoipa::path(get, path = "/tasks", tag = "staff",
     security(("bearer" = ["staff"])), params(TaskQuery),
-    responses((status = 200, description = "`tasks`"), (status = 400, description = "a bad status")))]
+    responses((status = 200, description = "`tasks`, newest first, and `next`: the cursor of the next page, null on the last"),
+              (status = 400, description = "a bad status or cursor")))]
 async fn tasks(
     State(s): State<ApiState>,
     Query(q): Query<TaskQuery>,
@@ -620,16 +700,38 @@ async fn tasks(
             ));
         }
     };
+    let after = match q.cursor.as_deref() {
+        None | Some("") => None,
+        Some(c) => {
+            let (t, id) = c.split_once('~').ok_or_else(|| bad_cursor(c))?;
+            let t = chrono::DateTime::parse_from_rfc3339(t).map_err(|_| bad_cursor(c))?;
+            Some((t.with_timezone(&chrono::Utc), id.to_string()))
+        }
+    };
     let filter = TaskFilter {
         status,
         team: q.team,
         client_id: q.client,
+        after,
     };
-    let rows = s
-        .store
-        .list_tasks(&filter, q.limit.unwrap_or(100).min(1000))
-        .await?;
-    Ok(Json(json!({ "tasks": rows })).into_response())
+    let limit = page_limit(q.limit, 100, 1000);
+    let mut rows = s.store.list_tasks(&filter, limit + 1).await?;
+    let more = rows.len() > limit as usize;
+    rows.truncate(limit as usize);
+    // The last task's place in the order: creation time to the nanosecond, and id.
+    let next = more
+        .then(|| {
+            rows.last().map(|t| {
+                format!(
+                    "{}~{}",
+                    t.created_at
+                        .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
+                    t.id
+                )
+            })
+        })
+        .flatten();
+    Ok(Json(json!({ "tasks": rows, "next": next })).into_response())
 }
 
 #[utoipa::path(post, path = "/tasks/{id}/done", tag = "staff",

@@ -15,9 +15,18 @@ pub struct Metrics {
     pub events_rejected: AtomicU64,
     pub batches: AtomicU64,
     pub effects_queued: AtomicU64,
+    /// Mails (to clients and staff task mails) the mail server accepted.
     pub mails_sent: AtomicU64,
     pub mails_failed: AtomicU64,
     pub mails_retried: AtomicU64,
+    /// Marketing mails held in the outbox for the client's quiet hours.
+    pub mails_deferred: AtomicU64,
+    /// Secondary events published on NATS (not mails).
+    pub emits_published: AtomicU64,
+    pub emits_failed: AtomicU64,
+    pub emits_retried: AtomicU64,
+    /// Mails a rule asked for that were not queued, by reason.
+    mails_skipped: Mutex<BTreeMap<&'static str, u64>>,
     /// Batches that stopped waiting for earlier events of their clients.
     pub order_waits_expired: AtomicU64,
     /// Batches decided ahead whose decision did not hold (see `chain`).
@@ -38,6 +47,38 @@ pub struct Metrics {
     rules: Mutex<BTreeMap<String, (u64, u64)>>,
     /// Publish-to-commit latency: counts per bucket, then sum and count.
     latency: Mutex<Histogram>,
+}
+
+/// Every reason a mail is skipped, so each series exists from the start
+/// (a rate over a series that appears only with its first skip misses it).
+pub const SKIP_REASONS: &[&str] = &[
+    "no_consent",
+    "unsubscribed",
+    "cap",
+    "no_address",
+    "no_template",
+];
+
+/// Why a mail was not queued, read from the line the decision core writes
+/// to the client's process log (`decide::Decider`'s mail checks): the core
+/// stays free of metrics, and the log line is what support reads anyway.
+pub fn skip_reason(message: &str) -> Option<&'static str> {
+    if !message.contains("mail `") {
+        return None;
+    }
+    if message.contains("skipped: the client unsubscribed") {
+        Some("unsubscribed")
+    } else if message.contains("skipped: the client has not given marketing consent") {
+        Some("no_consent")
+    } else if message.contains("skipped: the cap of") {
+        Some("cap")
+    } else if message.contains("not queued: the client has no e-mail address") {
+        Some("no_address")
+    } else if message.contains("not queued: no such template") {
+        Some("no_template")
+    } else {
+        None
+    }
 }
 
 /// Upper bounds of the latency buckets, in seconds.
@@ -65,6 +106,10 @@ impl Metrics {
         self.effects_queued
             .fetch_add(write.effects.len() as u64, Relaxed);
         self.batches.fetch_add(1, Relaxed);
+        let mut skipped = self.mails_skipped.lock().unwrap_or_else(|p| p.into_inner());
+        for reason in write.log.iter().filter_map(|l| skip_reason(&l.message)) {
+            *skipped.entry(reason).or_default() += 1;
+        }
     }
 
     pub fn order_wait_expired(&self) {
@@ -205,7 +250,7 @@ impl Metrics {
             ),
             (
                 "nudge_mails_sent_total",
-                "Mails accepted by the mail server.",
+                "Mails (to clients, and staff task mails) accepted by the mail server.",
                 &self.mails_sent,
             ),
             (
@@ -217,6 +262,26 @@ impl Metrics {
                 "nudge_mails_retried_total",
                 "Mail attempts that will be retried.",
                 &self.mails_retried,
+            ),
+            (
+                "nudge_mails_deferred_total",
+                "Marketing mails held back to the end of the client's quiet hours (each deferral counts).",
+                &self.mails_deferred,
+            ),
+            (
+                "nudge_emits_published_total",
+                "Secondary events published on NATS.",
+                &self.emits_published,
+            ),
+            (
+                "nudge_emits_failed_total",
+                "Secondary events given up on.",
+                &self.emits_failed,
+            ),
+            (
+                "nudge_emits_retried_total",
+                "Secondary event publishes that will be retried.",
+                &self.emits_retried,
             ),
             (
                 "nudge_order_waits_expired_total",
@@ -246,6 +311,18 @@ impl Metrics {
                 v.load(Relaxed)
             );
         }
+        {
+            let skipped = self.mails_skipped.lock().unwrap_or_else(|p| p.into_inner());
+            let name = "nudge_mails_skipped_total";
+            let _ = writeln!(
+                out,
+                "# HELP {name} Mails a rule asked for that were not queued, by reason (no_consent, unsubscribed, cap, no_address, no_template).\n# TYPE {name} counter"
+            );
+            for reason in SKIP_REASONS {
+                let n = skipped.get(reason).copied().unwrap_or(0);
+                let _ = writeln!(out, "{name}{{reason=\"{reason}\"}} {n}");
+            }
+        }
         let rules = self.rules.lock().unwrap_or_else(|p| p.into_inner());
         let _ = writeln!(
             out,
@@ -262,5 +339,75 @@ impl Metrics {
             let _ = writeln!(out, "nudge_rule_errors_total{{rule=\"{rule}\"}} {errors}");
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn skip_reasons_are_read_from_the_process_log_lines() {
+        for (line, reason) in [
+            (
+                "marketing mail `x` skipped: the client unsubscribed",
+                Some("unsubscribed"),
+            ),
+            (
+                "marketing mail `x` skipped: the client has not given marketing consent",
+                Some("no_consent"),
+            ),
+            (
+                "marketing mail `x` skipped: the cap of 2 per day is reached",
+                Some("cap"),
+            ),
+            (
+                "mail `x` not queued: the client has no e-mail address",
+                Some("no_address"),
+            ),
+            ("mail `x` not queued: no such template", Some("no_template")),
+            ("mail `x` queued to a@b.c", None),
+            ("rule failed: skipped: the client unsubscribed", None),
+        ] {
+            assert_eq!(skip_reason(line), reason, "{line}");
+        }
+    }
+
+    /// Every sample line is `name{labels} value` under a HELP and TYPE of
+    /// its family, and no family is declared twice.
+    #[test]
+    fn the_text_is_valid_prometheus_exposition() {
+        let m = Metrics::default();
+        m.rule_run("welcome", false);
+        let text = m.render(&[("nudge_rules_quarantined", "Rules out of service.", 1)]);
+        let mut declared = std::collections::BTreeSet::new();
+        let mut typed = std::collections::BTreeSet::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# HELP ") {
+                let name = rest.split(' ').next().unwrap();
+                assert!(declared.insert(name.to_string()), "{name} declared twice");
+            } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let mut p = rest.split(' ');
+                let name = p.next().unwrap();
+                assert!(["counter", "gauge", "histogram"].contains(&p.next().unwrap()));
+                typed.insert(name.to_string());
+            } else {
+                let (series, value) = line.rsplit_once(' ').unwrap();
+                value.parse::<f64>().unwrap_or_else(|_| panic!("{line}"));
+                let name = series.split('{').next().unwrap();
+                let family = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| name.strip_suffix(s).filter(|f| typed.contains(*f)))
+                    .unwrap_or(name);
+                assert!(typed.contains(family), "{line}: no TYPE before it");
+                assert!(
+                    name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+                    "{name}"
+                );
+            }
+        }
+        assert!(text.contains("nudge_mails_skipped_total{reason=\"no_consent\"} 0"));
+        assert!(text.contains("nudge_emits_published_total 0"));
+        assert!(text.contains("nudge_rules_quarantined 1"));
     }
 }

@@ -18,7 +18,21 @@ const ACTIVITY: &[(&str, &str)] = &[
     ("error", "error_occurred"),
 ];
 
-pub fn client_360(c: &ClientState, mails: &[MailRow], tasks: &[TaskRow]) -> Value {
+/// What the 360 view shows of a client's mails besides their rows: the
+/// templates to render them with, and the mails opened and clicked (by the
+/// effect key inside their Message-ID).
+pub struct MailContext<'a> {
+    pub templates: &'a crate::templates::TemplateSet,
+    pub opened: &'a std::collections::BTreeSet<String>,
+    pub clicked: &'a std::collections::BTreeSet<String>,
+}
+
+pub fn client_360(
+    c: &ClientState,
+    mails: &[MailRow],
+    tasks: &[TaskRow],
+    ctx: &MailContext<'_>,
+) -> Value {
     let p = &c.profile;
     let st = &c.stats;
     let mut orders = Map::new();
@@ -78,8 +92,24 @@ pub fn client_360(c: &ClientState, mails: &[MailRow], tasks: &[TaskRow]) -> Valu
         .iter()
         .filter(|m| m.kind == "mail")
         .map(|m| {
+            let key = m
+                .message_id
+                .as_deref()
+                .and_then(crate::delivery::mailer::key_of_message_id)
+                .map(str::to_string);
+            let seen = |set: &std::collections::BTreeSet<String>| {
+                key.as_ref().is_some_and(|k| set.contains(k))
+            };
+            let content = m
+                .template
+                .as_deref()
+                .and_then(|t| mail_content(ctx.templates, t, &m.vars, p.locale.as_deref()));
             json!({"rule": m.rule, "template": m.template, "status": m.status, "at": m.at,
-                        "sent_at": m.sent_at, "error": m.last_error})
+                   "sent_at": m.sent_at, "error": m.last_error, "message_id": m.message_id,
+                   "opened": seen(ctx.opened), "clicked": seen(ctx.clicked),
+                   "subject": content.as_ref().map(|c| c.subject.clone()),
+                   "text": content.as_ref().map(|c| c.text.clone()),
+                   "html": content.as_ref().map(|c| c.html.clone())})
         })
         .collect();
     let mut sessions: Vec<Value> = c.sessions.current.iter().map(session).collect();
@@ -114,4 +144,19 @@ fn session(s: &crate::history::Session) -> Value {
         "channel": s.channel, "page_views": s.page_views, "product_views": s.product_views,
         "cart_adds": s.cart_adds, "orders": s.orders, "ended": s.ended,
     })
+}
+
+/// A mail as the client got it, rendered again with the templates in force
+/// (a template changed since shows its new wording); the unsubscribe link
+/// is left out, it is the client's own.
+fn mail_content(
+    templates: &crate::templates::TemplateSet,
+    template: &str,
+    vars: &Value,
+    locale: Option<&str>,
+) -> Option<crate::templates::Rendered> {
+    let mut vars = vars.as_object().cloned().unwrap_or_default();
+    vars.insert("unsubscribe_url".into(), json!("#unsubscribe-link"));
+    vars.insert("lang".into(), json!(crate::delivery::lang_tag(locale)));
+    crate::delivery::render_mail(templates, template, vars).ok()
 }

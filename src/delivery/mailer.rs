@@ -125,6 +125,9 @@ pub struct Envelope<'a> {
     pub template: &'a str,
     /// For marketing mail: the one-click unsubscribe URL (RFC 8058).
     pub unsubscribe: Option<&'a str>,
+    /// A staff task mail: marked automatic (RFC 3834) so that out-of-office
+    /// replies and auto-forwarders leave it alone.
+    pub staff: bool,
 }
 
 /// A `multipart/alternative` message with the contract's headers.
@@ -146,11 +149,17 @@ pub fn build_message(env: &Envelope<'_>, mail: &Rendered) -> Result<Message, Sen
         .raw_header(header("X-Nudge-Template", env.template));
     if let Some(url) = env.unsubscribe {
         builder = builder
+            .raw_header(header("List-Id", &list_id(env)))
             .raw_header(header("List-Unsubscribe", &format!("<{url}>")))
             .raw_header(header(
                 "List-Unsubscribe-Post",
                 "List-Unsubscribe=One-Click",
             ));
+    }
+    if env.staff {
+        builder = builder
+            .raw_header(header("Auto-Submitted", "auto-generated"))
+            .raw_header(header("X-Auto-Response-Suppress", "All"));
     }
     builder
         .multipart(MultiPart::alternative_plain_html(
@@ -158,6 +167,46 @@ pub fn build_message(env: &Envelope<'_>, mail: &Rendered) -> Result<Message, Sen
             mail.html.clone(),
         ))
         .map_err(|e| permanent(format!("cannot build the message: {e}")))
+}
+
+/// `"<template> (<rule>)" <rule.template.nudge.domain>` (RFC 2919): one list
+/// per rule and template, so filters and complaint loops can tell the
+/// campaigns apart, under the sender's domain.
+fn list_id(env: &Envelope<'_>) -> String {
+    // A List-Id label is a dot-atom: keep names to letters, digits, `-`, `_`.
+    let label = |s: &str| -> String {
+        let l: String = s
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .collect();
+        if l.is_empty() { "x".into() } else { l }
+    };
+    let (rule, template) = (label(env.rule), label(env.template));
+    format!(
+        "\"{template} ({rule})\" <{rule}.{template}.nudge.{}>",
+        env.from.email.domain()
+    )
+}
+
+/// A value for a URL's path segment or fragment: everything but RFC 3986's
+/// unreserved characters percent-encoded (UTF-8), so an id with `&`, `#`, a
+/// space or `/` stays one value (`decodeURIComponent` gives it back).
+pub fn percent_encode(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// Rule and template names come from file stems: keep them to safe header text.
@@ -181,4 +230,33 @@ pub fn key_of_message_id(id: &str) -> Option<&str> {
     let id = id.trim().trim_start_matches('<').trim_end_matches('>');
     let (key, _) = id.split_once(".nudge@")?;
     (!key.is_empty()).then_some(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percent_encoding_keeps_an_id_one_value() {
+        assert_eq!(percent_encode("a&b c#d/é"), "a%26b%20c%23d%2F%C3%A9");
+        assert_eq!(percent_encode("plain-id_1.2~"), "plain-id_1.2~");
+    }
+
+    #[test]
+    fn list_ids_are_dot_atoms_under_the_senders_domain() {
+        let from: Mailbox = "Shop <hello@shop.example>".parse().unwrap();
+        let env = Envelope {
+            from: &from,
+            to: "a@b.c",
+            message_id: "<x@y>",
+            rule: "browse discount!",
+            template: "browse_discount",
+            unsubscribe: None,
+            staff: false,
+        };
+        assert_eq!(
+            list_id(&env),
+            "\"browse_discount (browse-discount-)\" <browse-discount-.browse_discount.nudge.shop.example>"
+        );
+    }
 }

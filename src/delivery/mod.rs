@@ -176,11 +176,16 @@ impl Sender {
                 };
             }
         };
+        let emit = matches!(kind, EffectKind::Emit { .. });
         let (what, result) = match kind {
             EffectKind::Mail { template, to, vars } => {
                 let mid = message_id(&item.key, &self.from);
-                match self.send_mail(&item, &template, &to, &vars, &mid).await {
+                match self
+                    .send_mail(&item, &template, &to, &vars, &mid, false)
+                    .await
+                {
                     Ok(Sent::Deferred(until)) => {
+                        self.metrics.mails_deferred.fetch_add(1, Relaxed);
                         tracing::info!(template, to, %until, "marketing mail deferred: quiet hours");
                         return Delivery::Deferred {
                             key: item.key,
@@ -204,10 +209,17 @@ impl Sender {
                 vars.insert("client_id".into(), item.client_id.clone().into());
                 vars.insert(
                     "client_url".into(),
-                    format!("{}/#client={}", self.public_url, item.client_id).into(),
+                    format!(
+                        "{}/#client={}",
+                        self.public_url,
+                        mailer::percent_encode(&item.client_id)
+                    )
+                    .into(),
                 );
                 vars.insert("data".into(), data.into());
-                let r = self.send_mail(&item, TASK_TEMPLATE, &to, &vars, &mid).await;
+                let r = self
+                    .send_mail(&item, TASK_TEMPLATE, &to, &vars, &mid, true)
+                    .await;
                 (format!("task mail to {team} ({to})"), r.map(|_| mid))
             }
             EffectKind::Emit { event_type, event } => {
@@ -219,7 +231,12 @@ impl Sender {
         match result {
             Ok(id) => {
                 tracing::info!(what, "delivered");
-                self.metrics.mails_sent.fetch_add(1, Relaxed);
+                let counter = if emit {
+                    &self.metrics.emits_published
+                } else {
+                    &self.metrics.mails_sent
+                };
+                counter.fetch_add(1, Relaxed);
                 self.announce(&item, format!("{what} sent"));
                 Delivery::Sent {
                     log: log(Level::Notice, format!("{what} sent")),
@@ -229,7 +246,12 @@ impl Sender {
                 }
             }
             Err(e) if e.transient && item.attempts < self.cfg.max_attempts => {
-                self.metrics.mails_retried.fetch_add(1, Relaxed);
+                let counter = if emit {
+                    &self.metrics.emits_retried
+                } else {
+                    &self.metrics.mails_retried
+                };
+                counter.fetch_add(1, Relaxed);
                 let delay = backoff(self.cfg.retry_base_secs, item.attempts);
                 tracing::warn!(what, error = %e, attempt = item.attempts, retry_in_secs = delay.num_seconds(), "not delivered, will retry");
                 Delivery::Retry {
@@ -240,7 +262,12 @@ impl Sender {
             }
             Err(e) => {
                 tracing::error!(what, error = %e, attempt = item.attempts, "delivery failed");
-                self.metrics.mails_failed.fetch_add(1, Relaxed);
+                let counter = if emit {
+                    &self.metrics.emits_failed
+                } else {
+                    &self.metrics.mails_failed
+                };
+                counter.fetch_add(1, Relaxed);
                 let why = format!("{what} failed: {}", e.message);
                 self.announce(&item, why.clone());
                 Delivery::Failed {
@@ -319,6 +346,7 @@ impl Sender {
         to: &str,
         vars: &serde_json::Map<String, serde_json::Value>,
         mid: &str,
+        staff: bool,
     ) -> Result<Sent, SendError> {
         let client = ClientId::parse(item.client_id.clone()).map_err(|e| SendError {
             transient: false,
@@ -327,16 +355,16 @@ impl Sender {
         let unsubscribe = self.signer.url(&self.public_url, &client);
         let mut vars = vars.clone();
         vars.insert("unsubscribe_url".into(), unsubscribe.clone().into());
+        // Staff read task mails in the page's language; a client in theirs.
+        let locale = if staff {
+            None
+        } else {
+            self.client_locale(&client, &vars).await
+        };
+        vars.insert("lang".into(), lang_tag(locale.as_deref()).into());
         // Rendered at send time with the templates in force: a fix to a
         // template reaches mails still waiting for a retry.
-        let rendered = self
-            .catalog
-            .templates()
-            .render(template, &vars)
-            .map_err(|e| SendError {
-                transient: false,
-                message: e.to_string(),
-            })?;
+        let rendered = render_mail(&self.catalog.templates(), template, vars.clone())?;
         let marketing = rendered.kind == MailKind::Marketing;
         if marketing && let Some(until) = self.quiet_until(&vars) {
             return Ok(Sent::Deferred(until));
@@ -349,11 +377,32 @@ impl Sender {
                 rule: &item.rule,
                 template,
                 unsubscribe: marketing.then_some(unsubscribe.as_str()),
+                staff,
             },
             &rendered,
         )?;
         self.wait_for_rate_slot().await;
         self.mailer.send(message).await.map(|_| Sent::Done)
+    }
+
+    /// The client's locale: the mail's own `locale` variable if the rule
+    /// gave one, else the profile's. A lookup that fails sends the mail in
+    /// the default language rather than hold it back.
+    async fn client_locale(
+        &self,
+        client: &ClientId,
+        vars: &serde_json::Map<String, serde_json::Value>,
+    ) -> Option<String> {
+        if let Some(l) = vars.get("locale").and_then(|v| v.as_str()) {
+            return Some(l.to_string());
+        }
+        match self.store.load_clients(&[client]).await {
+            Ok(states) => states.get(client).and_then(|c| c.profile.locale.clone()),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the client's locale; the mail says lang=\"en\"");
+                None
+            }
+        }
     }
 
     /// When the client's quiet hours end, if they are in them now. The
@@ -397,6 +446,44 @@ impl Sender {
     }
 }
 
+/// Renders a mail twice over: the subject first, then the parts with the
+/// subject as `subject` (the HTML part's `<title>`). `vars` should carry
+/// `lang`. Shared with `nudge`'s spam check, which renders each shipped
+/// template as the sender does.
+pub fn render_mail(
+    templates: &crate::templates::TemplateSet,
+    template: &str,
+    mut vars: serde_json::Map<String, serde_json::Value>,
+) -> Result<crate::templates::Rendered, SendError> {
+    let permanent = |e: crate::templates::RenderError| SendError {
+        transient: false,
+        message: e.to_string(),
+    };
+    vars.entry("lang").or_insert_with(|| lang_tag(None).into());
+    let first = templates.render(template, &vars).map_err(permanent)?;
+    vars.insert("subject".into(), first.subject.clone().into());
+    templates.render(template, &vars).map_err(permanent)
+}
+
+/// An HTML `lang` value from a profile's locale (`de_DE` -> `de-DE`):
+/// letters, digits and hyphens only, "en" when there is none.
+pub fn lang_tag(locale: Option<&str>) -> String {
+    let tag: String = locale
+        .unwrap_or("")
+        .trim()
+        .chars()
+        .map(|c| if c == '_' { '-' } else { c })
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+        .take(35)
+        .collect();
+    let tag = tag.trim_matches('-');
+    if tag.is_empty() || !tag.starts_with(|c: char| c.is_ascii_alphabetic()) {
+        "en".into()
+    } else {
+        tag.to_string()
+    }
+}
+
 /// What became of a mail that did not fail.
 enum Sent {
     Done,
@@ -427,6 +514,16 @@ fn backoff(base_secs: u64, attempt: u32) -> ChronoDuration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lang_tags_come_from_locales_and_default_to_en() {
+        assert_eq!(lang_tag(Some("de_DE")), "de-DE");
+        assert_eq!(lang_tag(Some("fr")), "fr");
+        assert_eq!(lang_tag(Some("\"><script>")), "script");
+        assert_eq!(lang_tag(Some("")), "en");
+        assert_eq!(lang_tag(None), "en");
+        assert_eq!(lang_tag(Some("--")), "en");
+    }
 
     #[test]
     fn backoff_grows_and_is_capped() {

@@ -287,6 +287,10 @@ pub struct ClientSummary {
 /// A mail (or other effect) of one client, for the 360 view.
 #[derive(Debug, Clone, Serialize)]
 pub struct MailRow {
+    /// The `Message-ID` once sent (opens and clicks name it).
+    pub message_id: Option<String>,
+    /// The variables the mail is rendered with (its outbox payload's `vars`).
+    pub vars: serde_json::Value,
     pub rule: String,
     pub kind: String,
     pub template: Option<String>,
@@ -318,6 +322,9 @@ pub struct TaskFilter {
     pub status: Option<String>,
     pub team: Option<String>,
     pub client_id: Option<String>,
+    /// Paging: only tasks after this one (`created_at`, `id`) in the
+    /// listing's order (newest first, then by id).
+    pub after: Option<(DateTime<Utc>, String)>,
 }
 
 /// A sweep's position, committed with the page it covers.
@@ -422,6 +429,13 @@ pub trait Store: Send + Sync + 'static {
         &self,
         limit: u32,
     ) -> impl Future<Output = Result<Vec<Rejected>, StoreError>> + Send;
+    /// Rejected envelopes older than the row `before` (all when `None`),
+    /// newest first, each with its row id (the cursor of the next page).
+    fn rejected_page(
+        &self,
+        before: Option<i64>,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<(i64, Rejected)>, StoreError>> + Send;
     fn client_log(
         &self,
         client: &ClientId,
@@ -488,10 +502,13 @@ pub trait Store: Send + Sync + 'static {
         before: Option<(DateTime<Utc>, String)>,
         limit: u32,
     ) -> impl Future<Output = Result<Vec<EventRow>, StoreError>> + Send;
-    /// Clients whose id, e-mail or name contains `q` (case-insensitive).
+    /// Clients whose id, e-mail or name contains `q` (case-insensitive),
+    /// an exact id first, then the most recently seen; `offset` skips
+    /// that many (paging).
     fn search_clients(
         &self,
         q: &str,
+        offset: u32,
         limit: u32,
     ) -> impl Future<Output = Result<Vec<ClientSummary>, StoreError>> + Send;
     /// A client's mails and other effects, newest first.
@@ -673,6 +690,13 @@ impl Store for AnyStore {
     async fn list_rejected(&self, limit: u32) -> Result<Vec<Rejected>, StoreError> {
         forward!(self, s => s.list_rejected(limit))
     }
+    async fn rejected_page(
+        &self,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<(i64, Rejected)>, StoreError> {
+        forward!(self, s => s.rejected_page(before, limit))
+    }
     async fn client_log(&self, client: &ClientId, limit: u32) -> Result<Vec<LogEntry>, StoreError> {
         forward!(self, s => s.client_log(client, limit))
     }
@@ -717,8 +741,13 @@ impl Store for AnyStore {
     ) -> Result<Vec<EventRow>, StoreError> {
         forward!(self, s => s.client_events(client, event_type, before, limit))
     }
-    async fn search_clients(&self, q: &str, limit: u32) -> Result<Vec<ClientSummary>, StoreError> {
-        forward!(self, s => s.search_clients(q, limit))
+    async fn search_clients(
+        &self,
+        q: &str,
+        offset: u32,
+        limit: u32,
+    ) -> Result<Vec<ClientSummary>, StoreError> {
+        forward!(self, s => s.search_clients(q, offset, limit))
     }
     async fn client_mails(
         &self,

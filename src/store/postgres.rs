@@ -414,22 +414,37 @@ impl Store for PgStore {
     }
 
     async fn list_rejected(&self, limit: u32) -> Result<Vec<Rejected>, StoreError> {
+        let page = self.rejected_page(None, limit).await?;
+        Ok(page.into_iter().map(|(_, r)| r).collect())
+    }
+
+    async fn rejected_page(
+        &self,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<(i64, Rejected)>, StoreError> {
         let rows = sqlx::query(
-            "SELECT received_at, subject, stream_seq, reason, payload FROM rejected \
-             ORDER BY id DESC LIMIT $1",
+            "SELECT received_at, subject, stream_seq, reason, payload, id FROM rejected \
+             WHERE id < $1 ORDER BY id DESC LIMIT $2",
         )
+        .bind(before.unwrap_or(i64::MAX))
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await
         .map_err(db("listing rejected events"))?;
         Ok(rows
             .into_iter()
-            .map(|r| Rejected {
-                received_at: r.get(0),
-                subject: r.get(1),
-                stream_seq: r.get::<Option<i64>, _>(2).map(|s| s as u64),
-                reason: r.get(3),
-                payload: r.get(4),
+            .map(|r| {
+                (
+                    r.get(5),
+                    Rejected {
+                        received_at: r.get(0),
+                        subject: r.get(1),
+                        stream_seq: r.get::<Option<i64>, _>(2).map(|s| s as u64),
+                        reason: r.get(3),
+                        payload: r.get(4),
+                    },
+                )
             })
             .collect())
     }
@@ -540,6 +555,15 @@ impl Store for PgStore {
         }
         if let Some(c) = &filter.client_id {
             q.push(" AND client_id = ").push_bind(c.clone());
+        }
+        if let Some((t, id)) = &filter.after {
+            q.push(" AND (created_at < ")
+                .push_bind(*t)
+                .push(" OR (created_at = ")
+                .push_bind(*t)
+                .push(" AND id > ")
+                .push_bind(id.clone())
+                .push("))");
         }
         q.push(" ORDER BY created_at DESC, id LIMIT ")
             .push_bind(i64::from(limit));
@@ -818,7 +842,12 @@ impl Store for PgStore {
             .collect())
     }
 
-    async fn search_clients(&self, q: &str, limit: u32) -> Result<Vec<ClientSummary>, StoreError> {
+    async fn search_clients(
+        &self,
+        q: &str,
+        offset: u32,
+        limit: u32,
+    ) -> Result<Vec<ClientSummary>, StoreError> {
         let like = format!(
             "%{}%",
             q.to_lowercase()
@@ -830,11 +859,13 @@ impl Store for PgStore {
             "SELECT client_id, email, first_name, last_name, last_seen FROM clients \
              WHERE lower(client_id) LIKE $1 ESCAPE '\\' OR lower(email) LIKE $1 ESCAPE '\\' \
                 OR lower(coalesce(first_name, '') || ' ' || coalesce(last_name, '')) LIKE $1 ESCAPE '\\' \
-             ORDER BY (lower(client_id) = $2) DESC, last_seen DESC NULLS LAST LIMIT $3",
+             ORDER BY (lower(client_id) = $2) DESC, last_seen DESC NULLS LAST, client_id \
+             LIMIT $3 OFFSET $4",
         )
         .bind(like)
         .bind(q.to_lowercase())
         .bind(i64::from(limit))
+        .bind(i64::from(offset))
         .fetch_all(&self.pool)
         .await
         .map_err(db("searching clients"))?;
@@ -856,8 +887,9 @@ impl Store for PgStore {
         limit: u32,
     ) -> Result<Vec<MailRow>, StoreError> {
         let rows = sqlx::query(
-            "SELECT rule, kind, payload->>'template', status, created_at, sent_at, last_error \
-             FROM outbox WHERE client_id = $1 ORDER BY created_at DESC, key LIMIT $2",
+            "SELECT rule, kind, payload->>'template', status, created_at, sent_at, last_error, \
+             message_id, payload->'vars' FROM outbox WHERE client_id = $1 \
+             ORDER BY created_at DESC, key LIMIT $2",
         )
         .bind(client.as_str())
         .bind(i64::from(limit))
@@ -867,6 +899,8 @@ impl Store for PgStore {
         Ok(rows
             .into_iter()
             .map(|r| MailRow {
+                message_id: r.get(7),
+                vars: r.get::<Option<serde_json::Value>, _>(8).unwrap_or_default(),
                 rule: r.get(0),
                 kind: r.get(1),
                 template: r.get(2),

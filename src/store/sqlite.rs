@@ -624,23 +624,36 @@ impl Store for SqliteStore {
     }
 
     async fn list_rejected(&self, limit: u32) -> Result<Vec<Rejected>, StoreError> {
+        let page = self.rejected_page(None, limit).await?;
+        Ok(page.into_iter().map(|(_, r)| r).collect())
+    }
+
+    async fn rejected_page(
+        &self,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<(i64, Rejected)>, StoreError> {
         let rows = sqlx::query(
-            "SELECT received_at, subject, stream_seq, reason, payload FROM rejected \
-             ORDER BY id DESC LIMIT ?",
+            "SELECT received_at, subject, stream_seq, reason, payload, id FROM rejected \
+             WHERE id < ? ORDER BY id DESC LIMIT ?",
         )
+        .bind(before.unwrap_or(i64::MAX))
         .bind(limit)
         .fetch_all(&self.pool)
         .await
         .map_err(db("listing rejected events"))?;
         rows.into_iter()
             .map(|r| {
-                Ok(Rejected {
-                    received_at: parse_ts(r.get(0))?,
-                    subject: r.get(1),
-                    stream_seq: r.get::<Option<i64>, _>(2).map(|s| s as u64),
-                    reason: r.get(3),
-                    payload: r.get(4),
-                })
+                Ok((
+                    r.get(5),
+                    Rejected {
+                        received_at: parse_ts(r.get(0))?,
+                        subject: r.get(1),
+                        stream_seq: r.get::<Option<i64>, _>(2).map(|s| s as u64),
+                        reason: r.get(3),
+                        payload: r.get(4),
+                    },
+                ))
             })
             .collect()
     }
@@ -752,6 +765,15 @@ impl Store for SqliteStore {
         }
         if let Some(c) = &filter.client_id {
             q.push(" AND client_id = ").push_bind(c.clone());
+        }
+        if let Some((t, id)) = &filter.after {
+            q.push(" AND (created_at < ")
+                .push_bind(ts(*t))
+                .push(" OR (created_at = ")
+                .push_bind(ts(*t))
+                .push(" AND id > ")
+                .push_bind(id.clone())
+                .push("))");
         }
         q.push(" ORDER BY created_at DESC, id LIMIT ")
             .push_bind(limit);
@@ -1036,7 +1058,12 @@ impl Store for SqliteStore {
             .collect()
     }
 
-    async fn search_clients(&self, q: &str, limit: u32) -> Result<Vec<ClientSummary>, StoreError> {
+    async fn search_clients(
+        &self,
+        q: &str,
+        offset: u32,
+        limit: u32,
+    ) -> Result<Vec<ClientSummary>, StoreError> {
         // Case-insensitive in every script, as on PostgreSQL: `Émile` is
         // found by `émile`.
         let pattern = format!("(?i){}", regex_escape(q));
@@ -1044,11 +1071,13 @@ impl Store for SqliteStore {
             "SELECT client_id, email, first_name, last_name, last_seen FROM clients \
              WHERE client_id REGEXP ?1 OR coalesce(email, '') REGEXP ?1 \
                 OR (coalesce(first_name, '') || ' ' || coalesce(last_name, '')) REGEXP ?1 \
-             ORDER BY (lower(client_id) = ?2) DESC, last_seen DESC LIMIT ?3",
+             ORDER BY (lower(client_id) = ?2) DESC, last_seen DESC, client_id \
+             LIMIT ?3 OFFSET ?4",
         )
         .bind(pattern)
         .bind(q.to_lowercase())
         .bind(limit)
+        .bind(offset)
         .fetch_all(&self.pool)
         .await
         .map_err(db("searching clients"))?;
@@ -1072,7 +1101,8 @@ impl Store for SqliteStore {
     ) -> Result<Vec<MailRow>, StoreError> {
         let rows = sqlx::query(
             "SELECT rule, kind, json_extract(payload, '$.template'), status, created_at, sent_at, \
-             last_error FROM outbox WHERE client_id = ? ORDER BY created_at DESC, key LIMIT ?",
+             last_error, message_id, json_extract(payload, '$.vars') FROM outbox \
+             WHERE client_id = ? ORDER BY created_at DESC, key LIMIT ?",
         )
         .bind(client.as_str())
         .bind(limit)
@@ -1082,6 +1112,11 @@ impl Store for SqliteStore {
         rows.into_iter()
             .map(|r| {
                 Ok(MailRow {
+                    message_id: r.get(7),
+                    vars: r
+                        .get::<Option<&str>, _>(8)
+                        .and_then(|v| serde_json::from_str(v).ok())
+                        .unwrap_or_default(),
                     rule: r.get(0),
                     kind: r.get(1),
                     template: r.get(2),

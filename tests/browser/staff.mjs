@@ -15,7 +15,8 @@
 // is printed) and the exit code is 1.
 
 import { chromium } from "playwright-core";
-import { mkdtempSync } from "node:fs";
+import { mkdtempSync, readFileSync } from "node:fs";
+import { createRequire } from "node:module";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 
@@ -23,6 +24,10 @@ const url = need("NUDGE_URL");
 const token = need("NUDGE_TOKEN");
 const expect = JSON.parse(need("NUDGE_EXPECT"));
 const executablePath = process.env.CHROMIUM || "/usr/bin/chromium";
+// Where the screenshots at three widths go (kept as the test's artefacts).
+const shots = need("NUDGE_SCREENSHOTS");
+// axe-core, injected into the page for the accessibility check.
+const axeSource = readFileSync(createRequire(import.meta.url).resolve("axe-core/axe.min.js"), "utf8");
 // One wait; the whole run is bounded by the Rust test as well.
 const WAIT = Number(process.env.NUDGE_WAIT_MS || 20000);
 
@@ -61,6 +66,16 @@ try {
   // A fresh browser has no token: the page asks for it, and the live feed is
   // refused until it is given.
   const tokenBox = page.locator("#token");
+  // Searching without a token says so, and throws nothing.
+  await page.locator("#q").fill("anyone");
+  await page.locator("#q").press("Enter");
+  await page.locator("#status", { hasText: "Enter the API token" }).waitFor();
+  // A wrong token is named as such.
+  await tokenBox.fill("not-the-token-at-all");
+  await tokenBox.press("Enter");
+  await page.locator("#q").press("Enter");
+  await page.locator("#status", { hasText: "token is wrong" }).waitFor();
+  await tokenBox.fill("");
   if ((await tokenBox.inputValue()) === "") {
     await tokenBox.fill(token);
     await tokenBox.press("Enter"); // "change": the page keeps it and reconnects
@@ -74,8 +89,18 @@ try {
   await hit.waitFor();
   const hitText = await hit.innerText();
   if (!hitText.includes(expect.name)) fail(`search result ${JSON.stringify(hitText)} lacks ${expect.name}`);
-  await hit.click();
+  // By keyboard: arrow down from the search box to the result, Enter opens it.
+  await page.locator("#q").focus();
+  await page.keyboard.press("ArrowDown");
+  const focused = await page.evaluate(() => document.activeElement?.closest("li")?.dataset.id);
+  check("result focused by keyboard", focused, expect.client_id);
+  await page.keyboard.press("Enter");
   await page.locator("#client h2", { hasText: expect.name }).waitFor();
+  await page.locator("#events li").first().waitFor();
+  for (const want of ["#locale", "#local-time", "#process-log li", "#mails li"]) {
+    if (!(await page.locator(want).count())) fail(`the client view lacks ${want}`);
+  }
+  await checkWidths("client");
 
   await checkOrders(expect.orders, expect.total_spent);
   check("open tasks before", await page.locator("#tasks li[data-task-id]").count(), 0);
@@ -121,6 +146,25 @@ try {
   }
   if (browser) await browser.close().catch(() => {});
   process.exit(1);
+}
+
+// At 360, 800 and 1280 px: nothing wider than the window, a screenshot
+// kept, and no serious or critical axe-core violation.
+async function checkWidths(what) {
+  for (const width of [360, 800, 1280]) {
+    await page.setViewportSize({ width, height: 900 });
+    await page.waitForTimeout(100);
+    const over = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+    if (over > 0) fail(`at ${width} px the page is ${over} px wider than the window`);
+    await page.screenshot({ path: join(shots, `staff-${width}.png`), fullPage: true });
+    // Evaluated, not added as a script tag: the page's CSP refuses inline scripts it does not know.
+    if ((await page.evaluate(() => typeof window.axe)) === "undefined") await page.evaluate(axeSource);
+    const result = await page.evaluate(async () => await window.axe.run(document, { resultTypes: ["violations"] }));
+    const bad = result.violations.filter((v) => v.impact === "serious" || v.impact === "critical");
+    if (bad.length) fail(`axe at ${width} px: ${bad.map((v) => `${v.id} (${v.impact}): ${v.nodes.map((n) => n.target.join(" ")).join(", ")}`).join("; ")}`);
+    log(`${what} at ${width} px: fits, screenshot kept, axe: ${result.violations.length} minor violation(s)`);
+  }
+  await page.setViewportSize({ width: 1280, height: 900 });
 }
 
 // The orders table, channel by channel, and the total spent, as shown now.

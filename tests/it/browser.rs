@@ -134,17 +134,21 @@ async fn staff_page_search_live_task_and_done_in_chromium() {
         "client_id": "ada",
         "name": "Ada Lovelace",
         "orders": {
-            "online": {"count": 1, "items": 3, "spent": "50.00"},
-            "instore": {"count": 1, "items": 1, "spent": "10.00"},
+            "online": {"count": 1, "items": 3, "spent": "50.00 EUR"},
+            "instore": {"count": 1, "items": 1, "spent": "10.00 EUR"},
         },
-        "total_spent": "60.00",
+        "total_spent": "60.00 EUR",
         "task": "Call to thank Ada Lovelace",
         "orders_after": {
-            "online": {"count": 2, "items": 4, "spent": "80.00"},
-            "instore": {"count": 1, "items": 1, "spent": "10.00"},
+            "online": {"count": 2, "items": 4, "spent": "80.00 EUR"},
+            "instore": {"count": 1, "items": 1, "spent": "10.00 EUR"},
         },
-        "total_spent_after": "90.00",
+        "total_spent_after": "90.00 EUR",
     });
+    // Kept after the run: the page at 360, 800 and 1280 px, for people to look at.
+    let shots = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/staff-screenshots");
+    let _ = std::fs::remove_dir_all(&shots);
+    std::fs::create_dir_all(&shots).unwrap();
     let started = Instant::now();
     let mut child = Command::new(&tools.node)
         .arg(&tools.script)
@@ -152,6 +156,7 @@ async fn staff_page_search_live_task_and_done_in_chromium() {
         .env("NUDGE_TOKEN", TOKEN)
         .env("NUDGE_EXPECT", expect.to_string())
         .env("CHROMIUM", &tools.chromium)
+        .env("NUDGE_SCREENSHOTS", &shots)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -250,6 +255,11 @@ async fn staff_page_search_live_task_and_done_in_chromium() {
     assert_eq!(open["tasks"], json!([]));
     let c = api(&app, "/api/clients/ada").await;
     assert_eq!(c["tasks"], json!([]), "no open task in the 360 view");
+    for width in [360, 800, 1280] {
+        let shot = shots.join(format!("staff-{width}.png"));
+        let size = std::fs::metadata(&shot).map(|m| m.len()).unwrap_or(0);
+        assert!(size > 10_000, "{} is missing or empty", shot.display());
+    }
     assert_eq!(c["orders"]["online"]["count"], 2);
     app.stop().await;
 }

@@ -282,7 +282,137 @@ async fn the_live_feed_streams_tasks_as_they_are_made(backend: Backend) {
     app.stop().await;
 }
 
+/// Follows `next` from `first` to the end; every page's items, in order.
+async fn all_pages(app: &TestApp, first: &str, key: &str) -> (Vec<Value>, usize) {
+    let (mut items, mut pages, mut path) = (Vec::new(), 0, first.to_string());
+    loop {
+        let r = get(app, &path).await;
+        assert_eq!(r.status(), 200, "{path}");
+        let body: Value = r.json().await.unwrap();
+        items.extend(body[key].as_array().unwrap().iter().cloned());
+        pages += 1;
+        match body["next"].as_str() {
+            Some(next) => {
+                let sep = if first.contains('?') { '&' } else { '?' };
+                path = format!("{first}{sep}cursor={}", urlencode(next));
+            }
+            None => return (items, pages),
+        }
+        assert!(pages < 100, "paging never ends");
+    }
+}
+
+async fn every_list_route_pages_past_its_limit_with_a_cursor(backend: Backend) {
+    let app = spawn(backend).await;
+    // 1,205 tasks, three at a time created in the same instant (a batch
+    // writes its tasks with one time): the cursor must break the ties.
+    let base = chrono::Utc::now();
+    let rows: Vec<String> = (0..1205)
+        .map(|i| {
+            let at = nudge::store::ts(base - chrono::Duration::seconds(i / 3));
+            format!(
+                "('task-{i:05}', 'sales', 'Call {i}', 'c{}', 'vip_callback', 'cause-{i}', '{{}}', \
+                 'open', '{at}', '{at}')",
+                i % 7
+            )
+        })
+        .collect();
+    let sql = app.db.sql().await;
+    sql.execute(&format!(
+        "INSERT INTO tasks (id, team, title, client_id, rule, cause, data, status, at, created_at) \
+         VALUES {}",
+        rows.join(", ")
+    ))
+    .await;
+    sql.close().await;
+
+    // At most 1,000 a page, even when more are asked for; then `next`.
+    let body: Value = get(&app, "/api/tasks?limit=5000")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(body["tasks"].as_array().unwrap().len(), 1000);
+    assert!(body["next"].is_string());
+    let (all, pages) = all_pages(&app, "/api/tasks?limit=1000", "tasks").await;
+    assert_eq!(pages, 2);
+    let ids: Vec<&str> = all.iter().map(|t| t["id"].as_str().unwrap()).collect();
+    let expected: Vec<String> = (0..1205).map(|i| format!("task-{i:05}")).collect();
+    assert_eq!(ids, expected, "every task once, newest first, ties by id");
+    // Smaller pages give the same sequence; filters page too.
+    let (small, pages) = all_pages(&app, "/api/tasks?limit=250", "tasks").await;
+    assert_eq!(pages, 5);
+    assert_eq!(small, all);
+    let (c3, _) = all_pages(&app, "/api/tasks?client=c3&limit=50", "tasks").await;
+    assert_eq!(c3.len(), (0..1205).filter(|i| i % 7 == 3).count());
+    // The default page is 100; a damaged cursor is refused, saying so.
+    let body: Value = get(&app, "/api/tasks").await.json().await.unwrap();
+    assert_eq!(body["tasks"].as_array().unwrap().len(), 100);
+    for route in ["/api/tasks", "/api/rejected", "/api/clients?q=x"] {
+        let sep = if route.contains('?') { '&' } else { '?' };
+        let r = get(&app, &format!("{route}{sep}cursor=nonsense")).await;
+        assert_eq!(r.status(), 400, "{route}");
+        assert!(
+            r.json::<Value>().await.unwrap()["error"]
+                .as_str()
+                .unwrap()
+                .contains("cursor")
+        );
+    }
+
+    // Rejected envelopes and client search page the same way.
+    for i in 0..7 {
+        app.publish_raw(
+            "order_placed",
+            &format!("junk-{i}"),
+            format!("junk {i}").into_bytes(),
+        )
+        .await;
+    }
+    for i in 0..25 {
+        app.publish(&registered_at(
+            &format!("r-pg{i}"),
+            &format!("pager{i:02}"),
+            &ago(86_400),
+        ))
+        .await;
+    }
+    app.wait_events(25).await;
+    eventually(Duration::from_secs(20), "7 rejected envelopes", || async {
+        let n = get(&app, "/api/rejected")
+            .await
+            .json::<Value>()
+            .await
+            .ok()?["rejected"]
+            .as_array()?
+            .len();
+        (n == 7).then_some(())
+    })
+    .await;
+    let (rejected, pages) = all_pages(&app, "/api/rejected?limit=3", "rejected").await;
+    assert_eq!((rejected.len(), pages), (7, 3));
+    let mut payloads: Vec<&str> = rejected
+        .iter()
+        .map(|r| r["payload"].as_str().unwrap())
+        .collect();
+    assert_eq!(payloads[0], "junk 6", "newest first");
+    payloads.sort();
+    payloads.dedup();
+    assert_eq!(payloads.len(), 7);
+    let (found, pages) = all_pages(&app, "/api/clients?q=pager&limit=10", "clients").await;
+    assert_eq!(pages, 3);
+    let mut ids: Vec<&str> = found
+        .iter()
+        .map(|c| c["client_id"].as_str().unwrap())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 25, "every client once: {ids:?}");
+    app.stop().await;
+}
+
 backend_tests!(
+    every_list_route_pages_past_its_limit_with_a_cursor,
     the_360_view_is_complete_and_real_time,
     search_paging_unknown_clients_and_tokens,
     the_live_feed_streams_tasks_as_they_are_made,

@@ -362,7 +362,171 @@ async fn export_erase_and_a_replay_after_erase(backend: Backend) {
     assert!(states.contains_key(&ClientId::parse("keep").unwrap()));
 }
 
+/// Every form in which a client id could show in a URL.
+fn id_forms(id: &str) -> Vec<String> {
+    vec![
+        id.to_string(),
+        nudge::delivery::mailer::percent_encode(id),
+        hex::encode(id),
+        base64(id.as_bytes(), b"+/"),
+        base64(id.as_bytes(), b"-_"),
+    ]
+}
+
+/// Base64 without padding, with the two last letters of the alphabet given.
+fn base64(bytes: &[u8], last: &[u8; 2]) -> String {
+    let mut abc: Vec<u8> = (b'A'..=b'Z')
+        .chain(b'a'..=b'z')
+        .chain(b'0'..=b'9')
+        .collect();
+    abc.extend_from_slice(last);
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | (u32::from(*b) << (16 - 8 * i)));
+        for i in 0..=chunk.len() {
+            out.push(abc[((n >> (18 - 6 * i)) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+async fn mail_headers_list_id_auto_submitted_encoded_links_title_lang_and_opaque_tokens(
+    backend: Backend,
+) {
+    let app = TestApp::spawn(backend).await;
+    // A client id with `&` and spaces, and a German locale.
+    let vip = "vip & co 7";
+    let mut reg = registered_at("r-vip", vip, &ago(20 * DAY));
+    reg["data"]["locale"] = json!("de_DE");
+    reg["data"]["email"] = json!("vip@example.com");
+    app.publish(&reg).await;
+    app.publish(&registered_at("r-plain", "plain", &ago(20 * DAY)))
+        .await;
+    browse(&app, vip, "sv1", 10 * DAY).await;
+    // A client without consent browses too: the offer is skipped, counted.
+    let mut nico = registered_at("r-nico", "nico", &ago(20 * DAY));
+    nico["data"]["marketing_consent"] = json!(false);
+    app.publish(&nico).await;
+    browse(&app, "nico", "sn1", 10 * DAY).await;
+    // Three orders this month: vip_callback hands sales a task, mailed.
+    for i in 0..3 {
+        app.publish(&event(
+            &format!("o-vip-{i}"),
+            "order_placed",
+            vip,
+            &ago(600 - 60 * i),
+            // Through a partner: each order also emits `partner_commission`.
+            json!({"order_id": format!("o{i}"), "channel": "online", "total": 20.0,
+                   "currency": "EUR", "items": [], "partner_track_id": "acme"}),
+            json!({}),
+        ))
+        .await;
+    }
+    app.wait_events(10).await;
+    let mails = app.wait_mails(5).await;
+    app.wait_outbox_settled().await;
+    let find = |to: &str, template: &str| {
+        mails
+            .iter()
+            .find(|m| m.to == to && m.header("X-Nudge-Template").as_deref() == Some(template))
+            .unwrap_or_else(|| panic!("a {template} mail to {to} in {mails:#?}"))
+            .clone()
+    };
+
+    // Marketing mail: a List-Id naming rule and template under the sender's
+    // domain, with a display name; no auto-reply markers (a person may answer).
+    let offer = find("vip@example.com", "browse_discount");
+    assert_eq!(
+        offer
+            .header("List-Id")
+            .map(|v| v.replace("\r\n", "").replace('\n', ""))
+            .as_deref(),
+        Some(
+            "\"browse_discount (browse_discount)\" <browse_discount.browse_discount.nudge.shop.test>"
+        )
+    );
+    assert!(offer.header("Auto-Submitted").is_none());
+    // The HTML part has the subject as its title and the client's language.
+    assert!(
+        offer.html.contains("<html lang=\"de-DE\">"),
+        "{}",
+        offer.html
+    );
+    let title = format!("<title>{}</title>", offer.subject.replace('&', "&amp;"));
+    assert!(offer.html.contains(&title), "{title} in {}", offer.html);
+
+    // The unsubscribe link names no client, in any encoding; it still works.
+    let header = offer.header("List-Unsubscribe").unwrap();
+    let url = header.trim_start_matches('<').trim_end_matches('>');
+    let token = &url[url.find("/unsubscribe/").unwrap() + "/unsubscribe/".len()..];
+    for form in id_forms(vip) {
+        assert!(!token.contains(&form), "{form:?} shows in {token}");
+    }
+    for form in id_forms("vip") {
+        assert!(
+            !token.to_lowercase().contains(&form.to_lowercase()),
+            "{form:?} shows in {token}"
+        );
+    }
+    let r = app.get(&format!("/unsubscribe/{token}")).await;
+    assert_eq!(r.status(), 200, "the opaque link opens its page");
+
+    // Service mail: no List-Id; a client without a locale gets lang="en".
+    let welcome = find("plain@example.com", "welcome");
+    assert!(welcome.header("List-Id").is_none());
+    assert!(
+        welcome.html.contains("<html lang=\"en\">"),
+        "{}",
+        welcome.html
+    );
+    assert!(
+        welcome
+            .html
+            .contains(&format!("<title>{}</title>", welcome.subject))
+    );
+
+    // Staff mail: marked automatic, and its link opens this very client.
+    let task = find("sales@shop.test", "staff_task");
+    assert_eq!(
+        task.header("Auto-Submitted").as_deref(),
+        Some("auto-generated")
+    );
+    assert_eq!(
+        task.header("X-Auto-Response-Suppress").as_deref(),
+        Some("All")
+    );
+    assert!(task.header("List-Id").is_none());
+    let link = format!(
+        "{}/#client=vip%20%26%20co%207",
+        app.config.http.public_url.trim_end_matches('/')
+    );
+    assert!(task.text.contains(&link), "{link} in {}", task.text);
+    // The HTML part escapes `/` in attributes; the href is the same link.
+    let html = task.html.replace("&#x2f;", "/");
+    assert!(
+        html.contains(&format!("href=\"{link}\"")),
+        "{link} in {html}"
+    );
+    assert!(task.html.contains("<html lang=\"en\">"));
+
+    // Metrics count mails apart from emits, and skips by reason.
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    for line in [
+        format!("nudge_mails_sent_total {}", mails.len()),
+        "nudge_emits_published_total 3".into(),
+        "nudge_mails_skipped_total{reason=\"no_consent\"} 1".into(),
+        "nudge_mails_deferred_total 0".into(),
+        "nudge_rules_quarantined 0".into(),
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in {metrics}");
+    }
+}
+
 backend_tests!(
+    mail_headers_list_id_auto_submitted_encoded_links_title_lang_and_opaque_tokens,
     no_marketing_without_consent_and_none_after_a_one_click_unsubscribe,
     the_daily_cap_stops_a_second_marketing_mail,
     a_marketing_mail_in_quiet_hours_waits_for_the_morning,
