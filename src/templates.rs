@@ -37,7 +37,9 @@ struct FrontMatter {
 }
 
 /// Variables every mail has before its rule's own: those of
-/// `decide::mail_defaults`, and the unsubscribe link the sender adds.
+/// `decide::mail_defaults`, and what the sender adds: the unsubscribe link,
+/// and for the HTML part the language (`lang`, from the client's locale)
+/// and the rendered `subject` (its `<title>`).
 pub const STANDARD_VARS: &[&str] = &[
     "client_id",
     "email",
@@ -47,10 +49,20 @@ pub const STANDARD_VARS: &[&str] = &[
     "promo_code",
     "timezone",
     "unsubscribe_url",
+    "lang",
+    "subject",
 ];
 
 /// The variables of a staff task mail (`templates/staff_task.*`), set by the sender.
-pub const TASK_VARS: &[&str] = &["team", "title", "client_id", "client_url", "data"];
+pub const TASK_VARS: &[&str] = &[
+    "team",
+    "title",
+    "client_id",
+    "client_url",
+    "data",
+    "lang",
+    "subject",
+];
 
 /// A variable a template reads from its context, and where first.
 #[derive(Debug, Clone, PartialEq, Eq)]
