@@ -18,6 +18,7 @@ mod ordering;
 mod rejects;
 mod reload;
 mod scale;
+mod spam;
 mod staff;
 mod timers;
 mod tools;
