@@ -56,6 +56,9 @@ pub struct ApiState {
     roles: Arc<auth::RoleMap>,
     /// The OpenAPI document, served at `/api/openapi.json`.
     openapi: Arc<serde_json::Value>,
+    /// The configuration a rule preview runs with (rules, history settings,
+    /// `http.public_url` and the unsubscribe key); none: no rule previews.
+    pub config: Option<Arc<crate::config::Config>>,
 }
 
 impl ApiState {
@@ -94,7 +97,14 @@ impl ApiState {
             request_timeout: Duration::from_secs(http.request_timeout_secs),
             roles: Arc::new(auth::RoleMap::from_openapi(&openapi)),
             openapi: Arc::new(openapi),
+            config: None,
         }
+    }
+
+    /// Enables rule previews (`GET /api/rules/{name}/preview`).
+    pub fn with_config(mut self, config: Arc<crate::config::Config>) -> Self {
+        self.config = Some(config);
+        self
     }
 }
 
@@ -137,6 +147,7 @@ fn timed_api() -> OpenApiRouter<ApiState> {
         .routes(routes!(tasks))
         .routes(routes!(task_done))
         .routes(routes!(preview))
+        .routes(routes!(preview_rule))
         .routes(routes!(audit_log))
 }
 
@@ -800,6 +811,45 @@ async fn preview(
     .into_response())
 }
 
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+struct RulePreviewQuery {
+    /// The client whose stored history the rule runs on.
+    client: String,
+    /// The time of the run (RFC 3339); default now.
+    at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// What a rule would do for one client now (or `at`), as a sweep of its
+/// stored history would: each mail with its subject, text and HTML, every
+/// variable and the client's real signed unsubscribe link; emits and tasks
+/// (`other`); the run's process-log lines. Nothing is queued or written
+/// (`nudge preview RULE --client ID` does the same).
+#[utoipa::path(get, path = "/rules/{name}/preview", tag = "marketer",
+    security(("bearer" = ["marketer"])),
+    params(("name" = String, Path, description = "the rule"), RulePreviewQuery),
+    responses((status = 200, description = "rule, client_id, at, mails (template, to, vars, rendered: subject, text, html, kind), other, log"),
+              (status = 404, description = "no such rule or client"),
+              (status = 503, description = "rule previews are not enabled in this process")))]
+async fn preview_rule(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    Query(q): Query<RulePreviewQuery>,
+) -> Result<Response, ApiError> {
+    let Some(config) = &s.config else {
+        return Err(ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no rule previews in this process".into(),
+        ));
+    };
+    client_id(q.client.clone())?;
+    let at = q.at.unwrap_or_else(chrono::Utc::now);
+    let p = crate::tools::preview_rule(config, &s.store, &name, &q.client, at)
+        .await
+        .map_err(|e| ApiError(StatusCode::NOT_FOUND, e.to_string()))?;
+    Ok(Json(p).into_response())
+}
+
 fn client_id(id: String) -> Result<ClientId, ApiError> {
     ClientId::parse(id).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))
 }
@@ -1013,6 +1063,6 @@ mod tests {
                 }
             }
         }
-        assert_eq!(n, 17, "{doc:#}");
+        assert_eq!(n, 18, "{doc:#}");
     }
 }

@@ -184,7 +184,8 @@ impl Application {
             &self.config.nats,
             self.live.clone(),
             &self.config.http,
-        );
+        )
+        .with_config(Arc::new(self.config.clone()));
         let limits = Limits::from_config(&self.config.http);
         let http_cancel = cancel.clone();
         let addr = self.http_addr();

@@ -70,7 +70,7 @@ async fn call(
 
 /// Every `/api` route, with the least role it needs: the contract this test
 /// holds the server to (written out here, not read from the server).
-const MATRIX: [(&str, &str, &str, &str); 17] = [
+const MATRIX: [(&str, &str, &str, &str); 18] = [
     ("GET", "/api/whoami", "/api/whoami", "ingest"),
     ("GET", "/api/openapi.json", "/api/openapi.json", "ingest"),
     ("GET", "/api/clients", "/api/clients?q=a", "staff"),
@@ -101,6 +101,12 @@ const MATRIX: [(&str, &str, &str, &str); 17] = [
         "POST",
         "/api/rules/{name}/run",
         "/api/rules/nope/run",
+        "marketer",
+    ),
+    (
+        "GET",
+        "/api/rules/{name}/preview",
+        "/api/rules/welcome/preview?client=nobody",
         "marketer",
     ),
     (

@@ -303,3 +303,72 @@ async fn a_rule_preview_shows_the_mail_with_computed_variables_and_a_real_unsubs
 }
 
 backend_tests!(a_rule_preview_shows_the_mail_with_computed_variables_and_a_real_unsubscribe_link);
+
+/// The HTTP twin of the CLI preview: `GET /api/rules/{rule}/preview?client=ID&at=T`
+/// (role marketer) answers the same mail, with idle_reminder's computed
+/// `idle_days` and the client's real signed unsubscribe link, and queues
+/// nothing; an unknown rule or client is a 404.
+async fn a_rule_preview_over_http_shows_the_mail_and_a_real_unsubscribe_link(
+    backend: crate::helpers::Backend,
+) {
+    use nudge::store::Store;
+    let app = crate::helpers::TestApp::spawn(backend).await;
+    let mut e = crate::helpers::registered_at("r-ivy", "ivy", &crate::helpers::ago(20 * 86_400));
+    e["data"]["marketing_consent"] = serde_json::json!(true);
+    e["data"]["first_name"] = serde_json::json!("Ivy");
+    app.publish(&e).await;
+    app.wait_events(1).await;
+    app.wait_outbox_settled().await;
+    let outbox = app.store.list_outbox(100).await.unwrap().len();
+
+    let at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let r = app
+        .get(&format!(
+            "/api/rules/idle_reminder/preview?client=ivy&at={at}"
+        ))
+        .await;
+    assert_eq!(r.status(), 200);
+    let p: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(p["rule"], "idle_reminder", "{p:#}");
+    assert_eq!(p["client_id"], "ivy", "{p:#}");
+    let mails = p["mails"].as_array().unwrap();
+    assert_eq!(mails.len(), 1, "{p:#}");
+    let m = &mails[0];
+    assert_eq!(m["template"], "idle_reminder");
+    let text = m["rendered"]["text"].as_str().unwrap();
+    assert!(text.contains("it has been 20 days"), "{text}");
+    assert!(
+        m["rendered"]["subject"].as_str().unwrap().contains("Ivy"),
+        "{m:#}"
+    );
+    assert!(
+        m["rendered"]["html"].as_str().unwrap().contains("<html"),
+        "{m:#}"
+    );
+    let url = m["vars"]["unsubscribe_url"].as_str().unwrap();
+    let prefix = format!(
+        "{}/unsubscribe/",
+        app.config.http.public_url.trim_end_matches('/')
+    );
+    assert!(url.starts_with(&prefix), "{url}");
+    assert!(text.contains(url), "{text}");
+    let signer =
+        nudge::unsubscribe::Signer::load(app.config.mail.unsubscribe_secret.as_deref(), &app.store)
+            .await
+            .unwrap();
+    assert_eq!(
+        signer.verify(&url[prefix.len()..]).map(|c| c.to_string()),
+        Some("ivy".to_string())
+    );
+    assert!(p["log"].is_array() && p["other"].is_array(), "{p:#}");
+    assert_eq!(app.store.list_outbox(100).await.unwrap().len(), outbox);
+
+    let r = app.get("/api/rules/nope/preview?client=ivy").await;
+    assert_eq!(r.status(), 404);
+    let r = app
+        .get("/api/rules/idle_reminder/preview?client=nobody")
+        .await;
+    assert_eq!(r.status(), 404);
+}
+
+backend_tests!(a_rule_preview_over_http_shows_the_mail_and_a_real_unsubscribe_link);
