@@ -132,6 +132,9 @@ enum Command {
         /// With --from-stream: start at this time (RFC 3339).
         #[arg(long, requires = "from_stream")]
         since: Option<chrono::DateTime<chrono::Utc>>,
+        /// Print the outcome as one JSON object (progress stays on stderr).
+        #[arg(long)]
+        json: bool,
     },
     /// Run rules over the stored history on a scratch copy and report what
     /// they would have done. Sends nothing, changes nothing.
@@ -493,6 +496,7 @@ async fn dispatch(
             from_stream: true,
             since_seq,
             since,
+            json,
         } => {
             let store = open_store(&config).await?;
             let start = match (since_seq, since) {
@@ -509,9 +513,16 @@ async fn dispatch(
                 eprintln!("  {read} messages read, {pending} to go")
             })
             .await?;
-            println!("re-read {n} messages from the stream; nothing was sent");
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"from_stream": true, "messages": n, "sent": 0})
+                );
+            } else {
+                println!("re-read {n} messages from the stream; nothing was sent");
+            }
         }
-        Command::Replay { .. } => {
+        Command::Replay { json, .. } => {
             let store = open_store(&config).await?;
             eprintln!(
                 "replaying the event log into {} (stop every nudge daemon first)",
@@ -521,10 +532,17 @@ async fn dispatch(
                 eprintln!("  {} events, {} sweeps", p.events, p.sweeps)
             })
             .await?;
-            println!(
-                "replayed {} events and {} sweeps; derived history replaced",
-                p.events, p.sweeps
-            );
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"from_stream": false, "events": p.events, "sweeps": p.sweeps})
+                );
+            } else {
+                println!(
+                    "replayed {} events and {} sweeps; derived history replaced",
+                    p.events, p.sweeps
+                );
+            }
         }
         Command::Backtest {
             rules,

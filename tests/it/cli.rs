@@ -219,3 +219,23 @@ async fn publish_then_run_then_list_rejected_then_stop_on_sigterm(backend: Backe
 }
 
 backend_tests!(publish_then_run_then_list_rejected_then_stop_on_sigterm,);
+
+/// Every command that reports takes `--json`: a replay of an empty log
+/// says so as one JSON object on stdout (its progress stays on stderr).
+#[test]
+fn replay_reports_as_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("r.db").display());
+    let env = [("NUDGE__DATABASE__URL", db)];
+    let out = nudge(&["migrate", "--config", "config.example.yaml"], &env);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = nudge(
+        &["replay", "--json", "--config", "config.example.yaml"],
+        &env,
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("one JSON object on stdout ({e}): {}", text(&out)));
+    assert_eq!(v["events"], 0, "{v}");
+    assert_eq!(v["from_stream"], false, "{v}");
+}
