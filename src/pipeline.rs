@@ -72,6 +72,13 @@ fn ordered_steps(mut events: Vec<StoredEvent>) -> Vec<Step> {
     events.into_iter().map(Step::Event).collect()
 }
 
+/// The events before stream sequence `at`, and the ones from it on.
+fn split_before(events: Vec<StoredEvent>, at: u64) -> (Vec<StoredEvent>, Vec<StoredEvent>) {
+    events
+        .into_iter()
+        .partition(|e| e.stream_seq.is_none_or(|s| s < at))
+}
+
 /// The first stream sequence below which every message is settled as far as
 /// this batch knows: none unannounced (a gap), none pending in another
 /// instance's batch, and none of this batch still held back. A step that
@@ -185,7 +192,7 @@ struct Window<'a> {
 struct Decided {
     write: BatchWrite,
     /// Rules that ran, whether they succeeded, and for which client.
-    runs: Vec<(String, bool, ClientId)>,
+    runs: Runs,
     report: BatchReport,
     /// Stream sequences of the steps that used shared counters, ascending.
     shared_seqs: Vec<u64>,
@@ -280,8 +287,17 @@ impl Step {
 /// (a step forgotten and met again panics again and is set aside again).
 #[derive(Default)]
 struct Poisoned {
-    keys: std::sync::Mutex<(HashMap<String, String>, std::collections::VecDeque<String>)>,
+    /// The keys in the order they were set aside (the oldest go first), and
+    /// the map the batches read, replaced whole on each insert: inserts are
+    /// rare (a panic), reads are every batch's once there was one.
+    keys: std::sync::Mutex<SetAside>,
 }
+
+/// The map the batches read, and the keys in the order they came.
+type SetAside = (
+    Arc<HashMap<String, String>>,
+    std::collections::VecDeque<String>,
+);
 
 /// Steps remembered as set aside at most.
 const MAX_POISONED: usize = 10_000;
@@ -289,7 +305,8 @@ const MAX_POISONED: usize = 10_000;
 impl Poisoned {
     fn insert(&self, key: String, message: String) {
         let mut guard = self.keys.lock().unwrap_or_else(|e| e.into_inner());
-        let (map, order) = &mut *guard;
+        let (shared, order) = &mut *guard;
+        let mut map = HashMap::clone(shared);
         if map.insert(key.clone(), message).is_none() {
             order.push_back(key);
         }
@@ -298,14 +315,27 @@ impl Poisoned {
                 map.remove(&old);
             }
         }
+        *shared = Arc::new(map);
     }
 
-    /// A copy to decide a batch with; `None` (the usual case) when empty.
-    fn snapshot(&self) -> Option<HashMap<String, String>> {
+    /// The steps set aside, to decide a batch with; `None` (the usual case)
+    /// when there are none.
+    fn snapshot(&self) -> Option<Arc<HashMap<String, String>>> {
         let guard = self.keys.lock().unwrap_or_else(|e| e.into_inner());
         (!guard.0.is_empty()).then(|| guard.0.clone())
     }
 }
+
+/// Rules that ran in a batch, whether each succeeded, and for which client.
+type Runs = Vec<(String, bool, ClientId)>;
+
+/// A batch's steps decided: what to write, the rule runs, and the stream
+/// sequences of the steps that used shared counters.
+type DecidedSteps = (BatchWrite, Runs, Vec<u64>);
+
+/// A step whose decision panicked: the batch's steps given back, with the
+/// step's key and the panic's message.
+type Panicked = (Vec<Step>, String, String);
 
 /// How often a batch is retried when another writer changed the same clients.
 const MAX_CONFLICT_RETRIES: usize = 8;
@@ -561,9 +591,7 @@ impl Pipeline {
             // Still short of the step that waits for the messages before it.
             if let (Some(cut), Some(at)) = (cut, shared_wait) {
                 if cut <= at {
-                    let (now, later): (Vec<_>, Vec<_>) = ready
-                        .into_iter()
-                        .partition(|e| e.stream_seq.is_none_or(|s| s < at));
+                    let (now, later) = split_before(ready, at);
                     waiting.extend(later);
                     ready = now;
                 } else {
@@ -596,9 +624,7 @@ impl Pipeline {
                         // The steps before it decide the same without it:
                         // each depends only on the ones before it.
                         shared_wait = Some(at);
-                        let (now, later): (Vec<_>, Vec<_>) = ready
-                            .into_iter()
-                            .partition(|e| e.stream_seq.is_none_or(|s| s < at));
+                        let (now, later) = split_before(ready, at);
                         let later_seqs: HashSet<u64> =
                             later.iter().filter_map(|e| e.stream_seq).collect();
                         work.settled.retain(|s| !later_seqs.contains(s));
@@ -1060,16 +1086,12 @@ impl Pipeline {
     /// panics stops the run: `Err` gives the steps back with the panicking
     /// step's key and message, for the caller to set it aside and decide
     /// again (the states may be half-changed by then).
-    #[allow(clippy::type_complexity)]
     async fn decide_all(
         &self,
         steps: Vec<Step>,
         mut states: HashMap<ClientId, ClientState>,
         ahead: Option<u64>,
-    ) -> Result<
-        Result<(BatchWrite, Vec<(String, bool, ClientId)>, Vec<u64>), (Vec<Step>, String, String)>,
-        StoreError,
-    > {
+    ) -> Result<Result<DecidedSteps, Panicked>, StoreError> {
         let rules = self.catalog.rules();
         let templates = self.catalog.templates();
         let engine = self.catalog.engine.clone();
@@ -1092,7 +1114,7 @@ impl Pipeline {
             let mut failure = None;
             let received_at = Utc::now();
             let mut write = BatchWrite::default();
-            let mut runs: Vec<(String, bool, ClientId)> = Vec::new();
+            let mut runs: Runs = Vec::new();
             let mut shared_seqs = Vec::new();
             let mut touched: HashSet<ClientId> = HashSet::new();
             for (i, step) in steps.iter().enumerate() {
