@@ -3,17 +3,17 @@
 //! [`Application::run_until_stopped`] runs every task until the token is
 //! cancelled, then lets each finish its unit of work.
 
-use crate::api::{ApiState, Limits, router, serve};
-use crate::catalog::Catalog;
 use crate::config::{Config, redact};
+use crate::delivery::unsubscribe::Signer;
 use crate::delivery::{Clock, Sender, system_clock};
-use crate::ingest;
-use crate::live::Live;
+use crate::flow::catalog::Catalog;
+use crate::flow::ingest;
+use crate::flow::pipeline::Pipeline;
+use crate::flow::scheduler::Scheduler;
+use crate::http::live::Live;
+use crate::http::{ApiState, Limits, router, serve};
 use crate::metrics::Metrics;
-use crate::pipeline::Pipeline;
-use crate::scheduler::Scheduler;
 use crate::store::{AnyStore, Store};
-use crate::unsubscribe::Signer;
 use anyhow::Context;
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -420,9 +420,9 @@ impl HistoryConfig {
         chrono::Duration::minutes(self.session_gap_minutes as i64)
     }
 
-    /// What a client's state keeps at most, for [`crate::history::ClientState::apply_limited`].
-    pub fn limits(&self) -> crate::history::HistoryLimits {
-        crate::history::HistoryLimits {
+    /// What a client's state keeps at most, for [`crate::domain::history::ClientState::apply_limited`].
+    pub fn limits(&self) -> crate::domain::history::HistoryLimits {
+        crate::domain::history::HistoryLimits {
             max_purchases: self.max_purchases,
             max_event_types: self.max_event_types,
             max_order_channels: self.max_order_channels,
@@ -784,7 +784,7 @@ impl Config {
             ));
         }
         for (name, team) in &self.teams {
-            crate::event::Email::parse(team.email.clone())
+            crate::domain::event::Email::parse(team.email.clone())
                 .map_err(|e| key_err(&format!("teams.{name}.email"), e.to_string()))?;
         }
         if let Some(secret) = &self.mail.unsubscribe_secret

@@ -1,35 +1,32 @@
 //! nudge: a marketing-automation rules engine daemon.
 //!
-//! Data flows one way: [`ingest`] pulls events from NATS JetStream, the
-//! [`pipeline`] validates them ([`event`]), folds them into each client's
-//! [`history`], runs the [`rules`] through the pure [`decide`] core, and
-//! commits events, states and [`effects`] in one transaction to the
-//! [`store`]; [`delivery`] sends what the outbox holds.
+//! Data flows one way, and the modules follow it:
+//!
+//! - [`domain`]: the types every layer speaks (events, client history,
+//!   counters, effects, process-log entries); imports nothing else of nudge.
+//! - [`core`]: the pure decision: rules ([`core::rules`]), templates and
+//!   [`core::decide`], which turns an event and a client's history into
+//!   effects; imports only the domain.
+//! - [`flow`]: the daemon's stages: [`flow::ingest`] pulls from NATS
+//!   JetStream, [`flow::pipeline`] decides a batch in stream order and
+//!   commits it, [`flow::chain`] feeds secondary events back,
+//!   [`flow::scheduler`] runs timers and cron rules.
+//! - [`store`]: the history, outbox and consumer window in SQLite or
+//!   PostgreSQL.
+//! - [`delivery`]: sends what the outbox holds (mail, tasks, events).
+//! - [`http`]: the staff API, the 360 view and the live feed.
+//! - [`tools`]: what marketers and operators run by hand: replay, backtest,
+//!   rule tests, checks and previews.
 
-pub mod api;
 pub mod app;
 pub mod bench;
-pub mod catalog;
-pub mod chain;
 pub mod config;
-pub mod counters;
-pub mod decide;
+pub mod core;
 pub mod delivery;
-pub mod effects;
-pub mod event;
-pub mod history;
-pub mod ingest;
-pub mod live;
+pub mod domain;
+pub mod flow;
+pub mod http;
 pub mod metrics;
-pub mod pipeline;
-pub mod publish;
-pub mod replay;
-pub mod rules;
-pub mod ruletest;
-pub mod scheduler;
 pub mod store;
 pub mod telemetry;
-pub mod templates;
 pub mod tools;
-pub mod unsubscribe;
-pub mod view;

@@ -7,12 +7,12 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use nudge::app::{Application, open_store};
-use nudge::catalog::Catalog;
 use nudge::config::Config;
-use nudge::decide::CoreSettings;
+use nudge::core::decide::CoreSettings;
+use nudge::flow::catalog::Catalog;
+use nudge::flow::pipeline::Pipeline;
+use nudge::flow::scheduler::Scheduler;
 use nudge::metrics::Metrics;
-use nudge::pipeline::Pipeline;
-use nudge::scheduler::Scheduler;
 use nudge::store::Store;
 use nudge::tools;
 use std::path::PathBuf;
@@ -236,25 +236,27 @@ impl ConfigSource {
 /// problem (refused files and what `rules::check` finds) listed once.
 /// Nothing is logged: the caller prints the problems.
 struct Checked {
-    engine: Arc<nudge::rules::RuleEngine>,
-    rules: nudge::rules::loader::RuleSet,
-    templates: nudge::templates::TemplateSet,
-    problems: Vec<nudge::rules::CompileError>,
+    engine: Arc<nudge::core::rules::RuleEngine>,
+    rules: nudge::core::rules::loader::RuleSet,
+    templates: nudge::core::templates::TemplateSet,
+    problems: Vec<nudge::core::rules::CompileError>,
 }
 
 impl Checked {
     fn load(config: &Config) -> Self {
-        let engine = Arc::new(nudge::rules::RuleEngine::new(&config.rules));
+        let engine = Arc::new(nudge::core::rules::RuleEngine::new(&config.rules));
         let rules =
-            nudge::rules::loader::RuleLoader::new(engine.clone(), config.rules.dir.clone()).load();
-        let templates = nudge::templates::TemplateLoader::new(config.templates.dir.clone()).load();
+            nudge::core::rules::loader::RuleLoader::new(engine.clone(), config.rules.dir.clone())
+                .load();
+        let templates =
+            nudge::core::templates::TemplateLoader::new(config.templates.dir.clone()).load();
         let mut problems: Vec<_> = rules
             .errors
             .iter()
             .chain(&templates.errors)
             .cloned()
             .collect();
-        problems.extend(nudge::rules::check::check(&engine, &rules, &templates));
+        problems.extend(nudge::tools::check::check(&engine, &rules, &templates));
         Self {
             engine,
             rules,
@@ -330,7 +332,7 @@ async fn dispatch(
             }
         }
         Command::Publish { file, json } => {
-            let n = nudge::publish::publish_file(&config.nats, &file)
+            let n = nudge::flow::publish::publish_file(&config.nats, &file)
                 .await
                 .context("publish failed")?;
             if json {
@@ -391,13 +393,13 @@ async fn dispatch(
                 return Ok(ExitCode::FAILURE);
             }
             let paths = if paths.is_empty() {
-                vec![nudge::ruletest::default_dir(&config.rules.dir)]
+                vec![nudge::tools::ruletest::default_dir(&config.rules.dir)]
             } else {
                 paths
             };
-            let files = nudge::ruletest::collect_files(&paths)?;
+            let files = nudge::tools::ruletest::collect_files(&paths)?;
             let settings = CoreSettings::from_config(&config);
-            let subject = nudge::ruletest::Subject {
+            let subject = nudge::tools::ruletest::Subject {
                 engine: &c.engine,
                 rules: &c.rules,
                 templates: &c.templates,
@@ -410,7 +412,7 @@ async fn dispatch(
                     )
                 }),
             };
-            let report = nudge::ruletest::run_files(&subject, &files);
+            let report = nudge::tools::ruletest::run_files(&subject, &files);
             if json {
                 let v = serde_json::json!({"config": source.path(), "passed": report.passed,
                     "failed": report.failed, "report": report.output});
@@ -432,7 +434,7 @@ async fn dispatch(
         } => {
             let catalog = Catalog::load(&config);
             let is_rule = catalog.rules().get(&name).is_some();
-            let mut parts: Vec<(String, nudge::templates::Rendered)> = Vec::new();
+            let mut parts: Vec<(String, nudge::core::templates::Rendered)> = Vec::new();
             let rule_mode = is_rule && client.is_some();
             match (client, vars) {
                 (Some(c), _) if is_rule => {
@@ -583,7 +585,7 @@ async fn dispatch(
         }
         Command::Forget { client, json } => {
             let store = open_store(&config).await?;
-            let id = nudge::event::ClientId::parse(client)
+            let id = nudge::domain::event::ClientId::parse(client)
                 .map_err(|e| anyhow::anyhow!("client id: {e}"))?;
             let erased = store.erase_client(&id, chrono::Utc::now()).await?;
             if json {

@@ -1,6 +1,6 @@
 //! Counters the daemon keeps about itself, rendered as Prometheus text.
 
-use crate::pipeline::BatchReport;
+use crate::flow::pipeline::BatchReport;
 use crate::store::BatchWrite;
 use std::collections::BTreeMap;
 use std::fmt::Write;

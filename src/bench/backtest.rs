@@ -16,8 +16,8 @@ use super::probe;
 use super::report::Machine;
 use super::workload::{self, Shape};
 use crate::config::Config;
-use crate::rules::RuleEngine;
-use crate::rules::loader::RuleLoader;
+use crate::core::rules::RuleEngine;
+use crate::core::rules::loader::RuleLoader;
 use crate::store::{AnyStore, BatchWrite, LogCursor, Store, StoredEvent};
 use anyhow::{Context, bail};
 use chrono::{DateTime, Duration as Span, Utc};
@@ -230,7 +230,7 @@ async fn write_events(
                 let seq = base + i + 1;
                 let id = format!("ev-{seq:08}");
                 let envelope =
-                    crate::event::Envelope::from_value(workload::render(s, &id, "s", None))
+                    crate::domain::event::Envelope::from_value(workload::render(s, &id, "s", None))
                         .map_err(|e| anyhow::anyhow!("the workload made an invalid event: {e}"))?;
                 Ok(StoredEvent {
                     envelope: envelope.into(),
@@ -277,14 +277,14 @@ async fn read_all(store: &AnyStore) -> anyhow::Result<usize> {
     let mut n = 0;
     loop {
         let page = store
-            .events_page(cursor.as_ref(), crate::replay::PAGE)
+            .events_page(cursor.as_ref(), crate::tools::replay::PAGE)
             .await?;
         n += page.len();
         let Some((_, last)) = page.last() else {
             return Ok(n);
         };
         cursor = Some(last.clone());
-        if page.len() < crate::replay::PAGE as usize {
+        if page.len() < crate::tools::replay::PAGE as usize {
             return Ok(n);
         }
     }
@@ -356,9 +356,9 @@ impl BacktestReport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::catalog::Catalog;
-    use crate::decide::{Core, CoreSettings};
-    use crate::replay::{Replay, walk};
+    use crate::core::decide::{Core, CoreSettings};
+    use crate::flow::catalog::Catalog;
+    use crate::tools::replay::{Replay, walk};
 
     /// Everything a walk decides, in the order it hands it on, and the
     /// counters it leaves.

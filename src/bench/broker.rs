@@ -145,7 +145,7 @@ pub async fn raw_consume(
 ) -> anyhow::Result<Duration> {
     // Timed from before the consumer exists, as nudge's run is.
     let started = Instant::now();
-    let consumer = crate::ingest::ensure_consumer(stream, cfg).await?;
+    let consumer = crate::flow::ingest::ensure_consumer(stream, cfg).await?;
     let mut messages = consumer
         .stream()
         .max_messages_per_batch(cfg.batch_size)

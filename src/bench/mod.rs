@@ -120,7 +120,7 @@ pub async fn run(args: BenchArgs, base: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot connect to NATS at {nats_url}"))?;
     let js = async_nats::jetstream::new(client.clone());
-    let stream = crate::ingest::ensure_stream(&js, &config.nats).await?;
+    let stream = crate::flow::ingest::ensure_stream(&js, &config.nats).await?;
     broker::wait_for_stream(&js, &config.nats.stream).await?;
 
     let nats_pid = server.as_ref().map(|s| s.pid());

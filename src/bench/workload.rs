@@ -287,7 +287,7 @@ pub fn render(spec: &Spec, id: &str, tag: &str, at: Option<DateTime<Utc>>) -> Va
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::Envelope;
+    use crate::domain::event::Envelope;
 
     fn shape() -> Shape {
         Shape {

@@ -2,7 +2,7 @@
 //! (pooled, async) or to `.eml` files for trying nudge without a mail server.
 
 use crate::config::{Config, SmtpConfig, Transport};
-use crate::templates::Rendered;
+use crate::core::templates::Rendered;
 use lettre::message::header::{HeaderName, HeaderValue};
 use lettre::message::{Mailbox, MultiPart};
 use lettre::transport::smtp::PoolConfig;

@@ -8,17 +8,18 @@
 //! is recognisable.
 
 pub mod mailer;
+pub mod unsubscribe;
 
-use crate::catalog::Catalog;
 use crate::config::QuietHours;
 use crate::config::{Config, DeliveryConfig};
-use crate::effects::EffectKind;
-use crate::event::{ClientId, EventId};
-use crate::live::{Live, LiveItem};
+use crate::core::templates::MailKind;
+use crate::delivery::unsubscribe::Signer;
+use crate::domain::effects::EffectKind;
+use crate::domain::event::{ClientId, EventId};
+use crate::flow::catalog::Catalog;
+use crate::http::live::{Live, LiveItem};
 use crate::metrics::Metrics;
 use crate::store::{AnyStore, Delivery, Level, LogEntry, OutboxItem, Store, StoreError};
-use crate::templates::MailKind;
-use crate::unsubscribe::Signer;
 use chrono::{DateTime, Duration as ChronoDuration, TimeZone, Utc};
 use chrono_tz::Tz;
 use lettre::message::Mailbox;
@@ -451,11 +452,11 @@ impl Sender {
 /// `lang`. Shared with `nudge`'s spam check, which renders each shipped
 /// template as the sender does.
 pub fn render_mail(
-    templates: &crate::templates::TemplateSet,
+    templates: &crate::core::templates::TemplateSet,
     template: &str,
     mut vars: serde_json::Map<String, serde_json::Value>,
-) -> Result<crate::templates::Rendered, SendError> {
-    let permanent = |e: crate::templates::RenderError| SendError {
+) -> Result<crate::core::templates::Rendered, SendError> {
+    let permanent = |e: crate::core::templates::RenderError| SendError {
         transient: false,
         message: e.to_string(),
     };

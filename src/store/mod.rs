@@ -7,10 +7,10 @@ pub mod postgres;
 pub mod sqlite;
 pub mod window;
 
-use crate::counters::{CounterKey, CounterWrite, Stored};
-use crate::effects::Effect;
-use crate::event::{ClientId, Envelope, EventId};
-use crate::history::ClientState;
+use crate::domain::counters::{CounterKey, CounterWrite, Stored};
+use crate::domain::effects::Effect;
+use crate::domain::event::{ClientId, Envelope, EventId};
+use crate::domain::history::ClientState;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use std::collections::{HashMap, HashSet};
@@ -197,7 +197,7 @@ pub struct LogEntry {
 pub struct BatchWrite {
     pub events: Vec<StoredEvent>,
     /// New states; `version` is the one loaded, the store writes `version + 1`.
-    /// Shared with the batches decided on top of this one ([`crate::chain`]).
+    /// Shared with the batches decided on top of this one ([`crate::flow::chain`]).
     pub clients: Vec<std::sync::Arc<ClientState>>,
     pub effects: Vec<Effect>,
     pub log: Vec<LogEntry>,

@@ -17,10 +17,10 @@ use super::{
     SweepClaim, TaskFilter, TaskRow, Upkeep, WindowBlockers, db, spawn_upkeep, statement_chunks,
     ts,
 };
-use crate::counters::{CounterKey, Stored};
-use crate::effects::EffectKind;
-use crate::event::{ClientId, Envelope, EventId};
-use crate::history::ClientState;
+use crate::domain::counters::{CounterKey, Stored};
+use crate::domain::effects::EffectKind;
+use crate::domain::event::{ClientId, Envelope, EventId};
+use crate::domain::history::ClientState;
 use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres, QueryBuilder, Row};

@@ -10,11 +10,11 @@ use super::{
     SweepClaim, TaskFilter, TaskRow, Upkeep, WindowBlockers, db, parse_ts, spawn_upkeep,
     statement_chunks, ts,
 };
-use crate::counters::{CounterKey, Stored};
-use crate::effects::EffectKind;
-use crate::event::Envelope;
-use crate::event::{ClientId, EventId};
-use crate::history::{ClientState, Profile};
+use crate::domain::counters::{CounterKey, Stored};
+use crate::domain::effects::EffectKind;
+use crate::domain::event::Envelope;
+use crate::domain::event::{ClientId, EventId};
+use crate::domain::history::{ClientState, Profile};
 use chrono::{DateTime, Utc};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};

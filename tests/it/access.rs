@@ -338,8 +338,8 @@ async fn unsubscribe_works_for_a_128_character_client_and_repeated_clicks_store_
     reg["data"]["email"] = json!("long@example.com");
     app.publish(&reg).await;
     app.wait_events(1).await;
-    let signer = nudge::unsubscribe::Signer::new(SECRET);
-    let client = nudge::event::ClientId::parse(id.clone()).unwrap();
+    let signer = nudge::delivery::unsubscribe::Signer::new(SECRET);
+    let client = nudge::domain::event::ClientId::parse(id.clone()).unwrap();
     let path = format!("/unsubscribe/{}", signer.token(&client));
     let clicks = (0..21).map(|_| app.post(&path));
     for r in futures::future::join_all(clicks).await {

@@ -2,7 +2,7 @@
 
 use crate::helpers::{Backend, TestApp, ago, event, eventually, registered_at};
 use futures::StreamExt;
-use nudge::counters::CounterKey;
+use nudge::domain::counters::CounterKey;
 use nudge::store::Store;
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -22,7 +22,7 @@ fn quarter_key() -> CounterKey {
     let now = chrono::Utc::now() - chrono::Duration::seconds(3600);
     CounterKey {
         name: "big_order_clients".into(),
-        period: nudge::counters::period_key("quarter", now, chrono_tz::Tz::UTC).unwrap(),
+        period: nudge::domain::counters::period_key("quarter", now, chrono_tz::Tz::UTC).unwrap(),
     }
 }
 
@@ -209,7 +209,7 @@ async fn partner_commission_and_vip_callback(backend: Backend) {
         assert_eq!(c["data"]["partner"], "acme");
         assert_eq!(c["data"]["amount"], 20.0, "10% of 200: {c}");
     }
-    let month = nudge::counters::period_key(
+    let month = nudge::domain::counters::period_key(
         "month",
         chrono::Utc::now() - chrono::Duration::seconds(3600),
         chrono_tz::Tz::UTC,

@@ -6,12 +6,12 @@
 use crate::helpers::*;
 use chrono::{Duration as Span, Utc};
 use futures::future::BoxFuture;
-use nudge::catalog::Catalog;
 use nudge::config::Config;
-use nudge::counters::{CounterKey, period_key};
-use nudge::event::ClientId;
+use nudge::domain::counters::{CounterKey, period_key};
+use nudge::domain::event::ClientId;
+use nudge::flow::catalog::Catalog;
+use nudge::flow::pipeline::{AckFloor, Incoming, Pipeline};
 use nudge::metrics::Metrics;
-use nudge::pipeline::{AckFloor, Incoming, Pipeline};
 use nudge::store::{AnyStore, Store};
 use serde_json::json;
 use std::path::Path;

@@ -246,8 +246,8 @@ async fn a_rule_preview_shows_the_mail_with_computed_variables_and_a_real_unsubs
     use nudge::store::Store;
     let env = crate::helpers::TestEnv::new(backend).await;
     let store = nudge::app::open_store(&env.config).await.unwrap();
-    let catalog = std::sync::Arc::new(nudge::catalog::Catalog::load(&env.config));
-    let pipeline = nudge::pipeline::Pipeline::new(
+    let catalog = std::sync::Arc::new(nudge::flow::catalog::Catalog::load(&env.config));
+    let pipeline = nudge::flow::pipeline::Pipeline::new(
         store.clone(),
         catalog,
         std::sync::Arc::new(nudge::metrics::Metrics::default()),
@@ -257,7 +257,7 @@ async fn a_rule_preview_shows_the_mail_with_computed_variables_and_a_real_unsubs
     e["data"]["marketing_consent"] = serde_json::json!(true);
     e["data"]["first_name"] = serde_json::json!("Ivy");
     pipeline
-        .process(&[nudge::pipeline::Incoming {
+        .process(&[nudge::flow::pipeline::Incoming {
             subject: "shop.events.client_registered".into(),
             payload: serde_json::to_vec(&e).unwrap().into(),
             stream_seq: Some(1),
@@ -286,10 +286,12 @@ async fn a_rule_preview_shows_the_mail_with_computed_variables_and_a_real_unsubs
     );
     assert!(url.starts_with(&prefix), "{url}");
     assert!(m.rendered.text.contains(url), "{}", m.rendered.text);
-    let signer =
-        nudge::unsubscribe::Signer::load(env.config.mail.unsubscribe_secret.as_deref(), &store)
-            .await
-            .unwrap();
+    let signer = nudge::delivery::unsubscribe::Signer::load(
+        env.config.mail.unsubscribe_secret.as_deref(),
+        &store,
+    )
+    .await
+    .unwrap();
     assert_eq!(
         signer.verify(&url[prefix.len()..]).map(|c| c.to_string()),
         Some("ivy".to_string())
@@ -352,10 +354,12 @@ async fn a_rule_preview_over_http_shows_the_mail_and_a_real_unsubscribe_link(
     );
     assert!(url.starts_with(&prefix), "{url}");
     assert!(text.contains(url), "{text}");
-    let signer =
-        nudge::unsubscribe::Signer::load(app.config.mail.unsubscribe_secret.as_deref(), &app.store)
-            .await
-            .unwrap();
+    let signer = nudge::delivery::unsubscribe::Signer::load(
+        app.config.mail.unsubscribe_secret.as_deref(),
+        &app.store,
+    )
+    .await
+    .unwrap();
     assert_eq!(
         signer.verify(&url[prefix.len()..]).map(|c| c.to_string()),
         Some("ivy".to_string())

@@ -637,7 +637,7 @@ impl TestEnv {
 
     /// Creates the stream as nudge would, for publishing before nudge starts.
     pub async fn create_stream(&self) {
-        nudge::ingest::ensure_stream(&self.js, &self.config.nats)
+        nudge::flow::ingest::ensure_stream(&self.js, &self.config.nats)
             .await
             .unwrap();
     }

@@ -11,8 +11,8 @@
 
 use crate::helpers::{Backend, TestDb, TestEnv, daemon_vars, event, registered_at, spawn_daemon};
 use chrono::{DateTime, Duration as Span, Utc};
-use nudge::counters::period_key;
-use nudge::pipeline::{Incoming, Pipeline};
+use nudge::domain::counters::period_key;
+use nudge::flow::pipeline::{Incoming, Pipeline};
 use nudge::store::Store;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -341,7 +341,7 @@ async fn live_decisions_equal_backtest_replay_and_a_reference_whatever_the_batch
                 ("orders_seen", "month"),
                 ("big_orders", "month"),
             ] {
-                let key = nudge::counters::CounterKey {
+                let key = nudge::domain::counters::CounterKey {
                     name: name.into(),
                     period: period_key(period, e.at, chrono_tz::Tz::UTC).unwrap(),
                 };
@@ -405,7 +405,7 @@ async fn three_instances_decide_shared_counters_in_stream_order_on_postgres() {
 /// A broker that never acks: the window keeps every message it was told of.
 struct NoAcks;
 
-impl nudge::pipeline::AckFloor for NoAcks {
+impl nudge::flow::pipeline::AckFloor for NoAcks {
     fn floor(&self) -> futures::future::BoxFuture<'_, Result<u64, String>> {
         Box::pin(async { Ok(0) })
     }
@@ -451,7 +451,7 @@ async fn pipeline_on(dir: &std::path::Path, name: &str) -> Arc<Pipeline> {
     }
     let url = format!("sqlite://{}", dir.join(format!("{name}.db")).display());
     let (config, store) = config_and_store(&rules, &templates, &url).await;
-    let catalog = Arc::new(nudge::catalog::Catalog::load(&config));
+    let catalog = Arc::new(nudge::flow::catalog::Catalog::load(&config));
     Arc::new(Pipeline::new(
         store,
         catalog,
@@ -558,7 +558,7 @@ struct Gate {
     passed: std::sync::atomic::AtomicBool,
 }
 
-impl nudge::pipeline::AckFloor for Gate {
+impl nudge::flow::pipeline::AckFloor for Gate {
     fn floor(&self) -> futures::future::BoxFuture<'_, Result<u64, String>> {
         Box::pin(async {
             if !self.passed.swap(true, std::sync::atomic::Ordering::SeqCst) {
@@ -616,7 +616,7 @@ async fn a_later_batch_of_another_instance_waits_for_the_earlier_one_before_usin
     let instance = || {
         Arc::new(Pipeline::new(
             store.clone(),
-            Arc::new(nudge::catalog::Catalog::load(&config)),
+            Arc::new(nudge::flow::catalog::Catalog::load(&config)),
             Arc::new(nudge::metrics::Metrics::default()),
             &config,
         ))

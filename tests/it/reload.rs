@@ -107,7 +107,7 @@ async fn a_rule_that_loops_forever_is_stopped_and_the_others_go_on(backend: Back
         .unwrap()
         .clone();
     assert_eq!(looping["errors"], 1, "{r}");
-    let client = nudge::event::ClientId::parse("max").unwrap();
+    let client = nudge::domain::event::ClientId::parse("max").unwrap();
     let log = app.store.client_log(&client, 10).await.unwrap();
     let err = log
         .iter()

@@ -6,8 +6,8 @@ use crate::helpers::{
     publish_retrying, registered_at, sigterm, spawn_daemon,
 };
 use chrono::{DateTime, Duration as Span, Utc};
-use nudge::counters::{CounterKey, period_key};
-use nudge::event::ClientId;
+use nudge::domain::counters::{CounterKey, period_key};
+use nudge::domain::event::ClientId;
 use nudge::store::{AnyStore, Store, TaskFilter};
 use serde_json::{Value, json};
 use std::collections::HashMap;

@@ -7,11 +7,11 @@
 //! `spamassassin` fails the test. `scripts/spamcheck.sh` runs it.
 
 use nudge::config::Config;
+use nudge::core::templates::{MailKind, TemplateLoader};
 use nudge::delivery::mailer::{Envelope, Mailer, build_message, message_id};
 use nudge::delivery::render_mail;
-use nudge::event::ClientId;
-use nudge::templates::{MailKind, TemplateLoader};
-use nudge::unsubscribe::Signer;
+use nudge::delivery::unsubscribe::Signer;
+use nudge::domain::event::ClientId;
 use serde_json::{Map, Value, json};
 use std::path::Path;
 use std::process::Command;

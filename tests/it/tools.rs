@@ -205,11 +205,11 @@ async fn replay_rebuilds_the_same_history_and_backtest_finds_the_same_effects(ba
         fresh_store.list_outbox(100).await.unwrap().is_empty(),
         "nothing queued"
     );
-    let ids: Vec<nudge::event::ClientId> = ["ana", "ben", "cleo", "dan"]
+    let ids: Vec<nudge::domain::event::ClientId> = ["ana", "ben", "cleo", "dan"]
         .iter()
-        .map(|c| nudge::event::ClientId::parse(*c).unwrap())
+        .map(|c| nudge::domain::event::ClientId::parse(*c).unwrap())
         .collect();
-    let refs: Vec<&nudge::event::ClientId> = ids.iter().collect();
+    let refs: Vec<&nudge::domain::event::ClientId> = ids.iter().collect();
     let rebuilt = fresh_store.load_clients(&refs).await.unwrap();
     assert_eq!(rebuilt.len(), 4);
     assert_eq!(rebuilt[&ids[0]].stats.orders, 3);

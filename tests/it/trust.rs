@@ -2,7 +2,7 @@
 //! sender that survives its SMTP server, and GDPR export and erasure.
 
 use crate::helpers::{Backend, TestApp, TestEnv, ago, event, eventually, registered_at};
-use nudge::event::ClientId;
+use nudge::domain::event::ClientId;
 use nudge::store::Store;
 use serde_json::{Value, json};
 use std::sync::Arc;

@@ -154,7 +154,7 @@ async fn an_over_long_name_still_gets_its_mail_with_a_shortened_subject(backend:
     assert!(zed.subject.ends_with('…'), "{}", zed.subject);
     assert_eq!(
         zed.subject.chars().count(),
-        nudge::templates::MAX_SUBJECT_CHARS
+        nudge::core::templates::MAX_SUBJECT_CHARS
     );
     // The body still has the whole name; no line of the message is over
     // SMTP's limit.

@@ -8,7 +8,7 @@
 //! events are still accepted, its 360 view answers, and its state stays small.
 
 use crate::helpers::{Backend, TestApp, TestEnv, ago, event, eventually, registered_at};
-use nudge::event::ClientId;
+use nudge::domain::event::ClientId;
 use nudge::store::Store;
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};

@@ -5,7 +5,7 @@
 //! other rules go on. (An endless loop: `reload.rs`; quarantine: `faults.rs`.)
 
 use crate::helpers::{Backend, TestEnv, ago, event, eventually, registered_at};
-use nudge::event::ClientId;
+use nudge::domain::event::ClientId;
 use nudge::store::Store;
 use serde_json::{Value, json};
 use std::time::Duration;

@@ -1,7 +1,7 @@
 //! The 360 view of a client for staff: the history nudge keeps, shaped for
 //! people who have the client on the phone.
 
-use crate::history::ClientState;
+use crate::domain::history::ClientState;
 use crate::store::{MailRow, TaskRow};
 use serde_json::{Map, Value, json};
 
@@ -22,7 +22,7 @@ const ACTIVITY: &[(&str, &str)] = &[
 /// templates to render them with, and the mails opened and clicked (by the
 /// effect key inside their Message-ID).
 pub struct MailContext<'a> {
-    pub templates: &'a crate::templates::TemplateSet,
+    pub templates: &'a crate::core::templates::TemplateSet,
     pub opened: &'a std::collections::BTreeSet<String>,
     pub clicked: &'a std::collections::BTreeSet<String>,
 }
@@ -65,7 +65,7 @@ pub fn client_360(
             );
         }
     }
-    let mut top: Vec<(&String, &crate::history::Purchase)> = st.purchases.iter().collect();
+    let mut top: Vec<(&String, &crate::domain::history::Purchase)> = st.purchases.iter().collect();
     top.sort_by(|a, b| b.1.quantity.cmp(&a.1.quantity).then(a.0.cmp(b.0)));
     let top_products: Vec<Value> = top
         .into_iter()
@@ -138,7 +138,7 @@ pub fn client_360(
     })
 }
 
-fn session(s: &crate::history::Session) -> Value {
+fn session(s: &crate::domain::history::Session) -> Value {
     json!({
         "id": s.id, "start": s.start, "end": s.end, "duration_secs": (s.end - s.start).num_seconds(),
         "channel": s.channel, "page_views": s.page_views, "product_views": s.product_views,
@@ -150,11 +150,11 @@ fn session(s: &crate::history::Session) -> Value {
 /// (a template changed since shows its new wording); the unsubscribe link
 /// is left out, it is the client's own.
 fn mail_content(
-    templates: &crate::templates::TemplateSet,
+    templates: &crate::core::templates::TemplateSet,
     template: &str,
     vars: &Value,
     locale: Option<&str>,
-) -> Option<crate::templates::Rendered> {
+) -> Option<crate::core::templates::Rendered> {
     let mut vars = vars.as_object().cloned().unwrap_or_default();
     vars.insert("unsubscribe_url".into(), json!("#unsubscribe-link"));
     vars.insert("lang".into(), json!(crate::delivery::lang_tag(locale)));

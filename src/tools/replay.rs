@@ -8,11 +8,11 @@
 //! runs a set of rules over it on a scratch copy and reports what they would
 //! have done. Nothing is sent and, for a backtest, nothing is written.
 
-use crate::counters::{CounterKey, CounterSource, Counters, Stored};
-use crate::decide::{Core, Decision};
-use crate::event::{ClientId, Envelope};
-use crate::history::ClientState;
-use crate::rules::Rule;
+use crate::core::decide::{Core, Decision};
+use crate::core::rules::Rule;
+use crate::domain::counters::{CounterKey, CounterSource, Counters, Stored};
+use crate::domain::event::{ClientId, Envelope};
+use crate::domain::history::ClientState;
 use crate::store::{Derived, LogCursor, Store, StoreError};
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
@@ -137,7 +137,7 @@ impl<'a> Replay<'a> {
 
     /// A sweep of `rule` at `slot` for every client known at its time.
     fn plan_sweep(&mut self, plan: &mut Plan<'_, 'a>, rule: &str, slot: DateTime<Utc>) {
-        let rules: &'a crate::rules::loader::RuleSet = self.core.rules;
+        let rules: &'a crate::core::rules::loader::RuleSet = self.core.rules;
         let Some(rule) = rules.get(rule) else {
             return;
         };

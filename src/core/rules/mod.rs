@@ -7,7 +7,6 @@
 //! changes.
 
 pub mod api;
-pub mod check;
 pub mod loader;
 pub mod values;
 

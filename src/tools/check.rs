@@ -17,9 +17,9 @@
 //! rule that mails it). A name computed at run time cannot be checked here:
 //! the decision core still refuses it, with a line in the client's log.
 
-use super::loader::RuleSet;
-use super::{CompileError, Rule, RuleEngine};
-use crate::templates::{STANDARD_VARS, TASK_VARS, TemplateSet};
+use crate::core::rules::loader::RuleSet;
+use crate::core::rules::{CompileError, Rule, RuleEngine};
+use crate::core::templates::{STANDARD_VARS, TASK_VARS, TemplateSet};
 use rhai::{ASTNode, Dynamic, Expr, Stmt};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
@@ -413,8 +413,8 @@ fn edits(a: &str, b: &str) -> usize {
 mod tests {
     use super::*;
     use crate::config::RulesConfig;
-    use crate::rules::loader::RuleLoader;
-    use crate::templates::TemplateLoader;
+    use crate::core::rules::loader::RuleLoader;
+    use crate::core::templates::TemplateLoader;
     use std::path::Path;
     use std::sync::Arc;
 

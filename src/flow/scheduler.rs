@@ -5,10 +5,10 @@
 //! claimed per occurrence with a lease and records its cursor with each page,
 //! so a sweep cut short is resumed, not restarted.
 
-use crate::catalog::Catalog;
 use crate::config::SchedulerConfig;
-use crate::event::ClientId;
-use crate::pipeline::Pipeline;
+use crate::domain::event::ClientId;
+use crate::flow::catalog::Catalog;
+use crate::flow::pipeline::Pipeline;
 use crate::store::{Store, StoreError};
 use chrono::{DateTime, Duration, DurationRound, Utc};
 use serde::Serialize;
@@ -115,7 +115,11 @@ impl Scheduler {
 
     /// The latest occurrence of the rule's schedule that is not older than
     /// the catch-up window.
-    fn latest_slot(&self, rule: &crate::rules::Rule, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    fn latest_slot(
+        &self,
+        rule: &crate::core::rules::Rule,
+        now: DateTime<Utc>,
+    ) -> Option<DateTime<Utc>> {
         let schedule = rule.schedule.as_ref()?;
         let from = now - Duration::hours(self.cfg.catch_up_hours as i64);
         schedule.cron.after(&from).take_while(|t| *t <= now).last()

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use crate::rules::CompileError;
+use crate::core::rules::CompileError;
 
 /// `service` mail (welcome, account) or `marketing` mail (reminders, offers).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

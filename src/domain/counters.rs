@@ -148,11 +148,11 @@ impl Counters {
     }
 
     /// Adds `amount` and returns the new total.
-    /// The total saturates within ±[`crate::history::MAX_MONEY_SUM`]: an
+    /// The total saturates within ±[`crate::domain::history::MAX_MONEY_SUM`]: an
     /// infinite total would be stored as `null`.
     pub fn add(&mut self, key: &CounterKey, amount: f64) -> Result<f64, String> {
         let e = self.entry(key)?;
-        e.1 = crate::history::money_add(e.1, amount);
+        e.1 = crate::domain::history::money_add(e.1, amount);
         Ok(e.1)
     }
 

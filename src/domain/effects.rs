@@ -3,7 +3,7 @@
 //! effect and the effect's position in that rule's run, so redelivery, restart
 //! and replay all produce the same key, and the outbox refuses the second copy.
 
-use crate::event::ClientId;
+use crate::domain::event::ClientId;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};

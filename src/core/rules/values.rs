@@ -4,7 +4,7 @@
 //! the client view that cost more than running the rules did.
 //!
 //! The values are the ones `rhai::serde::to_dynamic` gives for the JSON
-//! views in [`crate::decide`] (`event_view`, `client_view`). Those stay
+//! views in [`crate::core::decide`] (`event_view`, `client_view`). Those stay
 //! what previews and the API show. The tests below check that both ways
 //! give the same value.
 //!
@@ -16,8 +16,8 @@
 //! anywhere (to a function, to `print`, into a closure, indexed with `[]`)
 //! gets all of it. The part a script cannot reach cannot change what it does.
 
-use crate::event::Envelope;
-use crate::history::{ClientState, Session};
+use crate::domain::event::Envelope;
+use crate::domain::history::{ClientState, Session};
 use chrono::{DateTime, Utc};
 use rhai::{AST, ASTNode, Array, Dynamic, Expr, INT, Map};
 use serde_json::Value;
@@ -311,8 +311,8 @@ fn session(s: Option<&Session>, needs: &Needs) -> Dynamic {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decide::{client_view, event_view};
-    use crate::event::ClientId;
+    use crate::core::decide::{client_view, event_view};
+    use crate::domain::event::ClientId;
     use serde_json::json;
 
     /// The same value, compared in full: type tags included (`1` and `1.0`
@@ -417,8 +417,8 @@ mod tests {
 mod needs_tests {
     use super::*;
     use crate::config::RulesConfig;
-    use crate::event::ClientId;
-    use crate::rules::{Inputs, RuleEngine, RunContext};
+    use crate::core::rules::{Inputs, RuleEngine, RunContext};
+    use crate::domain::event::ClientId;
     use serde_json::json;
 
     fn reads(src: &str) -> (Needs, Needs) {

@@ -1,16 +1,20 @@
 //! Marketers' and operators' tools over the stored history: template
 //! previews, replay of the derived history, and backtests of rules.
 
-use crate::catalog::Catalog;
+pub mod check;
+pub mod replay;
+pub mod ruletest;
+
 use crate::config::Config;
-use crate::decide::{Core, CoreSettings, client_view, mail_defaults};
-use crate::effects::EffectKind;
-use crate::event::ClientId;
-use crate::replay::{Progress, Replay, walk};
-use crate::rules::RuleEngine;
-use crate::rules::loader::RuleLoader;
+use crate::core::decide::{Core, CoreSettings, client_view, mail_defaults};
+use crate::core::rules::RuleEngine;
+use crate::core::rules::loader::RuleLoader;
+use crate::core::templates::{Rendered, TemplateSet};
+use crate::domain::effects::EffectKind;
+use crate::domain::event::ClientId;
+use crate::flow::catalog::Catalog;
 use crate::store::{AnyStore, Store};
-use crate::templates::{Rendered, TemplateSet};
+use crate::tools::replay::{Progress, Replay, walk};
 use anyhow::{Context, bail};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -211,7 +215,7 @@ pub async fn replay_from_stream(
     use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
     use futures::StreamExt;
     let catalog = Arc::new(Catalog::load(config));
-    let pipeline = crate::pipeline::Pipeline::new(
+    let pipeline = crate::flow::pipeline::Pipeline::new(
         store.clone(),
         catalog,
         Arc::new(crate::metrics::Metrics::default()),
@@ -261,7 +265,7 @@ pub async fn replay_from_stream(
             let m = m.map_err(|e| anyhow::anyhow!("reading the stream: {e}"))?;
             let info = m.info().ok();
             pending = info.as_ref().map_or(0, |i| i.pending);
-            incoming.push(crate::pipeline::Incoming {
+            incoming.push(crate::flow::pipeline::Incoming {
                 subject: m.subject.to_string(),
                 payload: m.payload.clone(),
                 stream_seq: info.as_ref().map(|i| i.stream_sequence),
@@ -312,18 +316,18 @@ struct ReadOnlyCounters {
     runtime: tokio::runtime::Handle,
 }
 
-impl crate::counters::CounterSource for ReadOnlyCounters {
+impl crate::domain::counters::CounterSource for ReadOnlyCounters {
     fn load(
         &mut self,
-        key: &crate::counters::CounterKey,
-    ) -> Result<crate::counters::Stored, String> {
+        key: &crate::domain::counters::CounterKey,
+    ) -> Result<crate::domain::counters::Stored, String> {
         self.runtime
             .block_on(self.store.load_counter(key))
             .map_err(|e| e.to_string())
     }
     fn is_member(
         &mut self,
-        key: &crate::counters::CounterKey,
+        key: &crate::domain::counters::CounterKey,
         member: &str,
     ) -> Result<bool, String> {
         self.runtime
@@ -349,8 +353,11 @@ pub async fn preview_rule(
     let Some(mut state) = states.get(&id).cloned() else {
         bail!("no client {client:?} in the database");
     };
-    let signer =
-        crate::unsubscribe::Signer::load(config.mail.unsubscribe_secret.as_deref(), store).await?;
+    let signer = crate::delivery::unsubscribe::Signer::load(
+        config.mail.unsubscribe_secret.as_deref(),
+        store,
+    )
+    .await?;
     let unsubscribe = signer.url(&config.http.public_url, &id);
     let catalog = Catalog::load(config);
     let rules = catalog.rules();
@@ -373,7 +380,7 @@ pub async fn preview_rule(
             templates: &templates2,
             settings: &settings,
         };
-        let mut counters = crate::counters::Counters::new(Box::new(source), tz);
+        let mut counters = crate::domain::counters::Counters::new(Box::new(source), tz);
         core.sweep(&mut state, &found, at, &mut counters)
     })
     .await?;

@@ -6,13 +6,15 @@
 //! outside, through [`Counters`], which the caller fills from where it keeps them.
 
 use crate::config::Config;
-use crate::counters::Counters;
-use crate::effects::{Effect, EffectKind, effect_key};
-use crate::event::{ClientId, Envelope, EventId, EventType};
-use crate::history::{ClientState, HistoryLimits, RECENT_MAILS, SentMail, Session, Timer};
-use crate::rules::{Inputs, Reads, Request, Rule, RuleEngine, RunContext, loader::RuleSet, values};
+use crate::core::rules::{
+    Inputs, Reads, Request, Rule, RuleEngine, RunContext, loader::RuleSet, values,
+};
+use crate::core::templates::{MailKind, TemplateSet};
+use crate::domain::counters::Counters;
+use crate::domain::effects::{Effect, EffectKind, effect_key};
+use crate::domain::event::{ClientId, Envelope, EventId, EventType};
+use crate::domain::history::{ClientState, HistoryLimits, RECENT_MAILS, SentMail, Session, Timer};
 use crate::store::{Level, LogEntry};
-use crate::templates::{MailKind, TemplateSet};
 use chrono::{DateTime, Duration, Utc};
 use rhai::Dynamic;
 use serde_json::{Map, Value, json};
@@ -716,9 +718,9 @@ fn p_session(s: Option<&Session>) -> Value {
 mod tests {
     use super::*;
     use crate::config::RulesConfig;
-    use crate::event::ClientId;
-    use crate::rules::loader::RuleLoader;
-    use crate::templates::TemplateLoader;
+    use crate::core::rules::loader::RuleLoader;
+    use crate::core::templates::TemplateLoader;
+    use crate::domain::event::ClientId;
     use std::sync::Arc;
 
     fn fixture(rule: &str) -> (Arc<RuleEngine>, RuleSet, TemplateSet, tempfile::TempDir) {
@@ -964,7 +966,7 @@ mod tests {
 
     #[test]
     fn shared_counters_are_read_and_changed_through_the_batch() {
-        use crate::counters::{CounterKey, MemorySource, Stored};
+        use crate::domain::counters::{CounterKey, MemorySource, Stored};
         let (engine, rules, templates, _d) = fixture(
             "const ON = [\"order_placed\"];\n\
              if add_distinct(\"big\", \"quarter\", client.id) && distinct(\"big\", \"quarter\") == 3 {\n\
@@ -1019,7 +1021,7 @@ mod tests {
 
     #[test]
     fn opens_and_clicks_are_tied_to_their_mail_and_counted_per_rule_and_template() {
-        use crate::counters::{CounterKey, MemorySource};
+        use crate::domain::counters::{CounterKey, MemorySource};
         let (engine, rules, templates, _d) =
             fixture("const ON = [\"client_registered\"];\nmail(\"t\");");
         let core = core(&engine, &rules, &templates);

@@ -6,18 +6,20 @@
 
 mod auth;
 mod guard;
+pub mod live;
 mod serve;
+pub mod view;
 
 pub use auth::{Caller, Tokens};
 pub use serve::{Limits, serve};
 
-use crate::catalog::Catalog;
-use crate::event::ClientId;
-use crate::live::Live;
+use crate::delivery::unsubscribe::Signer;
+use crate::domain::event::ClientId;
+use crate::flow::catalog::Catalog;
+use crate::flow::scheduler::{Scheduler, TriggerError};
+use crate::http::live::Live;
 use crate::metrics::Metrics;
-use crate::scheduler::{Scheduler, TriggerError};
 use crate::store::{AnyStore, AuditEntry, Store, TaskFilter, erasure_hash};
-use crate::unsubscribe::Signer;
 use axum::extract::{Extension, Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::middleware;
@@ -522,12 +524,12 @@ async fn client_360(
         }
     }
     let templates = s.catalog.templates();
-    let ctx = crate::view::MailContext {
+    let ctx = crate::http::view::MailContext {
         templates: &templates,
         opened: &seen[0],
         clicked: &seen[1],
     };
-    Ok(Json(crate::view::client_360(c, &mails, &tasks, &ctx)).into_response())
+    Ok(Json(crate::http::view::client_360(c, &mails, &tasks, &ctx)).into_response())
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
@@ -961,7 +963,7 @@ async fn unsubscribe(State(s): State<ApiState>, Path(token): Path<String>) -> Re
         );
     };
     let now = chrono::Utc::now();
-    let id = crate::unsubscribe::event_id(&client, &token);
+    let id = crate::delivery::unsubscribe::event_id(&client, &token);
     let event = json!({
         "id": id,
         "type": "unsubscribed",

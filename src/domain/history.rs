@@ -3,7 +3,7 @@
 //! folds one event into the state, so the live daemon, tests and replays all
 //! derive the same history from the same events.
 
-use crate::event::{ClientId, Envelope};
+use crate::domain::event::{ClientId, Envelope};
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
@@ -141,7 +141,7 @@ fn lenient_f64_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, f
 }
 
 /// Largest `spend` or channel total a client's history holds, either way.
-/// The edge bounds one order at [`crate::event::MAX_MONEY`]; sums saturate
+/// The edge bounds one order at [`crate::domain::event::MAX_MONEY`]; sums saturate
 /// here so that no run of orders makes them infinite (stored as `null`).
 pub const MAX_MONEY_SUM: f64 = 1e15;
 

@@ -5,14 +5,14 @@
 //! nothing of NATS, so the daemon, the scheduler, tests and benchmarks all
 //! drive the same code.
 
-use crate::catalog::Catalog;
-use crate::chain::{Chain, Turn};
 use crate::config::Config;
-use crate::counters::{CounterKey, CounterSource, Counters, Stored};
-use crate::decide::{Core, CoreSettings};
-use crate::event::{ClientId, Envelope, EventId};
-use crate::history::ClientState;
-use crate::live::{Live, LiveItem};
+use crate::core::decide::{Core, CoreSettings};
+use crate::domain::counters::{CounterKey, CounterSource, Counters, Stored};
+use crate::domain::event::{ClientId, Envelope, EventId};
+use crate::domain::history::ClientState;
+use crate::flow::catalog::Catalog;
+use crate::flow::chain::{Chain, Turn};
+use crate::http::live::{Live, LiveItem};
 use crate::metrics::Metrics;
 use crate::store::{
     AnyStore, BatchWrite, CommitOutcome, Level, LogEntry, Rejected, Store, StoreError, StoredEvent,
@@ -240,7 +240,7 @@ impl Step {
     /// What a step set aside does instead of deciding: an event is stored
     /// but not applied, the timer whose firing broke off is dropped, a sweep
     /// skips the client; each says so in the client's process log.
-    fn set_aside(&self, state: &mut ClientState, why: &str) -> crate::decide::Decision {
+    fn set_aside(&self, state: &mut ClientState, why: &str) -> crate::core::decide::Decision {
         let (at, event_id, message) = match self {
             Step::Event(e) => (
                 e.envelope.occurred_at,
@@ -266,7 +266,7 @@ impl Step {
                 format!("sweep of `{rule}` skipped for this client: it broke off ({why})"),
             ),
         };
-        crate::decide::Decision {
+        crate::core::decide::Decision {
             log: vec![LogEntry {
                 client_id: state.client_id.clone(),
                 at,
@@ -483,7 +483,7 @@ impl Pipeline {
     ///
     /// A batch with a chained [`Turn`] commits only after the batch before
     /// it in its sequence, and is decided while that one commits, on top of
-    /// what it decided (see [`crate::chain`]); when what it read did not
+    /// what it decided (see [`crate::flow::chain`]); when what it read did not
     /// hold, or part of it has to wait, it is decided again as above. The
     /// turn is finished once the batch is committed; after an error it is
     /// left to the caller, who retries with it (the batches after wait) or
@@ -1055,7 +1055,7 @@ impl Pipeline {
     fn announce(&self, write: &BatchWrite) {
         for e in &write.events {
             let env = &e.envelope;
-            if crate::live::NOTABLE.contains(&env.event_type.as_str()) {
+            if crate::http::live::NOTABLE.contains(&env.event_type.as_str()) {
                 self.live.send(LiveItem {
                     kind: "event",
                     client_id: env.client_id.to_string(),
@@ -1067,7 +1067,7 @@ impl Pipeline {
             }
         }
         for e in &write.effects {
-            if let crate::effects::EffectKind::Task { team, title, .. } = &e.kind {
+            if let crate::domain::effects::EffectKind::Task { team, title, .. } = &e.kind {
                 self.live.send(LiveItem {
                     kind: "task",
                     client_id: e.client_id.to_string(),
@@ -1146,7 +1146,8 @@ impl Pipeline {
                         match decided {
                             Ok(d) => d,
                             Err(panic) => {
-                                let message = crate::rules::api::panic_message(panic.as_ref());
+                                let message =
+                                    crate::core::rules::api::panic_message(panic.as_ref());
                                 let key = advance_key.unwrap_or_else(|| steps[i].key(state));
                                 return Err((steps, key, message));
                             }

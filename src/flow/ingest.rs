@@ -3,7 +3,7 @@
 //! committed it. Redelivery is harmless: the pipeline drops ids it has seen.
 
 use crate::config::NatsConfig;
-use crate::pipeline::{Incoming, Pipeline};
+use crate::flow::pipeline::{Incoming, Pipeline};
 use async_nats::jetstream::{self, consumer::pull, stream};
 use futures::{FutureExt, StreamExt};
 use std::sync::Arc;
@@ -76,13 +76,13 @@ const ISOLATE_AFTER: u32 = 3;
 async fn isolate(
     pipeline: &Pipeline,
     incoming: &[Incoming],
-    floor: &dyn crate::pipeline::AckFloor,
+    floor: &dyn crate::flow::pipeline::AckFloor,
     lease: Duration,
-) -> Result<crate::pipeline::BatchReport, crate::store::StoreError> {
-    let mut total = crate::pipeline::BatchReport::default();
+) -> Result<crate::flow::pipeline::BatchReport, crate::store::StoreError> {
+    let mut total = crate::flow::pipeline::BatchReport::default();
     for m in incoming {
         let one = std::slice::from_ref(m);
-        let mut turn = crate::chain::Turn::default();
+        let mut turn = crate::flow::chain::Turn::default();
         let report = match pipeline
             .process_in_order(one, floor, lease, &mut turn)
             .await
@@ -111,7 +111,7 @@ struct ConsumerFloor {
 /// milliseconds when it is there.
 const FLOOR_TIMEOUT: Duration = Duration::from_secs(3);
 
-impl crate::pipeline::AckFloor for ConsumerFloor {
+impl crate::flow::pipeline::AckFloor for ConsumerFloor {
     fn floor(&self) -> futures::future::BoxFuture<'_, Result<u64, String>> {
         Box::pin(async move {
             let info = tokio::time::timeout(FLOOR_TIMEOUT, self.consumer.get_info());
@@ -350,7 +350,7 @@ impl Batch {
     /// The batches pulled after it commit after it: they wait while it is
     /// retried (in an outage nothing commits anyway; a poison message is
     /// set aside by the retries), unless it is cancelled.
-    async fn settle(self, held: Vec<jetstream::Message>, mut turn: crate::chain::Turn) {
+    async fn settle(self, held: Vec<jetstream::Message>, mut turn: crate::flow::chain::Turn) {
         let pipeline = &self.pipeline;
         // How often the broker has handed out the most delivered message:
         // counts every instance's and every earlier run's attempts, which

@@ -5,7 +5,7 @@
 //! no per-call state of ours to write into; [`collect`] scopes it to exactly
 //! one rule run on the current thread.
 
-use crate::counters::{CounterKey, Counters};
+use crate::domain::counters::{CounterKey, Counters};
 use chrono::{DateTime, Utc};
 use rhai::{Dynamic, Engine, EvalAltResult, Map as RhaiMap, Position};
 use serde_json::{Map, Value};
@@ -86,9 +86,9 @@ impl Default for RunLimits {
 }
 
 /// Largest amount `add` and `client_add` take in one call, either way: the
-/// bound on money at the edge ([`crate::event::MAX_MONEY`]), so no counter
+/// bound on money at the edge ([`crate::domain::event::MAX_MONEY`]), so no counter
 /// can be driven to infinity (stored as `null`, then unreadable).
-pub const MAX_ADD_AMOUNT: f64 = crate::event::MAX_MONEY;
+pub const MAX_ADD_AMOUNT: f64 = crate::domain::event::MAX_MONEY;
 
 /// Longest name of a timer, counter, template, team, `remember` key or
 /// emitted type's argument, in bytes: names are keys kept with the client.
@@ -194,7 +194,7 @@ fn client_counter_key(
     now: DateTime<Utc>,
 ) -> Result<String, Box<EvalAltResult>> {
     // The client's own counters use UTC periods: they are about one person.
-    let p = crate::counters::period_key(period, now, chrono_tz::Tz::UTC)?;
+    let p = crate::domain::counters::period_key(period, now, chrono_tz::Tz::UTC)?;
     Ok(format!("{name}/{p}"))
 }
 
@@ -375,7 +375,7 @@ pub(crate) fn log_line(s: &str) -> Option<String> {
         ));
         Some(format!(
             "{}... (cut: over {max} bytes of output in this run)",
-            crate::history::truncated(s, left)
+            crate::domain::history::truncated(s, left)
         ))
     })
 }
@@ -495,7 +495,7 @@ pub fn register(engine: &mut Engine) {
     });
     engine.register_fn("unique_code", unique_code);
     engine.register_fn("emit", |event_type: &str, data: RhaiMap| {
-        if crate::event::RESERVED_TYPES.contains(&event_type) {
+        if crate::domain::event::RESERVED_TYPES.contains(&event_type) {
             return refuse(format!(
                 "emit(\"{event_type}\"): the type is reserved for nudge's timers and sweeps"
             ));
@@ -566,7 +566,7 @@ pub fn register(engine: &mut Engine) {
 }
 
 /// Adds to the client's own counter. The total saturates within
-/// ±[`crate::history::MAX_MONEY_SUM`] so it always stays storable.
+/// ±[`crate::domain::history::MAX_MONEY_SUM`] so it always stays storable.
 fn client_add(name: &str, period: &str, amount: f64) -> Result<f64, Box<EvalAltResult>> {
     check_name("a counter name", name)?;
     let amount = check_amount("client_add", amount)?;
@@ -596,7 +596,7 @@ fn client_add(name: &str, period: &str, amount: f64) -> Result<f64, Box<EvalAltR
             }
         }
         let v = counters.entry(key).or_default();
-        *v = crate::history::money_add(*v, amount);
+        *v = crate::domain::history::money_add(*v, amount);
         *v
     })
 }
@@ -692,8 +692,8 @@ mod tests {
         register(&mut engine);
         let mut ctx = RunContext::new("r", "c1", "e1");
         ctx.now = "2026-11-01T10:00:00Z".parse().unwrap();
-        ctx.counters = crate::counters::Counters::new(
-            Box::new(crate::counters::MemorySource::default()),
+        ctx.counters = crate::domain::counters::Counters::new(
+            Box::new(crate::domain::counters::MemorySource::default()),
             chrono_tz::Tz::UTC,
         );
         let (res, ctx) = collect(ctx, || engine.run(script));
@@ -766,7 +766,7 @@ mod tests {
                for i in 0..300 { client_add(`c${i}`, "all", 1); }"#);
         assert_eq!(err, None);
         assert!(ctx.client_counters["big/all"].is_finite());
-        assert!(ctx.client_counters["big/all"] <= crate::history::MAX_MONEY_SUM);
+        assert!(ctx.client_counters["big/all"] <= crate::domain::history::MAX_MONEY_SUM);
         assert_eq!(ctx.client_counters.len(), MAX_CLIENT_COUNTERS);
         assert_eq!(ctx.notes.len(), 1, "{:?}", ctx.notes);
     }

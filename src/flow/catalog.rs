@@ -6,10 +6,10 @@
 //! few `stat` calls per poll.
 
 use crate::config::Config;
-use crate::event::ClientId;
-use crate::rules::loader::{RuleLoader, RuleSet};
-use crate::rules::{CompileError, RuleEngine};
-use crate::templates::{TemplateLoader, TemplateSet};
+use crate::core::rules::loader::{RuleLoader, RuleSet};
+use crate::core::rules::{CompileError, RuleEngine};
+use crate::core::templates::{TemplateLoader, TemplateSet};
+use crate::domain::event::ClientId;
 use arc_swap::ArcSwap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};

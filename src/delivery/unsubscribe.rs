@@ -10,7 +10,7 @@
 //! Links of the first format (`hex(id).hex(tag)`, readable) that went out
 //! before are still honoured; only new mails carry the opaque form.
 
-use crate::event::ClientId;
+use crate::domain::event::ClientId;
 use crate::store::{AnyStore, Store, StoreError};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -251,7 +251,10 @@ mod tests {
         let long = ClientId::parse("é".repeat(128)).unwrap();
         let t = s.token(&long);
         let id = event_id(&long, &t);
-        assert!(crate::event::EventId::parse(id.clone()).is_ok(), "{id}");
+        assert!(
+            crate::domain::event::EventId::parse(id.clone()).is_ok(),
+            "{id}"
+        );
         assert_eq!(id.chars().count(), 52);
         assert_eq!(event_id(&long, &t), id);
         let ana = ClientId::parse("ana").unwrap();

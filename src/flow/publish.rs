@@ -2,7 +2,7 @@
 //! stream, each with `Nats-Msg-Id` set to its id, as a shop would.
 
 use crate::config::NatsConfig;
-use crate::event::Envelope;
+use crate::domain::event::Envelope;
 use anyhow::{Context, bail};
 use async_nats::HeaderMap;
 use std::path::Path;
@@ -32,7 +32,7 @@ pub async fn publish_file(cfg: &NatsConfig, path: &Path) -> anyhow::Result<usize
             )
         })?;
     let js = async_nats::jetstream::new(client);
-    crate::ingest::ensure_stream(&js, cfg).await?;
+    crate::flow::ingest::ensure_stream(&js, cfg).await?;
     let mut acks = Vec::with_capacity(events.len());
     for (e, value) in &events {
         let mut headers = HeaderMap::new();

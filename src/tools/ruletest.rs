@@ -4,15 +4,15 @@
 //! and compares every effect the rules asked for with what the test expects.
 //! No NATS, no SMTP, no database.
 
-use crate::counters::{Counters, MemorySource};
-use crate::decide::{Core, CoreSettings, Decision};
-use crate::effects::EffectKind;
-use crate::event::{ClientId, Envelope};
-use crate::history::ClientState;
-use crate::rules::RuleEngine;
-use crate::rules::loader::RuleSet;
+use crate::core::decide::{Core, CoreSettings, Decision};
+use crate::core::rules::RuleEngine;
+use crate::core::rules::loader::RuleSet;
+use crate::core::templates::TemplateSet;
+use crate::domain::counters::{Counters, MemorySource};
+use crate::domain::effects::EffectKind;
+use crate::domain::event::{ClientId, Envelope};
+use crate::domain::history::ClientState;
 use crate::store::Level;
-use crate::templates::TemplateSet;
 use chrono::{DateTime, Duration, Utc};
 use chrono_tz::Tz;
 use serde::Deserialize;

@@ -18,9 +18,9 @@
 //! pending values, whose version numbers a different commit could take,
 //! need the generation.
 
-use crate::counters::{CounterKey, Stored};
-use crate::event::ClientId;
-use crate::history::ClientState;
+use crate::domain::counters::{CounterKey, Stored};
+use crate::domain::event::ClientId;
+use crate::domain::history::ClientState;
 use crate::store::BatchWrite;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -326,7 +326,7 @@ impl Turn {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::counters::CounterWrite;
+    use crate::domain::counters::CounterWrite;
 
     fn client(id: &str, version: i64) -> ClientState {
         let mut s = ClientState::new(ClientId::parse(id).unwrap());

@@ -14,7 +14,7 @@ use std::sync::LazyLock;
 /// page itself, so editing the page cannot leave a stale hash behind.
 static CSP: LazyLock<String> = LazyLock::new(|| {
     use base64_hashes::script_hashes;
-    let scripts: Vec<String> = script_hashes(include_str!("../staff.html"))
+    let scripts: Vec<String> = script_hashes(include_str!("staff.html"))
         .into_iter()
         .map(|h| format!("'sha256-{h}'"))
         .collect();
