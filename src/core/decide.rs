@@ -14,7 +14,7 @@ use crate::domain::counters::Counters;
 use crate::domain::effects::{Effect, EffectKind, effect_key};
 use crate::domain::event::{ClientId, Envelope, EventId, EventType};
 use crate::domain::history::{ClientState, HistoryLimits, RECENT_MAILS, SentMail, Session, Timer};
-use crate::store::{Level, LogEntry};
+use crate::domain::log::{Level, LogEntry};
 use chrono::{DateTime, Duration, Utc};
 use rhai::Dynamic;
 use serde_json::{Map, Value, json};
@@ -292,7 +292,7 @@ impl Core<'_> {
             .data
             .get("message_id")
             .and_then(Value::as_str)
-            .and_then(crate::delivery::mailer::key_of_message_id)
+            .and_then(crate::domain::effects::key_of_message_id)
         else {
             return Ok(());
         };

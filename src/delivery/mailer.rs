@@ -3,6 +3,7 @@
 
 use crate::config::{Config, SmtpConfig, Transport};
 use crate::core::templates::Rendered;
+use crate::domain::effects::MESSAGE_ID_MARK;
 use lettre::message::header::{HeaderName, HeaderValue};
 use lettre::message::{Mailbox, MultiPart};
 use lettre::transport::smtp::PoolConfig;
@@ -222,14 +223,7 @@ fn header(name: &'static str, value: &str) -> HeaderValue {
 /// crash carries the same id and can be recognised downstream, and an open or
 /// a click that names it can be tied back to its rule and template.
 pub fn message_id(key: &str, from: &Mailbox) -> String {
-    format!("<{key}.nudge@{}>", from.email.domain())
-}
-
-/// The effect key inside one of our Message-IDs (with or without the `<>`).
-pub fn key_of_message_id(id: &str) -> Option<&str> {
-    let id = id.trim().trim_start_matches('<').trim_end_matches('>');
-    let (key, _) = id.split_once(".nudge@")?;
-    (!key.is_empty()).then_some(key)
+    format!("<{key}{MESSAGE_ID_MARK}{}>", from.email.domain())
 }
 
 #[cfg(test)]

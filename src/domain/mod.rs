@@ -5,3 +5,4 @@ pub mod counters;
 pub mod effects;
 pub mod event;
 pub mod history;
+pub mod log;

@@ -10,13 +10,13 @@ use crate::core::decide::{Core, CoreSettings};
 use crate::domain::counters::{CounterKey, CounterSource, Counters, Stored};
 use crate::domain::event::{ClientId, Envelope, EventId};
 use crate::domain::history::ClientState;
+use crate::domain::log::{Level, LogEntry};
 use crate::flow::catalog::Catalog;
 use crate::flow::chain::{Chain, Turn};
 use crate::http::live::{Live, LiveItem};
 use crate::metrics::Metrics;
 use crate::store::{
-    AnyStore, BatchWrite, CommitOutcome, Level, LogEntry, Rejected, Store, StoreError, StoredEvent,
-    SweepProgress,
+    AnyStore, BatchWrite, CommitOutcome, Rejected, Store, StoreError, StoredEvent, SweepProgress,
 };
 use bytes::Bytes;
 use chrono::{DateTime, Utc};

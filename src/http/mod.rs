@@ -517,7 +517,7 @@ async fn client_360(
         for e in s.store.client_events(&client, Some(ty), None, 500).await? {
             if let Some(key) = e.data["message_id"]
                 .as_str()
-                .and_then(crate::delivery::mailer::key_of_message_id)
+                .and_then(crate::domain::effects::key_of_message_id)
             {
                 set.insert(key.to_string());
             }

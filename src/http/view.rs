@@ -95,7 +95,7 @@ pub fn client_360(
             let key = m
                 .message_id
                 .as_deref()
-                .and_then(crate::delivery::mailer::key_of_message_id)
+                .and_then(crate::domain::effects::key_of_message_id)
                 .map(str::to_string);
             let seen = |set: &std::collections::BTreeSet<String>| {
                 key.as_ref().is_some_and(|k| set.contains(k))

@@ -11,6 +11,7 @@ use crate::domain::counters::{CounterKey, CounterWrite, Stored};
 use crate::domain::effects::Effect;
 use crate::domain::event::{ClientId, Envelope, EventId};
 use crate::domain::history::ClientState;
+use crate::domain::log::{Level, LogEntry};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use std::collections::{HashMap, HashSet};
@@ -161,35 +162,6 @@ pub struct Rejected {
     pub reason: String,
     /// The raw payload, lossily decoded for display.
     pub payload: String,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Level {
-    Notice,
-    Warning,
-    Error,
-}
-
-impl Level {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Level::Notice => "notice",
-            Level::Warning => "warning",
-            Level::Error => "error",
-        }
-    }
-}
-
-/// One line of a client's process log: what nudge decided and did.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct LogEntry {
-    pub client_id: ClientId,
-    pub at: DateTime<Utc>,
-    pub level: Level,
-    pub rule: Option<String>,
-    pub event_id: Option<EventId>,
-    pub message: String,
 }
 
 /// Everything one ingest batch writes, atomically.

@@ -12,7 +12,7 @@ use crate::domain::counters::{Counters, MemorySource};
 use crate::domain::effects::EffectKind;
 use crate::domain::event::{ClientId, Envelope};
 use crate::domain::history::ClientState;
-use crate::store::Level;
+use crate::domain::log::Level;
 use chrono::{DateTime, Duration, Utc};
 use chrono_tz::Tz;
 use serde::Deserialize;
@@ -319,7 +319,7 @@ fn run_case(subject: &Subject<'_>, case: &TestCase) -> Result<(), Vec<String>> {
     // Why something asked for was not made (no such template or team, no
     // address, an emit refused): shown under a failure, so it explains itself.
     let mut why = Vec::new();
-    let note = |l: &crate::store::LogEntry, why: &mut Vec<String>| {
+    let note = |l: &crate::domain::log::LogEntry, why: &mut Vec<String>| {
         if l.level == Level::Warning {
             let rule = l.rule.as_deref().unwrap_or("-");
             let line = format!("  why: rule {rule}, client {}: {}", l.client_id, l.message);
