@@ -10,7 +10,7 @@ use crate::flow::catalog::Catalog;
 use crate::flow::ingest;
 use crate::flow::pipeline::Pipeline;
 use crate::flow::scheduler::Scheduler;
-use crate::http::live::Live;
+use crate::flow::live::Live;
 use crate::http::{ApiState, Limits, router, serve};
 use crate::metrics::Metrics;
 use crate::store::{AnyStore, Store};

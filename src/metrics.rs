@@ -1,6 +1,5 @@
 //! Counters the daemon keeps about itself, rendered as Prometheus text.
 
-use crate::flow::pipeline::BatchReport;
 use crate::store::BatchWrite;
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -94,15 +93,17 @@ struct Histogram {
 }
 
 impl Metrics {
-    pub fn batch_committed(&self, report: &BatchReport, write: &BatchWrite) {
-        let total = report.accepted + report.duplicates + report.rejected;
+    /// A batch committed; `duplicates` messages of it were left out as
+    /// already known.
+    pub fn batch_committed(&self, write: &BatchWrite, duplicates: usize) {
+        let accepted = write.events.len();
+        let total = accepted + duplicates + write.rejected.len();
         self.events_consumed.fetch_add(total as u64, Relaxed);
         self.events_accepted
-            .fetch_add(report.accepted as u64, Relaxed);
-        self.events_duplicate
-            .fetch_add(report.duplicates as u64, Relaxed);
+            .fetch_add(accepted as u64, Relaxed);
+        self.events_duplicate.fetch_add(duplicates as u64, Relaxed);
         self.events_rejected
-            .fetch_add(report.rejected as u64, Relaxed);
+            .fetch_add(write.rejected.len() as u64, Relaxed);
         self.effects_queued
             .fetch_add(write.effects.len() as u64, Relaxed);
         self.batches.fetch_add(1, Relaxed);

@@ -18,7 +18,7 @@ use crate::domain::effects::EffectKind;
 use crate::domain::event::{ClientId, EventId};
 use crate::domain::log::{Level, LogEntry};
 use crate::flow::catalog::Catalog;
-use crate::http::live::{Live, LiveItem};
+use crate::flow::live::{Live, LiveItem};
 use crate::metrics::Metrics;
 use crate::store::{AnyStore, Delivery, OutboxItem, Store, StoreError};
 use chrono::{DateTime, Duration as ChronoDuration, TimeZone, Utc};

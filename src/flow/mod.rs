@@ -6,6 +6,7 @@
 pub mod catalog;
 pub mod chain;
 pub mod ingest;
+pub mod live;
 pub mod pipeline;
 pub mod publish;
 pub mod scheduler;

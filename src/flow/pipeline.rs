@@ -13,7 +13,7 @@ use crate::domain::history::ClientState;
 use crate::domain::log::{Level, LogEntry};
 use crate::flow::catalog::Catalog;
 use crate::flow::chain::{Chain, Turn};
-use crate::http::live::{Live, LiveItem};
+use crate::flow::live::{Live, LiveItem};
 use crate::metrics::Metrics;
 use crate::store::{
     AnyStore, BatchWrite, CommitOutcome, Rejected, Store, StoreError, StoredEvent, SweepProgress,
@@ -1043,7 +1043,7 @@ impl Pipeline {
                     self.metrics.rule_run(rule, *ok);
                 }
                 self.catalog.record_runs(runs);
-                self.metrics.batch_committed(report, write);
+                self.metrics.batch_committed(write, report.duplicates);
                 self.announce(write);
                 Ok(true)
             }
@@ -1055,7 +1055,7 @@ impl Pipeline {
     fn announce(&self, write: &BatchWrite) {
         for e in &write.events {
             let env = &e.envelope;
-            if crate::http::live::NOTABLE.contains(&env.event_type.as_str()) {
+            if crate::flow::live::NOTABLE.contains(&env.event_type.as_str()) {
                 self.live.send(LiveItem {
                     kind: "event",
                     client_id: env.client_id.to_string(),

@@ -6,7 +6,6 @@
 
 mod auth;
 mod guard;
-pub mod live;
 mod serve;
 pub mod view;
 
@@ -17,7 +16,7 @@ use crate::delivery::unsubscribe::Signer;
 use crate::domain::event::ClientId;
 use crate::flow::catalog::Catalog;
 use crate::flow::scheduler::{Scheduler, TriggerError};
-use crate::http::live::Live;
+use crate::flow::live::Live;
 use crate::metrics::Metrics;
 use crate::store::{AnyStore, AuditEntry, Store, TaskFilter, erasure_hash};
 use axum::extract::{Extension, Path, Query, State};

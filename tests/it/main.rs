@@ -13,6 +13,7 @@ mod chain;
 mod check;
 mod cli;
 mod faults;
+mod layers;
 mod ordering;
 
 mod rejects;
