@@ -99,8 +99,7 @@ impl Metrics {
         let accepted = write.events.len();
         let total = accepted + duplicates + write.rejected.len();
         self.events_consumed.fetch_add(total as u64, Relaxed);
-        self.events_accepted
-            .fetch_add(accepted as u64, Relaxed);
+        self.events_accepted.fetch_add(accepted as u64, Relaxed);
         self.events_duplicate.fetch_add(duplicates as u64, Relaxed);
         self.events_rejected
             .fetch_add(write.rejected.len() as u64, Relaxed);

@@ -51,7 +51,12 @@ fn module_of(path: &Path) -> String {
         .unwrap();
     let mut parts: Vec<String> = rel
         .components()
-        .map(|c| c.as_os_str().to_string_lossy().trim_end_matches(".rs").to_string())
+        .map(|c| {
+            c.as_os_str()
+                .to_string_lossy()
+                .trim_end_matches(".rs")
+                .to_string()
+        })
         .collect();
     if parts.last().is_some_and(|p| p == "mod" || p == "lib") {
         parts.pop();
@@ -181,9 +186,8 @@ fn no_two_modules_import_each_other_even_through_others() {
     let g = graph();
     // A parent and its children are one unit: `mod.rs` declares them and
     // they use its items.
-    let related = |a: &str, b: &str| {
-        a.starts_with(&format!("{b}::")) || b.starts_with(&format!("{a}::"))
-    };
+    let related =
+        |a: &str, b: &str| a.starts_with(&format!("{b}::")) || b.starts_with(&format!("{a}::"));
     let mut cycles = Vec::new();
     for start in g.edges.keys() {
         // Depth-first from `start`, looking for a way back to it.
@@ -221,7 +225,10 @@ fn no_source_file_is_longer_than_a_reader_holds() {
             (n > MAX_LINES).then(|| format!("{}: {n} lines", module_of(f)))
         })
         .collect();
-    assert!(long.is_empty(), "files over {MAX_LINES} lines of code: {long:#?}");
+    assert!(
+        long.is_empty(),
+        "files over {MAX_LINES} lines of code: {long:#?}"
+    );
 }
 
 #[test]
@@ -234,7 +241,11 @@ fn the_import_reader_finds_groups_nested_paths_and_ignores_comments() {
     let found = imports(&code);
     assert_eq!(
         found.into_iter().collect::<Vec<_>>(),
-        vec!["domain::event::ClientId", "flow::pipeline::Pipeline::new", "store"]
+        vec![
+            "domain::event::ClientId",
+            "flow::pipeline::Pipeline::new",
+            "store"
+        ]
     );
     let known: BTreeSet<String> = ["domain", "domain::event", "flow::pipeline"]
         .iter()

@@ -1,0 +1,487 @@
+//! Deciding a batch of the stream in the stream's order, whatever other
+//! batches and instances hold: the consumer's window says which earlier
+//! messages are still pending, and a batch commits the part of it that
+//! none of them holds back.
+
+use super::steps::{Step, ordered_steps, split_before};
+use super::{BatchReport, Incoming, Outcome, Pipeline, StoreError, Work};
+use crate::flow::chain::Turn;
+use crate::store::{Store, StoredEvent, WindowBlockers};
+use chrono::Utc;
+use std::collections::{HashMap, HashSet};
+
+/// The first stream sequence below which every message is settled as far as
+/// this batch knows: none unannounced (a gap), none pending in another
+/// instance's batch, and none of this batch still held back. A step that
+/// used shared counters may commit only below it, so that every step before
+/// it in the stream has been decided first.
+pub(super) fn shared_cut(blockers: &WindowBlockers, held: &[StoredEvent]) -> u64 {
+    let own = held.iter().filter_map(|e| e.stream_seq).min();
+    blockers
+        .first_gap
+        .min(blockers.first_pending)
+        .min(own.unwrap_or(u64::MAX))
+}
+
+/// Splits events into those free to apply now and those held back by an
+/// earlier message: one nobody has announced yet (`first_gap`), or one of
+/// the same client pending in another batch.
+pub(super) fn split_free(
+    events: Vec<StoredEvent>,
+    blockers: &WindowBlockers,
+) -> (Vec<StoredEvent>, Vec<StoredEvent>) {
+    let held_from = held_from(&events, blockers);
+    events.into_iter().partition(|e| {
+        held_from
+            .get(e.envelope.client_id.as_str())
+            .is_none_or(|h| e.stream_seq.unwrap_or_default() < *h)
+    })
+}
+
+/// The stream sequence from which each client's events are held back.
+pub(super) fn held_from(events: &[StoredEvent], blockers: &WindowBlockers) -> HashMap<String, u64> {
+    // A message of this batch that another batch holds too (redelivered
+    // to it while this one had it) is no earlier message: whichever
+    // commits it first, the other finds it known.
+    let own: HashSet<u64> = events.iter().filter_map(|e| e.stream_seq).collect();
+    let mut first_pending: HashMap<&str, u64> = HashMap::new();
+    for (client, seq) in blockers.pending.iter().filter(|(_, s)| !own.contains(s)) {
+        let e = first_pending.entry(client.as_str()).or_insert(*seq);
+        *e = (*e).min(*seq);
+    }
+    let limit = |e: &StoredEvent| {
+        let pending = first_pending
+            .get(e.envelope.client_id.as_str())
+            .copied()
+            .unwrap_or(u64::MAX);
+        pending.min(blockers.first_gap)
+    };
+    // A client's events go together up to the first one held back, so a
+    // later event never overtakes an earlier one of the same batch.
+    let mut held_from: HashMap<String, u64> = HashMap::new();
+    for e in events {
+        let seq = e.stream_seq.unwrap_or_default();
+        if seq >= limit(e) {
+            let h = held_from
+                .entry(e.envelope.client_id.as_str().to_string())
+                .or_insert(seq);
+            *h = (*h).min(seq);
+        }
+    }
+    held_from
+}
+
+/// The distinct clients of these events.
+pub(super) fn clients_of(events: &[StoredEvent]) -> Vec<&str> {
+    let mut clients: Vec<&str> = events
+        .iter()
+        .map(|e| e.envelope.client_id.as_str())
+        .collect();
+    clients.sort_unstable();
+    clients.dedup();
+    clients
+}
+
+/// The stream's ack floor: every message at or below it is settled.
+pub trait AckFloor: Send + Sync {
+    fn floor(&self) -> futures::future::BoxFuture<'_, Result<u64, String>>;
+}
+
+/// A window owner per batch, unique across instances and restarts.
+pub(super) fn next_owner() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    static INSTANCE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let instance = INSTANCE.get_or_init(|| {
+        let mut b = [0u8; 8];
+        getrandom::fill(&mut b).expect("the OS has randomness");
+        hex::encode(b)
+    });
+    format!("{instance}-{}", NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Where a batch of the stream stands in the consumer's window.
+pub(super) struct Window<'a> {
+    owner: &'a str,
+    events: &'a [StoredEvent],
+    floor: &'a dyn AckFloor,
+}
+
+impl Pipeline {
+    /// Like [`Pipeline::process`], but decides in the order of the stream
+    /// even when other instances hold earlier messages: the batch is
+    /// announced in the shared window, and
+    /// - an event is committed only once every earlier message of the
+    ///   stream is known and none of its client is pending in another batch
+    ///   (each client's events in stream order);
+    /// - an event whose decision used the counters shared by all clients is
+    ///   committed only once every earlier message of the stream, of any
+    ///   client, is settled, and on the counters as they left (shared state
+    ///   in stream order; the commit's compare-and-swap checks the values).
+    ///
+    /// Parts of the batch commit as they become free. Waiting is bounded by
+    /// `max_wait` (half the lease): a message held that long by nobody alive
+    /// (an instance that died holding or pulling it) stops holding the rest,
+    /// which is logged and counted; the message is then decided when it is
+    /// redelivered, as a late event.
+    ///
+    /// A batch with a chained [`Turn`] commits only after the batch before
+    /// it in its sequence, and is decided while that one commits, on top of
+    /// what it decided (see [`crate::flow::chain`]); when what it read did not
+    /// hold, or part of it has to wait, it is decided again as above. The
+    /// turn is finished once the batch is committed; after an error it is
+    /// left to the caller, who retries with it (the batches after wait) or
+    /// drops it (they go on).
+    pub async fn process_in_order(
+        &self,
+        batch: &[Incoming],
+        floor: &dyn AckFloor,
+        lease: std::time::Duration,
+        turn: &mut Turn,
+    ) -> Result<BatchReport, StoreError> {
+        if batch.iter().any(|m| m.stream_seq.is_none()) {
+            turn.wait().await;
+            return self.process(batch).await;
+        }
+        let owner = next_owner();
+        let p = self.prepare(batch);
+        let mut items: Vec<(u64, Option<String>)> = p
+            .events
+            .iter()
+            .map(|e| {
+                (
+                    e.stream_seq.unwrap_or_default(),
+                    Some(e.envelope.client_id.as_str().to_string()),
+                )
+            })
+            .collect();
+        items.extend(p.unclaimed.iter().map(|s| (*s, None)));
+        let lease_until = Utc::now() + chrono::Duration::from_std(lease).unwrap_or_default();
+        self.store
+            .window_register(&owner, &items, lease_until)
+            .await?;
+
+        let entered = turn.is_chained().then(|| self.chain.enter(turn, &owner));
+        if turn.is_chained() {
+            let work = Work {
+                rejected: p.rejected.clone(),
+                log: p.log.clone(),
+                sweep: None,
+                settled: items.iter().map(|(seq, _)| *seq).collect(),
+            };
+            let window = Window {
+                owner: &owner,
+                events: &p.events,
+                floor,
+            };
+            if let Some(mut report) = self
+                .commit_ahead(p.steps(), &work, turn, Some(window))
+                .await?
+            {
+                if let Some(entered) = entered {
+                    entered.committed();
+                }
+                report.duplicates += p.duplicates;
+                self.observe_latency(batch);
+                return Ok(report);
+            }
+        }
+        // The rest as one batch at a time; the next batch waits for this
+        // one, so that batches still commit in the order they were pulled.
+        turn.wait().await;
+
+        let deadline = tokio::time::Instant::now() + lease / 2;
+        let mut pause = std::time::Duration::from_millis(1);
+        let mut waiting = p.events;
+        let mut rejected = p.rejected;
+        let mut log = p.log;
+        let mut settled_free: Vec<u64> = p.unclaimed;
+        let mut report = BatchReport {
+            duplicates: p.duplicates,
+            ..Default::default()
+        };
+        let mut trimmed = false;
+        let mut last_blockers: Option<(u64, WindowBlockers)> = None;
+        // A step at this sequence used shared counters and waits for every
+        // message before it: the events from it on are not decided again
+        // until the cut has passed it.
+        let mut shared_wait: Option<u64> = None;
+        while !waiting.is_empty() || !rejected.is_empty() || !settled_free.is_empty() {
+            let (mut ready, held, cut) = if tokio::time::Instant::now() >= deadline {
+                self.give_up_waiting(&waiting, last_blockers.as_ref());
+                (std::mem::take(&mut waiting), Vec::new(), None)
+            } else {
+                let floor = floor.floor().await.map_err(StoreError::AckFloor)?;
+                if !trimmed {
+                    self.store.window_trim(floor).await?;
+                    trimmed = true;
+                }
+                let below = waiting
+                    .iter()
+                    .filter_map(|e| e.stream_seq)
+                    .max()
+                    .map_or(0, |s| s + 1);
+                let clients = clients_of(&waiting);
+                let blockers = self
+                    .store
+                    .window_blockers(&[&owner], floor, below, &clients, Utc::now())
+                    .await?;
+                let (ready, held) = split_free(std::mem::take(&mut waiting), &blockers);
+                let cut = shared_cut(&blockers, &held);
+                last_blockers = Some((floor, blockers));
+                (ready, held, Some(cut))
+            };
+            waiting = held;
+            // Still short of the step that waits for the messages before it.
+            if let (Some(cut), Some(at)) = (cut, shared_wait) {
+                if cut <= at {
+                    let (now, later) = split_before(ready, at);
+                    waiting.extend(later);
+                    ready = now;
+                } else {
+                    shared_wait = None;
+                }
+            }
+            if ready.is_empty() && rejected.is_empty() && settled_free.is_empty() {
+                waiting.sort_by_key(|e| e.stream_seq);
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_millis(20));
+                continue;
+            }
+            pause = std::time::Duration::from_millis(1);
+            let mut work = Work {
+                rejected: std::mem::take(&mut rejected),
+                log: std::mem::take(&mut log),
+                sweep: None,
+                settled: ready.iter().filter_map(|e| e.stream_seq).collect(),
+            };
+            work.settled.append(&mut settled_free);
+            let part = loop {
+                let steps = ordered_steps(ready.clone());
+                // This batch's turn came before the loop.
+                match self
+                    .commit_steps(steps, &work, cut, &mut Turn::default())
+                    .await?
+                {
+                    Outcome::Committed(part) => break part,
+                    Outcome::HeldFrom(at) => {
+                        // The steps before it decide the same without it:
+                        // each depends only on the ones before it.
+                        shared_wait = Some(at);
+                        let (now, later) = split_before(ready, at);
+                        let later_seqs: HashSet<u64> =
+                            later.iter().filter_map(|e| e.stream_seq).collect();
+                        work.settled.retain(|s| !later_seqs.contains(s));
+                        waiting.extend(later);
+                        ready = now;
+                    }
+                }
+            };
+            waiting.sort_by_key(|e| e.stream_seq);
+            report.accepted += part.accepted;
+            report.duplicates += part.duplicates;
+            report.rejected += part.rejected;
+            report.effects += part.effects;
+        }
+        if let Some(entered) = entered {
+            entered.committed();
+        }
+        turn.finish();
+        self.observe_latency(batch);
+        Ok(report)
+    }
+
+    /// Says why held events are applied without waiting longer, and counts it.
+    pub(super) fn give_up_waiting(
+        &self,
+        waiting: &[StoredEvent],
+        last: Option<&(u64, WindowBlockers)>,
+    ) {
+        let first_held = waiting.iter().filter_map(|e| e.stream_seq).min();
+        let gap = last.is_some_and(|(_, b)| {
+            first_held.is_some_and(|h| b.first_gap <= h)
+                && b.first_gap < b.first_pending
+                && b.pending.is_empty()
+        });
+        if gap {
+            tracing::warn!(
+                held = waiting.len(),
+                ?first_held,
+                blockers = ?last,
+                "gave up waiting for an earlier message nobody announced (an instance died \
+                 holding it?): applying the held events now; that message is decided when \
+                 it is redelivered, after them"
+            );
+            self.metrics.order_gap_expired();
+        } else {
+            tracing::warn!(
+                held = waiting.len(),
+                ?first_held,
+                blockers = ?last,
+                "gave up waiting for earlier messages held by another batch whose lease runs on: \
+                 applying the held events now, in stream order among themselves"
+            );
+            self.metrics.order_wait_expired();
+        }
+    }
+
+    /// Decides the work on top of what the batches before `turn` decided,
+    /// and commits it right after them if that held and, for a batch of the
+    /// stream, no earlier message in the `window` holds it back. `None`:
+    /// it was not committed, and is to be decided again once the batch
+    /// before has committed (this waited for it).
+    pub(super) async fn commit_ahead(
+        &self,
+        steps: Vec<Step>,
+        work: &Work,
+        turn: &mut Turn,
+        window: Option<Window<'_>>,
+    ) -> Result<Option<BatchReport>, StoreError> {
+        let handed = turn.wait_decided().await;
+        let seen = handed.unwrap_or_else(|| self.chain.seen());
+        let mut decided = self.decide(steps, work, 0, Some(turn)).await?;
+        let published = self.chain.publish(turn, &decided.write);
+        // While the batches before commit: their messages will be settled
+        // by then, so only the others' can hold this one back.
+        let free = match &window {
+            None => true,
+            Some(w) => {
+                let mut owners = self.chain.owners_before(turn);
+                owners.push(w.owner.to_string());
+                let shared = decided.shared_seqs.last().copied();
+                decided.write.window_floor =
+                    self.free_floor(&owners, w.events, shared, w.floor).await?;
+                decided.write.window_floor.is_some()
+            }
+        };
+        turn.wait().await;
+        let holds = self.chain.holds(seen);
+        if holds && free {
+            // Only now: a batch that read values about to be withdrawn
+            // would be decided again, and so would the one after it.
+            turn.decided(self.chain.seen());
+            if self.commit(&decided).await? {
+                published.committed();
+                turn.finish();
+                return Ok(Some(decided.report));
+            }
+        }
+        // Withdrawn before the next batch may go on: it must see that what
+        // it read of this one did not hold.
+        drop(published);
+        tracing::debug!(
+            turn = turn.ordinal(),
+            read_held = holds,
+            free,
+            "a batch decided ahead is decided again"
+        );
+        self.metrics.decided_again();
+        Ok(None)
+    }
+
+    /// The ack floor if no earlier message holds back any of these events:
+    /// every message below them is known, none of their clients is pending
+    /// in a batch of other `owners`, and, when a step at `shared` used the
+    /// shared counters, no message of any client before it is pending either.
+    pub(super) async fn free_floor(
+        &self,
+        owners: &[String],
+        events: &[StoredEvent],
+        shared: Option<u64>,
+        floor: &dyn AckFloor,
+    ) -> Result<Option<u64>, StoreError> {
+        let floor = floor.floor().await.map_err(StoreError::AckFloor)?;
+        let Some(below) = events.iter().filter_map(|e| e.stream_seq).max() else {
+            return Ok(Some(floor));
+        };
+        let owners: Vec<&str> = owners.iter().map(String::as_str).collect();
+        let clients = clients_of(events);
+        let blockers = self
+            .store
+            .window_blockers(&owners, floor, below + 1, &clients, Utc::now())
+            .await?;
+        let shared_free = shared.is_none_or(|s| s < shared_cut(&blockers, &[]));
+        Ok((shared_free && held_from(events, &blockers).is_empty()).then_some(floor))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::event::Envelope;
+
+    fn stored(id: &str, client: &str, seq: u64) -> StoredEvent {
+        let json = format!(
+            r#"{{"id":"{id}","type":"page_viewed","client_id":"{client}","occurred_at":"2026-06-01T10:00:00Z","data":{{}},"context":{{}}}}"#
+        );
+        StoredEvent {
+            envelope: Envelope::parse(json.as_bytes(), 65536).unwrap().into(),
+            received_at: Utc::now(),
+            stream_seq: Some(seq),
+        }
+    }
+
+    #[test]
+    fn an_earlier_message_of_the_client_holds_back_the_rest_of_its_events() {
+        let events = vec![
+            stored("a", "c", 290),
+            stored("b", "c", 291),
+            stored("d", "d", 292),
+        ];
+        let blockers = WindowBlockers {
+            first_gap: u64::MAX,
+            pending: vec![("c".into(), 289)],
+            first_pending: 289,
+        };
+        let (free, held) = split_free(events, &blockers);
+        assert_eq!(free.len(), 1);
+        assert_eq!(held.len(), 2);
+    }
+
+    #[test]
+    fn a_copy_of_the_batchs_own_message_in_another_batch_holds_nothing_back() {
+        // Redelivered to another batch while this one had it.
+        let events = vec![stored("a", "c", 290), stored("b", "c", 291)];
+        let blockers = WindowBlockers {
+            first_gap: u64::MAX,
+            pending: vec![("c".into(), 290), ("c".into(), 291)],
+            first_pending: 290,
+        };
+        assert!(held_from(&events, &blockers).is_empty());
+    }
+
+    #[test]
+    fn steps_follow_the_stream_across_clients() {
+        // Stored in the batch out of order, as a redelivery can leave them.
+        let events = vec![
+            stored("z", "zed", 12),
+            stored("a", "ana", 11),
+            stored("b", "bob", 10),
+        ];
+        let order: Vec<u64> = ordered_steps(events)
+            .iter()
+            .map(|s| match s {
+                Step::Event(e) => e.stream_seq.unwrap(),
+                _ => unreachable!(),
+            })
+            .collect();
+        assert_eq!(order, vec![10, 11, 12], "not by client id");
+    }
+
+    #[test]
+    fn shared_steps_wait_for_any_earlier_message_and_for_their_own_held_ones() {
+        let blockers = WindowBlockers {
+            first_gap: 500,
+            pending: Vec::new(),
+            first_pending: 300,
+        };
+        assert_eq!(shared_cut(&blockers, &[]), 300);
+        assert_eq!(shared_cut(&blockers, &[stored("h", "c", 250)]), 250);
+        let free = WindowBlockers {
+            first_gap: u64::MAX,
+            pending: Vec::new(),
+            first_pending: u64::MAX,
+        };
+        assert_eq!(shared_cut(&free, &[]), u64::MAX);
+    }
+}
