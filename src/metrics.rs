@@ -36,6 +36,8 @@ pub struct Metrics {
     pub order_gaps_expired: AtomicU64,
     /// Attempts to commit a batch that failed (each retry counts).
     pub batch_failures: AtomicU64,
+    /// The same, by class (`flow::error::BatchError::class`).
+    batch_failures_by_class: Mutex<BTreeMap<&'static str, u64>>,
     /// While this instance stands by for the stream: on SQLite, another
     /// process consumes into the database.
     standby: AtomicBool,
@@ -132,8 +134,14 @@ impl Metrics {
     }
 
     /// A batch could not be committed and will be retried.
-    pub fn batch_failed(&self, error: &str) {
+    pub fn batch_failed(&self, class: &'static str, error: &str) {
         self.batch_failures.fetch_add(1, Relaxed);
+        *self
+            .batch_failures_by_class
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(class)
+            .or_default() += 1;
         let mut f = self
             .ingest_failing
             .lock()
@@ -321,6 +329,21 @@ impl Metrics {
             for reason in SKIP_REASONS {
                 let n = skipped.get(reason).copied().unwrap_or(0);
                 let _ = writeln!(out, "{name}{{reason=\"{reason}\"}} {n}");
+            }
+        }
+        {
+            let failed = self
+                .batch_failures_by_class
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let name = "nudge_batch_failures_by_class_total";
+            let _ = writeln!(
+                out,
+                "# HELP {name} Failed attempts to commit a batch, by class: transient (retried as it is), conflict (other writers), poison (a message may be to blame; taken apart after 3), fatal (an operator must act), panic (the batch task panicked; redelivered).\n# TYPE {name} counter"
+            );
+            for class in ["transient", "conflict", "poison", "fatal", "panic"] {
+                let n = failed.get(class).copied().unwrap_or(0);
+                let _ = writeln!(out, "{name}{{class=\"{class}\"}} {n}");
             }
         }
         let rules = self.rules.lock().unwrap_or_else(|p| p.into_inner());

@@ -66,39 +66,6 @@ pub async fn ensure_consumer(
 /// Failed attempts of one batch before its messages are tried one by one.
 const ISOLATE_AFTER: u32 = 3;
 
-/// Commits the messages one at a time, each in the stream's order like any
-/// batch (through the consumer's window: an earlier message of the same
-/// client in another batch still goes first); a message that alone cannot
-/// be committed while the database answers is a poison message: it is kept
-/// as rejected with the error, so the stream goes on. If the database does
-/// not answer or cannot take writes at all (an outage: full, read-only,
-/// locked), nothing is rejected and the error comes back.
-async fn isolate(
-    pipeline: &Pipeline,
-    incoming: &[Incoming],
-    floor: &dyn crate::flow::pipeline::AckFloor,
-    lease: Duration,
-) -> Result<crate::flow::pipeline::BatchReport, crate::store::StoreError> {
-    let mut total = crate::flow::pipeline::BatchReport::default();
-    for m in incoming {
-        let one = std::slice::from_ref(m);
-        let mut turn = crate::flow::chain::Turn::default();
-        let report = match pipeline
-            .process_in_order(one, floor, lease, &mut turn)
-            .await
-        {
-            Ok(r) => r,
-            Err(e) if e.is_outage() => return Err(e),
-            Err(_) => pipeline.quarantine_poison(m).await?,
-        };
-        total.accepted += report.accepted;
-        total.duplicates += report.duplicates;
-        total.rejected += report.rejected;
-        total.effects += report.effects;
-    }
-    Ok(total)
-}
-
 /// The consumer's ack floor, read from the broker: what every instance
 /// sharing the consumer has acked up to.
 struct ConsumerFloor {
@@ -309,7 +276,7 @@ pub async fn run(
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_else(|| "panic".into());
                 tracing::error!(panic = %what, "batch task panicked; its events are left for redelivery");
-                metrics.metrics().batch_failed(&format!("panic: {what}"));
+                metrics.metrics().batch_failed("panic", &format!("panic: {what}"));
             }
             drop(permit);
         });
@@ -370,14 +337,14 @@ impl Batch {
                 }
             })
             .collect();
-        // Failed attempts, and those of them that were not an outage of the
-        // database: only these can point at a poison message.
+        // Failed attempts, and those of them that the database refused as
+        // poison: only these can point at a message to blame.
         let mut failures: u32 = 0;
         let mut suspect: u32 = 0;
         if delivered as u64 > self.max_deliveries {
             // Delivered again and again without an ack: this batch has
             // failed before (a crash, a panic, a stop while failing). Take
-            // it apart now; an outage still sets nothing aside (`isolate`).
+            // it apart now; only poison is set aside (`Pipeline::isolate`).
             tracing::warn!(
                 delivered,
                 events = incoming.len(),
@@ -387,12 +354,12 @@ impl Batch {
             turn.wait().await;
         }
         loop {
-            let result = if suspect >= ISOLATE_AFTER && incoming.len() > 1 {
+            let result = if suspect >= ISOLATE_AFTER {
                 // The batch keeps failing: find out whether one message
                 // is to blame rather than hold up the stream behind it.
-                isolate(pipeline, &incoming, self.floor.as_ref(), self.ack_wait).await
-            } else if suspect >= ISOLATE_AFTER {
-                pipeline.quarantine_poison(&incoming[0]).await
+                pipeline
+                    .isolate(&incoming, self.floor.as_ref(), self.ack_wait)
+                    .await
             } else {
                 pipeline
                     .process_in_order(&incoming, self.floor.as_ref(), self.ack_wait, &mut turn)
@@ -416,13 +383,13 @@ impl Batch {
                 }
                 Err(e) => {
                     failures += 1;
-                    // Contention or an outage is not the batch's fault:
-                    // retry it as it is, never take it apart as if a
-                    // message were poison.
-                    if !e.is_transient() {
+                    // An outage, contention or a fault an operator must
+                    // fix is not the batch's: retry it as it is, never take
+                    // it apart as if a message were poison.
+                    if e.is_poison() {
                         suspect += 1;
                     }
-                    pipeline.metrics().batch_failed(&e.to_string());
+                    pipeline.metrics().batch_failed(e.class(), &e.to_string());
                     let pause = Duration::from_millis(200 * 2u64.pow(failures.min(6)));
                     tracing::error!(error = %e, retry_in = ?pause, "batch not committed; will retry");
                     let progress = async {

@@ -5,6 +5,7 @@
 
 pub mod catalog;
 pub mod chain;
+pub mod error;
 pub mod ingest;
 pub mod live;
 pub mod pipeline;

@@ -8,6 +8,7 @@
 use crate::config::SchedulerConfig;
 use crate::domain::event::ClientId;
 use crate::flow::catalog::Catalog;
+use crate::flow::error::BatchError;
 use crate::flow::pipeline::Pipeline;
 use crate::store::{Store, StoreError};
 use chrono::{DateTime, Duration, DurationRound, Utc};
@@ -42,7 +43,13 @@ pub enum TriggerError {
     #[error("a sweep of rule `{0}` is already running")]
     Busy(String),
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Batch(#[from] BatchError),
+}
+
+impl From<StoreError> for TriggerError {
+    fn from(e: StoreError) -> Self {
+        TriggerError::Batch(e.into())
+    }
 }
 
 impl Scheduler {
@@ -75,7 +82,7 @@ impl Scheduler {
     }
 
     /// Fires due timers, then runs any schedule whose occurrence has come.
-    pub async fn tick(&self, now: DateTime<Utc>) -> Result<(), StoreError> {
+    pub async fn tick(&self, now: DateTime<Utc>) -> Result<(), BatchError> {
         self.fire_timers(now).await?;
         let rules = self.catalog.rules();
         for rule in rules.rules.iter().filter(|r| r.schedule.is_some()) {
@@ -90,7 +97,7 @@ impl Scheduler {
     }
 
     /// Fires every timer due by `now`, a page of clients per transaction.
-    pub async fn fire_timers(&self, now: DateTime<Utc>) -> Result<usize, StoreError> {
+    pub async fn fire_timers(&self, now: DateTime<Utc>) -> Result<usize, BatchError> {
         let mut fired = 0;
         loop {
             let due = self
@@ -148,7 +155,7 @@ impl Scheduler {
         rule: &str,
         slot: DateTime<Utc>,
         now: DateTime<Utc>,
-    ) -> Result<Option<SweepReport>, StoreError> {
+    ) -> Result<Option<SweepReport>, BatchError> {
         let store = self.pipeline.store();
         let lease = now + Duration::seconds(self.cfg.lease_secs as i64);
         let Some(claim) = store.claim_sweep(rule, slot, now, lease).await? else {

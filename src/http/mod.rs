@@ -250,6 +250,18 @@ impl From<crate::store::StoreError> for ApiError {
     }
 }
 
+impl From<crate::flow::error::BatchError> for ApiError {
+    fn from(e: crate::flow::error::BatchError) -> Self {
+        use crate::flow::error::BatchError as E;
+        tracing::error!(error = %e, class = e.class(), "api: batch not committed");
+        let status = match e {
+            E::Transient(_) | E::Conflict(_) => StatusCode::SERVICE_UNAVAILABLE,
+            E::Poison(_) | E::Fatal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(status, e.to_string())
+    }
+}
+
 /// Records who did what; a failure to record is logged, not returned: the
 /// action it describes has happened already.
 async fn audit(s: &ApiState, caller: &Caller, action: &str, target: String, outcome: &str) {
@@ -1036,7 +1048,7 @@ async fn run_rule(
             Err(ApiError(StatusCode::BAD_REQUEST, e.to_string()))
         }
         Err(e @ TriggerError::Busy(_)) => Err(ApiError(StatusCode::CONFLICT, e.to_string())),
-        Err(TriggerError::Store(e)) => Err(e.into()),
+        Err(TriggerError::Batch(e)) => Err(e.into()),
     }
 }
 

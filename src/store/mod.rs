@@ -37,17 +37,6 @@ pub enum StoreError {
     },
     #[error("unsupported database url {0:?}")]
     Url(String),
-    #[error("shared counters could not be read: {0}")]
-    Counters(String),
-    /// Other writers kept changing the same clients or counters: nothing is
-    /// wrong with the batch, it is retried as it is.
-    #[error("still conflicting with other writers after {0} attempts")]
-    Contended(usize),
-    /// The broker did not say how far the consumer is acked: the order of
-    /// the stream cannot be checked, so the batch waits and is retried as it
-    /// is (never taken apart, which would skip the consumer's window).
-    #[error("the broker's ack floor could not be read: {0}")]
-    AckFloor(String),
 }
 
 impl StoreError {
@@ -55,12 +44,6 @@ impl StoreError {
     /// refusing connections, locked by another writer past the busy timeout,
     /// out of space, read-only, or shutting down. Nothing about the data is to
     /// blame, so the same work is to be retried as it is, never set aside.
-    /// An outage, or writers contending: worth retrying as it is, and never
-    /// a sign that a message in the batch is to blame.
-    pub fn is_transient(&self) -> bool {
-        self.is_outage() || matches!(self, StoreError::Contended(_) | StoreError::AckFloor(_))
-    }
-
     pub fn is_outage(&self) -> bool {
         match self {
             StoreError::Db { source, .. } => sqlx_outage(source),

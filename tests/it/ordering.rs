@@ -174,13 +174,33 @@ async fn wait_consumed(env: &TestEnv, name: &str, what: &str) {
         .await
         .expect("the stream exists");
     let last = stream.cached_info().state.last_sequence;
-    crate::helpers::eventually(Duration::from_secs(120), what, || async {
-        let mut consumer: async_nats::jetstream::consumer::PullConsumer =
-            stream.get_consumer(name).await.ok()?;
-        let info = consumer.info().await.ok()?;
-        (info.ack_floor.stream_sequence >= last).then_some(())
-    })
-    .await;
+    // A stall fails, a slow machine does not: what is bounded is the time
+    // without progress (one-event batches on a loaded machine take minutes).
+    let stall = Duration::from_secs(60);
+    let mut floor = 0;
+    let mut moved = tokio::time::Instant::now();
+    loop {
+        let now = async {
+            let mut consumer: async_nats::jetstream::consumer::PullConsumer =
+                stream.get_consumer(name).await.ok()?;
+            Some(consumer.info().await.ok()?.ack_floor.stream_sequence)
+        }
+        .await;
+        if let Some(now) = now {
+            if now >= last {
+                return;
+            }
+            if now > floor {
+                floor = now;
+                moved = tokio::time::Instant::now();
+            }
+        }
+        assert!(
+            moved.elapsed() < stall,
+            "{what}: no progress for {stall:?} (acked up to {floor} of {last})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Every effect in a database's outbox: `(rule, kind, cause)` and the keys.
@@ -679,4 +699,138 @@ async fn a_later_batch_of_another_instance_waits_for_the_earlier_one_before_usin
         vec![&("first".to_string(), "task".to_string(), "o1".to_string())],
         "the first order of the month in stream order, not the first committed"
     );
+}
+
+/// A broker whose ack floor cannot be read for the first `failing` looks,
+/// and is 0 after.
+struct FlakyFloor {
+    failing: std::sync::atomic::AtomicUsize,
+}
+
+impl nudge::flow::pipeline::AckFloor for FlakyFloor {
+    fn floor(&self) -> futures::future::BoxFuture<'_, Result<u64, String>> {
+        Box::pin(async {
+            let left = self.failing.load(std::sync::atomic::Ordering::SeqCst);
+            if left > 0 {
+                self.failing
+                    .store(left - 1, std::sync::atomic::Ordering::SeqCst);
+                return Err("no answer from the broker".to_string());
+            }
+            Ok(0)
+        })
+    }
+}
+
+backend_tests!(a_batch_taken_apart_still_waits_for_an_earlier_message_of_its_client);
+
+/// Issue #22's suspicion: when the ack floor cannot be read, attempts
+/// fail; after three, the consumer takes the batch apart (`isolate`). Before
+/// the failures were typed, that committed each message through a path that
+/// skipped the consumer's window, so a client's later order could be decided
+/// before its earlier one, still pending in another instance's batch. Now an
+/// unreadable floor is transient: taking the batch apart rejects nothing,
+/// commits nothing, and once the floor answers the later order still waits
+/// for the earlier one.
+async fn a_batch_taken_apart_still_waits_for_an_earlier_message_of_its_client(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::create(backend, dir.path(), "apart").await;
+    let rules = dir.path().join("rules");
+    let templates = dir.path().join("templates");
+    std::fs::create_dir_all(&rules).unwrap();
+    std::fs::create_dir_all(&templates).unwrap();
+    std::fs::write(rules.join("first.rhai"), FIRST).unwrap();
+    let (config, store) = config_and_store(&rules, &templates, &db.url).await;
+    let instance = || {
+        Arc::new(Pipeline::new(
+            store.clone(),
+            Arc::new(nudge::flow::catalog::Catalog::load(&config)),
+            Arc::new(nudge::metrics::Metrics::default()),
+            &config,
+        ))
+    };
+    let (holder, apart) = (instance(), instance());
+    // One client's two orders: the first pulled by an instance that is slow
+    // to go on, the second by this one.
+    let order = |seq: u64| {
+        let mut m = order_message(seq);
+        let e = event(
+            &format!("o{seq}"),
+            "order_placed",
+            "client-same",
+            "2026-06-01T10:00:00Z",
+            json!({"order_id": format!("o{seq}"), "total": 10, "currency": "EUR", "items": []}),
+            json!({}),
+        );
+        m.payload = serde_json::to_vec(&e).unwrap().into();
+        m
+    };
+    let open = Arc::new(tokio::sync::Notify::new());
+    let gate = Gate {
+        open: open.clone(),
+        passed: false.into(),
+    };
+    let first = vec![order(1)];
+    let holding = tokio::spawn(async move {
+        holder
+            .process_in_order(
+                &first,
+                &gate,
+                Duration::from_secs(60),
+                &mut Default::default(),
+            )
+            .await
+    });
+    crate::helpers::eventually(Duration::from_secs(10), "the first order announced", || {
+        let store = store.clone();
+        async move {
+            let b = store
+                .window_blockers(&["nobody"], 0, 3, &[], chrono::Utc::now())
+                .await
+                .ok()?;
+            (b.first_pending == 1).then_some(())
+        }
+    })
+    .await;
+
+    let second = vec![order(2)];
+    let flaky = FlakyFloor {
+        failing: 100.into(),
+    };
+    // The attempts the consumer makes while the floor is unreadable, taken
+    // apart as after three failures: each fails as transient, and neither
+    // commits nor rejects the order.
+    for attempt in 0..4 {
+        let e = apart
+            .isolate(&second, &flaky, Duration::from_secs(60))
+            .await
+            .expect_err("the floor is unreadable");
+        assert_eq!(e.class(), "transient", "attempt {attempt}: {e}");
+    }
+    let o2 = nudge::domain::event::EventId::parse("o2").unwrap();
+    assert!(store.known_events(&[&o2]).await.unwrap().is_empty());
+    assert!(store.list_rejected(10).await.unwrap().is_empty());
+
+    // The floor answers: the second order still waits for the first.
+    flaky.failing.store(0, std::sync::atomic::Ordering::SeqCst);
+    let apart_task = tokio::spawn(async move {
+        apart
+            .isolate(&second, &flaky, Duration::from_secs(60))
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !apart_task.is_finished(),
+        "the later order waits for the earlier one of its client"
+    );
+    open.notify_one();
+    holding.await.unwrap().unwrap();
+    let report = apart_task.await.unwrap().unwrap();
+    assert_eq!((report.accepted, report.rejected), (1, 0));
+    let (effects, _) = outbox_of(&store).await;
+    assert_eq!(
+        effects.into_iter().collect::<Vec<_>>(),
+        vec![("first".to_string(), "task".to_string(), "o1".to_string())],
+        "the client's first order decided first"
+    );
+    assert!(store.list_rejected(10).await.unwrap().is_empty());
 }

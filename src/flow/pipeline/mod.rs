@@ -11,10 +11,11 @@ use crate::domain::event::{ClientId, Envelope, EventId};
 use crate::domain::log::{Level, LogEntry};
 use crate::flow::catalog::Catalog;
 use crate::flow::chain::{Chain, Turn};
+use crate::flow::error::BatchError;
 use crate::flow::live::{Live, LiveItem};
 use crate::metrics::Metrics;
 use crate::store::{
-    AnyStore, BatchWrite, CommitOutcome, Rejected, Store, StoreError, StoredEvent, SweepProgress,
+    AnyStore, BatchWrite, CommitOutcome, Rejected, Store, StoredEvent, SweepProgress,
 };
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -45,6 +46,15 @@ pub struct BatchReport {
     pub duplicates: usize,
     pub rejected: usize,
     pub effects: usize,
+}
+
+impl BatchReport {
+    pub fn add(&mut self, other: &BatchReport) {
+        self.accepted += other.accepted;
+        self.duplicates += other.duplicates;
+        self.rejected += other.rejected;
+        self.effects += other.effects;
+    }
 }
 
 /// A parsed batch, before deciding.
@@ -159,7 +169,7 @@ impl Pipeline {
 
     /// Processes and commits one batch of messages. On `Ok` every message is
     /// safe to ack: it was stored, rejected and kept, or had taken effect before.
-    pub async fn process(&self, batch: &[Incoming]) -> Result<BatchReport, StoreError> {
+    pub async fn process(&self, batch: &[Incoming]) -> Result<BatchReport, BatchError> {
         let p = self.prepare(batch);
         // Settled in the window too, should an ordered attempt have announced them.
         let work = Work {
@@ -241,18 +251,14 @@ impl Pipeline {
         }
     }
 
-    /// Keeps a message that cannot be committed (with the error of one more
-    /// try) as rejected, once the database is known to answer and the error
-    /// is not an outage of the whole database (full, read-only, locked); so
-    /// a poison message is recorded, not redelivered forever, and a good one
-    /// is never set aside for the database's fault.
-    pub async fn quarantine_poison(&self, m: &Incoming) -> Result<BatchReport, StoreError> {
-        let error = match self.process(std::slice::from_ref(m)).await {
-            Ok(report) => return Ok(report),
-            // Busy, full, read-only, locked or away: no message is to blame.
-            Err(e) if e.is_transient() => return Err(e),
-            Err(e) => e,
-        };
+    /// Keeps a message the database refused (poison) as rejected, with the
+    /// error, once the database is known to answer: so it is recorded, not
+    /// redelivered for ever.
+    async fn reject_poison(
+        &self,
+        m: &Incoming,
+        error: &BatchError,
+    ) -> Result<BatchReport, BatchError> {
         self.store.ping().await?;
         tracing::error!(subject = %m.subject, seq = ?m.stream_seq, %error, "poison message kept as rejected");
         let shown = &m.payload[..m.payload.len().min(self.max_event_bytes)];
@@ -280,7 +286,7 @@ impl Pipeline {
         &self,
         clients: Vec<ClientId>,
         now: DateTime<Utc>,
-    ) -> Result<BatchReport, StoreError> {
+    ) -> Result<BatchReport, BatchError> {
         let steps = clients.into_iter().map(|c| Step::Advance(c, now)).collect();
         let mut turn = self.chain.next_turn();
         self.commit_all(steps, Work::default(), &mut turn).await
@@ -295,7 +301,7 @@ impl Pipeline {
         after: Option<ClientId>,
         clients: Vec<ClientId>,
         done: bool,
-    ) -> Result<BatchReport, StoreError> {
+    ) -> Result<BatchReport, BatchError> {
         let work = Work {
             sweep: Some(SweepProgress {
                 rule: rule.to_string(),
@@ -319,7 +325,7 @@ impl Pipeline {
         steps: Vec<Step>,
         work: Work,
         turn: &mut Turn,
-    ) -> Result<BatchReport, StoreError> {
+    ) -> Result<BatchReport, BatchError> {
         match self.commit_steps(steps, &work, None, turn).await? {
             Outcome::Committed(report) => Ok(report),
             Outcome::HeldFrom(_) => unreachable!("only a cut holds steps back"),
@@ -336,7 +342,7 @@ impl Pipeline {
         work: &Work,
         cut: Option<u64>,
         turn: &mut Turn,
-    ) -> Result<Outcome, StoreError> {
+    ) -> Result<Outcome, BatchError> {
         if turn.is_chained()
             && let Some(report) = self.commit_ahead(steps.clone(), work, turn, None).await?
         {
@@ -388,7 +394,7 @@ impl Pipeline {
             }
             tracing::debug!("batch conflicted with another writer; retrying");
         }
-        Err(StoreError::Contended(MAX_CONFLICT_RETRIES))
+        Err(BatchError::Conflict(MAX_CONFLICT_RETRIES))
     }
 
     /// Loads the clients of the steps and decides them, with the rest of
@@ -403,7 +409,7 @@ impl Pipeline {
         work: &Work,
         duplicates: usize,
         ahead: Option<&Turn>,
-    ) -> Result<Decided, StoreError> {
+    ) -> Result<Decided, BatchError> {
         let mut client_ids: Vec<ClientId> = fresh.iter().map(Step::client).cloned().collect();
         client_ids.sort();
         client_ids.dedup();
@@ -451,7 +457,7 @@ impl Pipeline {
 
     /// Commits a decided batch; false if another writer changed its clients
     /// or counters since they were read.
-    async fn commit(&self, decided: &Decided) -> Result<bool, StoreError> {
+    async fn commit(&self, decided: &Decided) -> Result<bool, BatchError> {
         let Decided {
             write,
             runs,

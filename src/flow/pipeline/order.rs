@@ -4,8 +4,9 @@
 //! none of them holds back.
 
 use super::steps::{Step, ordered_steps, split_before};
-use super::{BatchReport, Incoming, Outcome, Pipeline, StoreError, Work};
+use super::{BatchReport, Incoming, Outcome, Pipeline, Work};
 use crate::flow::chain::Turn;
+use crate::flow::error::{BatchError, Cause};
 use crate::store::{Store, StoredEvent, WindowBlockers};
 use chrono::Utc;
 use std::collections::{HashMap, HashSet};
@@ -108,6 +109,35 @@ pub(super) struct Window<'a> {
 }
 
 impl Pipeline {
+    /// Commits the messages one at a time, each in the stream's order like
+    /// any batch (through the consumer's window: an earlier message of the
+    /// same client in another batch still goes first). A message that alone
+    /// is refused as poison is kept as rejected, so the stream goes on; any
+    /// other failure (an outage, the ack floor unknown, contention, a fault
+    /// an operator must fix) rejects nothing and comes back, for the batch
+    /// to be retried as it is.
+    pub async fn isolate(
+        &self,
+        incoming: &[Incoming],
+        floor: &dyn AckFloor,
+        lease: std::time::Duration,
+    ) -> Result<BatchReport, BatchError> {
+        let mut total = BatchReport::default();
+        for m in incoming {
+            let one = std::slice::from_ref(m);
+            let report = match self
+                .process_in_order(one, floor, lease, &mut Turn::default())
+                .await
+            {
+                Ok(report) => report,
+                Err(e) if e.is_poison() => self.reject_poison(m, &e).await?,
+                Err(e) => return Err(e),
+            };
+            total.add(&report);
+        }
+        Ok(total)
+    }
+
     /// Like [`Pipeline::process`], but decides in the order of the stream
     /// even when other instances hold earlier messages: the batch is
     /// announced in the shared window, and
@@ -138,7 +168,7 @@ impl Pipeline {
         floor: &dyn AckFloor,
         lease: std::time::Duration,
         turn: &mut Turn,
-    ) -> Result<BatchReport, StoreError> {
+    ) -> Result<BatchReport, BatchError> {
         if batch.iter().any(|m| m.stream_seq.is_none()) {
             turn.wait().await;
             return self.process(batch).await;
@@ -211,7 +241,10 @@ impl Pipeline {
                 self.give_up_waiting(&waiting, last_blockers.as_ref());
                 (std::mem::take(&mut waiting), Vec::new(), None)
             } else {
-                let floor = floor.floor().await.map_err(StoreError::AckFloor)?;
+                let floor = floor
+                    .floor()
+                    .await
+                    .map_err(|e| BatchError::Transient(Cause::AckFloor(e)))?;
                 if !trimmed {
                     self.store.window_trim(floor).await?;
                     trimmed = true;
@@ -336,7 +369,7 @@ impl Pipeline {
         work: &Work,
         turn: &mut Turn,
         window: Option<Window<'_>>,
-    ) -> Result<Option<BatchReport>, StoreError> {
+    ) -> Result<Option<BatchReport>, BatchError> {
         let handed = turn.wait_decided().await;
         let seen = handed.unwrap_or_else(|| self.chain.seen());
         let mut decided = self.decide(steps, work, 0, Some(turn)).await?;
@@ -389,8 +422,11 @@ impl Pipeline {
         events: &[StoredEvent],
         shared: Option<u64>,
         floor: &dyn AckFloor,
-    ) -> Result<Option<u64>, StoreError> {
-        let floor = floor.floor().await.map_err(StoreError::AckFloor)?;
+    ) -> Result<Option<u64>, BatchError> {
+        let floor = floor
+            .floor()
+            .await
+            .map_err(|e| BatchError::Transient(Cause::AckFloor(e)))?;
         let Some(below) = events.iter().filter_map(|e| e.stream_seq).max() else {
             return Ok(Some(floor));
         };

@@ -2,13 +2,15 @@
 //! due timer or sweep of a client, run through the pure core in stream
 //! order off the async workers, with panics caught and the step set aside.
 
-use super::{Pipeline, StoreError};
+use super::Pipeline;
 use crate::core::decide::Core;
 use crate::domain::counters::{CounterKey, CounterSource, Counters, Stored};
 use crate::domain::event::ClientId;
 use crate::domain::history::ClientState;
 use crate::domain::log::{Level, LogEntry};
 use crate::flow::chain::Chain;
+use crate::flow::error::{BatchError, Cause};
+use crate::store::StoreError;
 use crate::store::{AnyStore, BatchWrite, Store, StoredEvent};
 use chrono::{DateTime, Utc};
 use std::collections::{HashMap, HashSet};
@@ -179,6 +181,20 @@ pub(super) struct StoreCounters {
     /// Deciding ahead as the batch of this turn: the pending values of the
     /// batches before it come first.
     ahead: Option<(Arc<Chain>, u64)>,
+    /// The first error a read met, kept typed: the core sees only that a
+    /// counter could not be read, the batch's error says why.
+    failed: Arc<std::sync::Mutex<Option<StoreError>>>,
+}
+
+impl StoreCounters {
+    fn keep<T>(&self, result: Result<T, StoreError>) -> Result<T, String> {
+        result.map_err(|e| {
+            let message = e.to_string();
+            let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+            failed.get_or_insert(e);
+            message
+        })
+    }
 }
 
 impl CounterSource for StoreCounters {
@@ -190,9 +206,7 @@ impl CounterSource for StoreCounters {
         {
             return Ok(pending);
         }
-        self.runtime
-            .block_on(self.store.load_counter(key))
-            .map_err(|e| e.to_string())
+        self.keep(self.runtime.block_on(self.store.load_counter(key)))
     }
     fn is_member(&mut self, key: &CounterKey, member: &str) -> Result<bool, String> {
         if let Some((chain, turn)) = &self.ahead
@@ -200,9 +214,7 @@ impl CounterSource for StoreCounters {
         {
             return Ok(true);
         }
-        self.runtime
-            .block_on(self.store.is_member(key, member))
-            .map_err(|e| e.to_string())
+        self.keep(self.runtime.block_on(self.store.is_member(key, member)))
     }
 }
 
@@ -218,7 +230,7 @@ impl Pipeline {
         steps: Vec<Step>,
         mut states: HashMap<ClientId, ClientState>,
         ahead: Option<u64>,
-    ) -> Result<Result<DecidedSteps, Panicked>, StoreError> {
+    ) -> Result<Result<DecidedSteps, Panicked>, BatchError> {
         let rules = self.catalog.rules();
         let templates = self.catalog.templates();
         let engine = self.catalog.engine.clone();
@@ -227,7 +239,9 @@ impl Pipeline {
             store: self.store.clone(),
             runtime: tokio::runtime::Handle::current(),
             ahead: ahead.map(|turn| (self.chain.clone(), turn)),
+            failed: Default::default(),
         };
+        let failed = source.failed.clone();
         let tz = self.business_tz;
         let poisoned = self.poisoned.snapshot();
         let run = move || {
@@ -326,7 +340,13 @@ impl Pipeline {
             Ok(Err(panicked)) => Ok(Err(panicked)),
             // A counter that could not be read means a rule decided on
             // nothing: retry the batch rather than commit that.
-            Ok(Ok((_, _, _, Some(failure)))) => Err(StoreError::Counters(failure)),
+            Ok(Ok((_, _, _, Some(failure)))) => {
+                let kept = failed.lock().unwrap_or_else(|p| p.into_inner()).take();
+                Err(match kept {
+                    Some(e) => e.into(),
+                    None => BatchError::Transient(Cause::Counters(failure)),
+                })
+            }
             Ok(Ok((w, runs, shared, None))) => Ok(Ok((w, runs, shared))),
             // Every step runs under catch_unwind: what is left is a bug in
             // this function itself.
