@@ -80,7 +80,7 @@ pub async fn run(
     db_url: &str,
 ) -> anyhow::Result<BacktestReport> {
     let mut config = config.clone();
-    config.database.url = db_url.to_string();
+    config.database.url = db_url.into();
     config.database.max_size_mb = None;
     let store = crate::app::open_store(&config).await?;
     if store.count_events().await? != 0 {

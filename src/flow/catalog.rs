@@ -86,7 +86,7 @@ impl Catalog {
             }),
             health: Mutex::new(Health::default()),
             quarantine_after: config.rules.quarantine_after,
-            quarantine_window: config.rules.quarantine_window.max(1) as usize,
+            quarantine_window: config.rules.quarantine_window.get() as usize,
         }
     }
 

@@ -28,7 +28,7 @@ pub async fn publish_file(cfg: &NatsConfig, path: &Path) -> anyhow::Result<usize
         .with_context(|| {
             format!(
                 "cannot connect to nats.url {}",
-                crate::config::redact(&cfg.url)
+                cfg.url
             )
         })?;
     let js = async_nats::jetstream::new(client);

@@ -41,7 +41,7 @@ impl Tokens {
             entries.push((
                 "admin".into(),
                 Role::Admin,
-                Sha256::digest(t.as_bytes()).into(),
+                Sha256::digest(t.expose().as_bytes()).into(),
             ));
         }
         Self { entries }
