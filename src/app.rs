@@ -58,9 +58,12 @@ impl Application {
             .await
             .with_context(|| format!("cannot connect to nats.url {}", config.nats.url))?;
         let signer = Arc::new(
-            Signer::load(config.mail.unsubscribe_secret.as_ref().map(Secret::expose), &store)
-                .await
-                .context("cannot load the unsubscribe signing key")?,
+            Signer::load(
+                config.mail.unsubscribe_secret.as_ref().map(Secret::expose),
+                &store,
+            )
+            .await
+            .context("cannot load the unsubscribe signing key")?,
         );
         Ok(Self {
             config,

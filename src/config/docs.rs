@@ -21,9 +21,15 @@ const UNDOCUMENTED: [(&str, &str); 0] = [];
 /// default (the file says so next to each).
 const EXAMPLE_VALUES: [(&str, &str); 4] = [
     ("database.url", "a file under var/, next to the mail folder"),
-    ("smtp.from", "a shop's sender: the default is only fit for tests"),
+    (
+        "smtp.from",
+        "a shop's sender: the default is only fit for tests",
+    ),
     ("rules.settings", "the settings the example rules read"),
-    ("teams.<name>.email", "teams the example rules hand tasks to"),
+    (
+        "teams.<name>.email",
+        "teams the example rules hand tasks to",
+    ),
 ];
 
 fn root() -> &'static Path {
@@ -132,7 +138,9 @@ fn readme_table() -> Vec<(String, String)> {
             } else {
                 format!("{section}.{key}")
             };
-            let default = values.get(i).map_or(default.to_string(), |v| format!("`{v}`"));
+            let default = values
+                .get(i)
+                .map_or(default.to_string(), |v| format!("`{v}`"));
             rows.push((key, default));
         }
     }
@@ -161,7 +169,10 @@ fn the_readme_table_lists_every_key_with_its_default() {
     let missing: Vec<_> = code.difference(&documented).collect();
     let unknown: Vec<_> = documented.difference(&code).collect();
     assert!(missing.is_empty(), "not in README's table: {missing:?}");
-    assert!(unknown.is_empty(), "in README's table, not in the code: {unknown:?}");
+    assert!(
+        unknown.is_empty(),
+        "in README's table, not in the code: {unknown:?}"
+    );
     for (key, cell) in rows {
         let Some(want) = defaults.get(&key) else {
             continue; // an entry of a named section: no default
@@ -203,10 +214,9 @@ fn the_example_config_names_every_key_with_its_default() {
         .map(|l| match l.split_once("# ") {
             Some((indent, rest))
                 if indent.trim().is_empty()
-                    && rest
-                        .trim_start()
-                        .split_once(':')
-                        .is_some_and(|(k, _)| k.chars().all(|c| c.is_ascii_lowercase() || c == '_')) =>
+                    && rest.trim_start().split_once(':').is_some_and(|(k, _)| {
+                        k.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                    }) =>
             {
                 format!("{indent}{rest}\n")
             }
@@ -219,6 +229,12 @@ fn the_example_config_names_every_key_with_its_default() {
     let code = code_keys();
     let missing: Vec<_> = code.difference(&documented).collect();
     let unknown: Vec<_> = documented.difference(&code).collect();
-    assert!(missing.is_empty(), "not in config.example.yaml: {missing:?}");
-    assert!(unknown.is_empty(), "in config.example.yaml, not in the code: {unknown:?}");
+    assert!(
+        missing.is_empty(),
+        "not in config.example.yaml: {missing:?}"
+    );
+    assert!(
+        unknown.is_empty(),
+        "in config.example.yaml, not in the code: {unknown:?}"
+    );
 }

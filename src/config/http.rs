@@ -67,10 +67,9 @@ pub struct PublicUrl(String);
 impl PublicUrl {
     pub fn parse(s: impl Into<String>) -> Result<Self, String> {
         let s = s.into();
-        let ok = s
-            .parse::<axum::http::Uri>()
-            .ok()
-            .is_some_and(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some());
+        let ok = s.parse::<axum::http::Uri>().ok().is_some_and(|u| {
+            matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some()
+        });
         if ok {
             Ok(Self(s))
         } else {

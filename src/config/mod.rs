@@ -107,6 +107,7 @@ impl Default for CoreSettings {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs
@@ -196,12 +197,20 @@ mod tests {
         assert_eq!(c.smtp.from.email.domain(), "shop.example");
         assert_eq!(c.teams["sales"].email.as_str(), "sales@shop.example");
         for (var, value, key) in [
-            ("NUDGE__HISTORY__BUSINESS_TIMEZONE", "Mars/Olympus", "history.business_timezone"),
+            (
+                "NUDGE__HISTORY__BUSINESS_TIMEZONE",
+                "Mars/Olympus",
+                "history.business_timezone",
+            ),
             ("NUDGE__TEAMS__SALES__EMAIL", "sales", "teams.sales.email"),
             ("NUDGE__HTTP__PUBLIC_URL", "shop.example", "http.public_url"),
             ("NUDGE__NATS__URL", "nats://a:4222,ftp://b", "nats.url"),
             ("NUDGE__NATS__BATCH_SIZE", "0", "nats.batch_size"),
-            ("NUDGE__RULES__MAX_STRING_BYTES", "0", "rules.max_string_bytes"),
+            (
+                "NUDGE__RULES__MAX_STRING_BYTES",
+                "0",
+                "rules.max_string_bytes",
+            ),
             ("NUDGE__LOG__LEVEL", "nudge=loud", "log.level"),
             ("NUDGE__LOG__FORMAT", "xml", "log.format"),
         ] {
@@ -287,6 +296,7 @@ mod tests {
 #[cfg(test)]
 mod http_tests {
     use super::*;
+    use std::path::Path;
 
     fn load(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
         Config::load_with_env(

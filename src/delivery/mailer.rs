@@ -87,10 +87,12 @@ pub struct SendError {
 pub fn smtp_transport(
     smtp: &SmtpConfig,
 ) -> Result<AsyncSmtpTransport<Tokio1Executor>, lettre::transport::smtp::Error> {
-    Ok(AsyncSmtpTransport::<Tokio1Executor>::from_url(smtp.url.expose())?
-        .timeout(Some(Duration::from_secs(smtp.timeout_secs.get())))
-        .pool_config(PoolConfig::new().max_size(smtp.pool_size.get()))
-        .build())
+    Ok(
+        AsyncSmtpTransport::<Tokio1Executor>::from_url(smtp.url.expose())?
+            .timeout(Some(Duration::from_secs(smtp.timeout_secs.get())))
+            .pool_config(PoolConfig::new().max_size(smtp.pool_size.get()))
+            .build(),
+    )
 }
 
 impl Mailer {

@@ -61,7 +61,8 @@ impl Scheduler {
     }
 
     pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
-        let mut tick = tokio::time::interval(std::time::Duration::from_millis(self.cfg.tick_ms.get()));
+        let mut tick =
+            tokio::time::interval(std::time::Duration::from_millis(self.cfg.tick_ms.get()));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {

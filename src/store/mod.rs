@@ -586,7 +586,9 @@ impl AnyStore {
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
         Self::open(&crate::config::DatabaseConfig {
             url: url.into(),
-            max_connections: max_connections.try_into().unwrap_or(std::num::NonZeroU32::MIN),
+            max_connections: max_connections
+                .try_into()
+                .unwrap_or(std::num::NonZeroU32::MIN),
             max_size_mb: None,
         })
         .await
@@ -597,7 +599,8 @@ impl AnyStore {
         let (url, max_connections) = (cfg.url.expose(), cfg.max_connections.get());
         if url.starts_with("sqlite:") {
             Ok(AnyStore::Sqlite(
-                SqliteStore::connect_capped(url, max_connections, cfg.max_size_mb.map(|n| n.get())).await?,
+                SqliteStore::connect_capped(url, max_connections, cfg.max_size_mb.map(|n| n.get()))
+                    .await?,
             ))
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             Ok(AnyStore::Postgres(

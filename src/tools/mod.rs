@@ -224,12 +224,7 @@ pub async fn replay_from_stream(
     .suppressing_effects();
     let client = async_nats::connect(config.nats.servers().as_slice())
         .await
-        .with_context(|| {
-            format!(
-                "cannot connect to nats.url {}",
-                config.nats.url
-            )
-        })?;
+        .with_context(|| format!("cannot connect to nats.url {}", config.nats.url))?;
     let js = async_nats::jetstream::new(client);
     let stream = js
         .get_stream(&config.nats.stream)
@@ -354,7 +349,11 @@ pub async fn preview_rule(
         bail!("no client {client:?} in the database");
     };
     let signer = crate::delivery::unsubscribe::Signer::load(
-        config.mail.unsubscribe_secret.as_ref().map(crate::config::Secret::expose),
+        config
+            .mail
+            .unsubscribe_secret
+            .as_ref()
+            .map(crate::config::Secret::expose),
         store,
     )
     .await?;

@@ -11,8 +11,8 @@ pub mod loader;
 pub mod settings;
 pub mod values;
 
-pub use settings::RulesConfig;
 use rhai::{AST, Dynamic, Engine, EvalAltResult, Scope};
+pub use settings::RulesConfig;
 use std::path::PathBuf;
 use std::sync::Arc;
 
