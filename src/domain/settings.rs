@@ -1,5 +1,5 @@
 //! The `history` section of the configuration: how a client's history is
-//! kept. It lives with the domain that uses it; `crate::config` composes it
+//! kept. It lives with the domain that uses it; the configuration (`config`) composes it
 //! into the whole file, with the other sections.
 
 use crate::domain::history::HistoryLimits;

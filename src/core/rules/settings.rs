@@ -1,5 +1,5 @@
 //! The `rules` section of the configuration: where rules live and what one
-//! run may do. It lives with the engine that enforces it; `crate::config`
+//! run may do. It lives with the engine that enforces it; the configuration (`config`)
 //! composes it into the whole file, with the other sections.
 
 use crate::domain::settings::nz;
