@@ -3,7 +3,7 @@
 //! [`Application::run_until_stopped`] runs every task until the token is
 //! cancelled, then lets each finish its unit of work.
 
-use crate::config::{Config, redact};
+use crate::config::{Config, Secret};
 use crate::delivery::unsubscribe::Signer;
 use crate::delivery::{Clock, Sender, system_clock};
 use crate::flow::catalog::Catalog;
@@ -56,11 +56,14 @@ impl Application {
             .with_context(|| format!("cannot listen on http.listen {}", config.http.listen))?;
         let nats = ingest::connect(&config.nats)
             .await
-            .with_context(|| format!("cannot connect to nats.url {}", redact(&config.nats.url)))?;
+            .with_context(|| format!("cannot connect to nats.url {}", config.nats.url))?;
         let signer = Arc::new(
-            Signer::load(config.mail.unsubscribe_secret.as_deref(), &store)
-                .await
-                .context("cannot load the unsubscribe signing key")?,
+            Signer::load(
+                config.mail.unsubscribe_secret.as_ref().map(Secret::expose),
+                &store,
+            )
+            .await
+            .context("cannot load the unsubscribe signing key")?,
         );
         Ok(Self {
             config,
@@ -102,7 +105,7 @@ impl Application {
         let wake = Arc::new(Notify::new());
 
         tracker.spawn(self.catalog.clone().watch(
-            Duration::from_millis(self.config.rules.reload_poll_ms),
+            Duration::from_millis(self.config.rules.reload_poll_ms.get()),
             cancel.clone(),
         ));
 
@@ -233,7 +236,7 @@ impl Application {
 pub async fn open_store(config: &Config) -> anyhow::Result<AnyStore> {
     let store = AnyStore::open(&config.database)
         .await
-        .with_context(|| format!("cannot open database.url {}", redact(&config.database.url)))?;
+        .with_context(|| format!("cannot open database.url {}", config.database.url))?;
     store
         .migrate()
         .await

@@ -508,8 +508,7 @@ async fn dispatch(
             };
             eprintln!(
                 "re-reading stream {} into {}",
-                config.nats.stream,
-                nudge::config::redact(&config.database.url)
+                config.nats.stream, config.database.url
             );
             let n = tools::replay_from_stream(&config, &store, start, |read, pending| {
                 eprintln!("  {read} messages read, {pending} to go")
@@ -528,7 +527,7 @@ async fn dispatch(
             let store = open_store(&config).await?;
             eprintln!(
                 "replaying the event log into {} (stop every nudge daemon first)",
-                nudge::config::redact(&config.database.url)
+                config.database.url
             );
             let p = tools::replay(&config, &store, |p| {
                 eprintln!("  {} events, {} sweeps", p.events, p.sweeps)

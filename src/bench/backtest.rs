@@ -80,7 +80,7 @@ pub async fn run(
     db_url: &str,
 ) -> anyhow::Result<BacktestReport> {
     let mut config = config.clone();
-    config.database.url = db_url.to_string();
+    config.database.url = db_url.into();
     config.database.max_size_mb = None;
     let store = crate::app::open_store(&config).await?;
     if store.count_events().await? != 0 {
@@ -434,7 +434,7 @@ mod tests {
             Config::load_with_env(Some(&root.join("config.example.yaml")), Vec::new()).unwrap();
         config.rules.dir = rules;
         config.templates.dir = root.join("templates");
-        config.database.url = format!("sqlite://{}", dir.path().join("h.db").display());
+        config.database.url = format!("sqlite://{}", dir.path().join("h.db").display()).into();
         let store = crate::app::open_store(&config).await.unwrap();
         write_events(&store, 6_000, 300, Utc::now()).await.unwrap();
         let schedule: cron::Schedule = "0 0 9 * * *".parse().unwrap();

@@ -148,7 +148,7 @@ pub async fn raw_consume(
     let consumer = crate::flow::ingest::ensure_consumer(stream, cfg).await?;
     let mut messages = consumer
         .stream()
-        .max_messages_per_batch(cfg.batch_size)
+        .max_messages_per_batch(cfg.batch_size.get())
         .heartbeat(Duration::from_secs(5))
         .expires(Duration::from_secs(30))
         .messages()

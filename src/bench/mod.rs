@@ -199,7 +199,7 @@ async fn measure(
                 .join("; ")
         );
     }
-    let probe = Probe::open(&config.database.url).await?;
+    let probe = Probe::open(config.database.url.expose()).await?;
     if probe.all_events().await? != 0 {
         bail!("the database {} is not empty", config.database.url);
     }
@@ -338,7 +338,7 @@ fn bench_config(
     c.mail.dir = dir.join("mail");
     c.http.listen = ([127, 0, 0, 1], 0).into();
     // Any token: an open API would only add a warning to the output.
-    c.http.token = Some(format!("bench-token-{tag}-0123456789"));
+    c.http.token = Some(format!("bench-token-{tag}-0123456789").into());
     shop_settings(&mut c);
     Ok(c)
 }
@@ -370,7 +370,8 @@ fn shop_settings(c: &mut Config) {
             c.teams.insert(
                 team.into(),
                 TeamConfig {
-                    email: format!("{team}@shop.example"),
+                    email: crate::domain::event::Email::parse(format!("{team}@shop.example"))
+                        .expect("a valid address"),
                 },
             );
         }

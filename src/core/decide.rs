@@ -5,9 +5,8 @@
 //! call this one core. Shared counters are the one thing it reads from
 //! outside, through [`Counters`], which the caller fills from where it keeps them.
 
-use crate::config::Config;
 use crate::core::rules::{
-    Inputs, Reads, Request, Rule, RuleEngine, RunContext, loader::RuleSet, values,
+    Inputs, Reads, Request, Rule, RuleEngine, RulesConfig, RunContext, loader::RuleSet, values,
 };
 use crate::core::templates::{MailKind, TemplateSet};
 use crate::domain::counters::Counters;
@@ -15,6 +14,7 @@ use crate::domain::effects::{Effect, EffectKind, effect_key};
 use crate::domain::event::{ClientId, Envelope, EventId, EventType};
 use crate::domain::history::{ClientState, HistoryLimits, RECENT_MAILS, SentMail, Session, Timer};
 use crate::domain::log::{Level, LogEntry};
+use crate::domain::settings::HistoryConfig;
 use chrono::{DateTime, Duration, Utc};
 use rhai::Dynamic;
 use serde_json::{Map, Value, json};
@@ -80,28 +80,27 @@ pub struct CoreSettings {
 }
 
 impl CoreSettings {
-    pub fn from_config(config: &Config) -> Self {
+    /// Built from the configuration's sections by `CoreSettings::from_config`,
+    /// which lives with the configuration: the core does not read it.
+    pub fn new(
+        history: &HistoryConfig,
+        rules: &RulesConfig,
+        teams: BTreeMap<String, String>,
+        public_url: &str,
+        max_marketing_per_day: u32,
+        max_marketing_per_week: u32,
+    ) -> Self {
         Self {
-            session_gap: config.history.session_gap(),
-            history_limits: config.history.limits(),
-            max_emit_depth: config.rules.max_emit_depth,
-            teams: config
-                .teams
-                .iter()
-                .map(|(k, v)| (k.clone(), v.email.clone()))
-                .collect(),
-            rule_settings: serde_json::to_value(&config.rules.settings).unwrap_or(Value::Null),
-            settings_view: values::from_json_map(&config.rules.settings),
-            public_url: config.http.public_url.trim_end_matches('/').to_string(),
-            max_marketing_per_day: config.mail.max_marketing_per_day,
-            max_marketing_per_week: config.mail.max_marketing_per_week,
+            session_gap: history.session_gap(),
+            history_limits: history.limits(),
+            max_emit_depth: rules.max_emit_depth,
+            teams,
+            rule_settings: serde_json::to_value(&rules.settings).unwrap_or(Value::Null),
+            settings_view: values::from_json_map(&rules.settings),
+            public_url: public_url.trim_end_matches('/').to_string(),
+            max_marketing_per_day,
+            max_marketing_per_week,
         }
-    }
-}
-
-impl Default for CoreSettings {
-    fn default() -> Self {
-        Self::from_config(&Config::default())
     }
 }
 
@@ -717,7 +716,6 @@ fn p_session(s: Option<&Session>) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::RulesConfig;
     use crate::core::rules::loader::RuleLoader;
     use crate::core::templates::TemplateLoader;
     use crate::domain::event::ClientId;
@@ -1075,7 +1073,7 @@ mod tests {
             &at("e2", "login_succeeded", "2026-11-01T11:00:00Z"),
             &mut Counters::default(),
         );
-        let cap = RulesConfig::default().max_mails_per_run;
+        let cap = RulesConfig::default().max_mails_per_run.get();
         assert_eq!(d.effects.len(), cap);
         let note = d
             .log

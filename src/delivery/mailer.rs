@@ -31,7 +31,7 @@ impl SmtpMailer {
     fn new(config: &SmtpConfig) -> Result<Self, lettre::transport::smtp::Error> {
         Ok(Self {
             transport: std::sync::Mutex::new(Arc::new(smtp_transport(config)?)),
-            timeout: Duration::from_secs(config.timeout_secs),
+            timeout: Duration::from_secs(config.timeout_secs.get()),
             config: config.clone(),
         })
     }
@@ -87,10 +87,12 @@ pub struct SendError {
 pub fn smtp_transport(
     smtp: &SmtpConfig,
 ) -> Result<AsyncSmtpTransport<Tokio1Executor>, lettre::transport::smtp::Error> {
-    Ok(AsyncSmtpTransport::<Tokio1Executor>::from_url(&smtp.url)?
-        .timeout(Some(Duration::from_secs(smtp.timeout_secs)))
-        .pool_config(PoolConfig::new().max_size(smtp.pool_size))
-        .build())
+    Ok(
+        AsyncSmtpTransport::<Tokio1Executor>::from_url(smtp.url.expose())?
+            .timeout(Some(Duration::from_secs(smtp.timeout_secs.get())))
+            .pool_config(PoolConfig::new().max_size(smtp.pool_size.get()))
+            .build(),
+    )
 }
 
 impl Mailer {

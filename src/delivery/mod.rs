@@ -80,7 +80,7 @@ impl Sender {
             store,
             catalog,
             mailer: Mailer::from_config(config)?,
-            from: config.smtp.from.parse()?,
+            from: config.smtp.from.clone(),
             cfg: config.delivery.clone(),
             metrics,
             nats,
@@ -104,7 +104,7 @@ impl Sender {
     /// Runs until cancelled; wakes on `wake` (new effects committed) or every `poll_ms`.
     pub async fn run(mut self, wake: Arc<Notify>, cancel: CancellationToken) {
         self.stop = cancel.clone();
-        let idle = Duration::from_millis(self.cfg.poll_ms);
+        let idle = Duration::from_millis(self.cfg.poll_ms.get());
         let mut failures = 0u32;
         loop {
             if cancel.is_cancelled() {
@@ -141,10 +141,10 @@ impl Sender {
     /// that were in flight anyway.
     pub async fn send_due(&self) -> Result<Outcome, StoreError> {
         let now = (self.clock)();
-        let lease = now + ChronoDuration::seconds(self.cfg.lease_secs as i64);
+        let lease = now + ChronoDuration::seconds(self.cfg.lease_secs.get() as i64);
         let items = self
             .store
-            .claim_due(now, lease, self.cfg.concurrency as u32)
+            .claim_due(now, lease, self.cfg.concurrency.get() as u32)
             .await?;
         if items.is_empty() {
             return Ok(Outcome::Idle);
@@ -247,7 +247,7 @@ impl Sender {
                     at: Utc::now(),
                 }
             }
-            Err(e) if e.transient && item.attempts < self.cfg.max_attempts => {
+            Err(e) if e.transient && item.attempts < self.cfg.max_attempts.get() => {
                 let counter = if emit {
                     &self.metrics.emits_retried
                 } else {

@@ -152,7 +152,7 @@ pub fn money_add(a: f64, b: f64) -> f64 {
     (a + b).clamp(-MAX_MONEY_SUM, MAX_MONEY_SUM)
 }
 
-/// What a client's state keeps at most ([`crate::config::HistoryConfig`]).
+/// What a client's state keeps at most ([`crate::domain::settings::HistoryConfig`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HistoryLimits {
     /// Distinct products in `stats.purchases`.
@@ -165,7 +165,7 @@ pub struct HistoryLimits {
 
 impl Default for HistoryLimits {
     fn default() -> Self {
-        crate::config::HistoryConfig::default().limits()
+        crate::domain::settings::HistoryConfig::default().limits()
     }
 }
 

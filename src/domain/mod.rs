@@ -6,3 +6,4 @@ pub mod effects;
 pub mod event;
 pub mod history;
 pub mod log;
+pub mod settings;

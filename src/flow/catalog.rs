@@ -86,7 +86,7 @@ impl Catalog {
             }),
             health: Mutex::new(Health::default()),
             quarantine_after: config.rules.quarantine_after,
-            quarantine_window: config.rules.quarantine_window.max(1) as usize,
+            quarantine_window: config.rules.quarantine_window.get() as usize,
         }
     }
 
@@ -312,7 +312,7 @@ mod tests {
     fn a_rule_broken_for_many_clients_is_quarantined() {
         let dir = tempfile::tempdir().unwrap();
         let c = catalog(dir.path());
-        let window = Config::default().rules.quarantine_window as usize;
+        let window = Config::default().rules.quarantine_window.get() as usize;
         let runs: Vec<_> = (0..window - 1)
             .map(|i| run(false, &format!("c{i}")))
             .collect();

@@ -36,7 +36,7 @@ pub async fn ensure_stream(
         storage: stream::StorageType::File,
         retention: stream::RetentionPolicy::Limits,
         max_age: Duration::from_secs(cfg.max_age_days * 86_400),
-        num_replicas: cfg.replicas,
+        num_replicas: cfg.replicas.get(),
         ..Default::default()
     };
     js.get_or_create_stream(config)
@@ -53,8 +53,8 @@ pub async fn ensure_consumer(
         // All of it: events published before nudge first started are history too.
         deliver_policy: jetstream::consumer::DeliverPolicy::All,
         ack_policy: jetstream::consumer::AckPolicy::Explicit,
-        ack_wait: Duration::from_secs(cfg.ack_wait_secs),
-        max_ack_pending: (cfg.batch_size as i64 * 8).max(1000),
+        ack_wait: Duration::from_secs(cfg.ack_wait_secs.get()),
+        max_ack_pending: (cfg.batch_size.get() as i64 * 8).max(1000),
         ..Default::default()
     };
     stream
@@ -205,7 +205,7 @@ pub async fn run(
     wake: Arc<Notify>,
     cancel: CancellationToken,
 ) {
-    let batch_size = cfg.batch_size.max(1);
+    let batch_size = cfg.batch_size.get();
     let linger = Duration::from_millis(cfg.batch_linger_ms);
     let settler = Batch {
         pipeline,
@@ -213,8 +213,8 @@ pub async fn run(
             consumer: consumer.clone(),
             cancel: cancel.clone(),
         }),
-        ack_wait: Duration::from_secs(cfg.ack_wait_secs),
-        max_deliveries: cfg.max_deliveries.max(1),
+        ack_wait: Duration::from_secs(cfg.ack_wait_secs.get()),
+        max_deliveries: cfg.max_deliveries.get(),
         wake,
         cancel: cancel.clone(),
     };
@@ -225,7 +225,7 @@ pub async fn run(
     // Batches in flight at once: each is decided while the one before it
     // commits, on top of what that one decided, and commits after it (see
     // `chain`); so one core decides while the other writes.
-    let in_flight = Arc::new(tokio::sync::Semaphore::new(cfg.batches_in_flight.max(1)));
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(cfg.batches_in_flight.get()));
     let tasks = tokio_util::task::TaskTracker::new();
     loop {
         let permit = tokio::select! {

@@ -25,12 +25,7 @@ pub async fn publish_file(cfg: &NatsConfig, path: &Path) -> anyhow::Result<usize
     }
     let client = async_nats::connect(cfg.servers().as_slice())
         .await
-        .with_context(|| {
-            format!(
-                "cannot connect to nats.url {}",
-                crate::config::redact(&cfg.url)
-            )
-        })?;
+        .with_context(|| format!("cannot connect to nats.url {}", cfg.url))?;
     let js = async_nats::jetstream::new(client);
     crate::flow::ingest::ensure_stream(&js, cfg).await?;
     let mut acks = Vec::with_capacity(events.len());

@@ -68,7 +68,8 @@ impl Scheduler {
     }
 
     pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
-        let mut tick = tokio::time::interval(std::time::Duration::from_millis(self.cfg.tick_ms));
+        let mut tick =
+            tokio::time::interval(std::time::Duration::from_millis(self.cfg.tick_ms.get()));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -103,7 +104,7 @@ impl Scheduler {
             let due = self
                 .pipeline
                 .store()
-                .due_clients(now, self.cfg.page_size)
+                .due_clients(now, self.cfg.page_size.get())
                 .await?;
             if due.is_empty() {
                 return Ok(fired);
@@ -114,7 +115,7 @@ impl Scheduler {
             if report.effects > 0 {
                 self.outbox.notify_one();
             }
-            if n < self.cfg.page_size as usize {
+            if n < self.cfg.page_size.get() as usize {
                 return Ok(fired);
             }
         }
@@ -157,7 +158,7 @@ impl Scheduler {
         now: DateTime<Utc>,
     ) -> Result<Option<SweepReport>, BatchError> {
         let store = self.pipeline.store();
-        let lease = now + Duration::seconds(self.cfg.lease_secs as i64);
+        let lease = now + Duration::seconds(self.cfg.lease_secs.get() as i64);
         let Some(claim) = store.claim_sweep(rule, slot, now, lease).await? else {
             return Ok(None);
         };
@@ -169,9 +170,9 @@ impl Scheduler {
         let mut cursor: Option<ClientId> = claim.cursor;
         loop {
             let page = store
-                .client_page(cursor.as_ref(), self.cfg.page_size)
+                .client_page(cursor.as_ref(), self.cfg.page_size.get())
                 .await?;
-            let done = page.len() < self.cfg.page_size as usize;
+            let done = page.len() < self.cfg.page_size.get() as usize;
             let n = page.len();
             let next = page.last().cloned().or(cursor.clone());
             let r = self

@@ -41,7 +41,7 @@ impl Tokens {
             entries.push((
                 "admin".into(),
                 Role::Admin,
-                Sha256::digest(t.as_bytes()).into(),
+                Sha256::digest(t.expose().as_bytes()).into(),
             ));
         }
         Self { entries }
@@ -243,7 +243,7 @@ pub async fn authorize(State(s): State<ApiState>, req: Request, next: Next) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::TokenConfig;
+    use crate::config::{TokenConfig, TokenDigest};
 
     #[test]
     fn token_comparison() {
@@ -264,9 +264,9 @@ mod tests {
             TokenConfig {
                 role: Role::Staff,
                 token: None,
-                token_sha256: Some(hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
-                    b"call-centre-secret",
-                ))),
+                token_sha256: Some(TokenDigest(
+                    <sha2::Sha256 as sha2::Digest>::digest(b"call-centre-secret").into(),
+                )),
             },
         );
         let t = Tokens::from_config(&http);

@@ -95,7 +95,7 @@ impl ApiState {
                     .map(|h| h.to_ascii_lowercase())
                     .collect(),
             ),
-            request_timeout: Duration::from_secs(http.request_timeout_secs),
+            request_timeout: Duration::from_secs(http.request_timeout_secs.get()),
             roles: Arc::new(auth::RoleMap::from_openapi(&openapi)),
             openapi: Arc::new(openapi),
             config: None,

@@ -28,8 +28,8 @@ impl Limits {
     /// `max_connections`, lowered to half the process's open-file limit.
     pub fn from_config(http: &crate::config::HttpConfig) -> Self {
         let fd_cap = open_file_limit().map_or(usize::MAX, |n| (n / 2).max(16) as usize);
-        let max = http.max_connections.min(fd_cap);
-        if max < http.max_connections {
+        let max = http.max_connections.get().min(fd_cap);
+        if max < http.max_connections.get() {
             tracing::info!(
                 max_connections = max,
                 "http.max_connections lowered to half the open-file limit (LimitNOFILE / ulimit -n)"
@@ -37,7 +37,7 @@ impl Limits {
         }
         Self {
             max_connections: max,
-            header_timeout: Duration::from_secs(http.header_timeout_secs),
+            header_timeout: Duration::from_secs(http.header_timeout_secs.get()),
         }
     }
 }

@@ -568,8 +568,10 @@ pub enum AnyStore {
 impl AnyStore {
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
         Self::open(&crate::config::DatabaseConfig {
-            url: url.to_string(),
-            max_connections,
+            url: url.into(),
+            max_connections: max_connections
+                .try_into()
+                .unwrap_or(std::num::NonZeroU32::MIN),
             max_size_mb: None,
         })
         .await
@@ -577,10 +579,11 @@ impl AnyStore {
 
     /// Opens the database as configured (`database.*`).
     pub async fn open(cfg: &crate::config::DatabaseConfig) -> Result<Self, StoreError> {
-        let (url, max_connections) = (cfg.url.as_str(), cfg.max_connections);
+        let (url, max_connections) = (cfg.url.expose(), cfg.max_connections.get());
         if url.starts_with("sqlite:") {
             Ok(AnyStore::Sqlite(
-                SqliteStore::connect_capped(url, max_connections, cfg.max_size_mb).await?,
+                SqliteStore::connect_capped(url, max_connections, cfg.max_size_mb.map(|n| n.get()))
+                    .await?,
             ))
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             Ok(AnyStore::Postgres(

@@ -224,12 +224,7 @@ pub async fn replay_from_stream(
     .suppressing_effects();
     let client = async_nats::connect(config.nats.servers().as_slice())
         .await
-        .with_context(|| {
-            format!(
-                "cannot connect to nats.url {}",
-                crate::config::redact(&config.nats.url)
-            )
-        })?;
+        .with_context(|| format!("cannot connect to nats.url {}", config.nats.url))?;
     let js = async_nats::jetstream::new(client);
     let stream = js
         .get_stream(&config.nats.stream)
@@ -254,7 +249,7 @@ pub async fn replay_from_stream(
     loop {
         let mut batch = consumer
             .fetch()
-            .max_messages(config.nats.batch_size)
+            .max_messages(config.nats.batch_size.get())
             .expires(std::time::Duration::from_secs(1))
             .messages()
             .await
@@ -354,7 +349,11 @@ pub async fn preview_rule(
         bail!("no client {client:?} in the database");
     };
     let signer = crate::delivery::unsubscribe::Signer::load(
-        config.mail.unsubscribe_secret.as_deref(),
+        config
+            .mail
+            .unsubscribe_secret
+            .as_ref()
+            .map(crate::config::Secret::expose),
         store,
     )
     .await?;

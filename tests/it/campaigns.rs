@@ -56,7 +56,7 @@ async fn happy_mails(app: &TestApp) -> Vec<crate::helpers::Mail> {
 
 async fn the_99th_big_client_gets_one_letter_one_event_and_one_task(backend: Backend) {
     let app = TestApp::spawn(backend).await;
-    let nats = async_nats::connect(app.config.nats.url.as_str())
+    let nats = async_nats::connect(app.config.nats.url.expose())
         .await
         .unwrap();
     let mut emitted = nats.subscribe("nudge.events.>").await.unwrap();
@@ -170,7 +170,7 @@ async fn counters_stay_exact_with_two_instances_consuming_at_once(backend: Backe
 
 async fn partner_commission_and_vip_callback(backend: Backend) {
     let app = TestApp::spawn(backend).await;
-    let nats = async_nats::connect(app.config.nats.url.as_str())
+    let nats = async_nats::connect(app.config.nats.url.expose())
         .await
         .unwrap();
     let mut commissions = nats

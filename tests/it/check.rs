@@ -287,7 +287,11 @@ async fn a_rule_preview_shows_the_mail_with_computed_variables_and_a_real_unsubs
     assert!(url.starts_with(&prefix), "{url}");
     assert!(m.rendered.text.contains(url), "{}", m.rendered.text);
     let signer = nudge::delivery::unsubscribe::Signer::load(
-        env.config.mail.unsubscribe_secret.as_deref(),
+        env.config
+            .mail
+            .unsubscribe_secret
+            .as_ref()
+            .map(|s| s.expose()),
         &store,
     )
     .await
@@ -355,7 +359,11 @@ async fn a_rule_preview_over_http_shows_the_mail_and_a_real_unsubscribe_link(
     assert!(url.starts_with(&prefix), "{url}");
     assert!(text.contains(url), "{text}");
     let signer = nudge::delivery::unsubscribe::Signer::load(
-        app.config.mail.unsubscribe_secret.as_deref(),
+        app.config
+            .mail
+            .unsubscribe_secret
+            .as_ref()
+            .map(|s| s.expose()),
         &app.store,
     )
     .await

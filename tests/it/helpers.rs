@@ -496,7 +496,7 @@ pub fn spawn_daemon(vars: &[(String, String)]) -> Daemon {
 pub fn daemon_vars(env: &TestEnv, extra: &[(&str, &str)]) -> Vec<(String, String)> {
     let d = env.dir.path().display();
     let base = [
-        ("NUDGE__NATS__URL", env.config.nats.url.clone()),
+        ("NUDGE__NATS__URL", env.config.nats.url.expose().to_string()),
         ("NUDGE__NATS__STREAM", env.config.nats.stream.clone()),
         ("NUDGE__DATABASE__URL", env.db.url.clone()),
         ("NUDGE__MAIL__TRANSPORT", "smtp".into()),

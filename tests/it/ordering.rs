@@ -229,11 +229,11 @@ async fn live_run(
 ) -> (nudge::store::AnyStore, TestDb) {
     let db = TestDb::create(backend, env.dir.path(), name).await;
     let mut config = env.config.clone();
-    config.database.url = db.url.clone();
+    config.database.url = db.url.clone().into();
     config.nats.consumer = name.to_string();
-    config.nats.batch_size = batch;
+    config.nats.batch_size = batch.try_into().unwrap();
     config.nats.batch_linger_ms = linger_ms;
-    config.nats.batches_in_flight = in_flight;
+    config.nats.batches_in_flight = in_flight.try_into().unwrap();
     let app = nudge::app::Application::build(config)
         .await
         .expect("app builds");
@@ -281,7 +281,7 @@ async fn live_decisions_equal_backtest_replay_and_a_reference_whatever_the_batch
     // batches holding hundreds of clients each).
     let db = TestDb::create(backend, env.dir.path(), "live0").await;
     let mut config = env.config.clone();
-    config.database.url = db.url.clone();
+    config.database.url = db.url.clone().into();
     config.nats.consumer = "live0".into();
     let app = nudge::app::Application::build(config.clone())
         .await

@@ -517,6 +517,7 @@ async fn on_sqlite_a_second_instance_stands_by_and_takes_over() {
         .config
         .database
         .url
+        .expose()
         .strip_prefix("sqlite://")
         .expect("a sqlite url")
         .to_string();

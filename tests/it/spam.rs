@@ -114,7 +114,7 @@ async fn every_shipped_template_scores_zero_in_spamassassin() {
     )
     .expect("config.example.yaml loads");
     let mailer = Mailer::from_config(&config).unwrap();
-    let from = config.smtp.from.parse().unwrap();
+    let from = config.smtp.from.clone();
     let signer = Signer::new(b"spam-check-key-of-thirty-two-byt".to_vec());
     let templates = TemplateLoader::new(root.join("templates")).load();
     let names: Vec<String> = templates.names().map(str::to_string).collect();

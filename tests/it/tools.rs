@@ -125,7 +125,7 @@ async fn replay_rebuilds_the_same_history_and_backtest_finds_the_same_effects(ba
     );
 
     let env = app.stop().await;
-    let url = env.config.database.url.clone();
+    let url = env.config.database.url.expose().to_string();
     let live = dump(&url).await;
     assert!(live.len() > 4, "{live:#?}");
 
@@ -185,7 +185,7 @@ async fn replay_rebuilds_the_same_history_and_backtest_finds_the_same_effects(ba
     // A fresh database rebuilt from the stream: the same clients, nothing queued.
     let mut fresh = env.config.clone();
     let fresh_db = TestDb::create(backend, env.dir.path(), "fresh").await;
-    fresh.database.url = fresh_db.url.clone();
+    fresh.database.url = fresh_db.url.clone().into();
     let fresh_store = nudge::app::open_store(&fresh).await.unwrap();
     let read = nudge::tools::replay_from_stream(
         &fresh,

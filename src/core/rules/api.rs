@@ -42,7 +42,7 @@ pub enum Request {
     },
 }
 
-/// What one rule run may ask for and keep ([`crate::config::RulesConfig`]).
+/// What one rule run may ask for and keep ([`super::RulesConfig`]).
 /// Arguments out of range fail the run; volume beyond a cap is dropped with
 /// a note in the client's process log, so a rule at a cap keeps working.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,24 +64,24 @@ pub struct RunLimits {
 }
 
 impl RunLimits {
-    pub fn from_config(c: &crate::config::RulesConfig) -> Self {
+    pub fn from_config(c: &super::RulesConfig) -> Self {
         Self {
-            max_delay_secs: i64::from(c.max_delay_days) * 86_400,
-            max_value_bytes: c.max_value_bytes,
-            max_effect_bytes: c.max_string_bytes,
-            max_facts_per_rule: c.max_facts_per_rule,
-            max_timers_per_rule: c.max_timers_per_rule,
-            max_log_bytes: c.max_log_bytes_per_run,
-            max_mails: c.max_mails_per_run,
-            max_tasks: c.max_tasks_per_run,
-            max_emits: c.max_emits_per_run,
+            max_delay_secs: i64::from(c.max_delay_days.get()) * 86_400,
+            max_value_bytes: c.max_value_bytes.get(),
+            max_effect_bytes: c.max_string_bytes.get(),
+            max_facts_per_rule: c.max_facts_per_rule.get(),
+            max_timers_per_rule: c.max_timers_per_rule.get(),
+            max_log_bytes: c.max_log_bytes_per_run.get(),
+            max_mails: c.max_mails_per_run.get(),
+            max_tasks: c.max_tasks_per_run.get(),
+            max_emits: c.max_emits_per_run.get(),
         }
     }
 }
 
 impl Default for RunLimits {
     fn default() -> Self {
-        Self::from_config(&crate::config::RulesConfig::default())
+        Self::from_config(&super::RulesConfig::default())
     }
 }
 

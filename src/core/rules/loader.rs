@@ -142,7 +142,7 @@ pub fn rule_files(dir: &Path) -> std::io::Result<Vec<(String, PathBuf)>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::RulesConfig;
+    use crate::core::rules::RulesConfig;
 
     #[test]
     fn a_broken_file_keeps_its_last_good_version() {

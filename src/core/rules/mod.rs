@@ -8,10 +8,11 @@
 
 pub mod api;
 pub mod loader;
+pub mod settings;
 pub mod values;
 
-use crate::config::RulesConfig;
 use rhai::{AST, Dynamic, Engine, EvalAltResult, Scope};
+pub use settings::RulesConfig;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -116,12 +117,12 @@ impl RuleEngine {
         // `eval` is refused, and nothing touching files, network or processes
         // is registered.
         engine.disable_symbol("eval");
-        engine.set_max_operations(limits.max_operations);
-        engine.set_max_call_levels(limits.max_call_depth);
+        engine.set_max_operations(limits.max_operations.get());
+        engine.set_max_call_levels(limits.max_call_depth.get());
         engine.set_max_expr_depths(64, 64);
-        engine.set_max_string_size(limits.max_string_bytes);
-        engine.set_max_array_size(limits.max_array_len);
-        engine.set_max_map_size(limits.max_map_len);
+        engine.set_max_string_size(limits.max_string_bytes.get());
+        engine.set_max_array_size(limits.max_array_len.get());
+        engine.set_max_map_size(limits.max_map_len.get());
         engine.set_fail_on_invalid_map_property(false);
         // Output counts against the run's budget (rules.max_log_bytes_per_run):
         // a rule printing in a loop would otherwise fill the disk.

@@ -416,7 +416,7 @@ mod tests {
 #[cfg(test)]
 mod needs_tests {
     use super::*;
-    use crate::config::RulesConfig;
+    use crate::core::rules::RulesConfig;
     use crate::core::rules::{Inputs, RuleEngine, RunContext};
     use crate::domain::event::ClientId;
     use serde_json::json;

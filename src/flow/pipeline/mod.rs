@@ -133,7 +133,7 @@ impl Pipeline {
             metrics,
             live: Live::default(),
             suppress_effects: false,
-            max_event_bytes: config.nats.max_event_bytes,
+            max_event_bytes: config.nats.max_event_bytes.get(),
             settings: Arc::new(CoreSettings::from_config(config)),
             business_tz: config.history.business_tz(),
             chain: Arc::new(Chain::default()),

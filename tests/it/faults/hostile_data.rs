@@ -200,7 +200,7 @@ async fn hostile_numbers_sizes_and_rule_mistakes_never_stop_the_stream(backend: 
         .iter()
         .filter(|m| m.to == "odd@example.com")
         .count();
-    let cap = app.config.rules.max_mails_per_run;
+    let cap = app.config.rules.max_mails_per_run.get();
     assert!(odd_mails <= cap + 1, "{odd_mails} mails to the odd client");
 
     // The state stays small: 44,000 products bought, 300 types, 50 facts.

@@ -383,7 +383,7 @@ async fn a_full_or_read_only_database_fails_clearly_acks_nothing_and_recovers(ba
                 .await;
             sql.close().await;
             assert!(bytes <= 1024 * 1024, "{bytes}");
-            env.config.database.max_size_mb = Some(64);
+            env.config.database.max_size_mb = std::num::NonZeroU64::new(64);
             (
                 env.start().await,
                 format!(", file at {bytes} bytes of 1 MiB, integrity_check ok"),
