@@ -4,6 +4,7 @@
 //! derive the same history from the same events.
 
 use crate::domain::event::{ClientId, Envelope};
+pub use crate::domain::settings::HistoryLimits;
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
@@ -150,23 +151,6 @@ pub fn money_add(a: f64, b: f64) -> f64 {
     let b = if b.is_finite() { b } else { 0.0 };
     let a = if a.is_finite() { a } else { 0.0 };
     (a + b).clamp(-MAX_MONEY_SUM, MAX_MONEY_SUM)
-}
-
-/// What a client's state keeps at most ([`crate::domain::settings::HistoryConfig`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HistoryLimits {
-    /// Distinct products in `stats.purchases`.
-    pub max_purchases: usize,
-    /// Distinct event types in `stats.events` / `stats.last_at`.
-    pub max_event_types: usize,
-    /// Distinct channels in `stats.orders_by_channel`.
-    pub max_order_channels: usize,
-}
-
-impl Default for HistoryLimits {
-    fn default() -> Self {
-        crate::domain::settings::HistoryConfig::default().limits()
-    }
 }
 
 /// Longest text kept of one error's page, message or code, in bytes.

@@ -2,7 +2,6 @@
 //! kept. It lives with the domain that uses it; the configuration (`config`) composes it
 //! into the whole file, with the other sections.
 
-use crate::domain::history::HistoryLimits;
 use chrono_tz::Tz;
 use serde::{Deserialize, Serialize};
 use std::num::{NonZeroU32, NonZeroUsize};
@@ -66,6 +65,23 @@ impl HistoryConfig {
             max_event_types: self.max_event_types.get(),
             max_order_channels: self.max_order_channels.get(),
         }
+    }
+}
+
+/// What a client's state keeps at most ([`HistoryConfig`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryLimits {
+    /// Distinct products in `stats.purchases`.
+    pub max_purchases: usize,
+    /// Distinct event types in `stats.events` / `stats.last_at`.
+    pub max_event_types: usize,
+    /// Distinct channels in `stats.orders_by_channel`.
+    pub max_order_channels: usize,
+}
+
+impl Default for HistoryLimits {
+    fn default() -> Self {
+        HistoryConfig::default().limits()
     }
 }
 
