@@ -16,7 +16,8 @@ use crate::flow::chain::{Chain, Turn};
 use crate::http::live::{Live, LiveItem};
 use crate::metrics::Metrics;
 use crate::store::{
-    AnyStore, BatchWrite, CommitOutcome, Rejected, Store, StoreError, StoredEvent, SweepProgress,
+    Admin, AnyStore, BatchWrite, Batches, CommitOutcome, Rejected, State, StoreError, StoredEvent,
+    SweepProgress, Window as _,
 };
 use bytes::Bytes;
 use chrono::{DateTime, Utc};

@@ -9,7 +9,7 @@ use crate::config::SchedulerConfig;
 use crate::domain::event::ClientId;
 use crate::flow::catalog::Catalog;
 use crate::flow::pipeline::Pipeline;
-use crate::store::{Store, StoreError};
+use crate::store::{Schedules, StoreError};
 use chrono::{DateTime, Duration, DurationRound, Utc};
 use serde::Serialize;
 use std::sync::Arc;
