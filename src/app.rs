@@ -13,7 +13,7 @@ use crate::flow::pipeline::Pipeline;
 use crate::flow::scheduler::Scheduler;
 use crate::http::{ApiState, Limits, router, serve};
 use crate::metrics::Metrics;
-use crate::store::{AnyStore, Store};
+use crate::store::{Admin, AnyStore, Window};
 use anyhow::Context;
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -13,7 +13,7 @@ use nudge::flow::catalog::Catalog;
 use nudge::flow::pipeline::Pipeline;
 use nudge::flow::scheduler::Scheduler;
 use nudge::metrics::Metrics;
-use nudge::store::Store;
+use nudge::store::Staff;
 use nudge::tools;
 use std::path::PathBuf;
 use std::process::ExitCode;

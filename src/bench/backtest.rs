@@ -18,7 +18,7 @@ use super::workload::{self, Shape};
 use crate::config::Config;
 use crate::core::rules::RuleEngine;
 use crate::core::rules::loader::RuleLoader;
-use crate::store::{AnyStore, BatchWrite, LogCursor, Store, StoredEvent};
+use crate::store::{AnyStore, BatchWrite, Batches, History, LogCursor, Schedules, StoredEvent};
 use anyhow::{Context, bail};
 use chrono::{DateTime, Duration as Span, Utc};
 use serde::Serialize;

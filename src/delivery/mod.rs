@@ -20,7 +20,7 @@ use crate::domain::log::{Level, LogEntry};
 use crate::flow::catalog::Catalog;
 use crate::flow::live::{Live, LiveItem};
 use crate::metrics::Metrics;
-use crate::store::{AnyStore, Delivery, OutboxItem, Store, StoreError};
+use crate::store::{AnyStore, Delivery, Outbox, OutboxItem, State, StoreError};
 use chrono::{DateTime, Duration as ChronoDuration, TimeZone, Utc};
 use chrono_tz::Tz;
 use lettre::message::Mailbox;

@@ -11,7 +11,7 @@
 //! before are still honoured; only new mails carry the opaque form.
 
 use crate::domain::event::ClientId;
-use crate::store::{AnyStore, Store, StoreError};
+use crate::store::{Admin, AnyStore, StoreError};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 

@@ -10,7 +10,7 @@ use crate::domain::event::ClientId;
 use crate::flow::catalog::Catalog;
 use crate::flow::error::BatchError;
 use crate::flow::pipeline::Pipeline;
-use crate::store::{Store, StoreError};
+use crate::store::{Schedules, StoreError};
 use chrono::{DateTime, Duration, DurationRound, Utc};
 use serde::Serialize;
 use std::sync::Arc;

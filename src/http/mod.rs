@@ -18,7 +18,9 @@ use crate::flow::catalog::Catalog;
 use crate::flow::live::Live;
 use crate::flow::scheduler::{Scheduler, TriggerError};
 use crate::metrics::Metrics;
-use crate::store::{AnyStore, AuditEntry, Store, TaskFilter, erasure_hash};
+use crate::store::{
+    Admin, AnyStore, AuditEntry, Outbox, Staff, State as _, TaskFilter, erasure_hash,
+};
 use axum::extract::{Extension, Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::middleware;

@@ -13,7 +13,7 @@ use crate::core::templates::{Rendered, TemplateSet};
 use crate::domain::effects::EffectKind;
 use crate::domain::event::ClientId;
 use crate::flow::catalog::Catalog;
-use crate::store::{AnyStore, Store};
+use crate::store::{AnyStore, History, State};
 use crate::tools::replay::{Progress, Replay, walk};
 use anyhow::{Context, bail};
 use chrono::{DateTime, Utc};

@@ -13,7 +13,7 @@ use crate::core::rules::Rule;
 use crate::domain::counters::{CounterKey, CounterSource, Counters, Stored};
 use crate::domain::event::{ClientId, Envelope};
 use crate::domain::history::ClientState;
-use crate::store::{Derived, LogCursor, Store, StoreError};
+use crate::store::{Derived, History, LogCursor, StoreError};
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use std::collections::{HashMap, HashSet};
@@ -397,7 +397,7 @@ pub struct Progress {
 /// to `replay` in stream order; `on_decision` sees each decision with the
 /// time of its trigger, in that order. The next page of the log is read
 /// (and decoded) while this one is decided.
-pub async fn walk<S: Store + Clone>(
+pub async fn walk<S: History + Clone + Send + Sync + 'static>(
     store: &S,
     replay: &mut Replay<'_>,
     until: Option<DateTime<Utc>>,

@@ -3,7 +3,7 @@
 use crate::helpers::{Backend, TestApp, ago, event, eventually, registered_at};
 use futures::StreamExt;
 use nudge::domain::counters::CounterKey;
-use nudge::store::Store;
+use nudge::store::State;
 use serde_json::{Value, json};
 use std::time::Duration;
 

@@ -12,7 +12,7 @@ use nudge::domain::event::ClientId;
 use nudge::flow::catalog::Catalog;
 use nudge::flow::pipeline::{AckFloor, Incoming, Pipeline};
 use nudge::metrics::Metrics;
-use nudge::store::{AnyStore, Store};
+use nudge::store::{Admin, AnyStore, State};
 use serde_json::json;
 use std::path::Path;
 use std::sync::Arc;

@@ -243,7 +243,7 @@ fn test_names_a_mail_of_a_template_that_does_not_exist() {
 async fn a_rule_preview_shows_the_mail_with_computed_variables_and_a_real_unsubscribe_link(
     backend: crate::helpers::Backend,
 ) {
-    use nudge::store::Store;
+    use nudge::store::Outbox;
     let env = crate::helpers::TestEnv::new(backend).await;
     let store = nudge::app::open_store(&env.config).await.unwrap();
     let catalog = std::sync::Arc::new(nudge::flow::catalog::Catalog::load(&env.config));
@@ -317,7 +317,7 @@ backend_tests!(a_rule_preview_shows_the_mail_with_computed_variables_and_a_real_
 async fn a_rule_preview_over_http_shows_the_mail_and_a_real_unsubscribe_link(
     backend: crate::helpers::Backend,
 ) {
-    use nudge::store::Store;
+    use nudge::store::Outbox;
     let app = crate::helpers::TestApp::spawn(backend).await;
     let mut e = crate::helpers::registered_at("r-ivy", "ivy", &crate::helpers::ago(20 * 86_400));
     e["data"]["marketing_consent"] = serde_json::json!(true);

@@ -14,7 +14,7 @@ use crate::helpers::{
     Backend, TestApp, TestEnv, ago, daemon_vars, event, eventually, publish_retrying,
     registered_at, spawn_daemon,
 };
-use nudge::store::Store;
+use nudge::store::{History, Outbox, Staff};
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::time::Duration;

@@ -6,7 +6,7 @@
 
 use nudge::app::Application;
 use nudge::config::Config;
-use nudge::store::{AnyStore, Store};
+use nudge::store::{AnyStore, History, Outbox};
 use serde_json::Value;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

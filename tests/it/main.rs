@@ -21,6 +21,7 @@ mod reload;
 mod scale;
 mod spam;
 mod staff;
+mod store_contract;
 mod timers;
 mod tools;
 mod trust;

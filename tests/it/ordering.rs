@@ -13,7 +13,7 @@ use crate::helpers::{Backend, TestDb, TestEnv, daemon_vars, event, registered_at
 use chrono::{DateTime, Duration as Span, Utc};
 use nudge::domain::counters::period_key;
 use nudge::flow::pipeline::{Incoming, Pipeline};
-use nudge::store::Store;
+use nudge::store::{Admin, Batches, Outbox, Staff, State, Window};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;

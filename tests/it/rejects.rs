@@ -1,7 +1,7 @@
 //! Bad input is kept as rejected with its reason and never blocks the stream.
 
 use crate::helpers::{Backend, TestApp, registered};
-use nudge::store::Store;
+use nudge::store::{History, Staff};
 use serde_json::{Value, json};
 
 async fn malformed_wrong_typed_and_oversize_events_are_kept_and_the_stream_goes_on(

@@ -1,7 +1,7 @@
 //! Rules change on disk while nudge runs.
 
 use crate::helpers::{Backend, TestApp, eventually, registered};
-use nudge::store::Store;
+use nudge::store::Staff;
 use serde_json::Value;
 use std::time::Duration;
 

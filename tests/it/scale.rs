@@ -8,7 +8,7 @@ use crate::helpers::{
 use chrono::{DateTime, Duration as Span, Utc};
 use nudge::domain::counters::{CounterKey, period_key};
 use nudge::domain::event::ClientId;
-use nudge::store::{AnyStore, Store, TaskFilter};
+use nudge::store::{Admin, AnyStore, History, Outbox, Staff, State, TaskFilter, Window};
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::process::Child;

@@ -1,7 +1,7 @@
 //! Replay, backtest and preview over a history built by the live daemon.
 
 use crate::helpers::{Backend, Sql, TestApp, TestDb, TestEnv, ago, event, registered_at};
-use nudge::store::Store;
+use nudge::store::{History, Outbox, State};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 

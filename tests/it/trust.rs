@@ -3,7 +3,7 @@
 
 use crate::helpers::{Backend, TestApp, TestEnv, ago, event, eventually, registered_at};
 use nudge::domain::event::ClientId;
-use nudge::store::Store;
+use nudge::store::{Outbox, Staff, State};
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};

@@ -1,7 +1,7 @@
 //! The first rule end to end: registrations over NATS, mail over SMTP.
 
 use crate::helpers::{Backend, Mail, TestApp, TestEnv, registered};
-use nudge::store::Store;
+use nudge::store::{History, Outbox};
 use std::time::{Duration, Instant};
 
 async fn each_acquisition_channel_gets_its_welcome_mail(backend: Backend) {

@@ -15,7 +15,8 @@ use crate::flow::error::BatchError;
 use crate::flow::live::{Live, LiveItem};
 use crate::metrics::Metrics;
 use crate::store::{
-    AnyStore, BatchWrite, CommitOutcome, Rejected, Store, StoredEvent, SweepProgress,
+    Admin, AnyStore, BatchWrite, Batches, CommitOutcome, Rejected, State, StoredEvent,
+    SweepProgress,
 };
 use bytes::Bytes;
 use chrono::{DateTime, Utc};

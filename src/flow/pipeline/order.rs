@@ -7,7 +7,7 @@ use super::steps::{Step, ordered_steps, split_before};
 use super::{BatchReport, Incoming, Outcome, Pipeline, Work};
 use crate::flow::chain::Turn;
 use crate::flow::error::{BatchError, Cause};
-use crate::store::{Store, StoredEvent, WindowBlockers};
+use crate::store::{StoredEvent, Window as _, WindowBlockers};
 use chrono::Utc;
 use std::collections::{HashMap, HashSet};
 

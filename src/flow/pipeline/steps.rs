@@ -11,7 +11,7 @@ use crate::domain::log::{Level, LogEntry};
 use crate::flow::chain::Chain;
 use crate::flow::error::{BatchError, Cause};
 use crate::store::StoreError;
-use crate::store::{AnyStore, BatchWrite, Store, StoredEvent};
+use crate::store::{AnyStore, BatchWrite, State, StoredEvent};
 use chrono::{DateTime, Utc};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;

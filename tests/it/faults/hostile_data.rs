@@ -9,7 +9,7 @@
 
 use crate::helpers::{Backend, TestApp, TestEnv, ago, event, eventually, registered_at};
 use nudge::domain::event::ClientId;
-use nudge::store::Store;
+use nudge::store::Staff;
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 

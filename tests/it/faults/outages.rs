@@ -3,7 +3,7 @@
 //! on when they are back, and every event and every mail takes effect once.
 
 use crate::helpers::{Backend, TestApp, TestEnv, ago, event, eventually, registered_at};
-use nudge::store::Store;
+use nudge::store::{History, Outbox, Staff};
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};

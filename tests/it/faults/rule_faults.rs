@@ -6,7 +6,7 @@
 
 use crate::helpers::{Backend, TestEnv, ago, event, eventually, registered_at};
 use nudge::domain::event::ClientId;
-use nudge::store::Store;
+use nudge::store::{History, Outbox, Staff};
 use serde_json::{Value, json};
 use std::time::Duration;
 

@@ -4,7 +4,7 @@
 use crate::helpers::{
     Backend, Daemon, TestEnv, ago, daemon_vars, event, free_port, sigterm, spawn_daemon,
 };
-use nudge::store::Store;
+use nudge::store::History;
 use serde_json::json;
 use std::time::{Duration, Instant};
 
