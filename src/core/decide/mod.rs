@@ -11,14 +11,20 @@ use crate::core::rules::{
 use crate::core::templates::{MailKind, TemplateSet};
 use crate::domain::counters::Counters;
 use crate::domain::effects::{Effect, EffectKind, effect_key};
-use crate::domain::event::{ClientId, Envelope, EventId, EventType};
-use crate::domain::history::{ClientState, HistoryLimits, RECENT_MAILS, SentMail, Session, Timer};
+use crate::domain::event::{Envelope, EventId};
+use crate::domain::history::{ClientState, HistoryLimits, RECENT_MAILS, SentMail, Timer};
 use crate::domain::log::{Level, LogEntry};
 use crate::domain::settings::HistoryConfig;
 use chrono::{DateTime, Duration, Utc};
 use rhai::Dynamic;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use std::collections::BTreeMap;
+
+mod mail;
+mod views;
+
+use mail::describe;
+pub use views::{client_view, event_view, mail_defaults};
 
 /// What one trigger led to.
 #[derive(Debug, Default)]
@@ -274,48 +280,6 @@ impl Core<'_> {
         )
     }
 
-    /// Ties `email_opened` / `email_clicked` to the mail they name (by its
-    /// Message-ID) and counts them per rule and template, for everyone.
-    fn count_engagement(
-        &self,
-        state: &mut ClientState,
-        event: &Envelope,
-        counters: &mut Counters,
-    ) -> Result<(), String> {
-        let what = match event.event_type.as_str() {
-            "email_opened" => "opened",
-            "email_clicked" => "clicked",
-            _ => return Ok(()),
-        };
-        let Some(key) = event
-            .data
-            .get("message_id")
-            .and_then(Value::as_str)
-            .and_then(crate::domain::effects::key_of_message_id)
-        else {
-            return Ok(());
-        };
-        let Some(mail) = state
-            .stats
-            .recent_mails
-            .iter()
-            .find(|m| m.key == key)
-            .cloned()
-        else {
-            return Ok(());
-        };
-        match what {
-            "opened" => state.stats.opens += 1,
-            _ => state.stats.clicks += 1,
-        }
-        let key = counters.key(
-            &format!("mail_{what}:{}:{}", mail.rule, mail.template),
-            "all",
-            event.occurred_at,
-        )?;
-        counters.add(&key, 1.0).map(|_| ())
-    }
-
     /// Decides the secondary events a trigger emitted, and keeps them to store.
     fn follow(
         &self,
@@ -524,193 +488,6 @@ impl Core<'_> {
         }
         (decision, emitted)
     }
-
-    /// The envelope of a secondary event: its id derives from the rule, the
-    /// cause and the position, so a replay emits the very same event.
-    fn secondary(
-        &self,
-        rule: &str,
-        trigger: &Trigger,
-        client_id: &ClientId,
-        event_type: &str,
-        mut data: Map<String, Value>,
-        key: &str,
-    ) -> Result<Envelope, String> {
-        let ty = EventType::parse(event_type).map_err(|e| format!("emit refused: {e}"))?;
-        let id = format!("nudge-{key}");
-        data.insert("caused_by".into(), json!(trigger.cause));
-        let mut context = Map::new();
-        context.insert("source".into(), json!("nudge"));
-        context.insert("rule".into(), json!(rule));
-        context.insert("nudge_depth".into(), json!(trigger.depth + 1));
-        Ok(Envelope {
-            id: EventId::parse(id).map_err(|e| e.to_string())?,
-            event_type: ty,
-            client_id: client_id.clone(),
-            occurred_at: trigger.at,
-            data,
-            context,
-        })
-    }
-
-    /// Checks a mail request against what it needs now, so a mistake shows in
-    /// the process log at decision time instead of as a failed send later.
-    fn mail(
-        &self,
-        template: &str,
-        vars: Map<String, Value>,
-        state: &ClientState,
-        at: DateTime<Utc>,
-    ) -> Result<EffectKind, (Level, String)> {
-        let Some(kind) = self.templates.kind(template) else {
-            return Err((
-                Level::Warning,
-                format!("mail `{template}` not queued: no such template"),
-            ));
-        };
-        let p = &state.profile;
-        if kind == MailKind::Marketing && (p.unsubscribed || !p.marketing_consent) {
-            let why = if p.unsubscribed {
-                "the client unsubscribed"
-            } else {
-                "the client has not given marketing consent"
-            };
-            return Err((
-                Level::Notice,
-                format!("marketing mail `{template}` skipped: {why}"),
-            ));
-        }
-        if kind == MailKind::Marketing {
-            let sent = &state.stats.marketing_sent;
-            let within = |d: Duration| sent.iter().filter(|t| at - **t < d).count() as u32;
-            let s = self.settings;
-            for (cap, period, n) in [
-                (s.max_marketing_per_day, "day", within(Duration::days(1))),
-                (s.max_marketing_per_week, "week", within(Duration::days(7))),
-            ] {
-                if cap > 0 && n >= cap {
-                    return Err((
-                        Level::Notice,
-                        format!(
-                            "marketing mail `{template}` skipped: the cap of {cap} per {period} is reached"
-                        ),
-                    ));
-                }
-            }
-        }
-        let Some(to) = p.email.clone() else {
-            return Err((
-                Level::Warning,
-                format!("mail `{template}` not queued: the client has no e-mail address"),
-            ));
-        };
-        let mut all = mail_defaults(state);
-        all.extend(vars);
-        Ok(EffectKind::Mail {
-            template: template.to_string(),
-            to,
-            vars: all,
-        })
-    }
-}
-
-fn describe(kind: &EffectKind) -> String {
-    match kind {
-        EffectKind::Mail { template, to, .. } => format!("mail `{template}` queued to {to}"),
-        EffectKind::Emit { event_type, .. } => format!("event `{event_type}` emitted"),
-        EffectKind::Task { team, title, .. } => format!("task for {team}: {title}"),
-    }
-}
-
-/// Variables every mail template can use, before the rule's own.
-pub fn mail_defaults(state: &ClientState) -> Map<String, Value> {
-    let p = &state.profile;
-    let mut m = Map::new();
-    m.insert("client_id".into(), json!(state.client_id.as_str()));
-    m.insert("email".into(), json!(p.email));
-    m.insert("first_name".into(), json!(p.first_name));
-    m.insert("last_name".into(), json!(p.last_name));
-    m.insert("acquisition_channel".into(), json!(p.acquisition_channel));
-    m.insert("promo_code".into(), json!(p.promo_code));
-    // The sender keeps quiet hours in the client's own timezone.
-    m.insert("timezone".into(), json!(p.timezone));
-    m
-}
-
-fn secs(t: Option<DateTime<Utc>>) -> Value {
-    t.map_or(Value::Null, |t| json!(t.timestamp()))
-}
-
-/// The event as rules see it: times in Unix seconds, like `now`.
-pub fn event_view(e: &Envelope) -> Value {
-    json!({
-        "id": e.id.as_str(),
-        "type": e.event_type.as_str(),
-        "client_id": e.client_id.as_str(),
-        "occurred_at": e.occurred_at.timestamp(),
-        "data": e.data,
-        "context": e.context,
-    })
-}
-
-/// The client as rules see it: the profile flat, counters under `stats`,
-/// times in Unix seconds (absent ones are `()`).
-pub fn client_view(s: &ClientState) -> Value {
-    let p = &s.profile;
-    let st = &s.stats;
-    let last_at: Map<String, Value> = st
-        .last_at
-        .iter()
-        .map(|(k, v)| (k.clone(), json!(v.timestamp())))
-        .collect();
-    json!({
-        "id": s.client_id.as_str(),
-        "email": p.email,
-        "first_name": p.first_name,
-        "last_name": p.last_name,
-        "acquisition_channel": p.acquisition_channel,
-        "promo_code": p.promo_code,
-        "partner_id": p.partner_id,
-        "locale": p.locale,
-        "timezone": p.timezone,
-        "marketing_consent": p.marketing_consent,
-        "unsubscribed": p.unsubscribed,
-        "registered_at": secs(p.registered_at),
-        "first_seen": secs(p.first_seen),
-        "last_seen": secs(p.last_seen),
-        "session": p_session(s.sessions.current.as_ref()),
-        "last_session": p_session(s.sessions.recent.first()),
-        "sessions": s.sessions.recent.iter().map(|x| p_session(Some(x))).collect::<Vec<_>>(),
-        "stats": {
-            "mailed_at": st.mailed_at.iter().map(|(k, v)| (k.clone(), json!(v.timestamp()))).collect::<Map<String, Value>>(),
-            "events": st.events,
-            "last_at": last_at,
-            "product_views": st.product_views,
-            "cart_adds": st.cart_adds,
-            "orders": st.orders,
-            "orders_cancelled": st.orders_cancelled,
-            "spend": st.spend,
-            "mails": st.mails,
-        },
-    })
-}
-
-fn p_session(s: Option<&Session>) -> Value {
-    let Some(s) = s else { return Value::Null };
-    json!({
-        "id": s.id,
-        "derived": s.derived,
-        "start": s.start.timestamp(),
-        "end": s.end.timestamp(),
-        "duration": (s.end - s.start).num_seconds(),
-        "ended": s.ended,
-        "events": s.events,
-        "page_views": s.page_views,
-        "product_views": s.product_views,
-        "cart_adds": s.cart_adds,
-        "orders": s.orders,
-        "channel": s.channel,
-    })
 }
 
 #[cfg(test)]

@@ -1,0 +1,153 @@
+//! What a trigger's mails and secondary events become: a mail request
+//! checked against consent, unsubscription, caps and the address; the
+//! envelope of an emitted event; opens and clicks tied to their mail.
+
+use super::{Core, Trigger, views::mail_defaults};
+use crate::core::templates::MailKind;
+use crate::domain::counters::Counters;
+use crate::domain::effects::EffectKind;
+use crate::domain::event::{ClientId, Envelope, EventId, EventType};
+use crate::domain::history::ClientState;
+use crate::domain::log::Level;
+use chrono::{DateTime, Duration, Utc};
+use serde_json::{Map, Value, json};
+
+pub(super) fn describe(kind: &EffectKind) -> String {
+    match kind {
+        EffectKind::Mail { template, to, .. } => format!("mail `{template}` queued to {to}"),
+        EffectKind::Emit { event_type, .. } => format!("event `{event_type}` emitted"),
+        EffectKind::Task { team, title, .. } => format!("task for {team}: {title}"),
+    }
+}
+
+impl Core<'_> {
+    /// Ties `email_opened` / `email_clicked` to the mail they name (by its
+    /// Message-ID) and counts them per rule and template, for everyone.
+    pub(super) fn count_engagement(
+        &self,
+        state: &mut ClientState,
+        event: &Envelope,
+        counters: &mut Counters,
+    ) -> Result<(), String> {
+        let what = match event.event_type.as_str() {
+            "email_opened" => "opened",
+            "email_clicked" => "clicked",
+            _ => return Ok(()),
+        };
+        let Some(key) = event
+            .data
+            .get("message_id")
+            .and_then(Value::as_str)
+            .and_then(crate::domain::effects::key_of_message_id)
+        else {
+            return Ok(());
+        };
+        let Some(mail) = state
+            .stats
+            .recent_mails
+            .iter()
+            .find(|m| m.key == key)
+            .cloned()
+        else {
+            return Ok(());
+        };
+        match what {
+            "opened" => state.stats.opens += 1,
+            _ => state.stats.clicks += 1,
+        }
+        let key = counters.key(
+            &format!("mail_{what}:{}:{}", mail.rule, mail.template),
+            "all",
+            event.occurred_at,
+        )?;
+        counters.add(&key, 1.0).map(|_| ())
+    }
+
+    /// The envelope of a secondary event: its id derives from the rule, the
+    /// cause and the position, so a replay emits the very same event.
+    pub(super) fn secondary(
+        &self,
+        rule: &str,
+        trigger: &Trigger,
+        client_id: &ClientId,
+        event_type: &str,
+        mut data: Map<String, Value>,
+        key: &str,
+    ) -> Result<Envelope, String> {
+        let ty = EventType::parse(event_type).map_err(|e| format!("emit refused: {e}"))?;
+        let id = format!("nudge-{key}");
+        data.insert("caused_by".into(), json!(trigger.cause));
+        let mut context = Map::new();
+        context.insert("source".into(), json!("nudge"));
+        context.insert("rule".into(), json!(rule));
+        context.insert("nudge_depth".into(), json!(trigger.depth + 1));
+        Ok(Envelope {
+            id: EventId::parse(id).map_err(|e| e.to_string())?,
+            event_type: ty,
+            client_id: client_id.clone(),
+            occurred_at: trigger.at,
+            data,
+            context,
+        })
+    }
+
+    /// Checks a mail request against what it needs now, so a mistake shows in
+    /// the process log at decision time instead of as a failed send later.
+    pub(super) fn mail(
+        &self,
+        template: &str,
+        vars: Map<String, Value>,
+        state: &ClientState,
+        at: DateTime<Utc>,
+    ) -> Result<EffectKind, (Level, String)> {
+        let Some(kind) = self.templates.kind(template) else {
+            return Err((
+                Level::Warning,
+                format!("mail `{template}` not queued: no such template"),
+            ));
+        };
+        let p = &state.profile;
+        if kind == MailKind::Marketing && (p.unsubscribed || !p.marketing_consent) {
+            let why = if p.unsubscribed {
+                "the client unsubscribed"
+            } else {
+                "the client has not given marketing consent"
+            };
+            return Err((
+                Level::Notice,
+                format!("marketing mail `{template}` skipped: {why}"),
+            ));
+        }
+        if kind == MailKind::Marketing {
+            let sent = &state.stats.marketing_sent;
+            let within = |d: Duration| sent.iter().filter(|t| at - **t < d).count() as u32;
+            let s = self.settings;
+            for (cap, period, n) in [
+                (s.max_marketing_per_day, "day", within(Duration::days(1))),
+                (s.max_marketing_per_week, "week", within(Duration::days(7))),
+            ] {
+                if cap > 0 && n >= cap {
+                    return Err((
+                        Level::Notice,
+                        format!(
+                            "marketing mail `{template}` skipped: the cap of {cap} per {period} is reached"
+                        ),
+                    ));
+                }
+            }
+        }
+        let Some(to) = p.email.clone() else {
+            return Err((
+                Level::Warning,
+                format!("mail `{template}` not queued: the client has no e-mail address"),
+            ));
+        };
+        let mut all = mail_defaults(state);
+        all.extend(vars);
+        Ok(EffectKind::Mail {
+            template: template.to_string(),
+            to,
+            vars: all,
+        })
+    }
+}
