@@ -67,6 +67,18 @@ pub fn effect_key(rule: &str, cause: &str, ordinal: usize) -> String {
     s
 }
 
+/// What separates the effect key from the domain in the Message-ID of each
+/// mail nudge sends (`<KEY.nudge@domain>`), so an open, a click or a bounce
+/// that quotes the Message-ID names the effect it is about.
+pub const MESSAGE_ID_MARK: &str = ".nudge@";
+
+/// The effect key inside one of our Message-IDs (with or without the `<>`).
+pub fn key_of_message_id(id: &str) -> Option<&str> {
+    let id = id.trim().trim_start_matches('<').trim_end_matches('>');
+    let (key, _) = id.split_once(MESSAGE_ID_MARK)?;
+    (!key.is_empty()).then_some(key)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -81,16 +93,4 @@ mod tests {
         assert_ne!(effect_key("a", "bc", 0), effect_key("ab", "c", 0));
         assert_eq!(effect_key("a", e, 0).len(), 32);
     }
-}
-
-/// What separates the effect key from the domain in the Message-ID of each
-/// mail nudge sends (`<KEY.nudge@domain>`), so an open, a click or a bounce
-/// that quotes the Message-ID names the effect it is about.
-pub const MESSAGE_ID_MARK: &str = ".nudge@";
-
-/// The effect key inside one of our Message-IDs (with or without the `<>`).
-pub fn key_of_message_id(id: &str) -> Option<&str> {
-    let id = id.trim().trim_start_matches('<').trim_end_matches('>');
-    let (key, _) = id.split_once(MESSAGE_ID_MARK)?;
-    (!key.is_empty()).then_some(key)
 }

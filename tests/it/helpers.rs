@@ -751,12 +751,9 @@ pub fn ago(secs: i64) -> String {
     (chrono::Utc::now() - chrono::Duration::seconds(secs)).to_rfc3339()
 }
 
-/// A contract event.
+/// A contract event (the kit's envelope, as the bench publishes them).
 pub fn event(id: &str, ty: &str, client: &str, at: &str, data: Value, context: Value) -> Value {
-    serde_json::json!({
-        "id": id, "type": ty, "client_id": client, "occurred_at": at,
-        "data": data, "context": context,
-    })
+    nudge_kit::workload::envelope(id, ty, client, at, data, context)
 }
 
 /// A registration at a given time, with marketing consent.
