@@ -19,7 +19,6 @@
 //!   rule tests, checks and previews.
 
 pub mod app;
-pub mod bench;
 pub mod config;
 pub mod core;
 pub mod delivery;

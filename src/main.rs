@@ -153,25 +153,30 @@ enum Command {
         json: bool,
     },
     /// Measure throughput and latency on this machine, on private NATS and
-    /// SQLite, against a bare consumer's rate (see docs/performance.md).
-    Bench(nudge::bench::BenchArgs),
+    /// SQLite, against a bare consumer's rate (see docs/performance.md):
+    /// runs the `nudge-bench` program next to this one with the same
+    /// arguments (`nudge bench --help` lists them).
+    #[command(disable_help_flag = true)]
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Bench { args } = cli.command {
+        return run_bench(cli.config, args);
+    }
     let source = ConfigSource::find(cli.config, std::env::var_os("NUDGE_CONFIG"));
-    let mut config = match Config::load(source.path()) {
+    let config = match Config::load(source.path()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("nudge: {e}");
             return ExitCode::from(2);
         }
     };
-    if matches!(cli.command, Command::Bench(_)) {
-        // A line per mail sent would bury the report; RUST_LOG still wins.
-        config.log.level = "warn".into();
-    }
     nudge::telemetry::init(&config.log);
     match dispatch(cli.command, config, source).await {
         Ok(code) => code,
@@ -598,7 +603,9 @@ async fn dispatch(
                 return Ok(ExitCode::FAILURE);
             }
         }
-        Command::Bench(args) => nudge::bench::run(args, config).await?,
+        Command::Bench { .. } => {
+            unreachable!("handed to nudge-bench before loading the configuration")
+        }
         Command::Migrate { json } => {
             open_store(&config).await?;
             if json {
@@ -609,6 +616,49 @@ async fn dispatch(
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `nudge bench`: the bench is a program of its own (`bench/`), so the
+/// daemon carries none of it; this hands over to the `nudge-bench` built
+/// next to this binary, with `--config` and the arguments as given.
+fn run_bench(config: Option<PathBuf>, args: Vec<std::ffi::OsString>) -> ExitCode {
+    let bench = match std::env::current_exe() {
+        Ok(exe) => exe.with_file_name(format!("nudge-bench{}", std::env::consts::EXE_SUFFIX)),
+        Err(e) => {
+            eprintln!("nudge: cannot tell where this program is, to find nudge-bench: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if !bench.is_file() {
+        eprintln!(
+            "nudge: `nudge bench` runs {}, which is not there: build it with \
+             `cargo build --release -p nudge-bench` (or `cargo build --release`, \
+             which builds the whole workspace), or run `cargo run --release -p nudge-bench -- ARGS`",
+            bench.display()
+        );
+        return ExitCode::FAILURE;
+    }
+    let mut cmd = std::process::Command::new(&bench);
+    if let Some(c) = config {
+        cmd.arg("--config").arg(c);
+    }
+    cmd.args(args);
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::CommandExt;
+        // Replaces this process: signals, exit code and output are the bench's own.
+        let e = cmd.exec();
+        eprintln!("nudge: cannot run {}: {e}", bench.display());
+        ExitCode::FAILURE
+    }
+    #[cfg(not(unix))]
+    match cmd.status() {
+        Ok(s) => ExitCode::from(s.code().unwrap_or(1).clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("nudge: cannot run {}: {e}", bench.display());
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// SIGTERM and Ctrl-C, listened to from the moment they are installed.

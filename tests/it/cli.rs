@@ -119,10 +119,7 @@ async fn publish_then_run_then_list_rejected_then_stop_on_sigterm(backend: Backe
     )
     .unwrap();
     let vars = vec![
-        (
-            "NUDGE__NATS__URL",
-            format!("nats://127.0.0.1:{}", nats.port),
-        ),
+        ("NUDGE__NATS__URL", nats.url()),
         ("NUDGE__DATABASE__URL", env.db.url.clone()),
         ("NUDGE__MAIL__TRANSPORT", "file".to_string()),
         ("NUDGE__MAIL__DIR", format!("{d}/mail")),
@@ -158,9 +155,7 @@ async fn publish_then_run_then_list_rejected_then_stop_on_sigterm(backend: Backe
     assert!(text(&out).contains("events.jsonl:1"), "{}", text(&out));
 
     // A raw malformed message straight onto the stream.
-    let client = async_nats::connect(format!("127.0.0.1:{}", nats.port))
-        .await
-        .unwrap();
+    let client = async_nats::connect(nats.url()).await.unwrap();
     let js = async_nats::jetstream::new(client);
     js.publish("shop.events.order_placed", "not json".into())
         .await

@@ -269,13 +269,13 @@ async fn nats_down_at_start_then_up_and_restarted_under_load(backend: Backend) {
     assert_eq!(body["database"], "ok", "{body}");
 
     // The broker comes up: nudge connects by itself and consumes.
-    app.env.nats.restart();
+    app.env.nats.restart().expect("nats-server restarts");
     app.wait_healthy().await;
     let total = 600;
     for i in 0..total {
         if i == total / 2 {
             // Restarted under load; JetStream keeps its data.
-            app.env.nats.restart();
+            app.env.nats.restart().expect("nats-server restarts");
         }
         let e = if i % 3 == 0 {
             registered_at(&format!("n{i}"), &format!("c{i}"), &ago(600))

@@ -1,14 +1,18 @@
 //! Test harness: each test gets its own nats-server (JetStream on a private
-//! store), its own SMTP server (aiosmtpd writing a Maildir), its own database
-//! (a SQLite file, or a PostgreSQL database created for it and dropped after)
-//! and its own copy of the rules and templates, and runs nudge in-process. A
-//! service that cannot start fails the test.
+//! store) and its own SMTP server keeping a Maildir, both from the test kit
+//! (`nudge-kit`, shared with the bench), its own database (a SQLite file, or
+//! a PostgreSQL database created for it and dropped after) and its own copy
+//! of the rules and templates, and runs nudge in-process. A service that
+//! cannot start fails the test.
 
 use nudge::app::Application;
 use nudge::config::Config;
 use nudge::store::{AnyStore, History, Outbox};
+pub use nudge_kit::free_port;
+use nudge_kit::nats::NatsServer;
+use nudge_kit::smtp::SmtpSink;
 use serde_json::Value;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -239,125 +243,17 @@ impl Sql {
     }
 }
 
-/// A port nothing listens on right now.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind an ephemeral port")
-        .local_addr()
-        .unwrap()
-        .port()
+/// A private `nats-server -js` with a store of its own.
+pub fn start_nats() -> NatsServer {
+    NatsServer::start().unwrap_or_else(|e| panic!("{e}"))
 }
 
-pub fn wait_for_port(port: u16, what: &str, child: &mut Child) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    while Instant::now() < deadline {
-        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-            return;
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("{what} exited before listening on {port}: {status}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("{what} did not listen on {port} within 20 s");
-}
-
-/// A child process killed when dropped.
-pub struct Service {
-    child: Child,
-    pub port: u16,
-    _dir: TempDir,
-    pub dir: PathBuf,
-    kind: Kind,
-}
-
-#[derive(Clone, Copy)]
-enum Kind {
-    Nats,
-    Smtp,
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A private `nats-server -js`.
-pub fn start_nats() -> Service {
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let child = spawn_nats(port, dir.path());
-    Service {
-        child,
-        port,
-        dir: dir.path().to_path_buf(),
-        _dir: dir,
-        kind: Kind::Nats,
-    }
-}
-
-fn spawn_nats(port: u16, store: &Path) -> Child {
-    let mut child = Command::new("nats-server")
-        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-        .arg(store)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("nats-server must be installed (see .ci/run)");
-    wait_for_port(port, "nats-server", &mut child);
-    child
-}
-
-/// A real SMTP server (aiosmtpd, `tests/smtp_sink.py`) storing every message
-/// it accepts in a Maildir; recipients `reject*@` get a 550, `busy*@` a 451,
-/// `stall*@` no answer at all, and `slow*@` are accepted after 3 s.
-pub fn start_smtp() -> Service {
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let maildir = dir.path().join("maildir");
-    let child = spawn_smtp(port, &maildir);
-    Service {
-        child,
-        port,
-        dir: maildir,
-        _dir: dir,
-        kind: Kind::Smtp,
-    }
-}
-
-fn spawn_smtp(port: u16, maildir: &Path) -> Child {
-    let tests = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests");
-    let mut child = Command::new(std::env::var("NUDGE_TEST_PYTHON").unwrap_or("python3".into()))
-        .args(["-m", "aiosmtpd", "-n", "-l", &format!("127.0.0.1:{port}")])
-        .args(["-c", "smtp_sink.Sink"])
-        .arg(maildir)
-        .env("PYTHONPATH", tests)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("python3 with aiosmtpd must be installed (see .ci/run)");
-    wait_for_port(port, "aiosmtpd", &mut child);
-    child
-}
-
-impl Service {
-    /// Stops the server (the port then refuses connections).
-    pub fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// Starts the server again on the same port with the same data.
-    pub fn restart(&mut self) {
-        self.stop();
-        self.child = match self.kind {
-            Kind::Nats => spawn_nats(self.port, &self.dir),
-            Kind::Smtp => spawn_smtp(self.port, &self.dir),
-        };
-    }
+/// A real SMTP server keeping every message it accepts in a Maildir
+/// (read with [`TestEnv::mails`]); recipients `reject*@` get a 550, `busy*@`
+/// a 451, `stall*@` no answer at all, and `slow*@` are accepted after 3 s
+/// (see `nudge_kit::smtp`).
+pub fn start_smtp() -> SmtpSink {
+    SmtpSink::with_maildir().unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A mail as the SMTP server received it.
@@ -500,10 +396,7 @@ pub fn daemon_vars(env: &TestEnv, extra: &[(&str, &str)]) -> Vec<(String, String
         ("NUDGE__NATS__STREAM", env.config.nats.stream.clone()),
         ("NUDGE__DATABASE__URL", env.db.url.clone()),
         ("NUDGE__MAIL__TRANSPORT", "smtp".into()),
-        (
-            "NUDGE__SMTP__URL",
-            format!("smtp://127.0.0.1:{}", env.smtp.port),
-        ),
+        ("NUDGE__SMTP__URL", env.smtp.url()),
         ("NUDGE__SMTP__FROM", "Shop <hello@shop.test>".into()),
         ("NUDGE__RULES__DIR", format!("{d}/rules")),
         ("NUDGE__TEMPLATES__DIR", format!("{d}/templates")),
@@ -533,9 +426,8 @@ pub fn sigterm(child: &Child) {
 /// Private services, a database file and rule/template folders for one test.
 pub struct TestEnv {
     /// Kept for the test's lifetime: dropping it stops the server.
-    #[allow(dead_code)]
-    pub nats: Service,
-    pub smtp: Service,
+    pub nats: NatsServer,
+    pub smtp: SmtpSink,
     pub config: Config,
     pub js: async_nats::jetstream::Context,
     /// Declared before `dir`: dropped first.
@@ -582,17 +474,11 @@ impl TestEnv {
         }
         let d = dir.path().display();
         let env: Vec<(String, String)> = [
-            (
-                "NUDGE__NATS__URL",
-                format!("nats://127.0.0.1:{}", nats.port),
-            ),
+            ("NUDGE__NATS__URL", nats.url()),
             ("NUDGE__NATS__STREAM", format!("TEST_{}", free_port())),
             ("NUDGE__DATABASE__URL", db.url.clone()),
             ("NUDGE__MAIL__TRANSPORT", "smtp".into()),
-            (
-                "NUDGE__SMTP__URL",
-                format!("smtp://127.0.0.1:{}", smtp.port),
-            ),
+            ("NUDGE__SMTP__URL", smtp.url()),
             ("NUDGE__SMTP__FROM", "Shop <hello@shop.test>".into()),
             ("NUDGE__SMTP__TIMEOUT_SECS", "5".into()),
             ("NUDGE__RULES__DIR", format!("{d}/rules")),
@@ -736,7 +622,7 @@ impl TestEnv {
     }
 
     pub fn mails(&self) -> Vec<Mail> {
-        read_maildir(&self.smtp.dir)
+        read_maildir(self.smtp.maildir().expect("the test sink keeps a Maildir"))
     }
 
     /// Waits until at least `n` mails arrived, then returns all of them.
@@ -865,12 +751,9 @@ pub fn ago(secs: i64) -> String {
     (chrono::Utc::now() - chrono::Duration::seconds(secs)).to_rfc3339()
 }
 
-/// A contract event.
+/// A contract event (the kit's envelope, as the bench publishes them).
 pub fn event(id: &str, ty: &str, client: &str, at: &str, data: Value, context: Value) -> Value {
-    serde_json::json!({
-        "id": id, "type": ty, "client_id": client, "occurred_at": at,
-        "data": data, "context": context,
-    })
+    nudge_kit::workload::envelope(id, ty, client, at, data, context)
 }
 
 /// A registration at a given time, with marketing consent.

@@ -14,6 +14,9 @@ use chrono::{DateTime, Duration as Span, Utc};
 use nudge::domain::counters::period_key;
 use nudge::flow::pipeline::{Incoming, Pipeline};
 use nudge::store::{Admin, Batches, Outbox, Staff, State, Window};
+// The kit's deterministic generator (the bench's), so a failing history can
+// be made again from its seed.
+use nudge_kit::workload::Rng;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -37,22 +40,6 @@ if total > 1000.0 {
 }
 "#;
 
-/// A small deterministic generator (xorshift64*), so a failing history can
-/// be made again from its seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 /// One order of the history, as the reference sees it.
 struct Order {
     id: String,
@@ -64,11 +51,11 @@ struct Order {
 /// The history in the order it is published (the stream's order), and the
 /// orders among it.
 fn shop_history(seed: u64, clients: usize, orders: usize) -> (Vec<Value>, Vec<Order>) {
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng::new(seed);
     let t0: DateTime<Utc> = "2026-01-05T08:00:00Z".parse().unwrap();
     // Client ids whose alphabetical order has nothing to do with time.
     let ids: Vec<String> = (0..clients)
-        .map(|i| format!("{:08x}-{i}", rng.next() as u32))
+        .map(|i| format!("{:08x}-{i}", rng.next_u64() as u32))
         .collect();
     let mut events = Vec::new();
     for (i, c) in ids.iter().enumerate() {
@@ -300,7 +287,7 @@ async fn live_decisions_equal_backtest_replay_and_a_reference_whatever_the_batch
         "live (consuming while published) against the reference"
     );
 
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let runs = [(2000, 5, 3), (1, 0, 1), (37, 0, 4)]
         .into_iter()
         .chain((0..2).map(|_| {
@@ -502,7 +489,7 @@ async fn any_split_of_the_stream_into_batches_decides_the_same() {
         .filter(|(rule, ..)| rule == "monthly")
         .collect();
     let dir = tempfile::tempdir().unwrap();
-    let mut rng = Rng(0x5EED_5E12);
+    let mut rng = Rng::new(0x5EED_5E12);
     let mut first: Option<Vec<String>> = None;
     for case in 0..12 {
         // Cut points: everything in one batch, one event a batch, or random.

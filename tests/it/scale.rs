@@ -11,7 +11,6 @@ use nudge::domain::event::ClientId;
 use nudge::store::{Admin, AnyStore, History, Outbox, Staff, State, TaskFilter, Window};
 use serde_json::{Value, json};
 use std::collections::HashMap;
-use std::process::Child;
 use std::time::Duration;
 
 const CLIENTS: usize = 3000;
@@ -274,62 +273,10 @@ async fn a_rolling_restart_with_sigterm_loses_and_doubles_nothing_on_postgres() 
     assert_eq!(mails.len(), CLIENTS, "and not one twice");
 }
 
-/// One node of a local NATS cluster, killed when dropped.
-struct Node {
-    child: Child,
-    port: u16,
-    _store: tempfile::TempDir,
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Three `nats-server`s with JetStream, routed to each other.
-fn nats_cluster() -> Vec<Node> {
-    use crate::helpers::{free_port, wait_for_port};
-    let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let route_urls = routes
-        .iter()
-        .map(|p| format!("nats://127.0.0.1:{p}"))
-        .collect::<Vec<_>>()
-        .join(",");
-    routes
-        .iter()
-        .enumerate()
-        .map(|(i, route)| {
-            let store = tempfile::tempdir().unwrap();
-            let port = free_port();
-            let mut child = std::process::Command::new("nats-server")
-                .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js"])
-                .args(["-n", &format!("n{i}"), "--cluster_name", "shop"])
-                .args(["--cluster", &format!("nats://127.0.0.1:{route}")])
-                .args(["--routes", &route_urls, "-sd"])
-                .arg(store.path())
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .expect("nats-server must be installed (see .ci/run)");
-            wait_for_port(port, "nats-server", &mut child);
-            Node {
-                child,
-                port,
-                _store: store,
-            }
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_three_node_nats_cluster_loses_a_node_and_nothing_else_on_postgres() {
-    let mut nodes = nats_cluster();
-    let urls: Vec<String> = nodes
-        .iter()
-        .map(|n| format!("nats://127.0.0.1:{}", n.port))
-        .collect();
+    let mut nodes = nudge_kit::nats::NatsServer::cluster(3).unwrap_or_else(|e| panic!("{e}"));
+    let urls: Vec<String> = nodes.iter().map(|n| n.url()).collect();
     let mut env = TestEnv::with_env(
         Backend::Postgres,
         &[

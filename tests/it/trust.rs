@@ -269,7 +269,7 @@ async fn smtp_down_for_a_while_then_back_every_mail_arrives_once_and_a_550_fails
     })
     .await;
     let mut env = app.stop().await;
-    env.smtp.restart();
+    env.smtp.restart().expect("the SMTP sink restarts");
     let app = env.start().await;
     app.wait_outbox_settled().await;
     let mails = app.mails();

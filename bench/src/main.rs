@@ -1,9 +1,11 @@
-//! `nudge bench`: how fast nudge takes a busy shop's events into effect on
-//! this machine, against the yardstick of what the broker can deliver.
+//! `nudge-bench` (run as `nudge bench`, which hands over to it): how fast
+//! nudge takes a busy shop's events into effect on this machine, against the
+//! yardstick of what the broker can deliver.
 //!
-//! In one run, on private services (a `nats-server -js` it starts, a fresh
-//! SQLite file, and an SMTP server of its own that takes every mail):
-//! 1. pre-loads the stream with a realistic workload ([`workload`]);
+//! In one run, on private services from the test kit (a `nats-server -js`, an
+//! SMTP sink that counts every mail) and a fresh SQLite file:
+//! 1. pre-loads the stream with a realistic workload
+//!    ([`nudge_kit::workload`]);
 //! 2. reads it with a bare pull consumer that parses and acks (the raw rate);
 //! 3. runs the real daemon ([`Application`], every task, every shipped rule)
 //!    over the same events until all of them are committed and acked;
@@ -21,55 +23,112 @@ mod broker;
 mod latency;
 mod probe;
 mod report;
-mod smtp;
-mod workload;
 
-use crate::app::Application;
-use crate::config::{Config, TeamConfig, Transport};
+// The daemon's allocator: the bench runs the daemon in-process and must
+// measure it as `nudge run` runs.
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use anyhow::{Context, bail};
 use chrono::{Duration as Span, Utc};
+use clap::Parser;
+use nudge::app::Application;
+use nudge::config::{Config, TeamConfig, Transport};
+use nudge_kit::nats::NatsServer;
+use nudge_kit::smtp::SmtpSink;
+use nudge_kit::workload::{self, Shape, Spec, render};
 use probe::Probe;
 use report::{Cpu, Machine, Memory, PhaseCpu, Rate, Report};
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
-use workload::{Shape, Spec, render};
+
+#[derive(Parser)]
+#[command(
+    name = "nudge bench",
+    bin_name = "nudge bench",
+    version,
+    about = "Measure throughput and latency on this machine, on private NATS and \
+             SQLite, against a bare consumer's rate (see docs/performance.md)"
+)]
+struct Cli {
+    /// YAML configuration, looked up as `nudge` does: this option, then
+    /// NUDGE_CONFIG, then `nudge.yaml` in the working folder, else the
+    /// built-in defaults. Only its rules, templates and their settings are
+    /// used: the infrastructure is the bench's own.
+    #[arg(long, short, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    args: BenchArgs,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let path = cli
+        .config
+        .or_else(|| {
+            std::env::var_os("NUDGE_CONFIG")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        })
+        .or_else(|| Some(PathBuf::from("nudge.yaml")).filter(|p| p.is_file()));
+    let mut config = match Config::load(path.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("nudge bench: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    // A line per mail sent would bury the report; RUST_LOG still wins.
+    config.log.level = "warn".into();
+    nudge::telemetry::init(&config.log);
+    match run(cli.args, config).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("nudge bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
 
 #[derive(Debug, Clone, clap::Args)]
-pub struct BenchArgs {
+struct BenchArgs {
     /// Events pre-loaded into the stream and measured [default: 200000;
     /// with --backtest 1000000].
     #[arg(long)]
-    pub events: Option<usize>,
+    events: Option<usize>,
     /// Distinct clients the events come from [default: one per 20 events].
     #[arg(long)]
-    pub clients: Option<u32>,
+    clients: Option<u32>,
     /// Measure `nudge backtest` instead: write the bench's shop straight
     /// into a scratch SQLite database (no NATS), then backtest every
     /// shipped rule over all of it.
     #[arg(long)]
-    pub backtest: bool,
+    backtest: bool,
     /// Use this NATS server (a stream of the bench's own is created and
     /// deleted) instead of starting a private `nats-server -js`.
     #[arg(long)]
-    pub nats_url: Option<String>,
+    nats_url: Option<String>,
     /// An empty database to measure: `sqlite://FILE` or `postgres://...`
     /// (e.g. made with `createdb`). Default: a fresh SQLite file in a
     /// scratch folder. Never the configured `database.url`.
     #[arg(long)]
-    pub database_url: Option<String>,
+    database_url: Option<String>,
     /// Events per second in the latency phase.
     #[arg(long, default_value_t = 1000)]
-    pub latency_rate: u32,
+    latency_rate: u32,
     /// Seconds of the latency phase; 0 skips it.
     #[arg(long, default_value_t = 10)]
-    pub latency_secs: u64,
+    latency_secs: u64,
     /// Print the report as JSON.
     #[arg(long)]
-    pub json: bool,
+    json: bool,
     /// Keep the scratch folder (database, mails, NATS store) and print where.
     #[arg(long)]
-    pub keep: bool,
+    keep: bool,
 }
 
 /// How long the daemon may take over the whole workload before the bench gives up.
@@ -81,7 +140,7 @@ const HISTORY_DAYS: i64 = 7;
 
 /// Runs the bench with `base` for everything but the infrastructure, which
 /// the bench replaces with its own (so it never touches a real database).
-pub async fn run(args: BenchArgs, base: Config) -> anyhow::Result<()> {
+async fn run(args: BenchArgs, base: Config) -> anyhow::Result<()> {
     let scratch = Scratch::new(args.keep)?;
     if args.backtest {
         let db_url = args
@@ -102,25 +161,28 @@ pub async fn run(args: BenchArgs, base: Config) -> anyhow::Result<()> {
     // Declared after `scratch`, so the server stops before its store is removed.
     let server = match &args.nats_url {
         Some(_) => None,
-        None => Some(broker::NatsServer::start(&scratch.path.join("nats"))?),
+        None => Some(
+            NatsServer::start_in(&scratch.path.join("nats"))
+                .context("no NATS server for the bench (or pass --nats-url)")?,
+        ),
     };
     let nats_url = match (&args.nats_url, &server) {
         (Some(url), _) => url.clone(),
-        (None, Some(s)) => s.url.clone(),
+        (None, Some(s)) => s.url(),
         (None, None) => unreachable!("a server is started when no URL is given"),
     };
     let db_url = args
         .database_url
         .clone()
         .unwrap_or_else(|| format!("sqlite://{}", scratch.path.join("nudge.db").display()));
-    let mail = smtp::SmtpSink::start().await?;
-    let config = bench_config(base, &nats_url, &db_url, &mail.url, &scratch.path)?;
+    let mail = SmtpSink::counting().context("no SMTP sink for the bench")?;
+    let config = bench_config(base, &nats_url, &db_url, &mail.url(), &scratch.path)?;
 
     let client = async_nats::connect(nats_url.as_str())
         .await
         .with_context(|| format!("cannot connect to NATS at {nats_url}"))?;
     let js = async_nats::jetstream::new(client.clone());
-    let stream = crate::flow::ingest::ensure_stream(&js, &config.nats).await?;
+    let stream = nudge::flow::ingest::ensure_stream(&js, &config.nats).await?;
     broker::wait_for_stream(&js, &config.nats.stream).await?;
 
     let nats_pid = server.as_ref().map(|s| s.pid());
@@ -149,7 +211,7 @@ async fn measure(
     js: &async_nats::jetstream::Context,
     stream: &async_nats::jetstream::stream::Stream,
     nats_pid: Option<u32>,
-    mail: &smtp::SmtpSink,
+    mail: &SmtpSink,
 ) -> anyhow::Result<Report> {
     // CPU of this process and of a private server, from now.
     let cpu_mark = || {
@@ -370,7 +432,7 @@ fn shop_settings(c: &mut Config) {
             c.teams.insert(
                 team.into(),
                 TeamConfig {
-                    email: crate::domain::event::Email::parse(format!("{team}@shop.example"))
+                    email: nudge::domain::event::Email::parse(format!("{team}@shop.example"))
                         .expect("a valid address"),
                 },
             );

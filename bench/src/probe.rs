@@ -3,9 +3,9 @@
 //! committed, how full the outbox is, and which events became visible since
 //! the last look (for the latency phase). One variant per backend.
 
-use crate::store::ts;
 use anyhow::{Context, bail};
 use chrono::{DateTime, Utc};
+use nudge::store::ts;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
 use sqlx::{PgPool, SqlitePool};
@@ -33,14 +33,14 @@ impl Probe {
                 .connect(url)
                 .await
                 .with_context(|| {
-                    format!("cannot open {} to observe it", crate::config::redact(url))
+                    format!("cannot open {} to observe it", nudge::config::redact(url))
                 })?;
             return Ok(Probe::Postgres(pool));
         }
         if !url.starts_with("sqlite:") {
             bail!(
                 "the bench observes SQLite or PostgreSQL, not {}",
-                crate::config::redact(url)
+                nudge::config::redact(url)
             );
         }
         let opts = SqliteConnectOptions::from_str(url)

@@ -1,7 +1,7 @@
 //! What a bench run found, as a small table for people or as JSON for
 //! scripts that compare runs.
 
-use super::latency::Latency;
+use crate::latency::Latency;
 use serde::Serialize;
 use std::fmt::Write;
 

@@ -2,7 +2,7 @@
 //! history, against issue 7's "a million stored events in well under a
 //! minute".
 //!
-//! The bench's shop ([`super::workload`]) is written straight into a scratch
+//! The bench's shop ([`nudge_kit::workload`]) is written straight into a scratch
 //! database, no NATS: the events through the store's own batch write
 //! (multi-row inserts, as the daemon commits them, each with its stream
 //! sequence) and the daily sweeps of the scheduled rules through the store's
@@ -12,15 +12,15 @@
 //! of `rules.dir` is backtested over all of it, as
 //! `nudge backtest --rules <rules.dir>` would.
 
-use super::probe;
-use super::report::Machine;
-use super::workload::{self, Shape};
-use crate::config::Config;
-use crate::core::rules::RuleEngine;
-use crate::core::rules::loader::RuleLoader;
-use crate::store::{AnyStore, BatchWrite, Batches, History, LogCursor, Schedules, StoredEvent};
+use crate::probe;
+use crate::report::Machine;
 use anyhow::{Context, bail};
 use chrono::{DateTime, Duration as Span, Utc};
+use nudge::config::Config;
+use nudge::core::rules::RuleEngine;
+use nudge::core::rules::loader::RuleLoader;
+use nudge::store::{AnyStore, BatchWrite, Batches, History, LogCursor, Schedules, StoredEvent};
+use nudge_kit::workload::{self, Shape};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -82,11 +82,11 @@ pub async fn run(
     let mut config = config.clone();
     config.database.url = db_url.into();
     config.database.max_size_mb = None;
-    let store = crate::app::open_store(&config).await?;
+    let store = nudge::app::open_store(&config).await?;
     if store.count_events().await? != 0 {
         bail!(
             "the database {} is not empty",
-            crate::config::redact(db_url)
+            nudge::config::redact(db_url)
         );
     }
     // The rules' names (every one gets a line in the report) and schedules.
@@ -147,7 +147,7 @@ pub async fn run(
     let peak_reset = probe::reset_peak_memory();
     let cpu = cpu_secs();
     let t = Instant::now();
-    let report = crate::tools::backtest(&config, &store, &config.rules.dir, None, None).await?;
+    let report = nudge::tools::backtest(&config, &store, &config.rules.dir, None, None).await?;
     let backtest_secs = t.elapsed().as_secs_f64();
     let backtest_cpu_secs = cpu_secs() - cpu;
     let peak_mib = probe::memory_mib("VmHWM");
@@ -230,7 +230,7 @@ async fn write_events(
                 let seq = base + i + 1;
                 let id = format!("ev-{seq:08}");
                 let envelope =
-                    crate::domain::event::Envelope::from_value(workload::render(s, &id, "s", None))
+                    nudge::domain::event::Envelope::from_value(workload::render(s, &id, "s", None))
                         .map_err(|e| anyhow::anyhow!("the workload made an invalid event: {e}"))?;
                 Ok(StoredEvent {
                     envelope: envelope.into(),
@@ -277,14 +277,14 @@ async fn read_all(store: &AnyStore) -> anyhow::Result<usize> {
     let mut n = 0;
     loop {
         let page = store
-            .events_page(cursor.as_ref(), crate::tools::replay::PAGE)
+            .events_page(cursor.as_ref(), nudge::tools::replay::PAGE)
             .await?;
         n += page.len();
         let Some((_, last)) = page.last() else {
             return Ok(n);
         };
         cursor = Some(last.clone());
-        if page.len() < crate::tools::replay::PAGE as usize {
+        if page.len() < nudge::tools::replay::PAGE as usize {
             return Ok(n);
         }
     }
@@ -356,9 +356,9 @@ impl BacktestReport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::decide::{Core, CoreSettings};
-    use crate::flow::catalog::Catalog;
-    use crate::tools::replay::{Replay, walk};
+    use nudge::core::decide::{Core, CoreSettings};
+    use nudge::flow::catalog::Catalog;
+    use nudge::tools::replay::{Replay, walk};
 
     /// Everything a walk decides, in the order it hands it on, and the
     /// counters it leaves.
@@ -411,7 +411,9 @@ mod tests {
     /// threads, and every decision comes out in the same order.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn sharded_walks_decide_as_one_thread_does() {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("the bench is a folder of the repository");
         let dir = tempfile::tempdir().unwrap();
         let rules = dir.path().join("rules");
         std::fs::create_dir(&rules).unwrap();
@@ -435,7 +437,7 @@ mod tests {
         config.rules.dir = rules;
         config.templates.dir = root.join("templates");
         config.database.url = format!("sqlite://{}", dir.path().join("h.db").display()).into();
-        let store = crate::app::open_store(&config).await.unwrap();
+        let store = nudge::app::open_store(&config).await.unwrap();
         write_events(&store, 6_000, 300, Utc::now()).await.unwrap();
         let schedule: cron::Schedule = "0 0 9 * * *".parse().unwrap();
         let end = Utc::now();

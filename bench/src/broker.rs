@@ -1,70 +1,15 @@
-//! The broker side of the bench: a private `nats-server -js`, pre-loading
-//! the stream as fast as the server confirms, the bare consumer that sets
+//! The broker side of the bench (the server itself is the kit's
+//! [`nudge_kit::nats::NatsServer`]): pre-loading the stream as fast as the server confirms, the bare consumer that sets
 //! the yardstick, and watching a durable consumer's ack floor to know when
 //! everything published has been taken into effect.
 
-use crate::config::NatsConfig;
 use anyhow::{Context, bail};
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, consumer::pull, context::PublishAckFuture};
 use futures::StreamExt;
+use nudge::config::NatsConfig;
 use std::collections::VecDeque;
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-/// A `nats-server -js` of our own, killed when dropped.
-pub struct NatsServer {
-    child: Child,
-    pub url: String,
-}
-
-impl NatsServer {
-    /// Starts on a free port with its store in `dir`.
-    pub fn start(dir: &Path) -> anyhow::Result<Self> {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .context("cannot find a free port for nats-server")?
-            .port();
-        let mut child = Command::new("nats-server")
-            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-            .arg(dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("cannot start nats-server (is it installed? or pass --nats-url)")?;
-        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-            if let Ok(Some(status)) = child.try_wait() {
-                bail!("nats-server exited before listening on {port}: {status}");
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                bail!("nats-server did not listen on {port} within 20 s");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(Self {
-            child,
-            url: format!("nats://127.0.0.1:{port}"),
-        })
-    }
-}
-
-impl NatsServer {
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for NatsServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// Publish confirmations awaited at most this far behind: deep enough to keep
 /// the server busy, shallow enough that a refused publish shows up promptly.
@@ -145,7 +90,7 @@ pub async fn raw_consume(
 ) -> anyhow::Result<Duration> {
     // Timed from before the consumer exists, as nudge's run is.
     let started = Instant::now();
-    let consumer = crate::flow::ingest::ensure_consumer(stream, cfg).await?;
+    let consumer = nudge::flow::ingest::ensure_consumer(stream, cfg).await?;
     let mut messages = consumer
         .stream()
         .max_messages_per_batch(cfg.batch_size.get())

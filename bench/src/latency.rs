@@ -3,13 +3,13 @@
 //! committed. The bench looks at the database every millisecond, so a figure
 //! is at most about a millisecond (plus one small query) late, never early.
 
-use super::broker;
-use super::probe::Probe;
-use super::workload::{Spec, render};
-use crate::config::NatsConfig;
+use crate::broker;
+use crate::probe::Probe;
 use anyhow::Context;
 use async_nats::jetstream;
 use chrono::Utc;
+use nudge::config::NatsConfig;
+use nudge_kit::workload::{Spec, render};
 use serde::Serialize;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
