@@ -4,8 +4,13 @@
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+mod cli;
+
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use cli::bench::run_bench;
+use cli::config::{Checked, ConfigSource, DEFAULT_CONFIG_FILE};
+use cli::signals::{StopSignals, stop_on_signal};
 use nudge::app::{Application, open_store};
 use nudge::config::Config;
 use nudge::core::decide::CoreSettings;
@@ -183,90 +188,6 @@ async fn main() -> ExitCode {
         Err(e) => {
             eprintln!("nudge: {e:#}");
             ExitCode::FAILURE
-        }
-    }
-}
-
-/// Where the configuration came from.
-enum ConfigSource {
-    Option(PathBuf),
-    Env(PathBuf),
-    WorkingFolder(PathBuf),
-    Defaults,
-}
-
-/// The configuration file looked for in the working folder.
-const DEFAULT_CONFIG_FILE: &str = "nudge.yaml";
-
-impl ConfigSource {
-    /// `--config`, then `NUDGE_CONFIG`, then `./nudge.yaml`, then the defaults.
-    fn find(option: Option<PathBuf>, env: Option<std::ffi::OsString>) -> Self {
-        if let Some(p) = option {
-            return Self::Option(p);
-        }
-        if let Some(p) = env.filter(|v| !v.is_empty()) {
-            return Self::Env(p.into());
-        }
-        let local = PathBuf::from(DEFAULT_CONFIG_FILE);
-        if local.is_file() {
-            return Self::WorkingFolder(local);
-        }
-        Self::Defaults
-    }
-
-    fn path(&self) -> Option<&std::path::Path> {
-        match self {
-            Self::Option(p) | Self::Env(p) | Self::WorkingFolder(p) => Some(p),
-            Self::Defaults => None,
-        }
-    }
-
-    /// One line saying which configuration is used.
-    fn describe(&self) -> String {
-        match self {
-            Self::Option(p) => format!("config: {} (--config)", p.display()),
-            Self::Env(p) => format!("config: {} (NUDGE_CONFIG)", p.display()),
-            Self::WorkingFolder(p) => {
-                format!("config: {} (found in the working folder)", p.display())
-            }
-            Self::Defaults => format!(
-                "config: built-in defaults (no --config, no NUDGE_CONFIG, no ./{DEFAULT_CONFIG_FILE}): \
-                 no teams and no rules.settings"
-            ),
-        }
-    }
-}
-
-/// Rules and templates loaded as `check` and `test` see them, with every
-/// problem (refused files and what `rules::check` finds) listed once.
-/// Nothing is logged: the caller prints the problems.
-struct Checked {
-    engine: Arc<nudge::core::rules::RuleEngine>,
-    rules: nudge::core::rules::loader::RuleSet,
-    templates: nudge::core::templates::TemplateSet,
-    problems: Vec<nudge::core::rules::CompileError>,
-}
-
-impl Checked {
-    fn load(config: &Config) -> Self {
-        let engine = Arc::new(nudge::core::rules::RuleEngine::new(&config.rules));
-        let rules =
-            nudge::core::rules::loader::RuleLoader::new(engine.clone(), config.rules.dir.clone())
-                .load();
-        let templates =
-            nudge::core::templates::TemplateLoader::new(config.templates.dir.clone()).load();
-        let mut problems: Vec<_> = rules
-            .errors
-            .iter()
-            .chain(&templates.errors)
-            .cloned()
-            .collect();
-        problems.extend(nudge::tools::check::check(&engine, &rules, &templates));
-        Self {
-            engine,
-            rules,
-            templates,
-            problems,
         }
     }
 }
@@ -617,100 +538,3 @@ async fn dispatch(
     }
     Ok(ExitCode::SUCCESS)
 }
-
-/// `nudge bench`: the bench is a program of its own (`bench/`), so the
-/// daemon carries none of it; this hands over to the `nudge-bench` built
-/// next to this binary, with `--config` and the arguments as given.
-fn run_bench(config: Option<PathBuf>, args: Vec<std::ffi::OsString>) -> ExitCode {
-    let bench = match std::env::current_exe() {
-        Ok(exe) => exe.with_file_name(format!("nudge-bench{}", std::env::consts::EXE_SUFFIX)),
-        Err(e) => {
-            eprintln!("nudge: cannot tell where this program is, to find nudge-bench: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    if !bench.is_file() {
-        eprintln!(
-            "nudge: `nudge bench` runs {}, which is not there: build it with \
-             `cargo build --release -p nudge-bench` (or `cargo build --release`, \
-             which builds the whole workspace), or run `cargo run --release -p nudge-bench -- ARGS`",
-            bench.display()
-        );
-        return ExitCode::FAILURE;
-    }
-    let mut cmd = std::process::Command::new(&bench);
-    if let Some(c) = config {
-        cmd.arg("--config").arg(c);
-    }
-    cmd.args(args);
-    #[cfg(unix)]
-    {
-        use std::os::unix::process::CommandExt;
-        // Replaces this process: signals, exit code and output are the bench's own.
-        let e = cmd.exec();
-        eprintln!("nudge: cannot run {}: {e}", bench.display());
-        ExitCode::FAILURE
-    }
-    #[cfg(not(unix))]
-    match cmd.status() {
-        Ok(s) => ExitCode::from(s.code().unwrap_or(1).clamp(0, 255) as u8),
-        Err(e) => {
-            eprintln!("nudge: cannot run {}: {e}", bench.display());
-            ExitCode::FAILURE
-        }
-    }
-}
-
-/// SIGTERM and Ctrl-C, listened to from the moment they are installed.
-struct StopSignals {
-    #[cfg(unix)]
-    term: tokio::signal::unix::Signal,
-}
-
-impl StopSignals {
-    fn install() -> anyhow::Result<Self> {
-        Ok(Self {
-            #[cfg(unix)]
-            term: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .map_err(|e| anyhow::anyhow!("cannot install a SIGTERM handler: {e}"))?,
-        })
-    }
-}
-
-/// Cancels on SIGTERM or Ctrl-C: the daemon then finishes the batch in hand.
-/// The stop is bounded: the daemon gives up on unfinished work after
-/// [`nudge::app::STOP_GRACE`], and should anything still hold the process
-/// (a blocking call, a runtime that cannot shut down), it exits by force
-/// a few seconds later. A second signal exits at once.
-async fn stop_on_signal(signals: StopSignals, cancel: CancellationToken) {
-    #[cfg(unix)]
-    let mut term = signals.term;
-    #[cfg(unix)]
-    let mut next_signal = async move || {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {},
-            _ = term.recv() => {},
-        }
-    };
-    #[cfg(not(unix))]
-    let mut next_signal = async move || {
-        let _ = &signals;
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    next_signal().await;
-    tracing::info!("stop requested");
-    cancel.cancel();
-    // A plain thread: it fires even if every runtime worker is stuck.
-    std::thread::spawn(|| {
-        std::thread::sleep(nudge::app::STOP_GRACE + FORCED_EXIT_AFTER_GRACE);
-        eprintln!("nudge: still not stopped; exiting by force (unacked events are redelivered)");
-        std::process::exit(1);
-    });
-    next_signal().await;
-    eprintln!("nudge: second stop signal; exiting at once (unacked events are redelivered)");
-    std::process::exit(1);
-}
-
-/// What the forced exit adds to the stop's grace: the final exchange with
-/// the broker (at most 2 s) and the runtime's own shutdown.
-const FORCED_EXIT_AFTER_GRACE: std::time::Duration = std::time::Duration::from_secs(5);

@@ -3,6 +3,8 @@
 //! folds one event into the state, so the live daemon, tests and replays all
 //! derive the same history from the same events.
 
+pub use crate::domain::bounds::{MAX_KEY_BYTES, MAX_MONEY_SUM, money_add, truncated};
+use crate::domain::bounds::{make_room, value_as_key};
 use crate::domain::event::{ClientId, Envelope};
 pub use crate::domain::settings::HistoryLimits;
 use chrono::{DateTime, Duration, Utc};
@@ -139,18 +141,6 @@ fn lenient_f64_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, f
     Ok(m.into_iter()
         .map(|(k, v)| (k, v.filter(|x| x.is_finite()).unwrap_or(0.0)))
         .collect())
-}
-
-/// Largest `spend` or channel total a client's history holds, either way.
-/// The edge bounds one order at [`crate::domain::event::MAX_MONEY`]; sums saturate
-/// here so that no run of orders makes them infinite (stored as `null`).
-pub const MAX_MONEY_SUM: f64 = 1e15;
-
-/// `a + b`, kept finite and within ±[`MAX_MONEY_SUM`].
-pub fn money_add(a: f64, b: f64) -> f64 {
-    let b = if b.is_finite() { b } else { 0.0 };
-    let a = if a.is_finite() { a } else { 0.0 };
-    (a + b).clamp(-MAX_MONEY_SUM, MAX_MONEY_SUM)
 }
 
 /// Longest text kept of one error's page, message or code, in bytes.
@@ -552,51 +542,6 @@ fn get_profile_string<'a>(p: &'a Profile, field: &str) -> Option<&'a str> {
     match field {
         "locale" => p.locale.as_deref(),
         "timezone" => p.timezone.as_deref(),
-        _ => None,
-    }
-}
-
-/// Makes room for `key` in a map kept to `cap` entries: when it is new and
-/// the map is full, the entries with the least weight go (the first of them
-/// by key, so a replay decides the same).
-fn make_room<V>(map: &mut BTreeMap<String, V>, key: &str, cap: usize, weight: impl Fn(&V) -> u64) {
-    if map.contains_key(key) {
-        return;
-    }
-    while map.len() >= cap.max(1) {
-        let least = map
-            .iter()
-            .min_by_key(|(_, v)| weight(v))
-            .map(|(k, _)| k.clone());
-        match least {
-            Some(k) => map.remove(&k),
-            None => break,
-        };
-    }
-}
-
-/// At most `max` bytes of `s`, cut at a character boundary.
-pub fn truncated(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_string();
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    s[..end].to_string()
-}
-
-/// Longest product id, order channel or session id a state keeps, in bytes:
-/// these become keys of maps kept per client.
-pub const MAX_KEY_BYTES: usize = 128;
-
-/// Product ids arrive as strings or numbers; both name the same product.
-/// An id longer than [`MAX_KEY_BYTES`] is not a product id nudge keeps.
-fn value_as_key(v: &Value) -> Option<String> {
-    match v {
-        Value::String(s) if s.len() <= MAX_KEY_BYTES => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
         _ => None,
     }
 }

@@ -22,6 +22,7 @@ const LAYERS: &[&str] = &[
     "tools",
     "http",
     "app",
+    "cli",
 ];
 
 /// Lines of code (tests not counted) a file may hold.

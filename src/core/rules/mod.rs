@@ -7,6 +7,7 @@
 //! changes.
 
 pub mod api;
+pub mod limits;
 pub mod loader;
 pub mod settings;
 pub mod values;
@@ -16,7 +17,8 @@ pub use settings::RulesConfig;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-pub use api::{Request, RunContext, RunLimits};
+pub use api::{Request, RunContext};
+pub use limits::RunLimits;
 
 /// A compiled rule.
 #[derive(Debug, Clone)]

@@ -1,0 +1,6 @@
+//! The pieces of the `nudge` command line beside its commands (main.rs):
+//! where the configuration comes from, the bench hand-over, stop signals.
+
+pub(crate) mod bench;
+pub(crate) mod config;
+pub(crate) mod signals;
