@@ -110,15 +110,44 @@ impl Scheduler {
                 return Ok(fired);
             }
             let n = due.len();
-            let report = self.pipeline.advance(due, now).await?;
-            fired += n;
-            if report.effects > 0 {
+            let (effects, refused) = match self.pipeline.advance(due.clone(), now).await {
+                Ok(report) => (report.effects, 0),
+                // One client's timers that the database refuses must not
+                // hold back everyone's: the page again, client by client.
+                Err(e) if e.is_poison() => self.fire_one_by_one(due, now).await?,
+                Err(e) => return Err(e),
+            };
+            fired += n - refused;
+            if effects > 0 {
                 self.outbox.notify_one();
             }
-            if n < self.cfg.page_size.get() as usize {
+            // A refused client is still due: the same page would come back.
+            if refused > 0 || n < self.cfg.page_size.get() as usize {
                 return Ok(fired);
             }
         }
+    }
+
+    /// Fires each client's due timers alone; a client the database refuses
+    /// is left due (tried again next tick) and said in the log. The effects
+    /// queued, and how many clients were refused.
+    async fn fire_one_by_one(
+        &self,
+        clients: Vec<ClientId>,
+        now: DateTime<Utc>,
+    ) -> Result<(usize, usize), BatchError> {
+        let (mut effects, mut refused) = (0, 0);
+        for client in clients {
+            match self.pipeline.advance(vec![client.clone()], now).await {
+                Ok(report) => effects += report.effects,
+                Err(e) if e.is_poison() => {
+                    tracing::error!(%client, error = %e, "the database refuses what this client's due timers decide; left due, the other clients' timers go on");
+                    refused += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok((effects, refused))
     }
 
     /// The latest occurrence of the rule's schedule that is not older than

@@ -154,6 +154,75 @@ async fn a_poison_message_is_recorded_and_the_stream_goes_on(backend: Backend) {
     app.stop().await;
 }
 
+/// Timers fire a page of clients per transaction. One client's timer whose
+/// decision the database refuses (here a task it makes) used to fail the
+/// whole page on every tick, so nobody's timers fired; now the page is
+/// fired client by client and only that client's timer waits.
+async fn a_timer_the_database_refuses_holds_back_no_one_elses(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    std::fs::write(
+        app.rules_dir().join("callback.rhai"),
+        "const ON = [\"page_viewed\"];\n\
+         if event.type == \"page_viewed\" { after(seconds(2), \"call\", #{}); return; }\n\
+         if event.type == \"timer\" { task(\"sales\", \"Call back\", #{}); }\n",
+    )
+    .unwrap();
+    let sql = app.db.sql().await;
+    sql.execute(match backend {
+        Backend::Sqlite => {
+            "CREATE TRIGGER poison_task BEFORE INSERT ON tasks WHEN NEW.client_id = 'tp-poison' \
+             BEGIN SELECT RAISE(ABORT, 'this task is poison'); END"
+        }
+        Backend::Postgres => {
+            "CREATE FUNCTION poison_task() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+             IF NEW.client_id = 'tp-poison' THEN RAISE EXCEPTION 'this task is poison'; END IF; \
+             RETURN NEW; END $$; \
+             CREATE TRIGGER poison_task BEFORE INSERT ON tasks FOR EACH ROW EXECUTE FUNCTION poison_task()"
+        }
+    })
+    .await;
+    sql.close().await;
+    // The catalog picks the new rule up.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let clients = ["tp-a", "tp-poison", "tp-b", "tp-c"];
+    for (i, c) in clients.iter().enumerate() {
+        app.publish(&event(
+            &format!("tp-view-{i}"),
+            "page_viewed",
+            c,
+            &ago(0),
+            json!({"url": "/"}),
+            json!({}),
+        ))
+        .await;
+    }
+    let tasks = eventually(
+        Duration::from_secs(30),
+        "the other clients' timers fired",
+        || async {
+            let mut with: Vec<String> = Vec::new();
+            for c in ["tp-a", "tp-b", "tp-c"] {
+                let filter = nudge::store::TaskFilter {
+                    client_id: Some(c.to_string()),
+                    ..Default::default()
+                };
+                if !app.store.list_tasks(&filter, 10).await.ok()?.is_empty() {
+                    with.push(c.to_string());
+                }
+            }
+            (with.len() == 3).then_some(with)
+        },
+    )
+    .await;
+    assert_eq!(tasks, ["tp-a", "tp-b", "tp-c"]);
+    let refused = nudge::store::TaskFilter {
+        client_id: Some("tp-poison".to_string()),
+        ..Default::default()
+    };
+    assert!(app.store.list_tasks(&refused, 10).await.unwrap().is_empty());
+    app.stop().await;
+}
+
 /// How many kills; `NUDGE_FAULT_LONG=1` runs the long variant.
 fn kills() -> usize {
     if std::env::var("NUDGE_FAULT_LONG").is_ok() {
@@ -310,6 +379,7 @@ async fn nats_down_at_start_then_up_and_restarted_under_load(backend: Backend) {
 backend_tests!(
     a_rule_failing_again_and_again_is_quarantined_until_its_file_changes,
     a_poison_message_is_recorded_and_the_stream_goes_on,
+    a_timer_the_database_refuses_holds_back_no_one_elses,
     sigkill_while_events_stream_in_loses_nothing_and_doubles_only_mails_in_flight,
     nats_down_at_start_then_up_and_restarted_under_load,
 );
