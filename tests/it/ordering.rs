@@ -601,19 +601,19 @@ fn order_message(seq: u64) -> Incoming {
     }
 }
 
-backend_tests!(
-    a_later_batch_of_another_instance_waits_for_the_earlier_one_before_using_shared_counters
-);
-
-/// Two instances on one database: one pulled messages 1-10 and is slow,
-/// the other pulled 11-20 (other clients) and is quick. Their events are
-/// free as far as each client's order goes, but the counter shared by all
-/// clients must see message 1 before message 11: the quick instance waits.
-async fn a_later_batch_of_another_instance_waits_for_the_earlier_one_before_using_shared_counters(
+/// Two instances' pipelines on a database of their own with the `FIRST`
+/// rule, and the store (and database, dropped with the test).
+async fn two_instances_on(
     backend: Backend,
+    name: &str,
+) -> (
+    Arc<Pipeline>,
+    Arc<Pipeline>,
+    nudge::store::AnyStore,
+    (TestDb, tempfile::TempDir),
 ) {
     let dir = tempfile::tempdir().unwrap();
-    let db = TestDb::create(backend, dir.path(), "two").await;
+    let db = TestDb::create(backend, dir.path(), name).await;
     let rules = dir.path().join("rules");
     let templates = dir.path().join("templates");
     std::fs::create_dir_all(&rules).unwrap();
@@ -628,35 +628,67 @@ async fn a_later_batch_of_another_instance_waits_for_the_earlier_one_before_usin
             &config,
         ))
     };
-    let (slow, quick) = (instance(), instance());
+    (instance(), instance(), store, (db, dir))
+}
+
+/// `batch` taken by an instance that announced it and then waits at a gate
+/// (a slow instance): its task, and what opens the gate.
+async fn held_at_the_gate(
+    instance: Arc<Pipeline>,
+    batch: Vec<Incoming>,
+    store: &nudge::store::AnyStore,
+) -> (
+    tokio::task::JoinHandle<
+        Result<nudge::flow::pipeline::BatchReport, nudge::flow::error::BatchError>,
+    >,
+    Arc<tokio::sync::Notify>,
+) {
+    let first = batch.iter().filter_map(|m| m.stream_seq).min().unwrap();
+    let below = batch.iter().filter_map(|m| m.stream_seq).max().unwrap() + 1;
     let open = Arc::new(tokio::sync::Notify::new());
     let gate = Gate {
         open: open.clone(),
         passed: false.into(),
     };
-    let first: Vec<Incoming> = (1..=10).map(order_message).collect();
-    let second: Vec<Incoming> = (11..=20).map(order_message).collect();
-    let slow_task = tokio::spawn(async move {
-        slow.process_in_order(
-            &first,
-            &gate,
-            Duration::from_secs(30),
-            &mut Default::default(),
-        )
-        .await
+    let task = tokio::spawn(async move {
+        instance
+            .process_in_order(
+                &batch,
+                &gate,
+                Duration::from_secs(60),
+                &mut Default::default(),
+            )
+            .await
     });
-    // The slow one has announced its batch (and waits at the gate).
-    crate::helpers::eventually(Duration::from_secs(10), "the first batch announced", || {
+    crate::helpers::eventually(Duration::from_secs(10), "the held batch announced", || {
         let store = store.clone();
         async move {
             let b = store
-                .window_blockers(&["nobody"], 0, 21, &[], chrono::Utc::now())
+                .window_blockers(&["nobody"], 0, below, &[], chrono::Utc::now())
                 .await
                 .ok()?;
-            (b.first_pending == 1).then_some(())
+            (b.first_pending == first).then_some(())
         }
     })
     .await;
+    (task, open)
+}
+
+backend_tests!(
+    a_later_batch_of_another_instance_waits_for_the_earlier_one_before_using_shared_counters
+);
+
+/// Two instances on one database: one pulled messages 1-10 and is slow,
+/// the other pulled 11-20 (other clients) and is quick. Their events are
+/// free as far as each client's order goes, but the counter shared by all
+/// clients must see message 1 before message 11: the quick instance waits.
+async fn a_later_batch_of_another_instance_waits_for_the_earlier_one_before_using_shared_counters(
+    backend: Backend,
+) {
+    let (slow, quick, store, _db) = two_instances_on(backend, "two").await;
+    let first: Vec<Incoming> = (1..=10).map(order_message).collect();
+    let second: Vec<Incoming> = (11..=20).map(order_message).collect();
+    let (slow_task, open) = held_at_the_gate(slow, first, &store).await;
     let quick_task = tokio::spawn(async move {
         quick
             .process_in_order(
@@ -719,23 +751,7 @@ backend_tests!(a_batch_taken_apart_still_waits_for_an_earlier_message_of_its_cli
 /// commits nothing, and once the floor answers the later order still waits
 /// for the earlier one.
 async fn a_batch_taken_apart_still_waits_for_an_earlier_message_of_its_client(backend: Backend) {
-    let dir = tempfile::tempdir().unwrap();
-    let db = TestDb::create(backend, dir.path(), "apart").await;
-    let rules = dir.path().join("rules");
-    let templates = dir.path().join("templates");
-    std::fs::create_dir_all(&rules).unwrap();
-    std::fs::create_dir_all(&templates).unwrap();
-    std::fs::write(rules.join("first.rhai"), FIRST).unwrap();
-    let (config, store) = config_and_store(&rules, &templates, &db.url).await;
-    let instance = || {
-        Arc::new(Pipeline::new(
-            store.clone(),
-            Arc::new(nudge::flow::catalog::Catalog::load(&config)),
-            Arc::new(nudge::metrics::Metrics::default()),
-            &config,
-        ))
-    };
-    let (holder, apart) = (instance(), instance());
+    let (holder, apart, store, _db) = two_instances_on(backend, "apart").await;
     // One client's two orders: the first pulled by an instance that is slow
     // to go on, the second by this one.
     let order = |seq: u64| {
@@ -751,33 +767,7 @@ async fn a_batch_taken_apart_still_waits_for_an_earlier_message_of_its_client(ba
         m.payload = serde_json::to_vec(&e).unwrap().into();
         m
     };
-    let open = Arc::new(tokio::sync::Notify::new());
-    let gate = Gate {
-        open: open.clone(),
-        passed: false.into(),
-    };
-    let first = vec![order(1)];
-    let holding = tokio::spawn(async move {
-        holder
-            .process_in_order(
-                &first,
-                &gate,
-                Duration::from_secs(60),
-                &mut Default::default(),
-            )
-            .await
-    });
-    crate::helpers::eventually(Duration::from_secs(10), "the first order announced", || {
-        let store = store.clone();
-        async move {
-            let b = store
-                .window_blockers(&["nobody"], 0, 3, &[], chrono::Utc::now())
-                .await
-                .ok()?;
-            (b.first_pending == 1).then_some(())
-        }
-    })
-    .await;
+    let (holding, open) = held_at_the_gate(holder, vec![order(1)], &store).await;
 
     let second = vec![order(2)];
     let flaky = FlakyFloor {
