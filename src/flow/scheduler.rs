@@ -204,10 +204,20 @@ impl Scheduler {
             let done = page.len() < self.cfg.page_size.get() as usize;
             let n = page.len();
             let next = page.last().cloned().or(cursor.clone());
-            let r = self
+            let r = match self
                 .pipeline
-                .sweep_page(rule, slot, cursor.clone(), page, done)
-                .await?;
+                .sweep_page(rule, slot, cursor.clone(), page.clone(), done)
+                .await
+            {
+                Ok(r) => r,
+                // One client the database refuses must not stop the sweep
+                // for everyone: the page again, client by client.
+                Err(e) if e.is_poison() => {
+                    self.sweep_one_by_one(rule, slot, cursor.clone(), page, done)
+                        .await?
+                }
+                Err(e) => return Err(e),
+            };
             report.clients += n;
             report.effects += r.effects;
             if r.effects > 0 {
@@ -218,5 +228,39 @@ impl Scheduler {
             }
             cursor = next;
         }
+    }
+
+    /// Runs a page of a sweep one client at a time, each with the sweep's
+    /// progress. A client whose run the database refuses is passed over
+    /// (the progress moves past it, said in the log), so the sweep goes on.
+    async fn sweep_one_by_one(
+        &self,
+        rule: &str,
+        slot: DateTime<Utc>,
+        mut after: Option<ClientId>,
+        page: Vec<ClientId>,
+        done: bool,
+    ) -> Result<crate::flow::pipeline::BatchReport, BatchError> {
+        let mut total = crate::flow::pipeline::BatchReport::default();
+        let last = page.len().saturating_sub(1);
+        for (i, client) in page.into_iter().enumerate() {
+            let done = done && i == last;
+            match self
+                .pipeline
+                .sweep_page(rule, slot, after.clone(), vec![client.clone()], done)
+                .await
+            {
+                Ok(r) => total.add(&r),
+                Err(e) if e.is_poison() => {
+                    tracing::error!(%client, rule, error = %e, "the database refuses what this client's sweep decides; passed over, the sweep goes on");
+                    self.pipeline
+                        .sweep_page(rule, slot, Some(client.clone()), Vec::new(), done)
+                        .await?;
+                }
+                Err(e) => return Err(e),
+            }
+            after = Some(client);
+        }
+        Ok(total)
     }
 }

@@ -154,6 +154,78 @@ async fn a_poison_message_is_recorded_and_the_stream_goes_on(backend: Backend) {
     app.stop().await;
 }
 
+/// Makes the database refuse any task of `client` (a trigger raising an
+/// error), as it would refuse a value it cannot hold.
+async fn refuse_tasks_of(app: &TestApp, backend: Backend, client: &str) {
+    let sql = app.db.sql().await;
+    sql.execute(&match backend {
+        Backend::Sqlite => format!(
+            "CREATE TRIGGER poison_task BEFORE INSERT ON tasks WHEN NEW.client_id = '{client}' \
+             BEGIN SELECT RAISE(ABORT, 'this task is poison'); END"
+        ),
+        Backend::Postgres => format!(
+            "CREATE FUNCTION poison_task() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+             IF NEW.client_id = '{client}' THEN RAISE EXCEPTION 'this task is poison'; END IF; \
+             RETURN NEW; END $$; \
+             CREATE TRIGGER poison_task BEFORE INSERT ON tasks FOR EACH ROW EXECUTE FUNCTION poison_task()"
+        ),
+    })
+    .await;
+    sql.close().await;
+}
+
+/// The clients among `clients` that have a task.
+async fn with_tasks(app: &TestApp, clients: &[&str]) -> Vec<String> {
+    let mut with = Vec::new();
+    for c in clients {
+        let filter = nudge::store::TaskFilter {
+            client_id: Some(c.to_string()),
+            ..Default::default()
+        };
+        if !app.store.list_tasks(&filter, 10).await.unwrap().is_empty() {
+            with.push(c.to_string());
+        }
+    }
+    with
+}
+
+/// A sweep runs a page of clients per transaction; one client the database
+/// refuses used to fail the page on every attempt, so the rule ran for
+/// nobody. Now the page is run client by client and that client passed over.
+async fn a_sweep_the_database_refuses_for_one_client_goes_on_for_the_others(backend: Backend) {
+    let app = TestEnv::with_env(backend, &[("NUDGE__SCHEDULER__CATCH_UP_HOURS", "0")])
+        .await
+        .start()
+        .await;
+    std::fs::write(
+        app.rules_dir().join("call_all.rhai"),
+        "const SCHEDULE = \"0 0 9 * * *\";\ntask(\"sales\", \"Call\", #{});\n",
+    )
+    .unwrap();
+    refuse_tasks_of(&app, backend, "sp-poison").await;
+    let clients = ["sp-a", "sp-poison", "sp-b"];
+    for (i, c) in clients.iter().enumerate() {
+        app.publish(&registered_at(&format!("sp-{i}"), c, &ago(60)))
+            .await;
+    }
+    app.wait_events(3).await;
+    let r: Value = eventually(
+        Duration::from_secs(10),
+        "the rule loaded and run",
+        || async {
+            let r = app.post("/api/rules/call_all/run").await;
+            if !r.status().is_success() {
+                return None;
+            }
+            r.json().await.ok()
+        },
+    )
+    .await;
+    assert_eq!(r["sweep"]["clients"], 3, "{r}");
+    assert_eq!(with_tasks(&app, &clients).await, ["sp-a", "sp-b"]);
+    app.stop().await;
+}
+
 /// Timers fire a page of clients per transaction. One client's timer whose
 /// decision the database refuses (here a task it makes) used to fail the
 /// whole page on every tick, so nobody's timers fired; now the page is
@@ -167,21 +239,7 @@ async fn a_timer_the_database_refuses_holds_back_no_one_elses(backend: Backend) 
          if event.type == \"timer\" { task(\"sales\", \"Call back\", #{}); }\n",
     )
     .unwrap();
-    let sql = app.db.sql().await;
-    sql.execute(match backend {
-        Backend::Sqlite => {
-            "CREATE TRIGGER poison_task BEFORE INSERT ON tasks WHEN NEW.client_id = 'tp-poison' \
-             BEGIN SELECT RAISE(ABORT, 'this task is poison'); END"
-        }
-        Backend::Postgres => {
-            "CREATE FUNCTION poison_task() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
-             IF NEW.client_id = 'tp-poison' THEN RAISE EXCEPTION 'this task is poison'; END IF; \
-             RETURN NEW; END $$; \
-             CREATE TRIGGER poison_task BEFORE INSERT ON tasks FOR EACH ROW EXECUTE FUNCTION poison_task()"
-        }
-    })
-    .await;
-    sql.close().await;
+    refuse_tasks_of(&app, backend, "tp-poison").await;
     // The catalog picks the new rule up.
     tokio::time::sleep(Duration::from_millis(800)).await;
     let clients = ["tp-a", "tp-poison", "tp-b", "tp-c"];
@@ -200,26 +258,12 @@ async fn a_timer_the_database_refuses_holds_back_no_one_elses(backend: Backend) 
         Duration::from_secs(30),
         "the other clients' timers fired",
         || async {
-            let mut with: Vec<String> = Vec::new();
-            for c in ["tp-a", "tp-b", "tp-c"] {
-                let filter = nudge::store::TaskFilter {
-                    client_id: Some(c.to_string()),
-                    ..Default::default()
-                };
-                if !app.store.list_tasks(&filter, 10).await.ok()?.is_empty() {
-                    with.push(c.to_string());
-                }
-            }
+            let with = with_tasks(&app, &clients).await;
             (with.len() == 3).then_some(with)
         },
     )
     .await;
     assert_eq!(tasks, ["tp-a", "tp-b", "tp-c"]);
-    let refused = nudge::store::TaskFilter {
-        client_id: Some("tp-poison".to_string()),
-        ..Default::default()
-    };
-    assert!(app.store.list_tasks(&refused, 10).await.unwrap().is_empty());
     app.stop().await;
 }
 
@@ -380,6 +424,7 @@ backend_tests!(
     a_rule_failing_again_and_again_is_quarantined_until_its_file_changes,
     a_poison_message_is_recorded_and_the_stream_goes_on,
     a_timer_the_database_refuses_holds_back_no_one_elses,
+    a_sweep_the_database_refuses_for_one_client_goes_on_for_the_others,
     sigkill_while_events_stream_in_loses_nothing_and_doubles_only_mails_in_flight,
     nats_down_at_start_then_up_and_restarted_under_load,
 );
