@@ -311,10 +311,7 @@ impl Pipeline {
                 }
             };
             waiting.sort_by_key(|e| e.stream_seq);
-            report.accepted += part.accepted;
-            report.duplicates += part.duplicates;
-            report.rejected += part.rejected;
-            report.effects += part.effects;
+            report.add(&part);
         }
         if let Some(entered) = entered {
             entered.committed();
