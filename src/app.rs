@@ -137,6 +137,12 @@ impl Application {
             wake.clone(),
         ));
         tracker.spawn(scheduler.clone().run(cancel.clone()));
+        tracker.spawn(crate::tools::export::schedule::run(
+            self.store.clone(),
+            self.config.export.clone(),
+            self.config.history.business_timezone,
+            cancel.clone(),
+        ));
         let nats_cfg = self.config.nats.clone();
         let js = async_nats::jetstream::new(self.nats.clone());
         let ingest_cancel = cancel.clone();

@@ -157,6 +157,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write the history as Parquet or CSV files for analysts (DuckDB,
+    /// ClickHouse, Spark, pandas): incremental, idempotent, one snapshot.
+    Export(cli::export::ExportArgs),
     /// Measure throughput and latency on this machine, on private NATS and
     /// SQLite, against a bare consumer's rate (see docs/performance.md):
     /// runs the `nudge-bench` program next to this one with the same
@@ -524,6 +527,7 @@ async fn dispatch(
                 return Ok(ExitCode::FAILURE);
             }
         }
+        Command::Export(args) => cli::export::run(&config, args).await?,
         Command::Bench { .. } => {
             unreachable!("handed to nudge-bench before loading the configuration")
         }

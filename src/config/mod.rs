@@ -13,6 +13,7 @@
 //! from the whole file ([`CoreSettings::from_config`]), so neither layer
 //! imports the configuration.
 
+mod export;
 mod http;
 mod load;
 mod secret;
@@ -23,6 +24,7 @@ mod docs;
 
 pub use crate::core::rules::RulesConfig;
 pub use crate::domain::settings::HistoryConfig;
+pub use export::{Cron, ExportConfig, ExportFormat};
 pub use http::{HttpConfig, PublicUrl, Role, TokenConfig, TokenDigest};
 pub use secret::{Secret, SecretUrl, redact};
 pub use sections::{
@@ -74,6 +76,8 @@ pub struct Config {
     pub teams: std::collections::BTreeMap<String, TeamConfig>,
     pub http: HttpConfig,
     pub log: LogConfig,
+    /// The analytics export the daemon runs on a schedule.
+    pub export: ExportConfig,
 }
 
 /// The decision core's settings are defined by the core and filled here, so

@@ -2,6 +2,7 @@
 //! previews, replay of the derived history, and backtests of rules.
 
 pub mod check;
+pub mod export;
 pub mod replay;
 pub mod ruletest;
 

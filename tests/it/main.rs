@@ -12,6 +12,7 @@ mod campaigns;
 mod chain;
 mod check;
 mod cli;
+mod export;
 mod faults;
 mod layers;
 mod ordering;

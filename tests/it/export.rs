@@ -1,0 +1,400 @@
+//! The analytics export (`nudge export`), read back with a real engine:
+//! DuckDB through its Python package (`pip install duckdb`; see .ci/run),
+//! checked against what the store holds.
+
+use crate::helpers::{Backend, TestApp, TestEnv, event, registered_at};
+use chrono::{DateTime, Datelike, Timelike, Utc};
+use nudge::domain::event::ClientId;
+use nudge::store::{Staff, State};
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// The business timezone of these tests: not UTC, so a day in it is not
+/// the UTC day (and Tokyo has no daylight saving time to reason about).
+const TZ: &str = "Asia/Tokyo";
+
+async fn start(backend: Backend) -> TestApp {
+    TestEnv::with_env(backend, &[("NUDGE__HISTORY__BUSINESS_TIMEZONE", TZ)])
+        .await
+        .start()
+        .await
+}
+
+/// `nudge export --to DIR --json ARGS...` on the test's database: its report.
+fn export(app: &TestApp, dir: &Path, args: &[&str]) -> Value {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_nudge"))
+        .args(["export", "--json", "--to"])
+        .arg(dir)
+        .args(args)
+        .current_dir(app.dir.path())
+        .env("NUDGE__DATABASE__URL", &app.db.url)
+        .env("NUDGE__HISTORY__BUSINESS_TIMEZONE", TZ)
+        .env("NUDGE__LOG__LEVEL", "warn")
+        .output()
+        .expect("nudge export runs");
+    assert!(
+        out.status.success(),
+        "nudge export failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("a JSON report")
+}
+
+/// Runs `sql` in DuckDB, `{dir}` replaced by the export folder: the rows,
+/// each value as JSON (times and dates as text).
+pub fn duck(dir: &Path, sql: &str) -> Vec<Vec<Value>> {
+    let python = std::env::var("NUDGE_TEST_PYTHON").unwrap_or("python3".into());
+    let sql = sql.replace("{dir}", &dir.display().to_string());
+    let out = std::process::Command::new(&python)
+        .args([
+            "-c",
+            "import sys, json, duckdb\n\
+             rows = duckdb.connect().execute(sys.argv[1]).fetchall()\n\
+             print(json.dumps([list(r) for r in rows], default=str))",
+        ])
+        .arg(&sql)
+        .output()
+        .unwrap_or_else(|e| panic!("{python} must run (see .ci/run): {e}"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("No module named"),
+        "the Python package duckdb must be installed for {python} (see .ci/run): {stderr}"
+    );
+    assert!(out.status.success(), "DuckDB refused {sql}: {stderr}");
+    serde_json::from_slice(&out.stdout).expect("JSON rows")
+}
+
+fn count(dir: &Path, from: &str) -> i64 {
+    duck(dir, &format!("SELECT count(*) FROM {from}"))[0][0]
+        .as_i64()
+        .unwrap()
+}
+
+/// The export's tables as DuckDB reads them.
+pub fn table(name: &str) -> String {
+    match name {
+        "clients" | "counters" => format!("read_parquet('{{dir}}/{name}/*.parquet')"),
+        _ => format!("read_parquet('{{dir}}/{name}/*/*.parquet', hive_partitioning = true)"),
+    }
+}
+
+/// An order: `(client, at, channel, total, items as (product, quantity, price))`.
+type Order = (
+    &'static str,
+    &'static str,
+    &'static str,
+    f64,
+    Vec<(&'static str, f64, f64)>,
+);
+
+fn orders() -> Vec<Order> {
+    vec![
+        // 23:30 UTC is 08:30 the next day in Tokyo.
+        (
+            "ana",
+            "2026-03-02T23:30:00Z",
+            "online",
+            120.5,
+            vec![("p1", 2.0, 50.0), ("p2", 1.0, 20.5)],
+        ),
+        (
+            "ana",
+            "2026-03-03T01:00:00Z",
+            "instore",
+            40.0,
+            vec![("p3", 1.0, 40.0)],
+        ),
+        (
+            "ben",
+            "2026-03-03T02:00:00Z",
+            "online",
+            99.0,
+            vec![("p1", 1.0, 99.0)],
+        ),
+        ("ben", "2026-03-05T10:00:00Z", "phone", 310.0, vec![]),
+        (
+            "cleo",
+            "2026-03-02T10:00:00Z",
+            "online",
+            15.25,
+            vec![("p4", 3.0, 5.083333)],
+        ),
+    ]
+}
+
+/// Registrations, a browsing session with a cart add, and the orders;
+/// returns the number of events published.
+async fn publish_history(app: &TestApp) -> u64 {
+    let mut n = 0;
+    for (i, c) in ["ana", "ben", "cleo"].iter().enumerate() {
+        let mut r = registered_at(&format!("r-{c}"), c, "2026-03-01T09:00:00Z");
+        r["data"]["acquisition_channel"] = json!(["promo", "ads", "organic"][i]);
+        app.publish(&r).await;
+        n += 1;
+    }
+    for (k, ty) in ["product_viewed", "product_viewed", "cart_item_added"]
+        .iter()
+        .enumerate()
+    {
+        let e = event(
+            &format!("b-ana-{k}"),
+            ty,
+            "ana",
+            &format!("2026-03-02T23:0{k}:00Z"),
+            json!({"product_id": "p1", "price": 50, "quantity": 2, "category": "shoes"}),
+            json!({"session_id": "s-ana", "channel": "web", "utm_source": "news"}),
+        );
+        app.publish(&e).await;
+        n += 1;
+    }
+    for (i, (client, at, channel, total, items)) in orders().into_iter().enumerate() {
+        let items: Vec<Value> = items
+            .iter()
+            .map(|(p, q, price)| json!({"product_id": p, "name": format!("n-{p}"), "quantity": q, "price": price}))
+            .collect();
+        let e = event(
+            &format!("o-{i}"),
+            "order_placed",
+            client,
+            at,
+            json!({"order_id": format!("o{i}"), "channel": channel, "total": total,
+                   "currency": "EUR", "items": items, "promo_code": "SPRING"}),
+            json!({"session_id": format!("s-{client}"), "channel": "web"}),
+        );
+        app.publish(&e).await;
+        n += 1;
+    }
+    n
+}
+
+fn tokyo(at: &str) -> DateTime<chrono_tz::Tz> {
+    let tz: chrono_tz::Tz = TZ.parse().unwrap();
+    at.parse::<DateTime<Utc>>().unwrap().with_timezone(&tz)
+}
+
+async fn the_export_reads_back_in_duckdb_as_the_store_holds_it(backend: Backend) {
+    let app = start(backend).await;
+    let n = publish_history(&app).await;
+    app.wait_events(n).await;
+    app.wait_outbox_settled().await;
+    let dir = app.dir.path().join("export");
+    let report = export(&app, &dir, &[]);
+    let sql = app.db.sql().await;
+
+    // Row counts per table, against the store.
+    let stored = |q: &'static str| {
+        let sql = &sql;
+        async move { sql.scalar(q).await }
+    };
+    let pairs = [
+        (
+            "events",
+            "SELECT count(*) FROM events WHERE stream_seq IS NOT NULL",
+        ),
+        (
+            "orders",
+            "SELECT count(*) FROM events WHERE type = 'order_placed'",
+        ),
+        ("clients", "SELECT count(*) FROM clients"),
+        ("mails", "SELECT count(*) FROM outbox WHERE kind = 'mail'"),
+        ("tasks", "SELECT count(*) FROM tasks"),
+        ("counters", "SELECT count(*) FROM counters"),
+    ];
+    for (name, q) in pairs {
+        let want = stored(q).await;
+        assert_eq!(count(&dir, &table(name)), want, "rows of {name}");
+        assert_eq!(
+            report["rows"][name].as_i64().unwrap_or(0),
+            want,
+            "report of {name}"
+        );
+    }
+    assert_eq!(count(&dir, &table("events")), n as i64);
+    assert!(count(&dir, &table("mails")) >= 3, "the welcome mails");
+    let lines: usize = orders().iter().map(|o| o.4.len()).sum();
+    assert_eq!(count(&dir, &table("order_items")), lines as i64);
+
+    // Sums of order totals per day (in the business timezone) and channel.
+    let mut want: BTreeMap<(String, String), f64> = BTreeMap::new();
+    for (_, at, channel, total, _) in orders() {
+        let day = tokyo(at).format("%Y-%m-%d").to_string();
+        *want.entry((day, channel.to_string())).or_default() += total;
+    }
+    let got: BTreeMap<(String, String), f64> = duck(
+        &dir,
+        &format!(
+            "SELECT CAST(date AS VARCHAR), channel, sum(total) FROM {} GROUP BY ALL",
+            table("orders")
+        ),
+    )
+    .into_iter()
+    .map(|r| {
+        let key = (
+            r[0].as_str().unwrap().to_string(),
+            r[1].as_str().unwrap().to_string(),
+        );
+        (key, r[2].as_f64().unwrap())
+    })
+    .collect();
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>()
+    );
+    for (k, v) in &want {
+        assert!((got[k] - v).abs() < 1e-9, "{k:?}: {} against {v}", got[k]);
+    }
+    let item_sum = duck(
+        &dir,
+        &format!(
+            "SELECT sum(quantity * price) = sum(amount) FROM {}",
+            table("order_items")
+        ),
+    );
+    assert_eq!(item_sum[0][0], json!(true));
+
+    // One client's history, field by field, against the store.
+    let ana = ClientId::parse("ana").unwrap();
+    let mut history = app
+        .store
+        .client_events(&ana, None, None, 100)
+        .await
+        .unwrap();
+    history.reverse();
+    let rows = duck(
+        &dir,
+        &format!(
+            "SELECT id, type, epoch_us(occurred_at), data, context, year, month, day, weekday, \
+             hour, CAST(date AS VARCHAR), session_id, channel, context_channel, total, currency, \
+             order_id, product_id, category, price, quantity, promo_code, utm_source \
+             FROM {} WHERE client_id = 'ana' ORDER BY stream_seq",
+            table("events")
+        ),
+    );
+    assert_eq!(rows.len(), history.len());
+    for (row, e) in rows.iter().zip(&history) {
+        let at = e
+            .occurred_at
+            .with_timezone(&TZ.parse::<chrono_tz::Tz>().unwrap());
+        let text = |k: &str| {
+            e.data.get(k).map_or(Value::Null, |v| {
+                v.as_str().map_or(json!(v.to_string()), |s| json!(s))
+            })
+        };
+        let num = |k: &str| {
+            e.data
+                .get(k)
+                .and_then(Value::as_f64)
+                .map_or(Value::Null, |f| json!(f))
+        };
+        let want = vec![
+            json!(e.id),
+            json!(e.event_type),
+            json!(e.occurred_at.timestamp_micros()),
+            json!(e.data.to_string()),
+            json!(e.context.to_string()),
+            json!(at.year()),
+            json!(at.month()),
+            json!(at.day()),
+            json!(at.weekday().number_from_monday()),
+            json!(at.hour()),
+            json!(at.format("%Y-%m-%d").to_string()),
+            e.context["session_id"].clone(),
+            text("channel"),
+            e.context["channel"].clone(),
+            num("total"),
+            text("currency"),
+            text("order_id"),
+            text("product_id"),
+            text("category"),
+            num("price"),
+            num("quantity"),
+            text("promo_code"),
+            e.context.get("utm_source").cloned().unwrap_or(Value::Null),
+        ];
+        let mut got = row.clone();
+        for i in [3, 4] {
+            // JSON text compared as JSON (key order aside).
+            got[i] = json!(
+                serde_json::from_str::<Value>(got[i].as_str().unwrap())
+                    .unwrap()
+                    .to_string()
+            );
+        }
+        assert_eq!(got, want, "event {}", e.id);
+    }
+    let state = app.store.load_clients(&[&ana]).await.unwrap()[&ana].clone();
+    let c = &duck(
+        &dir,
+        &format!(
+            "SELECT email, first_name, acquisition_channel, promo_code, marketing_consent, \
+             epoch_us(registered_at), orders, spend, cart_adds, events, mails FROM {} \
+             WHERE client_id = 'ana'",
+            table("clients")
+        ),
+    )[0];
+    let p = &state.profile;
+    assert_eq!(
+        c,
+        &vec![
+            json!(p.email),
+            json!(p.first_name),
+            json!(p.acquisition_channel),
+            json!(p.promo_code),
+            json!(p.marketing_consent),
+            json!(p.registered_at.unwrap().timestamp_micros()),
+            json!(state.stats.orders),
+            json!(state.stats.spend),
+            json!(state.stats.cart_adds),
+            json!(state.stats.events.values().sum::<u64>()),
+            json!(state.stats.mails),
+        ]
+    );
+    assert_eq!(state.stats.orders, 2);
+
+    // The README's queries run over the export and agree with it.
+    for (name, q) in README_QUERIES {
+        let rows = duck(&dir, q);
+        assert!(!rows.is_empty(), "{name} gives rows");
+        if name == "funnel" {
+            assert_eq!(rows[0], vec![json!(1), json!(1), json!(1)], "ana's session");
+        }
+    }
+    app.stop().await;
+}
+
+/// The DuckDB queries the README shows, over an export in `{dir}`.
+pub const README_QUERIES: [(&str, &str); 3] = [
+    (
+        "cohorts",
+        "WITH o AS (SELECT client_id, count(*) AS orders, sum(total) AS spend \
+           FROM read_parquet('{dir}/orders/*/*.parquet', hive_partitioning = true) GROUP BY client_id) \
+         SELECT date_trunc('month', c.registered_at) AS cohort, c.acquisition_channel, \
+           count(*) AS clients, count(o.client_id) AS buyers, \
+           round(sum(o.spend) / sum(o.orders), 2) AS avg_order \
+         FROM read_parquet('{dir}/clients/*.parquet') c LEFT JOIN o USING (client_id) \
+         GROUP BY ALL ORDER BY ALL",
+    ),
+    (
+        "channels",
+        "SELECT channel, count(*) AS orders, sum(total) AS revenue, round(avg(total), 2) AS avg_order, \
+           count(DISTINCT client_id) AS clients \
+         FROM read_parquet('{dir}/orders/*/*.parquet', hive_partitioning = true) \
+         WHERE date BETWEEN DATE '2026-01-01' AND DATE '2026-12-31' \
+         GROUP BY channel ORDER BY revenue DESC",
+    ),
+    (
+        "funnel",
+        "WITH s AS (SELECT session_id, \
+             bool_or(type = 'product_viewed') AS viewed, \
+             bool_or(type = 'cart_item_added') AS carted, \
+             bool_or(type = 'order_placed') AS ordered \
+           FROM read_parquet('{dir}/events/*/*.parquet', hive_partitioning = true) \
+           WHERE session_id IS NOT NULL GROUP BY session_id) \
+         SELECT count(*) FILTER (viewed) AS viewed, \
+           count(*) FILTER (viewed AND carted) AS carted, \
+           count(*) FILTER (viewed AND carted AND ordered) AS ordered FROM s",
+    ),
+];
+
+backend_tests!(the_export_reads_back_in_duckdb_as_the_store_holds_it);
