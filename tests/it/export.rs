@@ -397,4 +397,249 @@ pub const README_QUERIES: [(&str, &str); 3] = [
     ),
 ];
 
-backend_tests!(the_export_reads_back_in_duckdb_as_the_store_holds_it);
+/// Every data file of an export (not the manifest, not hidden ones), with
+/// its bytes' hash.
+fn files(dir: &Path) -> BTreeMap<String, String> {
+    use sha2::{Digest, Sha256};
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            let path = e.path();
+            let name = e.file_name().to_string_lossy().to_string();
+            if name.starts_with('.') || name == "manifest.json" {
+                continue;
+            }
+            if path.is_dir() {
+                walk(root, &path, out);
+            } else {
+                let rel = path.strip_prefix(root).unwrap().display().to_string();
+                out.insert(
+                    rel,
+                    hex::encode(Sha256::digest(std::fs::read(&path).unwrap())),
+                );
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
+fn page_view(i: usize, client: &str) -> Value {
+    event(
+        &format!("pv-{client}-{i}"),
+        "page_viewed",
+        client,
+        &format!("2026-03-{:02}T12:00:00Z", 1 + i % 20),
+        json!({"url": format!("/p/{i}")}),
+        json!({"session_id": format!("s-{client}-{}", i % 3)}),
+    )
+}
+
+async fn an_incremental_run_adds_exactly_the_new_events_and_a_rerun_changes_nothing(
+    backend: Backend,
+) {
+    let app = start(backend).await;
+    let n = publish_history(&app).await;
+    app.wait_events(n).await;
+    let (dir, csv) = (app.dir.path().join("export"), app.dir.path().join("csv"));
+    let first = export(&app, &dir, &[]);
+    assert_eq!(first["from_seq"], json!(0));
+    let last = first["to_seq"].as_i64().unwrap();
+    assert!(last >= n as i64);
+    export(&app, &csv, &["--format", "csv"]);
+
+    for i in 0..30 {
+        app.publish(&page_view(i, ["ana", "ben", "dan"][i % 3]))
+            .await;
+    }
+    app.wait_events(n + 30).await;
+    let second = export(&app, &dir, &[]);
+    assert_eq!(
+        second["from_seq"],
+        json!(last),
+        "starts where the first run got to"
+    );
+    assert_eq!(
+        second["rows"]["events"],
+        json!(30),
+        "exactly the new events"
+    );
+    assert_eq!(second["rows"]["orders"], json!(0));
+    let events = table("events");
+    let all = duck(
+        &dir,
+        &format!("SELECT count(*), count(DISTINCT id) FROM {events}"),
+    );
+    assert_eq!(all[0], vec![json!(n + 30), json!(n + 30)], "no event twice");
+    let stored = app.db.sql().await;
+    let want = stored
+        .scalar("SELECT count(*) FROM events WHERE stream_seq IS NOT NULL")
+        .await;
+    assert_eq!(want, (n + 30) as i64);
+    // The snapshot tables are the current state, once.
+    assert_eq!(
+        count(&dir, &table("clients")),
+        stored.scalar("SELECT count(*) FROM clients").await
+    );
+
+    // A run with nothing new, and a run of the same range again, rewrite
+    // nothing and the very same files.
+    let before = files(&dir);
+    let again = export(&app, &dir, &[]);
+    assert_eq!(again["rows"]["events"], json!(0));
+    assert_eq!(files(&dir), before, "a run with nothing new");
+    let range = export(&app, &dir, &["--since-seq", &last.to_string()]);
+    assert_eq!(range["from_seq"], json!(last));
+    assert_eq!(files(&dir), before, "the same range again");
+
+    // From the start: the ranges are replaced by one, nothing doubles.
+    let full = export(&app, &dir, &["--since-seq", "0"]);
+    assert!(full["removed"].as_u64().unwrap() > 0, "the earlier ranges go");
+    assert_eq!(full["rows"]["events"], json!(n + 30));
+    let all = duck(
+        &dir,
+        &format!("SELECT count(*), count(DISTINCT id) FROM {events}"),
+    );
+    assert_eq!(all[0], vec![json!(n + 30), json!(n + 30)]);
+    let replaced = files(&dir);
+    export(&app, &dir, &["--since-seq", "0"]);
+    assert_eq!(files(&dir), replaced, "the same full range again");
+    // A start inside an earlier range goes down to that range's start.
+    let inside = export(&app, &dir, &["--since-seq", "5"]);
+    assert_eq!(inside["from_seq"], json!(0));
+    assert_eq!(files(&dir), replaced);
+    let since = export(&app, &dir, &["--since", "2026-03-05T00:00:00Z"]);
+    assert_eq!(since["from_seq"], json!(0), "inside the one range there is");
+
+    // The CSV export, read by DuckDB too, then brought up to date.
+    export(&app, &csv, &["--format", "csv"]);
+    let csv_events = "read_csv('{dir}/events/*/*.csv', hive_partitioning = true, header = true)";
+    let got = duck(
+        &csv,
+        &format!("SELECT count(*), count(DISTINCT id) FROM {csv_events}"),
+    );
+    assert_eq!(got[0], vec![json!(n + 30), json!(n + 30)]);
+    let csv_orders = "read_csv('{dir}/orders/*/*.csv', hive_partitioning = true, header = true)";
+    let totals = |d: &Path, from: &str| {
+        duck(
+            d,
+            &format!(
+                "SELECT CAST(date AS VARCHAR), channel, sum(total) FROM {from} GROUP BY ALL ORDER BY ALL"
+            ),
+        )
+    };
+    assert_eq!(totals(&csv, csv_orders), totals(&dir, &table("orders")));
+    // A folder keeps its format.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_nudge"))
+        .args(["export", "--format", "parquet", "--to"])
+        .arg(&csv)
+        .current_dir(app.dir.path())
+        .env("NUDGE__DATABASE__URL", &app.db.url)
+        .env("NUDGE__HISTORY__BUSINESS_TIMEZONE", TZ)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("holds a csv export"));
+    app.stop().await;
+}
+
+async fn an_erased_client_is_absent_and_does_not_come_back(backend: Backend) {
+    let app = start(backend).await;
+    let n = publish_history(&app).await;
+    app.wait_events(n).await;
+    app.wait_outbox_settled().await;
+    let dir = app.dir.path().join("export");
+    export(&app, &dir, &[]);
+    let of_ana = |name: &str| count(&dir, &format!("{} WHERE client_id = 'ana'", table(name)));
+    assert!(of_ana("events") > 0 && of_ana("orders") > 0 && of_ana("clients") == 1);
+    assert!(of_ana("mails") > 0);
+
+    let ana = ClientId::parse("ana").unwrap();
+    assert!(app.store.erase_client(&ana, Utc::now()).await.unwrap());
+    let after = export(&app, &dir, &[]);
+    // Nothing new to export, but the files written before the erasure held
+    // her: the run starts over without her.
+    assert_eq!(after["from_seq"], json!(0));
+    assert_eq!(after["restarted_for_erasure"], json!(true));
+    for name in [
+        "events",
+        "orders",
+        "order_items",
+        "clients",
+        "mails",
+        "tasks",
+    ] {
+        assert_eq!(of_ana(name), 0, "ana in {name}");
+    }
+    let others = count(&dir, &table("events"));
+    assert_eq!(
+        others,
+        app.db
+            .sql()
+            .await
+            .scalar(
+                "SELECT count(*) FROM events WHERE stream_seq IS NOT NULL AND client_id <> 'ana'"
+            )
+            .await
+    );
+
+    // Later runs, incremental or of the whole range, leave her out.
+    app.publish(&page_view(1, "ben")).await;
+    app.wait_events(n + 1).await;
+    let later = export(&app, &dir, &[]);
+    assert_eq!(later["restarted_for_erasure"], json!(false));
+    assert_eq!(later["rows"]["events"], json!(1));
+    export(&app, &dir, &["--since-seq", "0"]);
+    for name in ["events", "orders", "clients", "mails"] {
+        assert_eq!(of_ana(name), 0, "ana in {name} after later runs");
+    }
+    assert_eq!(count(&dir, &table("events")), others + 1);
+    app.stop().await;
+}
+
+/// `export.schedule`: the daemon writes the export itself, and catches up
+/// with new events at its next occurrence.
+async fn the_daemon_exports_on_its_schedule(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("scheduled");
+    let out_text = out.display().to_string();
+    let app = TestEnv::with_env(
+        backend,
+        &[
+            ("NUDGE__HISTORY__BUSINESS_TIMEZONE", TZ),
+            ("NUDGE__EXPORT__SCHEDULE", "* * * * * *"),
+            ("NUDGE__EXPORT__DIR", &out_text),
+        ],
+    )
+    .await
+    .start()
+    .await;
+    let n = publish_history(&app).await;
+    app.wait_events(n).await;
+    let last = app
+        .db
+        .sql()
+        .await
+        .scalar("SELECT max(stream_seq) FROM events")
+        .await;
+    crate::helpers::eventually(
+        std::time::Duration::from_secs(20),
+        "a scheduled export",
+        || async {
+            let text = std::fs::read_to_string(out.join("manifest.json")).ok()?;
+            let m: Value = serde_json::from_str(&text).ok()?;
+            (m["position"] == json!(last)).then_some(())
+        },
+    )
+    .await;
+    app.stop().await;
+    assert_eq!(count(&out, &table("events")), n as i64);
+    assert_eq!(count(&out, &table("orders")), orders().len() as i64);
+}
+
+backend_tests!(
+    the_export_reads_back_in_duckdb_as_the_store_holds_it,
+    an_incremental_run_adds_exactly_the_new_events_and_a_rerun_changes_nothing,
+    an_erased_client_is_absent_and_does_not_come_back,
+    the_daemon_exports_on_its_schedule,
+);

@@ -140,7 +140,10 @@ pub async fn export(store: &AnyStore, opts: &Options) -> anyhow::Result<Report> 
     }
     drop(snap);
 
-    let mut rows = BTreeMap::new();
+    let names = INCREMENTAL_TABLES
+        .into_iter()
+        .chain(SNAPSHOT_TABLES.iter().map(|t| t.name));
+    let mut rows: BTreeMap<String, u64> = names.map(|t| (t.to_string(), 0)).collect();
     for f in &files {
         *rows.entry(f.table.clone()).or_insert(0) += f.rows;
     }
