@@ -193,7 +193,7 @@ pub async fn run(
 }
 
 /// User and system CPU seconds of this process so far (0 where unknown).
-fn cpu_secs() -> f64 {
+pub(crate) fn cpu_secs() -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
     // The fields after the command name, which is in parentheses.
     let fields: Vec<&str> = stat
@@ -209,7 +209,7 @@ fn cpu_secs() -> f64 {
 
 /// The bench's shop over [`HISTORY_DAYS`] up to `end`, committed in batches
 /// as the daemon would have: every event with its stream sequence.
-async fn write_events(
+pub(crate) async fn write_events(
     store: &AnyStore,
     n: usize,
     clients: u32,

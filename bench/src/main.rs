@@ -14,12 +14,14 @@
 //!
 //! With `--backtest` it measures `nudge backtest` instead ([`backtest`]):
 //! a large shop history written straight into a scratch database, then every
-//! shipped rule run over it.
+//! shipped rule run over it; with `--export`, `nudge export` over such a
+//! history ([`export`]).
 //!
 //! It is a measurement, not a test: nothing fails on a slow machine.
 
 mod backtest;
 mod broker;
+mod export;
 mod latency;
 mod probe;
 mod report;
@@ -97,7 +99,7 @@ async fn main() -> ExitCode {
 #[derive(Debug, Clone, clap::Args)]
 struct BenchArgs {
     /// Events pre-loaded into the stream and measured [default: 200000;
-    /// with --backtest 1000000].
+    /// with --backtest or --export 1000000].
     #[arg(long)]
     events: Option<usize>,
     /// Distinct clients the events come from [default: one per 20 events].
@@ -108,6 +110,11 @@ struct BenchArgs {
     /// shipped rule over all of it.
     #[arg(long)]
     backtest: bool,
+    /// Measure `nudge export` instead: write the bench's shop straight into
+    /// a scratch SQLite database (no NATS), then export it as Parquet and
+    /// as CSV.
+    #[arg(long, conflicts_with = "backtest")]
+    export: bool,
     /// Use this NATS server (a stream of the bench's own is created and
     /// deleted) instead of starting a private `nats-server -js`.
     #[arg(long)]
@@ -142,6 +149,20 @@ const HISTORY_DAYS: i64 = 7;
 /// the bench replaces with its own (so it never touches a real database).
 async fn run(args: BenchArgs, base: Config) -> anyhow::Result<()> {
     let scratch = Scratch::new(args.keep)?;
+    if args.export {
+        let db_url = args
+            .database_url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", scratch.path.join("history.db").display()));
+        let report =
+            export::run(args.events(), args.clients(), &base, &db_url, &scratch.path).await?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            print!("{}", report.table());
+        }
+        return Ok(());
+    }
     if args.backtest {
         let db_url = args
             .database_url
@@ -451,8 +472,11 @@ fn shop_settings(c: &mut Config) {
 
 impl BenchArgs {
     fn events(&self) -> usize {
-        self.events
-            .unwrap_or(if self.backtest { 1_000_000 } else { 200_000 })
+        self.events.unwrap_or(if self.backtest || self.export {
+            1_000_000
+        } else {
+            200_000
+        })
     }
 
     fn clients(&self) -> u32 {

@@ -494,7 +494,10 @@ async fn an_incremental_run_adds_exactly_the_new_events_and_a_rerun_changes_noth
 
     // From the start: the ranges are replaced by one, nothing doubles.
     let full = export(&app, &dir, &["--since-seq", "0"]);
-    assert!(full["removed"].as_u64().unwrap() > 0, "the earlier ranges go");
+    assert!(
+        full["removed"].as_u64().unwrap() > 0,
+        "the earlier ranges go"
+    );
     assert_eq!(full["rows"]["events"], json!(n + 30));
     let all = duck(
         &dir,
