@@ -14,6 +14,9 @@ use futures::TryStreamExt;
 use sqlx::{Postgres, Row, Sqlite, Transaction};
 use std::collections::HashSet;
 
+/// Rows streamed between two yields to the runtime.
+const YIELD_EVERY: u64 = 1024;
+
 /// How a query's column is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ColType {
@@ -186,6 +189,12 @@ impl Snapshot {
                 }
                 n += 1;
                 sink(cells).map_err(StreamError::Sink)?;
+                // Rows are often ready without waiting: give the runtime's
+                // other tasks (the daemon's, when it exports on schedule)
+                // their turn now and then.
+                if n.is_multiple_of(YIELD_EVERY) {
+                    tokio::task::yield_now().await;
+                }
             }
         });
         Ok(n)
