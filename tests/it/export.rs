@@ -355,7 +355,9 @@ async fn the_export_reads_back_in_duckdb_as_the_store_holds_it(backend: Backend)
     // The README's queries run over the export and agree with it.
     for (name, q) in README_QUERIES {
         let rows = duck(&dir, q);
-        assert!(!rows.is_empty(), "{name} gives rows");
+        // This history has no clients registered two years ago: the
+        // question runs, and has no answer.
+        assert_eq!(rows.is_empty(), name == "question", "{name}: {rows:?}");
         if name == "funnel" {
             assert_eq!(rows[0], vec![json!(1), json!(1), json!(1)], "ana's session");
         }
@@ -364,7 +366,7 @@ async fn the_export_reads_back_in_duckdb_as_the_store_holds_it(backend: Backend)
 }
 
 /// The DuckDB queries the README shows, over an export in `{dir}`.
-pub const README_QUERIES: [(&str, &str); 3] = [
+pub const README_QUERIES: [(&str, &str); 4] = [
     (
         "cohorts",
         "WITH o AS (SELECT client_id, count(*) AS orders, sum(total) AS spend \
@@ -394,6 +396,19 @@ pub const README_QUERIES: [(&str, &str); 3] = [
          SELECT count(*) FILTER (viewed) AS viewed, \
            count(*) FILTER (viewed AND carted) AS carted, \
            count(*) FILTER (viewed AND carted AND ordered) AS ordered FROM s",
+    ),
+    (
+        "question",
+        "WITH o AS (SELECT * FROM read_parquet('{dir}/orders/*/*.parquet', hive_partitioning = true)), \
+           c AS (SELECT * FROM read_parquet('{dir}/clients/*.parquet')), \
+           loyal AS (SELECT client_id FROM o WHERE occurred_at >= now() - INTERVAL 6 MONTH \
+             GROUP BY client_id HAVING count(*) > 1) \
+         SELECT c.acquisition_channel, \
+           round(avg(o.total) FILTER (o.date BETWEEN DATE '2026-01-05' AND DATE '2026-01-18'), 2) AS january, \
+           round(avg(o.total) FILTER (o.date BETWEEN DATE '2026-09-07' AND DATE '2026-09-20'), 2) AS september \
+         FROM o JOIN c USING (client_id) JOIN loyal USING (client_id) \
+         WHERE o.promo_code IS NULL AND c.registered_at < now() - INTERVAL 2 YEAR \
+         GROUP BY ALL ORDER BY ALL",
     ),
 ];
 
