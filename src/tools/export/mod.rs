@@ -29,6 +29,8 @@ mod lock;
 pub mod manifest;
 pub mod schedule;
 pub mod tables;
+#[cfg(test)]
+mod tests;
 pub mod writer;
 
 use crate::domain::event::ClientId;
