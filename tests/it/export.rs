@@ -181,6 +181,10 @@ async fn the_export_reads_back_in_duckdb_as_the_store_holds_it(backend: Backend)
     let dir = app.dir.path().join("export");
     let report = export(&app, &dir, &[]);
     let sql = app.db.sql().await;
+    // It holds personal data: the folder it made is its owner's alone.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o700);
 
     // Row counts per table, against the store.
     let stored = |q: &'static str| {

@@ -88,7 +88,11 @@ pub struct Report {
 pub async fn export(store: &AnyStore, opts: &Options) -> anyhow::Result<Report> {
     let started = std::time::Instant::now();
     let dir = &opts.dir;
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    // The export holds personal data (profiles, event payloads): a folder
+    // it creates is its owner's alone.
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
     let _lock = lock::DirLock::take(dir)?;
     let previous = Manifest::read(dir)?;
     if let Some(m) = &previous
