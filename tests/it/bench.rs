@@ -14,7 +14,7 @@ use std::process::Command;
 /// same profile) and returns its path. `cargo test --all-targets` at the
 /// root has built it already (the build is then a no-op); `cargo test -p
 /// nudge` alone would leave it missing or stale.
-fn build_bench() -> PathBuf {
+pub fn build_bench() -> PathBuf {
     let nudge = Path::new(env!("CARGO_BIN_EXE_nudge"));
     let profile_dir = nudge.parent().expect("nudge is in a profile folder");
     let target_dir = profile_dir.parent().expect("in a target folder");

@@ -665,3 +665,37 @@ backend_tests!(
     an_erased_client_is_absent_and_does_not_come_back,
     the_daemon_exports_on_its_schedule,
 );
+
+/// `nudge bench --export` on a small history adds up (no timing checked:
+/// the target lives in the bench).
+#[test]
+fn the_export_bench_exports_every_event_in_both_formats() {
+    crate::bench::build_bench();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_nudge"))
+        .args([
+            "--config",
+            "config.example.yaml",
+            "bench",
+            "--export",
+            "--events",
+            "5000",
+            "--json",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("nudge runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let report: Value = serde_json::from_slice(&out.stdout).expect("a JSON report");
+    assert_eq!(report["events"], 5000, "{report:#}");
+    let runs = report["runs"].as_array().unwrap();
+    let formats: Vec<&str> = runs.iter().map(|r| r["format"].as_str().unwrap()).collect();
+    assert_eq!(formats, ["parquet", "csv"]);
+    for r in runs {
+        assert_eq!(r["events_rows"], 5000, "{report:#}");
+        assert!(r["orders_rows"].as_u64().unwrap() > 0, "{report:#}");
+        assert!(r["order_items_rows"].as_u64().unwrap() > 0, "{report:#}");
+        assert!(r["secs"].as_f64().unwrap() > 0.0 && r["output_mib"].as_f64().unwrap() > 0.0);
+        assert!(r["peak_mib"].as_f64().unwrap() > 0.0);
+    }
+}
