@@ -562,6 +562,20 @@ async fn an_incremental_run_adds_exactly_the_new_events_and_a_rerun_changes_noth
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("holds a csv export"));
+    // A folder that is not an export is left alone.
+    let foreign = app.dir.path().join("foreign");
+    std::fs::create_dir_all(foreign.join("clients")).unwrap();
+    std::fs::write(foreign.join("notes.txt"), "mine").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_nudge"))
+        .args(["export", "--to"])
+        .arg(&foreign)
+        .current_dir(app.dir.path())
+        .env("NUDGE__DATABASE__URL", &app.db.url)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not an export folder"));
+    assert!(foreign.join("clients").is_dir() && foreign.join("notes.txt").is_file());
     app.stop().await;
 }
 

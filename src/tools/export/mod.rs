@@ -95,6 +95,9 @@ pub async fn export(store: &AnyStore, opts: &Options) -> anyhow::Result<Report> 
         .with_context(|| format!("cannot create {}", dir.display()))?;
     let _lock = lock::DirLock::take(dir)?;
     let previous = Manifest::read(dir)?;
+    if previous.is_none() {
+        refuse_foreign(dir)?;
+    }
     if let Some(m) = &previous
         && m.format != opts.format
     {
@@ -285,6 +288,30 @@ async fn snapshot_table(
         }
     }
     Ok(files)
+}
+
+/// A folder without a manifest is written into only when it holds nothing
+/// but what a run leaves (a first run cut short): the tables' folders are
+/// replaced whole, and another folder of the same name must not be.
+fn refuse_foreign(dir: &Path) -> anyhow::Result<()> {
+    let ours = |name: &str| {
+        INCREMENTAL_TABLES.contains(&name)
+            || SNAPSHOT_TABLES.iter().any(|t| t.name == name)
+            || name.starts_with('.')
+    };
+    let entries =
+        std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?;
+    for entry in entries {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        if !ours(&name) {
+            anyhow::bail!(
+                "{} holds {name:?} and no {}: not an export folder; export into an empty one",
+                dir.display(),
+                manifest::FILE
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Whether `client` was erased: erasures are kept by hash only.
