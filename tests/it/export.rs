@@ -633,6 +633,65 @@ async fn an_erased_client_is_absent_and_does_not_come_back(backend: Backend) {
     app.stop().await;
 }
 
+/// Exports while the daemon takes events in: each run exports exactly the
+/// events of its range, whatever was committed meanwhile, and together
+/// they hold each event once.
+async fn exports_while_events_stream_in_hold_each_event_once(backend: Backend) {
+    let app = start(backend).await;
+    let dir = app.dir.path().join("export");
+    let mut runs = Vec::new();
+    for round in 0..3 {
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_nudge"))
+            .args(["export", "--json", "--to"])
+            .arg(&dir)
+            .current_dir(app.dir.path())
+            .env("NUDGE__DATABASE__URL", &app.db.url)
+            .env("NUDGE__HISTORY__BUSINESS_TIMEZONE", TZ)
+            .env("NUDGE__LOG__LEVEL", "error")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        for i in 0..100 {
+            app.publish(&page_view(
+                round * 100 + i,
+                ["ana", "ben", "cleo", "dan"][i % 4],
+            ))
+            .await;
+        }
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success());
+        runs.push(serde_json::from_slice::<Value>(&out.stdout).unwrap());
+    }
+    app.wait_events(300).await;
+    runs.push(export(&app, &dir, &[]));
+    let sql = app.db.sql().await;
+    let mut at = 0;
+    for r in &runs {
+        let (from, to) = (
+            r["from_seq"].as_i64().unwrap(),
+            r["to_seq"].as_i64().unwrap(),
+        );
+        assert_eq!(from, at, "each run starts where the one before ended");
+        let q =
+            format!("SELECT count(*) FROM events WHERE stream_seq > {from} AND stream_seq <= {to}");
+        assert_eq!(
+            r["rows"]["events"].as_i64().unwrap(),
+            sql.scalar(&q).await,
+            "{r}"
+        );
+        at = to;
+    }
+    let all = duck(
+        &dir,
+        &format!(
+            "SELECT count(*), count(DISTINCT id) FROM {}",
+            table("events")
+        ),
+    );
+    assert_eq!(all[0], vec![json!(300), json!(300)]);
+    app.stop().await;
+}
+
 /// `export.schedule`: the daemon writes the export itself, and catches up
 /// with new events at its next occurrence.
 async fn the_daemon_exports_on_its_schedule(backend: Backend) {
@@ -678,6 +737,7 @@ backend_tests!(
     an_incremental_run_adds_exactly_the_new_events_and_a_rerun_changes_nothing,
     an_erased_client_is_absent_and_does_not_come_back,
     the_daemon_exports_on_its_schedule,
+    exports_while_events_stream_in_hold_each_event_once,
 );
 
 /// `nudge bench --export` on a small history adds up (no timing checked:
