@@ -83,6 +83,14 @@ impl Manifest {
         self.runs.push(run);
     }
 
+    /// Forgets the runs from `from` on, before their files are removed: a
+    /// run cut short after removing them then leaves a manifest from which
+    /// the next run starts early enough to write them again.
+    pub fn truncate(&mut self, from: i64) {
+        self.runs.retain(|r| r.to_seq <= from);
+        self.position = self.position.min(from);
+    }
+
     /// Written under a temporary name and renamed, so it is whole or absent.
     pub fn write(&self, dir: &Path) -> anyhow::Result<()> {
         let path = dir.join(FILE);
@@ -197,6 +205,11 @@ mod tests {
         m.record(run(0, 10), 0);
         m.record(run(10, 20), 0);
         m.record(run(20, 30), 0);
+        let mut cut = m.clone();
+        cut.truncate(15);
+        assert_eq!((cut.runs.len(), cut.position), (1, 15));
+        cut.truncate(5);
+        assert_eq!((cut.runs.len(), cut.position), (0, 5));
         m.record(run(10, 35), 1);
         let ranges: Vec<(i64, i64)> = m.runs.iter().map(|r| (r.from_seq, r.to_seq)).collect();
         assert_eq!(ranges, [(0, 10), (10, 35)]);

@@ -94,7 +94,7 @@ pub async fn export(store: &AnyStore, opts: &Options) -> anyhow::Result<Report> 
         .create(dir)
         .with_context(|| format!("cannot create {}", dir.display()))?;
     let _lock = lock::DirLock::take(dir)?;
-    let previous = Manifest::read(dir)?;
+    let mut previous = Manifest::read(dir)?;
     if previous.is_none() {
         refuse_foreign(dir)?;
     }
@@ -136,8 +136,15 @@ pub async fn export(store: &AnyStore, opts: &Options) -> anyhow::Result<Report> 
     }
     let parts = manifest::part_files(dir, &INCREMENTAL_TABLES)?;
     from = manifest::extend_down(from, &parts);
+    let replaced: Vec<&manifest::PartFile> = parts.iter().filter(|p| p.from >= from).collect();
+    if let Some(m) = &mut previous
+        && !replaced.is_empty()
+    {
+        m.truncate(from);
+        m.write(dir)?;
+    }
     let mut removed = 0;
-    for p in parts.iter().filter(|p| p.from >= from) {
+    for p in replaced {
         std::fs::remove_file(&p.path)
             .with_context(|| format!("cannot remove {}", p.path.display()))?;
         removed += 1;
