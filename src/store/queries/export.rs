@@ -11,7 +11,7 @@ use crate::store::dialect::Dialect;
 use crate::store::{AnyStore, Db, Pools, StoreError, db};
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
-use sqlx::{Postgres, Row, Sqlite, Transaction};
+use sqlx::{ConnectOptions, PgConnection, Row, SqliteConnection};
 use std::collections::HashSet;
 
 /// Rows streamed between two yields to the runtime.
@@ -61,9 +61,10 @@ impl Sql {
 /// A consistent, read-only view of the whole database for one export run.
 pub struct Snapshot(Tx);
 
+/// A connection inside its read transaction.
 enum Tx {
-    Sqlite(Transaction<'static, Sqlite>),
-    Postgres(Transaction<'static, Postgres>),
+    Sqlite(SqliteConnection),
+    Postgres(PgConnection),
 }
 
 /// Runs `$body` with `$tx` bound to the snapshot's transaction, `$D`
@@ -91,34 +92,45 @@ macro_rules! on_tx {
 }
 
 impl AnyStore {
-    /// Opens a snapshot for an export. It holds one pooled connection until
-    /// dropped; the daemon's writes go on meanwhile (on SQLite the WAL file
-    /// grows until the snapshot ends, as with any long reader).
+    /// Opens a snapshot for an export, on a connection of its own (with the
+    /// pool's settings) that logs no statement: the export's one long
+    /// statement is long by design, not a slow query to warn about. The
+    /// daemon's writes go on meanwhile (on SQLite the WAL file grows until
+    /// the snapshot ends, as with any long reader). Dropping the snapshot
+    /// closes the connection, which ends the transaction.
     pub async fn export_snapshot(&self) -> Result<Snapshot, StoreError> {
+        let opening = db("opening the export's read");
         let tx = match &self.0 {
             Db::Sqlite(s) => {
-                let mut tx = s
-                    .reader()
-                    .begin()
-                    .await
-                    .map_err(db("starting the export's read"))?;
+                let mut conn = quiet(s.reader()).connect().await.map_err(opening)?;
                 // A deferred transaction takes its snapshot at the first
                 // read: take it now, before anything else is asked.
-                sqlx::query("SELECT count(*) FROM meta")
-                    .execute(&mut *tx)
+                for sql in ["BEGIN", "SELECT count(*) FROM meta"] {
+                    sqlx::query(sql)
+                        .execute(&mut conn)
+                        .await
+                        .map_err(db("starting the export's read"))?;
+                }
+                Tx::Sqlite(conn)
+            }
+            Db::Postgres(s) => {
+                let mut conn = quiet(s.reader()).connect().await.map_err(opening)?;
+                sqlx::query("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                    .execute(&mut conn)
                     .await
                     .map_err(db("starting the export's read"))?;
-                Tx::Sqlite(tx)
+                Tx::Postgres(conn)
             }
-            Db::Postgres(s) => Tx::Postgres(
-                s.reader()
-                    .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-                    .await
-                    .map_err(db("starting the export's read"))?,
-            ),
         };
         Ok(Snapshot(tx))
     }
+}
+
+/// The pool's connection settings, without statement logging.
+fn quiet<D: sqlx::Database>(pool: &sqlx::Pool<D>) -> <D::Connection as sqlx::Connection>::Options {
+    (*pool.connect_options())
+        .clone()
+        .disable_statement_logging()
 }
 
 impl Snapshot {
@@ -127,7 +139,7 @@ impl Snapshot {
         let n: Option<i64> = on_tx!(self, |tx, D, text_of| sqlx::query_scalar(
             "SELECT MAX(stream_seq) FROM events"
         )
-        .fetch_one(&mut **tx)
+        .fetch_one(&mut *tx)
         .await
         .map_err(db("reading the last stream sequence"))?);
         Ok(n.unwrap_or(0))
@@ -140,7 +152,7 @@ impl Snapshot {
             "SELECT MIN(stream_seq) FROM events WHERE occurred_at >= $1"
         )
         .bind(D::time(t))
-        .fetch_one(&mut **tx)
+        .fetch_one(&mut *tx)
         .await
         .map_err(db("finding the first event since a time"))?);
         match first {
@@ -154,7 +166,7 @@ impl Snapshot {
         let rows: Vec<String> = on_tx!(self, |tx, D, text_of| sqlx::query_scalar(
             "SELECT client_id FROM erasures"
         )
-        .fetch_all(&mut **tx)
+        .fetch_all(&mut *tx)
         .await
         .map_err(db("reading erasures"))?);
         Ok(rows.into_iter().collect())
@@ -177,7 +189,7 @@ impl Snapshot {
             for p in params {
                 q = q.bind(*p);
             }
-            let mut rows = q.fetch(&mut **tx);
+            let mut rows = q.fetch(&mut *tx);
             while let Some(row) = rows
                 .try_next()
                 .await
