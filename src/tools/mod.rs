@@ -1,5 +1,6 @@
 //! Marketers' and operators' tools over the stored history: template
-//! previews, replay of the derived history, and backtests of rules.
+//! previews, replay of the derived history, backtests of rules, and the
+//! analytics export.
 
 pub mod check;
 pub mod export;
