@@ -101,6 +101,12 @@ impl Config {
                 "must be at least 16 characters",
             ));
         }
+        if !(0.0..=100.0).contains(&self.mail.global_control_percent) {
+            return Err(key_err(
+                "mail.global_control_percent",
+                "must be a percentage from 0 to 100",
+            ));
+        }
         if !(self.delivery.rate_per_sec >= 0.0 && self.delivery.rate_per_sec.is_finite()) {
             return Err(key_err(
                 "delivery.rate_per_sec",

@@ -93,6 +93,7 @@ impl CoreSettings {
             config.mail.max_marketing_per_day,
             config.mail.max_marketing_per_week,
         )
+        .with_global_control(config.mail.global_control_percent)
     }
 }
 

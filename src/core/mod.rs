@@ -3,5 +3,6 @@
 //! stay outside.
 
 pub mod decide;
+pub mod report;
 pub mod rules;
 pub mod templates;

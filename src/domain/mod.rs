@@ -5,6 +5,7 @@ pub mod bounds;
 pub mod counters;
 pub mod effects;
 pub mod event;
+pub mod experiments;
 pub mod history;
 pub mod log;
 pub mod settings;

@@ -155,6 +155,7 @@ fn timed_api() -> OpenApiRouter<ApiState> {
         .routes(routes!(clients::task_done))
         .routes(routes!(marketing::preview))
         .routes(routes!(marketing::preview_rule))
+        .routes(routes!(marketing::report))
         .routes(routes!(access::audit_log))
 }
 

@@ -36,6 +36,7 @@ pub use queries::admin::Admin;
 pub use queries::batches::{Batches, State};
 pub use queries::history::History;
 pub use queries::outbox::Outbox;
+pub use queries::reports::Reports;
 pub use queries::schedules::Schedules;
 pub use queries::staff::{Staff, erasure_hash};
 pub use queries::window::Window;

@@ -3,6 +3,7 @@
 
 pub mod check;
 pub mod replay;
+pub mod report;
 pub mod ruletest;
 
 use crate::config::Config;
@@ -118,6 +119,9 @@ pub struct Backtest {
     pub sweeps: u64,
     pub rules: BTreeMap<String, RuleSummary>,
     pub effects: Vec<FoundEffect>,
+    /// Per rule, what its exposures would have been and how many of those
+    /// clients converted anyway (a baseline: nothing was sent then).
+    pub reports: BTreeMap<String, crate::core::report::Report>,
 }
 
 /// Runs the rules in `rules_dir` over the stored history in stream order,
@@ -146,6 +150,7 @@ pub async fn backtest(
     };
     let mut replay = Replay::new(core, config.history.business_tz());
     let mut report = Backtest::default();
+    let mut exposures = report::Collected::default();
     let in_window = |t: DateTime<Utc>| since.is_none_or(|s| t >= s);
     let progress = walk(
         store,
@@ -157,6 +162,7 @@ pub async fn backtest(
                     report.rules.entry(rule.clone()).or_default().errors += 1;
                 }
             }
+            exposures.add(d.exposures);
             for e in d.effects {
                 if !in_window(e.at) {
                     continue;
@@ -192,6 +198,7 @@ pub async fn backtest(
     .await?;
     report.events = progress.events;
     report.sweeps = progress.sweeps;
+    report.reports = exposures.reports(|r| rules.get(r).and_then(|r| r.goal.clone()), since, until);
     Ok(report)
 }
 

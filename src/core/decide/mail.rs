@@ -7,7 +7,7 @@ use crate::core::templates::MailKind;
 use crate::domain::counters::Counters;
 use crate::domain::effects::EffectKind;
 use crate::domain::event::{ClientId, Envelope, EventId, EventType};
-use crate::domain::history::ClientState;
+use crate::domain::history::{ClientState, SentMail};
 use crate::domain::log::Level;
 use chrono::{DateTime, Duration, Utc};
 use serde_json::{Map, Value, json};
@@ -29,32 +29,16 @@ impl Core<'_> {
         event: &Envelope,
         counters: &mut Counters,
     ) -> Result<(), String> {
-        let what = match event.event_type.as_str() {
-            "email_opened" => "opened",
-            "email_clicked" => "clicked",
-            _ => return Ok(()),
-        };
-        let Some(key) = event
-            .data
-            .get("message_id")
-            .and_then(Value::as_str)
-            .and_then(crate::domain::effects::key_of_message_id)
-        else {
+        let Some((mail, clicked)) = engaged_mail(state, event) else {
             return Ok(());
         };
-        let Some(mail) = state
-            .stats
-            .recent_mails
-            .iter()
-            .find(|m| m.key == key)
-            .cloned()
-        else {
-            return Ok(());
+        let what = if clicked {
+            state.stats.clicks += 1;
+            "clicked"
+        } else {
+            state.stats.opens += 1;
+            "opened"
         };
-        match what {
-            "opened" => state.stats.opens += 1,
-            _ => state.stats.clicks += 1,
-        }
         let key = counters.key(
             &format!("mail_{what}:{}:{}", mail.rule, mail.template),
             "all",
@@ -150,4 +134,21 @@ impl Core<'_> {
             vars: all,
         })
     }
+}
+
+/// The mail an `email_opened` / `email_clicked` names (by its Message-ID),
+/// among the client's recent ones, and whether it was a click.
+pub(super) fn engaged_mail(state: &ClientState, event: &Envelope) -> Option<(SentMail, bool)> {
+    let clicked = match event.event_type.as_str() {
+        "email_opened" => false,
+        "email_clicked" => true,
+        _ => return None,
+    };
+    let key = event
+        .data
+        .get("message_id")
+        .and_then(Value::as_str)
+        .and_then(crate::domain::effects::key_of_message_id)?;
+    let mail = state.stats.recent_mails.iter().find(|m| m.key == key)?;
+    Some((mail.clone(), clicked))
 }

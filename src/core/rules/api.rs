@@ -72,6 +72,12 @@ pub struct RunContext {
     pub counter_failure: Option<String>,
     /// `unique_code` calls so far, so two codes in one run differ.
     codes: u32,
+    /// The client's variant by experiment: lent by the state, kept only if
+    /// the run succeeds.
+    pub variants: BTreeMap<String, String>,
+    /// Experiments this run gave the client a variant in for the first time
+    /// (in this rule), with the variant: each becomes an exposure.
+    pub exposed: Vec<(String, String)>,
 }
 
 impl RunContext {
@@ -298,6 +304,7 @@ fn unique_code(prefix: &str) -> Result<String, Box<EvalAltResult>> {
 }
 
 pub fn register(engine: &mut Engine) {
+    super::experiments::register(engine);
     engine.register_fn("mail", |template: &str| {
         check_name("a template name", template)?;
         push(Request::Mail {

@@ -8,6 +8,7 @@ pub mod admin;
 pub mod batches;
 pub mod history;
 pub mod outbox;
+pub mod reports;
 pub mod schedules;
 pub mod staff;
 pub mod window;

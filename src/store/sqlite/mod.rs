@@ -207,6 +207,7 @@ impl Dialect for Sqlite {
         "DELETE FROM clients",
         "DELETE FROM counters",
         "DELETE FROM counter_members",
+        "DELETE FROM exposures",
     ];
     // Without row locks: the one writer connection makes claims atomic.
     const CLAIM_DUE: &'static str = claim_due_sql!("");
