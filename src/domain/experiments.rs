@@ -164,6 +164,34 @@ impl Exposures {
         changed
     }
 
+    /// A marketing mail of `rule` held out for the global control group:
+    /// the rule's exposures of the client count in `global_control` from
+    /// now on, or, when it has none, the rule's own exposure starts there.
+    /// Returns the exposures changed.
+    pub fn held_out(
+        &mut self,
+        rule: &str,
+        at: DateTime<Utc>,
+        goal: Option<&Goal>,
+    ) -> Vec<Exposure> {
+        let mut changed: Vec<Exposure> = Vec::new();
+        let mut any = false;
+        for e in self.rows.iter_mut().filter(|e| e.rule == rule) {
+            any = true;
+            if !e.held_out {
+                e.held_out = true;
+                changed.push(e.clone());
+            }
+        }
+        if !any {
+            changed.extend(
+                self.expose(Exposure::new(rule, "", "", true, at, goal))
+                    .cloned(),
+            );
+        }
+        changed
+    }
+
     /// An open or click of a mail of `rule`. Returns the exposures changed.
     pub fn engaged(&mut self, rule: &str, clicked: bool) -> Vec<Exposure> {
         let mut changed = Vec::new();

@@ -30,6 +30,9 @@ pub(crate) trait Dialect: Database {
     const CLAIM_DUE: &'static str;
     /// Searches clients for the pattern `$1` (see `queries::staff`).
     const SEARCH: &'static str;
+    /// Follows a text column in `ORDER BY` to order by bytes, as Rust
+    /// orders strings (SQLite's default; PostgreSQL's `"C"` collation).
+    const BYTE_ORDER: &'static str;
 
     fn time(t: DateTime<Utc>) -> Self::Time;
     fn read_time(row: &Self::Row, i: usize) -> Result<DateTime<Utc>, StoreError>;

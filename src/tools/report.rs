@@ -55,7 +55,11 @@ impl Collected {
         until: Option<DateTime<Utc>>,
     ) -> BTreeMap<String, Report> {
         let mut builders: BTreeMap<String, ReportBuilder> = BTreeMap::new();
-        for e in self.latest.into_values() {
+        // In the store's order (rule, experiment, client): float sums then
+        // agree with a stored report's to the last bit.
+        let mut all: Vec<_> = self.latest.into_iter().collect();
+        all.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        for (_, e) in all {
             if since.is_some_and(|s| e.at < s) || until.is_some_and(|u| e.at >= u) {
                 continue;
             }

@@ -12,6 +12,7 @@ mod campaigns;
 mod chain;
 mod check;
 mod cli;
+mod experiments;
 mod faults;
 mod layers;
 mod ordering;

@@ -63,14 +63,13 @@ impl Core<'_> {
         exposed: Vec<(String, String)>,
         d: &mut Decision,
     ) {
-        let held_out = self.held_out(state);
         let mut rows = Vec::new();
         for (experiment, variant) in exposed {
             let new = Exposure::new(
                 &rule.name,
                 &experiment,
                 &variant,
-                held_out,
+                false,
                 trigger.at,
                 rule.goal.as_ref(),
             );
@@ -89,7 +88,10 @@ impl Core<'_> {
     }
 
     /// A marketing mail held out for the global control group: the client
-    /// counts as exposed to the rule (in the group `global_control`).
+    /// counts in the rule's reports as `global_control`, in whichever
+    /// variant they were given. Clients of the global control group whose
+    /// variant sends nothing stay in that variant: membership is
+    /// independent of the variant, so every group remains a random sample.
     pub(super) fn hold_out(
         &self,
         rule: &Rule,
@@ -97,9 +99,10 @@ impl Core<'_> {
         state: &mut ClientState,
         d: &mut Decision,
     ) {
-        let new = Exposure::new(&rule.name, "", "", true, trigger.at, rule.goal.as_ref());
-        let row = state.exposures.expose(new).cloned();
-        push_rows(d, state, row.into_iter().collect());
+        let changed = state
+            .exposures
+            .held_out(&rule.name, trigger.at, rule.goal.as_ref());
+        push_rows(d, state, changed);
     }
 
     /// A mail of the rule queued: counted on its exposures.

@@ -1,7 +1,8 @@
 //! Reading a rule's exposures for its report, streamed: a report sums
 //! them as they come ([`crate::core::report::ReportBuilder`]), so a rule
 //! that reached millions of clients needs no more memory than one that
-//! reached ten.
+//! reached ten. They come in key order, as a backtest adds them, so that
+//! sums of revenue are the same to the last bit.
 
 use crate::domain::experiments::{Conversion, Exposure, Goal};
 use crate::store::dialect::Dialect;
@@ -32,16 +33,19 @@ impl Reports for AnyStore {
         f: &mut (dyn FnMut(Exposure) + Send),
     ) -> Result<(), StoreError> {
         shared!(self, |s, D| {
-            let mut rows = sqlx::query(
+            let sql = format!(
                 "SELECT experiment, variant, held_out, exposed_at, goal, mails, opened, \
                  clicked, converted_at, revenue, conversion_event FROM exposures \
                  WHERE rule = $1 AND ($2 IS NULL OR exposed_at >= $2) \
-                 AND ($3 IS NULL OR exposed_at < $3)",
-            )
-            .bind(rule)
-            .bind(since.map(D::time))
-            .bind(until.map(D::time))
-            .fetch(s.reader());
+                 AND ($3 IS NULL OR exposed_at < $3) \
+                 ORDER BY experiment{o}, client_id{o}",
+                o = D::BYTE_ORDER
+            );
+            let mut rows = sqlx::query(&sql)
+                .bind(rule)
+                .bind(since.map(D::time))
+                .bind(until.map(D::time))
+                .fetch(s.reader());
             while let Some(r) = rows.try_next().await.map_err(db("reading exposures"))? {
                 let goal = match D::read_json(&r, 4) {
                     Ok(serde_json::Value::Null) | Err(_) => None,
