@@ -7,6 +7,7 @@
 //! changes.
 
 pub mod api;
+pub mod boards;
 pub mod limits;
 pub mod loader;
 pub mod settings;
@@ -139,6 +140,7 @@ impl RuleEngine {
             }
         });
         api::register(&mut engine);
+        boards::register(&mut engine);
         Self {
             engine,
             limits: RunLimits::from_config(limits),
