@@ -3,6 +3,7 @@
 
 pub mod check;
 pub mod replay;
+mod ruleboards;
 pub mod ruletest;
 
 use crate::config::Config;
