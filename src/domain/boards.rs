@@ -48,8 +48,7 @@ pub struct Entry {
 impl Entry {
     /// The entry as its row's key: a JSON array, unambiguous whatever the parts hold.
     pub fn encode(&self) -> String {
-        serde_json::to_string(&[&self.group, &self.member, &self.label])
-            .expect("strings serialise")
+        serde_json::to_string(&[&self.group, &self.member, &self.label]).expect("strings serialise")
     }
 
     pub fn decode(s: &str) -> Option<Entry> {
@@ -248,9 +247,15 @@ mod tests {
     fn periods_by_date_start_on_their_first_day() {
         let d = NaiveDate::from_ymd_opt(2026, 12, 6).unwrap(); // a Sunday
         let p = period_of("week", d, Tz::UTC).unwrap();
-        assert_eq!((p.key.as_str(), p.start.to_string()), ("2026-W49", "2026-11-30".into()));
+        assert_eq!(
+            (p.key.as_str(), p.start.to_string()),
+            ("2026-W49", "2026-11-30".into())
+        );
         let p = period_of("month", d, Tz::UTC).unwrap();
-        assert_eq!((p.key.as_str(), p.start.to_string()), ("2026-12", "2026-12-01".into()));
+        assert_eq!(
+            (p.key.as_str(), p.start.to_string()),
+            ("2026-12", "2026-12-01".into())
+        );
         assert!(period_of("year", d, Tz::UTC).is_err());
     }
 
@@ -281,7 +286,9 @@ mod tests {
         );
         let b = rank_rows(&rows, Some("b"), 2);
         assert_eq!(
-            b.iter().map(|r| (r.rank, r.member.as_str(), r.score)).collect::<Vec<_>>(),
+            b.iter()
+                .map(|r| (r.rank, r.member.as_str(), r.score))
+                .collect::<Vec<_>>(),
             [(1, "bob", 150.0), (2, "ana", 50.0)]
         );
     }

@@ -86,7 +86,11 @@ pub(super) async fn board(
             .parse::<usize>()
             .ok()
             .filter(|n| (1..=MAX_LIMIT).contains(n))
-            .ok_or_else(|| bad(format!("limit: {l:?} is not a number from 1 to {MAX_LIMIT}")))?,
+            .ok_or_else(|| {
+                bad(format!(
+                    "limit: {l:?} is not a number from 1 to {MAX_LIMIT}"
+                ))
+            })?,
     };
     let group = q.group.filter(|g| !g.is_empty());
     if let Some(g) = &group {

@@ -60,7 +60,10 @@ pub fn compare(expect: &[BoardExpect], counters: &Counters) -> Vec<String> {
             .map(|(_, v)| v)
             .sum();
         if (got - e.score).abs() > 1e-9 {
-            let group = e.group.as_ref().map_or(String::new(), |g| format!(" in {g}"));
+            let group = e
+                .group
+                .as_ref()
+                .map_or(String::new(), |g| format!(" in {g}"));
             problems.push(format!(
                 "- expected board {}: {}{group} at {} this {kind}\n     + got {got}",
                 e.board, e.member, e.score

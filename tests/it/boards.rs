@@ -55,14 +55,28 @@ fn sales() -> Vec<(Value, &'static str)> {
         let total = (next(4000) + 1) as f64 * 0.25;
         let at = format!("{date}T{:02}:{:02}:00Z", 8 + next(10), next(60));
         out.push((
-            sale(&format!("s{k}"), &format!("k{}", k % 97), &at, &name, &team, total),
+            sale(
+                &format!("s{k}"),
+                &format!("k{}", k % 97),
+                &at,
+                &name,
+                &team,
+                total,
+            ),
             date,
         ));
     }
     for i in [39, 40] {
         let (name, team) = consultant(i);
         out.push((
-            sale(&format!("tie{i}"), "k-tie", &format!("{DAY}T12:00:00Z"), &name, &team, 100.0),
+            sale(
+                &format!("tie{i}"),
+                "k-tie",
+                &format!("{DAY}T12:00:00Z"),
+                &name,
+                &team,
+                100.0,
+            ),
             DAY,
         ));
     }
@@ -92,7 +106,9 @@ fn reference(sales: &[(Value, &str)], dates: &[&str], team: Option<&str>) -> Vec
             Some(prev) if prev["score"].as_f64() == Some(score) => prev["rank"].as_u64().unwrap(),
             _ => i as u64 + 1,
         };
-        out.push(json!({"rank": rank, "member": member, "label": member, "group": team, "score": score}));
+        out.push(
+            json!({"rank": rank, "member": member, "label": member, "group": team, "score": score}),
+        );
     }
     out
 }
@@ -135,9 +151,23 @@ async fn a_day_of_phone_sales_ranks_like_the_reference(backend: Backend) {
             .await;
     }
     // Orders that are no phone sales by a consultant rank nobody.
-    let mut online = sale("web1", "k1", &format!("{DAY}T09:00:00Z"), "Consultant 01", "team-2", 9999.0);
+    let mut online = sale(
+        "web1",
+        "k1",
+        &format!("{DAY}T09:00:00Z"),
+        "Consultant 01",
+        "team-2",
+        9999.0,
+    );
     online["data"]["channel"] = json!("online");
-    let mut nobody = sale("ph1", "k2", &format!("{DAY}T09:00:00Z"), "", "team-1", 9999.0);
+    let mut nobody = sale(
+        "ph1",
+        "k2",
+        &format!("{DAY}T09:00:00Z"),
+        "",
+        "team-1",
+        9999.0,
+    );
     nobody["data"].as_object_mut().unwrap().remove("consultant");
     app.publish(&online).await;
     app.publish(&nobody).await;
@@ -148,7 +178,10 @@ async fn a_day_of_phone_sales_ranks_like_the_reference(backend: Backend) {
 
     let day = ranking(&app, &format!("at={DAY}&limit=500")).await;
     assert_eq!(day["board"], "sales");
-    assert_eq!((day["period"].as_str(), day["start"].as_str()), (Some("day"), Some(DAY)));
+    assert_eq!(
+        (day["period"].as_str(), day["start"].as_str()),
+        (Some("day"), Some(DAY))
+    );
     let want = reference(&sales, &[DAY], None);
     assert_eq!(want.len(), 40, "every consultant sold that day");
     assert_eq!(day["entries"], json!(want), "the day's ranking");
@@ -162,13 +195,25 @@ async fn a_day_of_phone_sales_ranks_like_the_reference(backend: Backend) {
     month_days.extend(SAME_MONTH);
     let month = ranking(&app, &format!("period=month&at={DAY}&limit=500")).await;
     assert_eq!(month["start"], "2026-11-01");
-    assert_eq!(month["entries"], json!(reference(&sales, &month_days, None)), "the month");
+    assert_eq!(
+        month["entries"],
+        json!(reference(&sales, &month_days, None)),
+        "the month"
+    );
     for t in 1..=4 {
         let team = format!("team-{t}");
         let got = ranking(&app, &format!("at={DAY}&group={team}&limit=500")).await;
-        assert_eq!(got["entries"], json!(reference(&sales, &[DAY], Some(&team))), "{team}, day");
+        assert_eq!(
+            got["entries"],
+            json!(reference(&sales, &[DAY], Some(&team))),
+            "{team}, day"
+        );
         assert_eq!(got["entries"].as_array().unwrap().len(), 10);
-        let got = ranking(&app, &format!("period=month&at=2026-11-30&group={team}&limit=500")).await;
+        let got = ranking(
+            &app,
+            &format!("period=month&at=2026-11-30&group={team}&limit=500"),
+        )
+        .await;
         assert_eq!(
             got["entries"],
             json!(reference(&sales, &month_days, Some(&team))),
@@ -184,7 +229,10 @@ async fn a_day_of_phone_sales_ranks_like_the_reference(backend: Backend) {
     assert_eq!(ranking(&app, "at=2026-11-11").await["entries"], json!([]));
 
     let boards: Value = app.get("/api/boards").await.json().await.unwrap();
-    assert_eq!(boards["boards"], json!([{"board": "sales", "last_day": SAME_MONTH[1]}]));
+    assert_eq!(
+        boards["boards"],
+        json!([{"board": "sales", "last_day": SAME_MONTH[1]}])
+    );
     for bad in [
         "period=year",
         "at=10/11/2026",
@@ -205,7 +253,9 @@ async fn a_day_of_phone_sales_ranks_like_the_reference(backend: Backend) {
     assert_eq!(app.get("/api/boards/no%3Asuch").await.status(), 400);
 
     // The live feed says what a new sale changed.
-    let feed = reqwest::get(format!("http://{}/api/live", app.http)).await.unwrap();
+    let feed = reqwest::get(format!("http://{}/api/live", app.http))
+        .await
+        .unwrap();
     let mut body = feed.bytes_stream();
     let (name, team) = consultant(7);
     let before = day["entries"]
@@ -216,8 +266,15 @@ async fn a_day_of_phone_sales_ranks_like_the_reference(backend: Backend) {
         .unwrap()["score"]
         .as_f64()
         .unwrap();
-    app.publish(&sale("live1", "k5", &format!("{DAY}T18:00:00Z"), &name, &team, 12.5))
-        .await;
+    app.publish(&sale(
+        "live1",
+        "k5",
+        &format!("{DAY}T18:00:00Z"),
+        &name,
+        &team,
+        12.5,
+    ))
+    .await;
     let line = tokio::time::timeout(Duration::from_secs(10), async {
         let mut text = String::new();
         while let Some(chunk) = body.next().await {
@@ -246,12 +303,18 @@ async fn a_day_of_phone_sales_ranks_like_the_reference(backend: Backend) {
     let live = board_rows(&url).await;
     assert!(live.len() > 40 * 3, "{}", live.len());
     let store = nudge::app::open_store(&env.config).await.unwrap();
-    nudge::tools::replay(&env.config, &store, |_| {}).await.unwrap();
+    nudge::tools::replay(&env.config, &store, |_| {})
+        .await
+        .unwrap();
     let replayed = board_rows(&url).await;
     let values = |rows: &[Vec<Option<String>>]| -> Vec<Vec<Option<String>>> {
         rows.iter().map(|r| r[..3].to_vec()).collect()
     };
-    assert_eq!(values(&live), values(&replayed), "replay rebuilds the boards");
+    assert_eq!(
+        values(&live),
+        values(&replayed),
+        "replay rebuilds the boards"
+    );
 }
 
 backend_tests!(a_day_of_phone_sales_ranks_like_the_reference,);

@@ -170,7 +170,10 @@ async fn fifteen_wall_boards_show_a_sale_within_a_second_and_reconnect() {
         "wall board: a sale on {PAGES} pages: p50 {p50:.0} ms, p99 {p99:.0} ms (max {:.0} ms)\n{stderr}",
         quantile(&latencies, 1.0)
     );
-    assert!(p99 < 1000.0, "a sale took {p99:.0} ms (p99) to show: {latencies:?}");
+    assert!(
+        p99 < 1000.0,
+        "a sale took {p99:.0} ms (p99) to show: {latencies:?}"
+    );
     assert_eq!(reconnected.unwrap().len(), PAGES);
 
     // The API agrees with what the pages drew.

@@ -45,12 +45,7 @@ fn option(opts: &RhaiMap, name: &str) -> Result<Option<String>, Box<EvalAltResul
 /// new day score. Arguments are checked before any counter is touched: an
 /// error from the counters themselves means one could not be read, and the
 /// batch is retried rather than committed.
-fn rank(
-    board: &str,
-    member: &str,
-    amount: f64,
-    opts: RhaiMap,
-) -> Result<f64, Box<EvalAltResult>> {
+fn rank(board: &str, member: &str, amount: f64, opts: RhaiMap) -> Result<f64, Box<EvalAltResult>> {
     boards::check_board(board).or_else(refuse)?;
     boards::check_part("rank(): a member", member, false).or_else(refuse)?;
     if let Some(unknown) = opts
