@@ -231,8 +231,9 @@ mod tests {
             parse_key(&key),
             Some(("sales", "day", "2026-12-07", entry.clone()))
         );
+        // Sunday night in UTC is Monday in Paris: a new week there.
         let week = counter_key("sales", "week", at, paris, &entry).unwrap();
-        assert_eq!(week.name, "board:sales:week:2026-W49");
+        assert_eq!(week.name, "board:sales:week:2026-W50");
         let plain = CounterKey {
             name: "big".into(),
             period: "2026-Q4".into(),
