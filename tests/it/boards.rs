@@ -4,7 +4,9 @@
 //! sales count once; the live feed says what changed; a replay rebuilds the
 //! boards exactly.
 
-use crate::helpers::{Backend, Sql, TestApp, TestEnv, event};
+use crate::helpers::{
+    Backend, Sql, TestApp, TestEnv, daemon_vars, event, eventually, spawn_daemon,
+};
 use futures::StreamExt;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -317,4 +319,48 @@ async fn a_day_of_phone_sales_ranks_like_the_reference(backend: Backend) {
     );
 }
 
-backend_tests!(a_day_of_phone_sales_ranks_like_the_reference,);
+/// Three `nudge run` processes share the stream (on SQLite one consumes and
+/// the others stand by): the boards are as exact as with one.
+async fn three_instances_rank_the_same_sales_exactly(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    std::fs::remove_file(env.rules_dir().join("idle_reminder.rhai")).unwrap();
+    env.create_stream().await;
+    let vars = daemon_vars(
+        &env,
+        &[
+            ("NUDGE__HTTP__LISTEN", "127.0.0.1:0"),
+            // Small batches, several in flight: instances race for the
+            // same board rows all the time.
+            ("NUDGE__NATS__BATCH_SIZE", "10"),
+            ("NUDGE__DATABASE__MAX_CONNECTIONS", "4"),
+        ],
+    );
+    let _daemons: Vec<_> = (0..3).map(|_| spawn_daemon(&vars)).collect();
+    let sales = sales();
+    for (e, _) in &sales {
+        env.publish(e).await;
+    }
+    let store = nudge::app::open_store(&env.config).await.unwrap();
+    eventually(Duration::from_secs(120), "every sale stored", || async {
+        use nudge::store::History;
+        (store.count_events().await.ok()? >= sales.len() as u64).then_some(())
+    })
+    .await;
+    use nudge::domain::boards::{family, rank_rows};
+    use nudge::store::Boards;
+    // The last batch may still be committing its board rows with its events:
+    // they are one transaction, so the rows are there with the events.
+    for (kind, key, dates) in [
+        ("day", DAY, vec![DAY]),
+        ("month", "2026-11", vec![DAY, SAME_MONTH[0], SAME_MONTH[1]]),
+    ] {
+        let rows = store.board_rows(&family("sales", kind, key)).await.unwrap();
+        let got = serde_json::to_value(rank_rows(&rows, None, 500)).unwrap();
+        assert_eq!(got, json!(reference(&sales, &dates, None)), "{kind}");
+    }
+}
+
+backend_tests!(
+    a_day_of_phone_sales_ranks_like_the_reference,
+    three_instances_rank_the_same_sales_exactly,
+);
