@@ -104,3 +104,49 @@ impl Live {
         self.tx.subscribe()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::boards::{Entry, counter_key};
+    use crate::domain::counters::{CounterKey, CounterWrite};
+
+    #[test]
+    fn a_board_line_for_each_day_entry_written_and_none_for_other_counters() {
+        let at: chrono::DateTime<chrono::Utc> = "2026-12-06T10:00:00Z".parse().unwrap();
+        let entry = Entry {
+            group: "east".into(),
+            member: "ana".into(),
+            label: "Ana".into(),
+        };
+        let write = |key: CounterKey| CounterWrite {
+            key,
+            version: 3,
+            value: 250.0,
+        };
+        let tz = chrono_tz::Tz::UTC;
+        let writes = [
+            write(counter_key("sales", "day", at, tz, &entry).unwrap()),
+            write(counter_key("sales", "month", at, tz, &entry).unwrap()),
+            write(CounterKey {
+                name: "big".into(),
+                period: "2026-Q4".into(),
+            }),
+        ];
+        let items = board_items(&writes, at);
+        assert_eq!(items.len(), 1);
+        assert_eq!(items[0].kind, "board");
+        assert_eq!(
+            items[0].board,
+            Some(BoardChange {
+                board: "sales".into(),
+                period: "day",
+                key: "2026-12-06".into(),
+                member: "ana".into(),
+                group: "east".into(),
+                label: "Ana".into(),
+                score: 250.0,
+            })
+        );
+    }
+}
