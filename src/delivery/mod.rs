@@ -311,6 +311,7 @@ impl Sender {
             text,
             id: None,
             team: None,
+            board: None,
         });
     }
 

@@ -1,6 +1,7 @@
 //! The types every layer speaks. Nothing here imports another part of
 //! nudge, so the decision core can depend on the domain alone.
 
+pub mod boards;
 pub mod bounds;
 pub mod counters;
 pub mod effects;

@@ -6,6 +6,7 @@
 
 mod access;
 mod auth;
+mod boards;
 mod clients;
 mod guard;
 mod marketing;
@@ -157,6 +158,8 @@ fn timed_api() -> OpenApiRouter<ApiState> {
         .routes(routes!(marketing::preview_rule))
         .routes(routes!(marketing::report))
         .routes(routes!(access::audit_log))
+        .routes(routes!(boards::list_boards))
+        .routes(routes!(boards::board))
 }
 
 /// `/api` routes that may take long: a rule run sweeps every client (cut
@@ -175,6 +178,7 @@ fn open_routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(ops::health))
         .routes(routes!(ops::metrics))
         .routes(routes!(ops::unsubscribe_page, ops::unsubscribe))
+        .routes(routes!(boards::wall_page))
 }
 
 /// The OpenAPI document, made from the route declarations above, with each
@@ -344,6 +348,6 @@ mod tests {
                 }
             }
         }
-        assert_eq!(n, 18, "{doc:#}");
+        assert_eq!(n, 20, "{doc:#}");
     }
 }

@@ -34,6 +34,7 @@ pub use error::StoreError;
 pub(crate) use error::db;
 pub use queries::admin::Admin;
 pub use queries::batches::{Batches, State};
+pub use queries::boards::Boards;
 pub use queries::history::History;
 pub use queries::outbox::Outbox;
 pub use queries::reports::Reports;

@@ -4,6 +4,7 @@
 pub mod check;
 pub mod replay;
 pub mod report;
+mod ruleboards;
 pub mod ruletest;
 
 use crate::config::Config;

@@ -87,6 +87,9 @@ struct Expect {
     events: Vec<EmitExpect>,
     #[serde(default)]
     tasks: Vec<TaskExpect>,
+    /// Scores on boards as the test leaves them (`rank()` makes no effect).
+    #[serde(default)]
+    boards: Vec<super::ruleboards::BoardExpect>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -367,6 +370,10 @@ fn run_case(subject: &Subject<'_>, case: &TestCase) -> Result<(), Vec<String>> {
         ]);
     }
     problems.extend(compare(&case.expect, seen));
+    problems.extend(super::ruleboards::compare(
+        &case.expect.boards,
+        &world.counters,
+    ));
     if problems.is_empty() {
         Ok(())
     } else {

@@ -70,7 +70,7 @@ async fn call(
 
 /// Every `/api` route, with the least role it needs: the contract this test
 /// holds the server to (written out here, not read from the server).
-const MATRIX: [(&str, &str, &str, &str); 18] = [
+const MATRIX: [(&str, &str, &str, &str); 20] = [
     ("GET", "/api/whoami", "/api/whoami", "ingest"),
     ("GET", "/api/openapi.json", "/api/openapi.json", "ingest"),
     ("GET", "/api/clients", "/api/clients?q=a", "staff"),
@@ -96,6 +96,8 @@ const MATRIX: [(&str, &str, &str, &str); 18] = [
     ),
     ("GET", "/api/live", "/api/live", "staff"),
     ("POST", "/api/live/ticket", "/api/live/ticket", "staff"),
+    ("GET", "/api/boards", "/api/boards", "staff"),
+    ("GET", "/api/boards/{board}", "/api/boards/sales", "staff"),
     ("GET", "/api/rules", "/api/rules", "marketer"),
     (
         "POST",

@@ -88,7 +88,7 @@ fn check_passes_the_shipped_project_and_says_which_config() {
     assert!(out.status.success(), "{}", all(&out));
     assert_eq!(
         stdout(&out),
-        "config: example.yaml (--config)\nok: 7 rules, 8 templates\n"
+        "config: example.yaml (--config)\nok: 8 rules, 8 templates\n"
     );
     let out = p.nudge(&["check", "--json"], &[("NUDGE_CONFIG", "example.yaml")]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

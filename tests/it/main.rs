@@ -7,6 +7,7 @@ mod helpers;
 
 mod access;
 mod bench;
+mod boards;
 mod browser;
 mod campaigns;
 mod chain;
@@ -26,4 +27,5 @@ mod store_contract;
 mod timers;
 mod tools;
 mod trust;
+mod wall;
 mod welcome;

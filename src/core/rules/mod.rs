@@ -7,6 +7,7 @@
 //! changes.
 
 pub mod api;
+pub mod boards;
 mod experiments;
 pub mod limits;
 pub mod loader;
@@ -143,6 +144,7 @@ impl RuleEngine {
             }
         });
         api::register(&mut engine);
+        boards::register(&mut engine);
         Self {
             engine,
             limits: RunLimits::from_config(limits),

@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod batches;
+pub mod boards;
 pub mod history;
 pub mod outbox;
 pub mod reports;
