@@ -76,7 +76,10 @@ fn code_keys() -> BTreeSet<String> {
             ("NUDGE__TEAMS__X__EMAIL", "x@shop.example"),
             ("NUDGE__HTTP__TOKENS__X__ROLE", "staff"),
             ("NUDGE__HTTP__TOKENS__X__TOKEN", "a-long-enough-token"),
-            ("NUDGE__INGEST__SEGMENT__X__WRITE_KEY", "a-long-enough-write-key"),
+            (
+                "NUDGE__INGEST__SEGMENT__X__WRITE_KEY",
+                "a-long-enough-write-key",
+            ),
             ("NUDGE__INGEST__SEGMENT__X__TOKEN", "x"),
             ("NUDGE__INGEST__TRACK__X", "x_happened"),
         ]

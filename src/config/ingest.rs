@@ -96,3 +96,75 @@ impl IngestConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::Config;
+
+    fn load(pairs: &[(&str, &str)]) -> Result<Config, String> {
+        Config::load_with_env(
+            None,
+            pairs.iter().map(|(a, b)| (a.to_string(), b.to_string())),
+        )
+        .map_err(|e| e.to_string())
+    }
+
+    const TOKEN: [(&str, &str); 2] = [
+        ("NUDGE__HTTP__TOKENS__WEB__ROLE", "ingest"),
+        ("NUDGE__HTTP__TOKENS__WEB__TOKEN", "a-web-shop-token-1"),
+    ];
+
+    #[test]
+    fn a_segment_source_names_a_token_with_a_long_enough_key() {
+        let mut ok = TOKEN.to_vec();
+        ok.extend([
+            (
+                "NUDGE__INGEST__SEGMENT__SITE__WRITE_KEY",
+                "a-segment-write-key",
+            ),
+            ("NUDGE__INGEST__SEGMENT__SITE__TOKEN", "web"),
+            ("NUDGE__INGEST__TRACK__TRIAL_STARTED", "client_registered"),
+        ]);
+        let c = load(&ok).unwrap();
+        assert_eq!(c.ingest.segment["site"].token, "web");
+        assert_eq!(c.ingest.track["trial_started"], "client_registered");
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("a-segment-write-key"), "{shown}");
+
+        let mut short = ok.clone();
+        short[2].1 = "short";
+        assert!(
+            load(&short)
+                .unwrap_err()
+                .contains("ingest.segment.site.write_key")
+        );
+        let mut unknown = ok.clone();
+        unknown[3].1 = "nobody";
+        assert!(
+            load(&unknown)
+                .unwrap_err()
+                .contains("ingest.segment.site.token")
+        );
+        let mut bad_type = ok.clone();
+        bad_type[4].1 = "Not A Type";
+        assert!(
+            load(&bad_type)
+                .unwrap_err()
+                .contains("ingest.track.trial_started")
+        );
+        let mut twice = ok.clone();
+        twice.extend([
+            (
+                "NUDGE__INGEST__SEGMENT__APP__WRITE_KEY",
+                "a-segment-write-key",
+            ),
+            ("NUDGE__INGEST__SEGMENT__APP__TOKEN", "web"),
+        ]);
+        assert!(load(&twice).unwrap_err().contains("same write key"));
+        assert!(
+            load(&[("NUDGE__INGEST__MAX_ITEMS", "0")])
+                .unwrap_err()
+                .contains("ingest.max_items")
+        );
+    }
+}
