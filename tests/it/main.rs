@@ -13,6 +13,7 @@ mod chain;
 mod check;
 mod cli;
 mod faults;
+mod ingest;
 mod layers;
 mod ordering;
 
