@@ -277,7 +277,7 @@ pub(super) async fn post_events(
         Err(e) => return Ok(unavailable(&e)),
     };
     let duplicates = stored.iter().filter(|st| st.duplicate).count();
-    tracing::info!(caller = %caller.name, events = checked.len(), duplicates, "http ingest: events published");
+    tracing::debug!(caller = %caller.name, events = checked.len(), duplicates, "http ingest: events published");
     let results: Vec<_> = checked
         .iter()
         .zip(&stored)

@@ -475,8 +475,22 @@ async fn invalid_items_get_400_with_reasons_and_oversize_bodies_are_refused(back
     assert!(rejected[0].1.reason.contains("userId"), "{rejected:?}");
     assert!(rejected[0].1.payload.contains("s2"), "{rejected:?}");
 
+    // The write key may come in the body (`writeKey`, which the libraries
+    // send too) instead of the header; with neither, 401.
+    let identify = json!({"userId": "seg", "messageId": "s3", "traits": {"firstName": "Sam"}});
+    let send = |body: Value| {
+        reqwest::Client::new()
+            .post(format!("http://{}/v1/identify", app.http))
+            .json(&body)
+            .send()
+    };
+    assert_eq!(send(identify.clone()).await.unwrap().status(), 401);
+    let mut keyed = identify;
+    keyed["writeKey"] = json!(WRITE_KEY);
+    assert_eq!(send(keyed).await.unwrap().status(), 200);
+
     // Nothing of the refused request was published: the valid event sent
-    // alone now, and the Segment one, are the only events.
+    // alone now, and the two Segment ones, are the only events.
     let (status, res) = post_events(&app, &valid).await;
     assert_eq!(status, 202, "{res}");
     assert_eq!(res["results"][0]["status"], "accepted", "{res}");
@@ -485,10 +499,11 @@ async fn invalid_items_get_400_with_reasons_and_oversize_bodies_are_refused(back
     let stream = app.js.get_stream(&app.config.nats.stream).await.unwrap();
     assert_eq!(
         stream.cached_info().state.messages,
-        2,
+        3,
         "the stream holds only what was accepted"
     );
-    assert_eq!(app.store.count_events().await.unwrap(), 2);
+    app.wait_events(3).await;
+    assert_eq!(app.store.count_events().await.unwrap(), 3);
     app.stop().await;
 }
 

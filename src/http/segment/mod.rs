@@ -260,11 +260,12 @@ async fn answer(
             }
         });
     }
-    tracing::info!(caller = %caller.name, messages = msgs.len(), refused = rejected.len(), "segment ingest");
+    tracing::debug!(caller = %caller.name, messages = msgs.len(), refused = rejected.len(), "segment ingest");
     if rejected.is_empty() {
         return Json(json!({"success": true, "results": results})).into_response();
     }
     let n = rejected.len();
+    tracing::info!(caller = %caller.name, messages = msgs.len(), refused = n, "segment ingest: messages refused, kept as rejected");
     let write = BatchWrite {
         rejected,
         ..Default::default()
