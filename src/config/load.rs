@@ -119,7 +119,8 @@ impl Config {
                 format!("{:?} is not a tracing filter: {e}", self.log.level),
             ));
         }
-        self.validate_tokens()
+        self.validate_tokens()?;
+        self.ingest.validate(&self.http)
     }
 
     fn validate_tokens(&self) -> Result<(), ConfigError> {

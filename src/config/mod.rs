@@ -14,6 +14,7 @@
 //! imports the configuration.
 
 mod http;
+mod ingest;
 mod load;
 mod secret;
 mod sections;
@@ -24,6 +25,7 @@ mod docs;
 pub use crate::core::rules::RulesConfig;
 pub use crate::domain::settings::HistoryConfig;
 pub use http::{HttpConfig, PublicUrl, Role, TokenConfig, TokenDigest};
+pub use ingest::{IngestConfig, SegmentSource};
 pub use secret::{Secret, SecretUrl, redact};
 pub use sections::{
     DatabaseConfig, DeliveryConfig, LogConfig, LogFormat, MailConfig, NatsConfig, QuietHours,
@@ -73,6 +75,8 @@ pub struct Config {
     /// Staff teams that rules hand tasks to (`task("sales", ...)`), by name.
     pub teams: std::collections::BTreeMap<String, TeamConfig>,
     pub http: HttpConfig,
+    /// Events posted over HTTP (`/api/events`, Segment's `/v1/*`).
+    pub ingest: IngestConfig,
     pub log: LogConfig,
 }
 

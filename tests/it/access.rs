@@ -70,8 +70,9 @@ async fn call(
 
 /// Every `/api` route, with the least role it needs: the contract this test
 /// holds the server to (written out here, not read from the server).
-const MATRIX: [(&str, &str, &str, &str); 20] = [
+const MATRIX: [(&str, &str, &str, &str); 21] = [
     ("GET", "/api/whoami", "/api/whoami", "ingest"),
+    ("POST", "/api/events", "/api/events", "ingest"),
     ("GET", "/api/openapi.json", "/api/openapi.json", "ingest"),
     ("GET", "/api/clients", "/api/clients?q=a", "staff"),
     ("GET", "/api/clients/{id}", "/api/clients/nobody", "staff"),

@@ -15,6 +15,7 @@ mod check;
 mod cli;
 mod experiments;
 mod faults;
+mod ingest;
 mod layers;
 mod ordering;
 
