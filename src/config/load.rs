@@ -113,7 +113,8 @@ impl Config {
                 format!("{:?} is not a tracing filter: {e}", self.log.level),
             ));
         }
-        self.validate_tokens()
+        self.validate_tokens()?;
+        self.validate_channels()
     }
 
     fn validate_tokens(&self) -> Result<(), ConfigError> {

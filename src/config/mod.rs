@@ -13,6 +13,7 @@
 //! from the whole file ([`CoreSettings::from_config`]), so neither layer
 //! imports the configuration.
 
+mod channels;
 mod http;
 mod load;
 mod secret;
@@ -23,6 +24,7 @@ mod docs;
 
 pub use crate::core::rules::RulesConfig;
 pub use crate::domain::settings::HistoryConfig;
+pub use channels::{HttpUrl, SmsConfig, WebhookConfig, WebhookSecret, channel_settings};
 pub use http::{HttpConfig, PublicUrl, Role, TokenConfig, TokenDigest};
 pub use secret::{Secret, SecretUrl, redact};
 pub use sections::{
@@ -74,6 +76,10 @@ pub struct Config {
     pub teams: std::collections::BTreeMap<String, TeamConfig>,
     pub http: HttpConfig,
     pub log: LogConfig,
+    /// Signed posts to other systems (`webhook(name, payload)`), by name.
+    pub webhooks: std::collections::BTreeMap<String, WebhookConfig>,
+    /// The gateway texts (`sms(template)`) go through.
+    pub sms: SmsConfig,
 }
 
 /// The decision core's settings are defined by the core and filled here, so
@@ -81,7 +87,7 @@ pub struct Config {
 /// anywhere in the crate; this one lives with the file it reads).
 impl CoreSettings {
     pub fn from_config(config: &Config) -> Self {
-        CoreSettings::new(
+        let mut settings = CoreSettings::new(
             &config.history,
             &config.rules,
             config
@@ -92,7 +98,9 @@ impl CoreSettings {
             &config.http.public_url,
             config.mail.max_marketing_per_day,
             config.mail.max_marketing_per_week,
-        )
+        );
+        settings.channels = channels::channel_settings(&config.webhooks);
+        settings
     }
 }
 

@@ -5,3 +5,4 @@
 pub mod decide;
 pub mod rules;
 pub mod templates;
+pub mod texts;

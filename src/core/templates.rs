@@ -101,6 +101,8 @@ pub struct TemplateSet {
     /// Per template: front-matter defaults and the variables it reads.
     vars: BTreeMap<String, (serde_json::Map<String, serde_json::Value>, Vec<VarUse>)>,
     pub errors: Vec<CompileError>,
+    /// Text-message templates (`NAME.sms`), loaded from the same directory.
+    pub texts: crate::core::texts::TextSet,
 }
 
 impl std::fmt::Debug for TemplateSet {
@@ -210,6 +212,7 @@ fn one_line(s: &str) -> String {
 pub struct TemplateLoader {
     dir: PathBuf,
     last_good: BTreeMap<String, Source>,
+    texts: crate::core::texts::TextLoader,
 }
 
 impl TemplateLoader {
@@ -217,6 +220,7 @@ impl TemplateLoader {
         Self {
             dir,
             last_good: BTreeMap::new(),
+            texts: Default::default(),
         }
     }
 
@@ -225,6 +229,13 @@ impl TemplateLoader {
     }
 
     pub fn load(&mut self) -> TemplateSet {
+        let mut set = self.load_mail();
+        set.texts = self.texts.load(&self.dir);
+        set.errors.extend(set.texts.errors.iter().cloned());
+        set
+    }
+
+    fn load_mail(&mut self) -> TemplateSet {
         let mut errors = Vec::new();
         let mut names = BTreeMap::new();
         match std::fs::read_dir(&self.dir) {
@@ -297,6 +308,7 @@ fn build(sources: &BTreeMap<String, Source>, errors: Vec<CompileError>) -> Templ
         kinds,
         vars,
         errors,
+        texts: Default::default(),
     }
 }
 
@@ -443,7 +455,7 @@ fn filter_known(env: &Environment<'static>, name: &str) -> bool {
 }
 
 /// Splits `---\nyaml\n---\nbody` into (yaml, body, 1-based line where body starts).
-fn split_front_matter(s: &str) -> Option<(&str, &str, usize)> {
+pub(crate) fn split_front_matter(s: &str) -> Option<(&str, &str, usize)> {
     let rest = s.strip_prefix("---")?;
     let rest = rest
         .strip_prefix("\r\n")

@@ -7,4 +7,5 @@ pub mod effects;
 pub mod event;
 pub mod history;
 pub mod log;
+pub mod phone;
 pub mod settings;

@@ -20,9 +20,11 @@ use rhai::Dynamic;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 
+mod channels;
 mod mail;
 mod views;
 
+pub use channels::{ChannelSettings, FORWARD_RULE, HAPPENINGS, forward_key};
 use mail::describe;
 pub use views::{client_view, event_view, mail_defaults};
 
@@ -83,6 +85,8 @@ pub struct CoreSettings {
     /// Marketing mails per client per day and per week (0: no cap).
     pub max_marketing_per_day: u32,
     pub max_marketing_per_week: u32,
+    /// Configured webhooks and what is forwarded to them (`channels`).
+    pub channels: ChannelSettings,
 }
 
 impl CoreSettings {
@@ -106,6 +110,7 @@ impl CoreSettings {
             public_url: public_url.trim_end_matches('/').to_string(),
             max_marketing_per_day,
             max_marketing_per_week,
+            channels: ChannelSettings::default(),
         }
     }
 }
@@ -144,6 +149,7 @@ impl Core<'_> {
         if let Err(e) = self.count_engagement(state, event, counters) {
             decision.counter_failure = Some(e);
         }
+        self.forward_event(state, event, &mut decision);
         let mut matching = self.rules.matching(ty).peekable();
         if matching.peek().is_none() {
             return decision;
@@ -463,6 +469,18 @@ impl Core<'_> {
                         Err(why) => decision.log.push(log(Level::Warning, why)),
                     }
                 }
+                Request::Webhook { name, payload } => {
+                    match self.webhook(&rule.name, name, payload, trigger.at) {
+                        Ok(kind) => effect(next_key(), kind, &mut decision),
+                        Err((level, why)) => decision.log.push(log(level, why)),
+                    }
+                }
+                Request::Sms { template, vars } => {
+                    match self.sms(&template, vars, state, trigger.at) {
+                        Ok(kind) => effect(next_key(), kind, &mut decision),
+                        Err((level, why)) => decision.log.push(log(level, why)),
+                    }
+                }
                 Request::Task { team, title, data } => match self.settings.teams.get(&team) {
                     Some(to) => {
                         effect(
@@ -486,6 +504,7 @@ impl Core<'_> {
         if stopped && let Some(run) = decision.runs.last_mut() {
             run.1 = false;
         }
+        self.forward_tasks(state, &mut decision);
         (decision, emitted)
     }
 }

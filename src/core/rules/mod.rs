@@ -7,6 +7,7 @@
 //! changes.
 
 pub mod api;
+mod channels;
 pub mod limits;
 pub mod loader;
 pub mod settings;

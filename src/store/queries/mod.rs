@@ -10,4 +10,5 @@ pub mod history;
 pub mod outbox;
 pub mod schedules;
 pub mod staff;
+pub mod texts;
 pub mod window;

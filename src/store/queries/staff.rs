@@ -520,7 +520,7 @@ impl Staff for AnyStore {
 }
 
 /// An erasure's statements on the client's own rows, each with what it does.
-const ERASE: [(&str, &str); 5] = [
+const ERASE: [(&str, &str); 6] = [
     (
         "DELETE FROM clients WHERE client_id = $1",
         "erasing a client",
@@ -546,6 +546,10 @@ const ERASE: [(&str, &str); 5] = [
     (
         "UPDATE tasks SET title = '(erased)', data = '{}' WHERE client_id = $1",
         "erasing tasks",
+    ),
+    (
+        "DELETE FROM text_numbers WHERE client_id = $1",
+        "erasing texted numbers",
     ),
 ];
 
