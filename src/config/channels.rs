@@ -22,8 +22,8 @@ pub struct WebhookConfig {
     /// random bytes (`whsec_$(head -c 32 /dev/urandom | base64)`).
     pub secret: WebhookSecret,
     /// nudge's own happenings posted here too: `mail_sent`, `mail_failed`,
-    /// `unsubscribed`, `task_made`.
-    #[serde(default)]
+    /// `unsubscribed`, `task_made`. A YAML list or one comma-separated string.
+    #[serde(default, deserialize_with = "super::http::list_or_commas")]
     pub events: Vec<String>,
     /// Timeout of one post, connecting included, in seconds.
     #[serde(default = "default_timeout")]
@@ -204,7 +204,7 @@ mod tests {
         let c = load(&[
             ("NUDGE__WEBHOOKS__CRM__URL", "https://crm.example/hooks"),
             ("NUDGE__WEBHOOKS__CRM__SECRET", SECRET),
-            ("NUDGE__WEBHOOKS__CRM__EVENTS", "[mail_sent, task_made]"),
+            ("NUDGE__WEBHOOKS__CRM__EVENTS", "mail_sent, task_made"),
         ])
         .unwrap();
         let crm = &c.webhooks["crm"];
@@ -234,7 +234,7 @@ mod tests {
                 vec![
                     ("NUDGE__WEBHOOKS__CRM__URL", "http://x"),
                     ("NUDGE__WEBHOOKS__CRM__SECRET", SECRET),
-                    ("NUDGE__WEBHOOKS__CRM__EVENTS", "[mail_opened]"),
+                    ("NUDGE__WEBHOOKS__CRM__EVENTS", "mail_opened"),
                 ],
                 "webhooks.crm.events",
             ),

@@ -11,6 +11,7 @@ mod guard;
 mod marketing;
 mod ops;
 mod serve;
+pub mod texts;
 pub mod view;
 
 pub use auth::{Caller, Tokens};
@@ -174,6 +175,7 @@ fn open_routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(ops::health))
         .routes(routes!(ops::metrics))
         .routes(routes!(ops::unsubscribe_page, ops::unsubscribe))
+        .routes(routes!(texts::sms_inbound))
 }
 
 /// The OpenAPI document, made from the route declarations above, with each
