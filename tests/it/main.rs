@@ -25,4 +25,5 @@ mod store_contract;
 mod timers;
 mod tools;
 mod trust;
+mod webhooks;
 mod welcome;
