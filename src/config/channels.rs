@@ -48,9 +48,30 @@ pub struct SmsConfig {
     /// inbound webhook's `X-Twilio-Signature`.
     pub token: Option<Secret>,
     /// The sender number (`From`), E.164.
+    #[serde(deserialize_with = "phone_in_yaml")]
     pub from: Option<Phone>,
     /// Timeout of one request to the gateway, in seconds.
     pub timeout_secs: Option<NonZeroU64>,
+}
+
+/// A number in E.164, which YAML (and so an environment override) reads
+/// as an integer when it is unquoted: `+15550001111` is 15550001111, and
+/// the `+` every E.164 number has is given back.
+fn phone_in_yaml<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Phone>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        Text(String),
+        Number(u64),
+    }
+    let text = match Option::<Either>::deserialize(d)? {
+        None => return Ok(None),
+        Some(Either::Text(s)) => s,
+        Some(Either::Number(n)) => format!("+{n}"),
+    };
+    Phone::parse(text)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
 }
 
 impl SmsConfig {

@@ -19,6 +19,7 @@ mod ordering;
 mod rejects;
 mod reload;
 mod scale;
+mod sms;
 mod spam;
 mod staff;
 mod store_contract;
