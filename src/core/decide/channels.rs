@@ -8,7 +8,7 @@
 use super::{Core, Decision, views::mail_defaults};
 use crate::core::templates::MailKind;
 use crate::domain::effects::{Effect, EffectKind, effect_key};
-use crate::domain::event::Envelope;
+use crate::domain::event::{ClientId, Envelope};
 use crate::domain::history::ClientState;
 use crate::domain::log::{Level, LogEntry};
 use chrono::{DateTime, Duration, Utc};
@@ -134,16 +134,15 @@ impl Core<'_> {
         })
     }
 
-    /// Webhook effects for a happening, one per webhook it is forwarded to.
+    /// Webhook effects for a happening, one per webhook it is forwarded to;
+    /// `origin` is the rule, the cause and the time they are recorded under.
     fn forwards(
         &self,
         happening: &str,
         about: &str,
         data: Value,
-        client: &ClientState,
-        rule: &str,
-        cause: &str,
-        at: DateTime<Utc>,
+        client_id: &ClientId,
+        (rule, cause, at): (&str, &str, DateTime<Utc>),
     ) -> Vec<Effect> {
         let Some(hooks) = self.settings.channels.forward.get(happening) else {
             return Vec::new();
@@ -153,7 +152,7 @@ impl Core<'_> {
             .map(|name| Effect {
                 key: forward_key(name, happening, about),
                 rule: rule.to_string(),
-                client_id: client.client_id.clone(),
+                client_id: client_id.clone(),
                 cause: cause.to_string(),
                 at,
                 kind: EffectKind::Webhook {
@@ -167,7 +166,7 @@ impl Core<'_> {
     }
 
     /// Forwards the tasks a run made (`task_made`), after its effects.
-    pub(super) fn forward_tasks(&self, state: &ClientState, decision: &mut Decision) {
+    pub(super) fn forward_tasks(&self, decision: &mut Decision) {
         let mut more = Vec::new();
         for e in &decision.effects {
             if let EffectKind::Task {
@@ -176,42 +175,23 @@ impl Core<'_> {
             {
                 let payload = json!({"team": team, "title": title, "data": data,
                     "client_id": e.client_id.as_str(), "task_key": e.key});
-                more.extend(self.forwards(
-                    "task_made",
-                    &e.key,
-                    payload,
-                    state,
-                    &e.rule,
-                    &e.cause,
-                    e.at,
-                ));
+                let origin = (e.rule.as_str(), e.cause.as_str(), e.at);
+                more.extend(self.forwards("task_made", &e.key, payload, &e.client_id, origin));
             }
         }
         self.queue_forwards(more, decision);
     }
 
     /// Forwards an `unsubscribed` event, whoever published it.
-    pub(super) fn forward_event(
-        &self,
-        state: &ClientState,
-        event: &Envelope,
-        decision: &mut Decision,
-    ) {
+    pub(super) fn forward_event(&self, event: &Envelope, decision: &mut Decision) {
         if event.event_type.as_str() != "unsubscribed" {
             return;
         }
         let payload = json!({"client_id": event.client_id.as_str(), "event_id": event.id.as_str(),
             "scope": event.data.get("scope").cloned().unwrap_or(json!("marketing"))});
         let id = event.id.as_str();
-        let more = self.forwards(
-            "unsubscribed",
-            id,
-            payload,
-            state,
-            FORWARD_RULE,
-            id,
-            event.occurred_at,
-        );
+        let origin = (FORWARD_RULE, id, event.occurred_at);
+        let more = self.forwards("unsubscribed", id, payload, &event.client_id, origin);
         self.queue_forwards(more, decision);
     }
 

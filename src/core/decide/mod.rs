@@ -149,7 +149,7 @@ impl Core<'_> {
         if let Err(e) = self.count_engagement(state, event, counters) {
             decision.counter_failure = Some(e);
         }
-        self.forward_event(state, event, &mut decision);
+        self.forward_event(event, &mut decision);
         let mut matching = self.rules.matching(ty).peekable();
         if matching.peek().is_none() {
             return decision;
@@ -504,7 +504,7 @@ impl Core<'_> {
         if stopped && let Some(run) = decision.runs.last_mut() {
             run.1 = false;
         }
-        self.forward_tasks(state, &mut decision);
+        self.forward_tasks(&mut decision);
         (decision, emitted)
     }
 }
