@@ -323,3 +323,77 @@ async fn texts_respect_consent_and_quiet_hours_and_stop_ends_them(backend: Backe
 }
 
 backend_tests!(texts_respect_consent_and_quiet_hours_and_stop_ends_them);
+
+/// `nudge test` knows webhooks and texts: `expect` names them, a missing
+/// or unexpected one fails the test with what was expected and got, and
+/// nothing is posted or texted (no gateway, no receiver exists here).
+#[test]
+fn rule_tests_expect_webhooks_and_texts() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    for sub in ["rules/tests", "templates"] {
+        std::fs::create_dir_all(p.join(sub)).unwrap();
+    }
+    std::fs::write(
+        p.join("rules/deals.rhai"),
+        "const ON = [\"deal_published\"];\n\
+         webhook(\"crm\", #{ deal: event.data.deal, client: client.id });\n\
+         sms(\"deal\", #{ deal: event.data.deal });\n",
+    )
+    .unwrap();
+    std::fs::write(
+        p.join("templates/deal.sms"),
+        "Hi {{ first_name }}: {{ deal }} today. Reply STOP to stop.",
+    )
+    .unwrap();
+    std::fs::write(
+        p.join("nudge.yaml"),
+        format!(
+            "webhooks:\n  crm:\n    url: http://127.0.0.1:9/hook\n    secret: {}\nsms:\n  url: http://127.0.0.1:9/sms\n  account: AC1\n  token: t\n  from: \"+15550001111\"\n",
+            crate::webhooks::SECRET
+        ),
+    )
+    .unwrap();
+    let case = |name: &str, expect: &str| {
+        format!(
+            "  - name: {name}\n    now: 2026-11-20T10:00:00Z\n    events:\n      - type: client_registered\n        client: ana\n        data: {{email: ana@example.com, first_name: Ana, phone: \"+447700900123\", sms_consent: true}}\n      - type: deal_published\n        client: ana\n        at: +1m\n        data: {{deal: DEAL42}}\n    expect:\n{expect}"
+        )
+    };
+    std::fs::write(
+        p.join("rules/tests/deals.yaml"),
+        format!(
+            "tests:\n{}\n{}\n",
+            case(
+                "the deal is posted and texted",
+                "      webhooks:\n        - {webhook: crm, type: rule.deals, payload: {deal: DEAL42, client: ana}}\n      texts:\n        - {template: deal, to: \"+447700900123\", text_contains: \"Hi Ana: DEAL42\"}\n"
+            ),
+            case(
+                "a text expected to the wrong number",
+                "      webhooks:\n        - {webhook: crm}\n      texts:\n        - {template: deal, to: \"+15550000000\"}\n"
+            ),
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_nudge"))
+        .args(["test", "rules/tests/deals.yaml"])
+        .current_dir(p)
+        .env_remove("NUDGE_CONFIG")
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("nudge runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("1 passed, 1 failed"), "{text}");
+    assert!(
+        text.contains("- expected text deal to +15550000000"),
+        "{text}"
+    );
+    assert!(
+        text.contains("+ got text deal to +447700900123 (rule deals): \"Hi Ana: DEAL42 today. Reply STOP to stop.\""),
+        "{text}"
+    );
+}
