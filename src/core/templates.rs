@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use crate::core::rules::CompileError;
+use crate::core::texts::split_front_matter;
 
 /// `service` mail (welcome, account) or `marketing` mail (reminders, offers).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -452,23 +453,6 @@ fn filter_known(env: &Environment<'static>, name: &str) -> bool {
         Ok(_) => true,
         Err(e) => e.kind() != minijinja::ErrorKind::UnknownFilter,
     }
-}
-
-/// Splits `---\nyaml\n---\nbody` into (yaml, body, 1-based line where body starts).
-pub(crate) fn split_front_matter(s: &str) -> Option<(&str, &str, usize)> {
-    let rest = s.strip_prefix("---")?;
-    let rest = rest
-        .strip_prefix("\r\n")
-        .or_else(|| rest.strip_prefix('\n'))?;
-    let end = rest.find("\n---")?;
-    let front = &rest[..end];
-    let after = &rest[end + 4..];
-    let body = after
-        .strip_prefix("\r\n")
-        .or_else(|| after.strip_prefix('\n'))
-        .unwrap_or(after);
-    let body_line = 1 + s[..s.len() - body.len()].matches('\n').count();
-    Some((front, body, body_line))
 }
 
 #[cfg(test)]

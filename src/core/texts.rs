@@ -5,12 +5,38 @@
 //! is refused with `file:line` and its last good version stays in force.
 
 use crate::core::rules::CompileError;
-use crate::core::templates::{MailKind, RenderError};
 use minijinja::{Environment, Value as JinjaValue};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+
+/// `service` texts (a code, an order's news) or `marketing` texts (offers):
+/// only marketing texts wait for quiet hours and count toward the caps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TextKind {
+    Service,
+    #[default]
+    Marketing,
+}
+
+/// Why a text could not be rendered.
+#[derive(Debug, thiserror::Error)]
+pub enum TextError {
+    #[error("no text template `{0}.sms`")]
+    Unknown(String),
+    #[error("text template `{name}.sms` failed to render: {source}")]
+    Failed {
+        name: String,
+        #[source]
+        source: minijinja::Error,
+    },
+    #[error(
+        "text template `{name}.sms` makes {chars} characters, over the {MAX_TEXT_CHARS} a message may have"
+    )]
+    TooLong { name: String, chars: usize },
+}
 
 /// The longest text sent, in characters: what Twilio's Messages API takes
 /// in one `Body` (it splits it into segments itself). A longer rendering
@@ -21,7 +47,7 @@ pub const MAX_TEXT_CHARS: usize = 1600;
 #[serde(deny_unknown_fields)]
 struct FrontMatter {
     #[serde(default)]
-    kind: MailKind,
+    kind: TextKind,
     #[serde(default)]
     vars: Map<String, Value>,
 }
@@ -29,7 +55,7 @@ struct FrontMatter {
 /// One text template as last read without error.
 #[derive(Debug, Clone)]
 struct Source {
-    kind: MailKind,
+    kind: TextKind,
     body: String,
     defaults: Map<String, Value>,
 }
@@ -47,7 +73,7 @@ impl TextSet {
         self.sources.keys().map(String::as_str)
     }
 
-    pub fn kind(&self, name: &str) -> Option<MailKind> {
+    pub fn kind(&self, name: &str) -> Option<TextKind> {
         self.sources.get(name).map(|s| s.kind)
     }
 
@@ -56,15 +82,15 @@ impl TextSet {
     }
 
     /// The message, trimmed; over [`MAX_TEXT_CHARS`] is an error.
-    pub fn render(&self, name: &str, vars: &Map<String, Value>) -> Result<String, RenderError> {
+    pub fn render(&self, name: &str, vars: &Map<String, Value>) -> Result<String, TextError> {
         let src = self
             .sources
             .get(name)
-            .ok_or_else(|| RenderError::Unknown(format!("{name}.sms")))?;
+            .ok_or_else(|| TextError::Unknown(name.to_string()))?;
         let mut all = src.defaults.clone();
         all.extend(vars.iter().map(|(k, v)| (k.clone(), v.clone())));
-        let failed = |source| RenderError::Failed {
-            name: format!("{name}.sms"),
+        let failed = |source| TextError::Failed {
+            name: name.to_string(),
             source,
         };
         let text = self
@@ -75,10 +101,10 @@ impl TextSet {
         let text = text.trim().to_string();
         let n = text.chars().count();
         if n > MAX_TEXT_CHARS {
-            return Err(failed(minijinja::Error::new(
-                minijinja::ErrorKind::InvalidOperation,
-                format!("the text is {n} characters, over the {MAX_TEXT_CHARS} a message may have"),
-            )));
+            return Err(TextError::TooLong {
+                name: name.to_string(),
+                chars: n,
+            });
         }
         Ok(text)
     }
@@ -149,7 +175,7 @@ fn read(path: &Path) -> Result<Source, CompileError> {
     };
     let text = std::fs::read_to_string(path).map_err(|e| err(None, format!("cannot read: {e}")))?;
     let (fm, body, body_line) = if text.starts_with("---") {
-        let (front, body, line) = crate::core::templates::split_front_matter(&text)
+        let (front, body, line) = split_front_matter(&text)
             .ok_or_else(|| err(Some(1), "front matter not closed by a line `---`".into()))?;
         let fm: FrontMatter = serde_yaml::from_str(front).map_err(|e| {
             err(
@@ -175,6 +201,23 @@ fn read(path: &Path) -> Result<Source, CompileError> {
     })
 }
 
+/// Splits `---\nyaml\n---\nbody` into (yaml, body, 1-based line where body starts).
+pub(crate) fn split_front_matter(s: &str) -> Option<(&str, &str, usize)> {
+    let rest = s.strip_prefix("---")?;
+    let rest = rest
+        .strip_prefix("\r\n")
+        .or_else(|| rest.strip_prefix('\n'))?;
+    let end = rest.find("\n---")?;
+    let front = &rest[..end];
+    let after = &rest[end + 4..];
+    let body = after
+        .strip_prefix("\r\n")
+        .or_else(|| after.strip_prefix('\n'))
+        .unwrap_or(after);
+    let body_line = 1 + s[..s.len() - body.len()].matches('\n').count();
+    Some((front, body, body_line))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,8 +240,8 @@ mod tests {
         let set = loader.load(dir.path());
         assert!(set.errors.is_empty(), "{:?}", set.errors);
         assert_eq!(set.names().collect::<Vec<_>>(), ["otp", "promo"]);
-        assert_eq!(set.kind("promo"), Some(MailKind::Marketing));
-        assert_eq!(set.kind("otp"), Some(MailKind::Service));
+        assert_eq!(set.kind("promo"), Some(TextKind::Marketing));
+        assert_eq!(set.kind("otp"), Some(TextKind::Service));
         let vars = json!({"first_name": "Ana", "code": "X1"});
         let text = set.render("promo", vars.as_object().unwrap()).unwrap();
         assert_eq!(text, "Hi Ana, code X1. Reply STOP to stop.");
@@ -214,6 +257,6 @@ mod tests {
         let set = loader.load(dir.path());
         assert_eq!(set.errors.len(), 1);
         assert_eq!(set.errors[0].line, Some(5), "{:?}", set.errors);
-        assert_eq!(set.kind("promo"), Some(MailKind::Marketing), "old one kept");
+        assert_eq!(set.kind("promo"), Some(TextKind::Marketing), "old one kept");
     }
 }

@@ -9,7 +9,7 @@
 use super::Sender;
 use super::mailer::SendError;
 use super::webhook::post;
-use crate::core::templates::MailKind;
+use crate::core::texts::TextKind;
 use crate::domain::event::ClientId;
 use crate::domain::phone::Phone;
 use crate::store::{OutboxItem, State, Texts};
@@ -50,7 +50,7 @@ impl Sender {
             .texts
             .render(template, vars)
             .map_err(|e| permanent(e.to_string()))?;
-        if kind == MailKind::Marketing
+        if kind == TextKind::Marketing
             && let Some(until) = self.quiet_until(vars)
         {
             return Ok(TextSent::Deferred(until));

@@ -340,7 +340,12 @@ impl Envelope {
             // the producer's mistake, refused here with its reason.
             match phone {
                 Value::String(s) => {
-                    crate::domain::phone::Phone::parse(s.clone())?;
+                    crate::domain::phone::Phone::parse(s.clone()).map_err(|e| {
+                        Rejection::Invalid {
+                            field: "data.phone",
+                            reason: e.to_string(),
+                        }
+                    })?;
                 }
                 _ => {
                     return Err(Rejection::Invalid {

@@ -6,7 +6,7 @@
 //! for mail: a text is deferred, not dropped.
 
 use super::{Core, Decision, views::mail_defaults};
-use crate::core::templates::MailKind;
+use crate::core::texts::TextKind;
 use crate::domain::effects::{Effect, EffectKind, effect_key};
 use crate::domain::event::{ClientId, Envelope};
 use crate::domain::history::ClientState;
@@ -97,7 +97,7 @@ impl Core<'_> {
         if !p.sms_consent {
             return skip("the client has not given consent to texts (sms_consent)".into());
         }
-        if kind == MailKind::Marketing && p.unsubscribed {
+        if kind == TextKind::Marketing && p.unsubscribed {
             return skip("the client unsubscribed".into());
         }
         let Some(to) = p.phone.clone() else {
@@ -106,7 +106,7 @@ impl Core<'_> {
                 format!("text `{template}` not queued: the client has no phone number"),
             ));
         };
-        if kind == MailKind::Marketing {
+        if kind == TextKind::Marketing {
             let sent = &state.stats.marketing_sent;
             let within = |d: Duration| sent.iter().filter(|t| at - **t < d).count() as u32;
             let s = self.settings;
