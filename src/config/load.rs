@@ -120,7 +120,8 @@ impl Config {
             ));
         }
         self.validate_tokens()?;
-        self.ingest.validate(&self.http)
+        self.ingest.validate(&self.http)?;
+        self.validate_channels()
     }
 
     fn validate_tokens(&self) -> Result<(), ConfigError> {

@@ -13,6 +13,7 @@
 //! from the whole file ([`CoreSettings::from_config`]), so neither layer
 //! imports the configuration.
 
+mod channels;
 mod http;
 mod ingest;
 mod load;
@@ -24,6 +25,7 @@ mod docs;
 
 pub use crate::core::rules::RulesConfig;
 pub use crate::domain::settings::HistoryConfig;
+pub use channels::{HttpUrl, SmsConfig, WebhookConfig, WebhookSecret, channel_settings};
 pub use http::{HttpConfig, PublicUrl, Role, TokenConfig, TokenDigest};
 pub use ingest::{IngestConfig, SegmentSource};
 pub use secret::{Secret, SecretUrl, redact};
@@ -78,6 +80,10 @@ pub struct Config {
     /// Events posted over HTTP (`/api/events`, Segment's `/v1/*`).
     pub ingest: IngestConfig,
     pub log: LogConfig,
+    /// Signed posts to other systems (`webhook(name, payload)`), by name.
+    pub webhooks: std::collections::BTreeMap<String, WebhookConfig>,
+    /// The gateway texts (`sms(template)`) go through.
+    pub sms: SmsConfig,
 }
 
 /// The decision core's settings are defined by the core and filled here, so
@@ -85,7 +91,7 @@ pub struct Config {
 /// anywhere in the crate; this one lives with the file it reads).
 impl CoreSettings {
     pub fn from_config(config: &Config) -> Self {
-        CoreSettings::new(
+        let mut settings = CoreSettings::new(
             &config.history,
             &config.rules,
             config
@@ -97,7 +103,9 @@ impl CoreSettings {
             config.mail.max_marketing_per_day,
             config.mail.max_marketing_per_week,
         )
-        .with_global_control(config.mail.global_control_percent)
+        .with_global_control(config.mail.global_control_percent);
+        settings.channels = channels::channel_settings(&config.webhooks);
+        settings
     }
 }
 

@@ -6,3 +6,4 @@ pub mod decide;
 pub mod report;
 pub mod rules;
 pub mod templates;
+pub mod texts;

@@ -211,6 +211,13 @@ pub struct Profile {
     pub marketing_consent: bool,
     /// Set by an `unsubscribed` event; marketing mail is never sent after it.
     pub unsubscribed: bool,
+    /// Where texts go (`data.phone`, E.164, checked at the edge).
+    #[serde(default)]
+    pub phone: Option<crate::domain::phone::Phone>,
+    /// Consent to texts (`data.sms_consent`, default false); a reply STOP
+    /// to a text withdraws it (an `client_updated` nudge publishes).
+    #[serde(default)]
+    pub sms_consent: bool,
     pub registered_at: Option<DateTime<Utc>>,
     pub first_seen: Option<DateTime<Utc>>,
     pub last_seen: Option<DateTime<Utc>>,
@@ -396,6 +403,17 @@ impl ClientState {
                     p.marketing_consent = b;
                 } else if ty == "client_registered" && p.registered_at.is_none() {
                     p.marketing_consent = false;
+                }
+                // Checked at the edge: a stored event always parses.
+                if let Some(phone) = data
+                    .get("phone")
+                    .and_then(Value::as_str)
+                    .and_then(|s| crate::domain::phone::Phone::parse(s).ok())
+                {
+                    p.phone = Some(phone);
+                }
+                if let Some(b) = data.get("sms_consent").and_then(Value::as_bool) {
+                    p.sms_consent = b;
                 }
                 if ty == "client_registered" {
                     p.registered_at = Some(p.registered_at.map_or(at, |t| t.min(at)));

@@ -9,4 +9,5 @@ pub mod event;
 pub mod experiments;
 pub mod history;
 pub mod log;
+pub mod phone;
 pub mod settings;

@@ -14,6 +14,7 @@ mod marketing;
 mod ops;
 mod segment;
 mod serve;
+pub mod texts;
 pub mod view;
 
 pub use auth::{Caller, Tokens};
@@ -187,6 +188,7 @@ fn open_routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(ops::metrics))
         .routes(routes!(ops::unsubscribe_page, ops::unsubscribe))
         .routes(routes!(boards::wall_page))
+        .routes(routes!(texts::sms_inbound))
         .merge(segment_routes())
 }
 

@@ -40,6 +40,7 @@ pub use queries::outbox::Outbox;
 pub use queries::reports::Reports;
 pub use queries::schedules::Schedules;
 pub use queries::staff::{Staff, erasure_hash};
+pub use queries::texts::Texts;
 pub use queries::window::Window;
 pub use types::*;
 

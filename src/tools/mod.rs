@@ -6,6 +6,7 @@ pub mod replay;
 pub mod report;
 mod ruleboards;
 pub mod ruletest;
+mod ruletest_channels;
 
 use crate::config::Config;
 use crate::core::decide::{Core, CoreSettings, client_view, mail_defaults};
@@ -111,6 +112,11 @@ pub struct RuleSummary {
     pub mails: BTreeMap<String, u64>,
     pub events: BTreeMap<String, u64>,
     pub tasks: BTreeMap<String, u64>,
+    /// Webhooks by name and texts by template.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub webhooks: BTreeMap<String, u64>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub texts: BTreeMap<String, u64>,
     pub errors: u64,
 }
 
@@ -181,6 +187,14 @@ pub async fn backtest(
                     EffectKind::Task { team, .. } => {
                         *summary.tasks.entry(team.clone()).or_default() += 1;
                         ("task", team.clone())
+                    }
+                    EffectKind::Webhook { name, .. } => {
+                        *summary.webhooks.entry(name.clone()).or_default() += 1;
+                        ("webhook", name.clone())
+                    }
+                    EffectKind::Sms { template, .. } => {
+                        *summary.texts.entry(template.clone()).or_default() += 1;
+                        ("sms", template.clone())
                     }
                 };
                 report.effects.push(FoundEffect {
@@ -423,6 +437,20 @@ pub async fn preview_rule(
             }
             EffectKind::Task { team, title, .. } => {
                 preview.other.push(format!("task for {team}: {title}"))
+            }
+            EffectKind::Webhook {
+                name, event_type, ..
+            } => preview
+                .other
+                .push(format!("webhook `{name}` ({event_type})")),
+            EffectKind::Sms { template, to, vars } => {
+                let text = templates
+                    .texts
+                    .render(&template, &vars)
+                    .unwrap_or_else(|e| format!("<render failed: {e}>"));
+                preview
+                    .other
+                    .push(format!("text `{template}` to {to}: {text}"))
             }
         }
     }

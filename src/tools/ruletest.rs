@@ -21,6 +21,8 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::path::{Path, PathBuf};
 
+use super::ruletest_channels as channels;
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TestFile {
@@ -90,6 +92,10 @@ struct Expect {
     /// Scores on boards as the test leaves them (`rank()` makes no effect).
     #[serde(default)]
     boards: Vec<super::ruleboards::BoardExpect>,
+    #[serde(default)]
+    webhooks: Vec<channels::WebhookExpect>,
+    #[serde(default)]
+    texts: Vec<channels::TextExpect>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -146,6 +152,8 @@ enum Seen {
         title: String,
         client: String,
     },
+    /// A webhook or a text (`ruletest_channels`).
+    Channel(channels::Seen),
 }
 
 impl std::fmt::Display for Seen {
@@ -172,6 +180,7 @@ impl std::fmt::Display for Seen {
                 title,
                 client,
             } => write!(f, "task for {team} about {client} (rule {rule}): {title:?}"),
+            Seen::Channel(c) => c.fmt(f),
         }
     }
 }
@@ -363,7 +372,9 @@ fn run_case(subject: &Subject<'_>, case: &TestCase) -> Result<(), Vec<String>> {
     if case.no_effects
         && !(case.expect.mails.is_empty()
             && case.expect.events.is_empty()
-            && case.expect.tasks.is_empty())
+            && case.expect.tasks.is_empty()
+            && case.expect.webhooks.is_empty()
+            && case.expect.texts.is_empty())
     {
         return Err(vec![
             "a test cannot both expect effects and say no_effects".into(),
@@ -481,6 +492,10 @@ fn describe(templates: &TemplateSet, rule: &str, client: &str, kind: EffectKind)
             title,
             client: client.into(),
         },
+        other => match channels::describe(templates, rule, client, other) {
+            Some(c) => Seen::Channel(c),
+            None => unreachable!("every other kind is described above"),
+        },
     }
 }
 
@@ -567,6 +582,16 @@ fn compare(expect: &Expect, mut seen: Vec<Seen>) -> Vec<String> {
             let _ = write!(label, ", title containing {s:?}");
         }
         take(&|g| matches_task(t, g), label);
+    }
+    let channel = |g: &Seen| match g {
+        Seen::Channel(c) => Some(c.clone()),
+        _ => None,
+    };
+    for w in &expect.webhooks {
+        take(&|g| channel(g).is_some_and(|c| w.matches(&c)), w.label());
+    }
+    for t in &expect.texts {
+        take(&|g| channel(g).is_some_and(|c| t.matches(&c)), t.label());
     }
     for s in seen {
         problems.push(format!("+ got {s}"));

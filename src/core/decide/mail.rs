@@ -17,6 +17,7 @@ pub(super) fn describe(kind: &EffectKind) -> String {
         EffectKind::Mail { template, to, .. } => format!("mail `{template}` queued to {to}"),
         EffectKind::Emit { event_type, .. } => format!("event `{event_type}` emitted"),
         EffectKind::Task { team, title, .. } => format!("task for {team}: {title}"),
+        other => super::channels::describe(other),
     }
 }
 

@@ -21,10 +21,12 @@ use rhai::Dynamic;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 
+mod channels;
 mod goals;
 mod mail;
 mod views;
 
+pub use channels::{ChannelSettings, FORWARD_RULE, HAPPENINGS, forward_key};
 use mail::describe;
 pub use views::{client_view, event_view, mail_defaults};
 
@@ -92,6 +94,8 @@ pub struct CoreSettings {
     /// `mail.global_control_percent`: the share of clients (0-100) held out
     /// of all marketing mail, to measure what marketing achieves.
     pub global_control_percent: f64,
+    /// Configured webhooks and what is forwarded to them (`channels`).
+    pub channels: ChannelSettings,
 }
 
 impl CoreSettings {
@@ -116,6 +120,7 @@ impl CoreSettings {
             max_marketing_per_day,
             max_marketing_per_week,
             global_control_percent: 0.0,
+            channels: ChannelSettings::default(),
         }
     }
 
@@ -161,6 +166,7 @@ impl Core<'_> {
             decision.counter_failure = Some(e);
         }
         self.credit(state, event, &mut decision);
+        self.forward_event(event, &mut decision);
         let mut matching = self.rules.matching(ty).peekable();
         if matching.peek().is_none() {
             return decision;
@@ -501,6 +507,18 @@ impl Core<'_> {
                         Err(why) => decision.log.push(log(Level::Warning, why)),
                     }
                 }
+                Request::Webhook { name, payload } => {
+                    match self.webhook(&rule.name, name, payload, trigger.at) {
+                        Ok(kind) => effect(next_key(), kind, &mut decision),
+                        Err((level, why)) => decision.log.push(log(level, why)),
+                    }
+                }
+                Request::Sms { template, vars } => {
+                    match self.sms(&template, vars, state, trigger.at) {
+                        Ok(kind) => effect(next_key(), kind, &mut decision),
+                        Err((level, why)) => decision.log.push(log(level, why)),
+                    }
+                }
                 Request::Task { team, title, data } => match self.settings.teams.get(&team) {
                     Some(to) => {
                         effect(
@@ -524,6 +542,7 @@ impl Core<'_> {
         if stopped && let Some(run) = decision.runs.last_mut() {
             run.1 = false;
         }
+        self.forward_tasks(&mut decision);
         (decision, emitted)
     }
 }

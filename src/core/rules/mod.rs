@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod boards;
+mod channels;
 mod experiments;
 pub mod limits;
 pub mod loader;

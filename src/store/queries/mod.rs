@@ -12,4 +12,5 @@ pub mod outbox;
 pub mod reports;
 pub mod schedules;
 pub mod staff;
+pub mod texts;
 pub mod window;

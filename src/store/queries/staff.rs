@@ -520,7 +520,7 @@ impl Staff for AnyStore {
 }
 
 /// An erasure's statements on the client's own rows, each with what it does.
-const ERASE: [(&str, &str); 6] = [
+const ERASE: [(&str, &str); 7] = [
     (
         "DELETE FROM clients WHERE client_id = $1",
         "erasing a client",
@@ -550,6 +550,10 @@ const ERASE: [(&str, &str); 6] = [
     (
         "UPDATE tasks SET title = '(erased)', data = '{}' WHERE client_id = $1",
         "erasing tasks",
+    ),
+    (
+        "DELETE FROM text_numbers WHERE client_id = $1",
+        "erasing texted numbers",
     ),
 ];
 
