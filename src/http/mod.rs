@@ -374,6 +374,6 @@ mod tests {
                 }
             }
         }
-        assert_eq!(n, 21, "{doc:#}");
+        assert_eq!(n, 22, "{doc:#}");
     }
 }

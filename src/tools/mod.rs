@@ -2,6 +2,7 @@
 //! previews, replay of the derived history, and backtests of rules.
 
 pub mod check;
+mod offset;
 pub mod replay;
 pub mod report;
 mod ruleboards;

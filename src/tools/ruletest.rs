@@ -13,7 +13,7 @@ use crate::domain::effects::EffectKind;
 use crate::domain::event::{ClientId, Envelope};
 use crate::domain::history::ClientState;
 use crate::domain::log::Level;
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -21,6 +21,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::path::{Path, PathBuf};
 
+use super::offset::offset;
 use super::ruletest_channels as channels;
 
 #[derive(Debug, Deserialize)]
@@ -261,40 +262,6 @@ pub fn run_files(subject: &Subject<'_>, files: &[PathBuf]) -> Report {
         report.passed, report.failed
     );
     report
-}
-
-/// Parses `+15m`, `-2d`, `90s`, `+1d2h30m` (units s, m, h, d).
-fn offset(s: &str) -> Result<Duration, String> {
-    let bad = || format!("{s:?} is not an offset like +15m, -2d, 90s or +1d2h");
-    let t = s.trim();
-    let (sign, rest) = match t.strip_prefix('-') {
-        Some(r) => (-1, r),
-        None => (1, t.strip_prefix('+').unwrap_or(t)),
-    };
-    if rest.is_empty() {
-        return Err(bad());
-    }
-    let mut secs = 0i64;
-    let mut digits = String::new();
-    for c in rest.chars() {
-        if c.is_ascii_digit() {
-            digits.push(c);
-            continue;
-        }
-        let n: i64 = digits.parse().map_err(|_| bad())?;
-        digits.clear();
-        secs += n * match c {
-            's' => 1,
-            'm' => 60,
-            'h' => 3600,
-            'd' => 86_400,
-            _ => return Err(bad()),
-        };
-    }
-    if !digits.is_empty() {
-        return Err(bad());
-    }
-    Ok(Duration::seconds(sign * secs))
 }
 
 fn time_of(
@@ -607,6 +574,7 @@ pub fn default_dir(rules_dir: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chrono::Duration;
 
     #[test]
     fn offsets() {

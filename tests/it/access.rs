@@ -70,7 +70,7 @@ async fn call(
 
 /// Every `/api` route, with the least role it needs: the contract this test
 /// holds the server to (written out here, not read from the server).
-const MATRIX: [(&str, &str, &str, &str); 21] = [
+const MATRIX: [(&str, &str, &str, &str); 22] = [
     ("GET", "/api/whoami", "/api/whoami", "ingest"),
     ("POST", "/api/events", "/api/events", "ingest"),
     ("GET", "/api/openapi.json", "/api/openapi.json", "ingest"),
@@ -100,6 +100,7 @@ const MATRIX: [(&str, &str, &str, &str); 21] = [
     ("GET", "/api/boards", "/api/boards", "staff"),
     ("GET", "/api/boards/{board}", "/api/boards/sales", "staff"),
     ("GET", "/api/rules", "/api/rules", "marketer"),
+    ("GET", "/api/reports/{rule}", "/api/reports/welcome", "marketer"),
     (
         "POST",
         "/api/rules/{name}/run",
