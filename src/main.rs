@@ -153,7 +153,28 @@ enum Command {
         /// Stop at this time (RFC 3339).
         #[arg(long)]
         until: Option<chrono::DateTime<chrono::Utc>>,
-        /// One JSON line per effect instead of a summary.
+        /// One JSON line per effect instead of a summary (with --report:
+        /// one JSON object of the reports by rule).
+        #[arg(long)]
+        json: bool,
+        /// Report per rule how many clients it would have reached and how
+        /// many of them converted anyway (a baseline: nothing was sent then).
+        #[arg(long)]
+        report: bool,
+    },
+    /// What a rule achieves: per experiment and variant, clients exposed,
+    /// mailed, opened, clicked and converted, revenue, and the lift against
+    /// the control with its 95 % interval and p-value.
+    Report {
+        /// The rule (file stem in rules.dir).
+        rule: String,
+        /// Exposures from this time on (RFC 3339).
+        #[arg(long)]
+        since: Option<chrono::DateTime<chrono::Utc>>,
+        /// Exposures before this time (RFC 3339).
+        #[arg(long)]
+        until: Option<chrono::DateTime<chrono::Utc>>,
+        /// The report as one JSON object.
         #[arg(long)]
         json: bool,
     },
@@ -479,11 +500,21 @@ async fn dispatch(
             since,
             until,
             json,
+            report: reports,
         } => {
             let store = open_store(&config).await?;
             let dir = rules.unwrap_or_else(|| config.rules.dir.clone());
             let report = tools::backtest(&config, &store, &dir, since, until).await?;
-            if json {
+            if reports && json {
+                println!("{}", serde_json::to_string(&report.reports)?);
+            } else if reports {
+                for r in report.reports.values() {
+                    println!("{}", nudge::core::report::render(r));
+                }
+                if report.reports.is_empty() {
+                    println!("no rule in {} exposed any client", dir.display());
+                }
+            } else if json {
                 for e in &report.effects {
                     println!("{}", serde_json::to_string(e)?);
                 }
@@ -509,6 +540,22 @@ async fn dispatch(
                         println!("  rule errors: {}", s.errors);
                     }
                 }
+            }
+        }
+        Command::Report {
+            rule,
+            since,
+            until,
+            json,
+        } => {
+            let store = open_store(&config).await?;
+            let catalog = nudge::flow::catalog::Catalog::load(&config);
+            let goal = catalog.rules().get(&rule).and_then(|r| r.goal.clone());
+            let report = tools::report::stored(&store, &rule, goal, since, until).await?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{}", nudge::core::report::render(&report));
             }
         }
         Command::Forget { client, json } => {

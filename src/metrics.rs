@@ -24,6 +24,15 @@ pub struct Metrics {
     pub emits_published: AtomicU64,
     pub emits_failed: AtomicU64,
     pub emits_retried: AtomicU64,
+    /// Webhooks the receiver took (2xx), gave up on, and will retry.
+    pub webhooks_sent: AtomicU64,
+    pub webhooks_failed: AtomicU64,
+    pub webhooks_retried: AtomicU64,
+    /// Texts the gateway took, gave up on, will retry, held for quiet hours.
+    pub texts_sent: AtomicU64,
+    pub texts_failed: AtomicU64,
+    pub texts_retried: AtomicU64,
+    pub texts_deferred: AtomicU64,
     /// Mails a rule asked for that were not queued, by reason.
     mails_skipped: Mutex<BTreeMap<&'static str, u64>>,
     /// Batches that stopped waiting for earlier events of their clients.
@@ -290,6 +299,41 @@ impl Metrics {
                 "nudge_emits_retried_total",
                 "Secondary event publishes that will be retried.",
                 &self.emits_retried,
+            ),
+            (
+                "nudge_webhooks_sent_total",
+                "Webhooks the receiver accepted (2xx).",
+                &self.webhooks_sent,
+            ),
+            (
+                "nudge_webhooks_failed_total",
+                "Webhooks given up on (a 4xx other than 408/429, or attempts used up).",
+                &self.webhooks_failed,
+            ),
+            (
+                "nudge_webhooks_retried_total",
+                "Webhook posts that will be retried (no answer, 5xx, 408, 429).",
+                &self.webhooks_retried,
+            ),
+            (
+                "nudge_texts_sent_total",
+                "Text messages the gateway accepted.",
+                &self.texts_sent,
+            ),
+            (
+                "nudge_texts_failed_total",
+                "Text messages given up on.",
+                &self.texts_failed,
+            ),
+            (
+                "nudge_texts_retried_total",
+                "Text message attempts that will be retried.",
+                &self.texts_retried,
+            ),
+            (
+                "nudge_texts_deferred_total",
+                "Marketing texts held back to the end of the client's quiet hours (each deferral counts).",
+                &self.texts_deferred,
             ),
             (
                 "nudge_order_waits_expired_total",

@@ -14,7 +14,13 @@ use std::path::Path;
 const OPAQUE: [&str; 2] = ["rules.settings", "mail.quiet_hours"];
 /// Sections that are maps by a name the operator chooses: their entries'
 /// keys are documented as `<name>`.
-const NAMED: [&str; 2] = ["teams", "http.tokens"];
+const NAMED: [&str; 5] = [
+    "teams",
+    "http.tokens",
+    "ingest.segment",
+    "ingest.track",
+    "webhooks",
+];
 /// Keys the code has and the documents deliberately leave out: none today.
 const UNDOCUMENTED: [(&str, &str); 0] = [];
 /// Keys whose value in `config.example.yaml` is an example, not the
@@ -76,6 +82,17 @@ fn code_keys() -> BTreeSet<String> {
             ("NUDGE__TEAMS__X__EMAIL", "x@shop.example"),
             ("NUDGE__HTTP__TOKENS__X__ROLE", "staff"),
             ("NUDGE__HTTP__TOKENS__X__TOKEN", "a-long-enough-token"),
+            (
+                "NUDGE__INGEST__SEGMENT__X__WRITE_KEY",
+                "a-long-enough-write-key",
+            ),
+            ("NUDGE__INGEST__SEGMENT__X__TOKEN", "x"),
+            ("NUDGE__INGEST__TRACK__X", "x_happened"),
+            ("NUDGE__WEBHOOKS__X__URL", "https://crm.example/hooks"),
+            (
+                "NUDGE__WEBHOOKS__X__SECRET",
+                "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+            ),
         ]
         .map(|(k, v)| (k.to_string(), v.to_string())),
     )

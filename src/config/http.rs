@@ -190,7 +190,9 @@ impl From<TokenDigest> for String {
 
 /// A list given as a YAML sequence or, as an environment variable must, as
 /// one comma-separated string.
-fn list_or_commas<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+pub(super) fn list_or_commas<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<String>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum Either {

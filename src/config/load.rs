@@ -101,6 +101,12 @@ impl Config {
                 "must be at least 16 characters",
             ));
         }
+        if !(0.0..=100.0).contains(&self.mail.global_control_percent) {
+            return Err(key_err(
+                "mail.global_control_percent",
+                "must be a percentage from 0 to 100",
+            ));
+        }
         if !(self.delivery.rate_per_sec >= 0.0 && self.delivery.rate_per_sec.is_finite()) {
             return Err(key_err(
                 "delivery.rate_per_sec",
@@ -113,7 +119,9 @@ impl Config {
                 format!("{:?} is not a tracing filter: {e}", self.log.level),
             ));
         }
-        self.validate_tokens()
+        self.validate_tokens()?;
+        self.ingest.validate(&self.http)?;
+        self.validate_channels()
     }
 
     fn validate_tokens(&self) -> Result<(), ConfigError> {

@@ -14,7 +14,9 @@
 //! imports the configuration.
 
 mod export;
+mod channels;
 mod http;
+mod ingest;
 mod load;
 mod secret;
 mod sections;
@@ -25,7 +27,9 @@ mod docs;
 pub use crate::core::rules::RulesConfig;
 pub use crate::domain::settings::HistoryConfig;
 pub use export::{Cron, ExportConfig, ExportFormat};
+pub use channels::{HttpUrl, SmsConfig, WebhookConfig, WebhookSecret, channel_settings};
 pub use http::{HttpConfig, PublicUrl, Role, TokenConfig, TokenDigest};
+pub use ingest::{IngestConfig, SegmentSource};
 pub use secret::{Secret, SecretUrl, redact};
 pub use sections::{
     DatabaseConfig, DeliveryConfig, LogConfig, LogFormat, MailConfig, NatsConfig, QuietHours,
@@ -75,9 +79,15 @@ pub struct Config {
     /// Staff teams that rules hand tasks to (`task("sales", ...)`), by name.
     pub teams: std::collections::BTreeMap<String, TeamConfig>,
     pub http: HttpConfig,
+    /// Events posted over HTTP (`/api/events`, Segment's `/v1/*`).
+    pub ingest: IngestConfig,
     pub log: LogConfig,
     /// The analytics export the daemon runs on a schedule.
     pub export: ExportConfig,
+    /// Signed posts to other systems (`webhook(name, payload)`), by name.
+    pub webhooks: std::collections::BTreeMap<String, WebhookConfig>,
+    /// The gateway texts (`sms(template)`) go through.
+    pub sms: SmsConfig,
 }
 
 /// The decision core's settings are defined by the core and filled here, so
@@ -85,7 +95,7 @@ pub struct Config {
 /// anywhere in the crate; this one lives with the file it reads).
 impl CoreSettings {
     pub fn from_config(config: &Config) -> Self {
-        CoreSettings::new(
+        let mut settings = CoreSettings::new(
             &config.history,
             &config.rules,
             config
@@ -97,6 +107,9 @@ impl CoreSettings {
             config.mail.max_marketing_per_day,
             config.mail.max_marketing_per_week,
         )
+        .with_global_control(config.mail.global_control_percent);
+        settings.channels = channels::channel_settings(&config.webhooks);
+        settings
     }
 }
 

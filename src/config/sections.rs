@@ -185,6 +185,10 @@ pub struct MailConfig {
     pub max_marketing_per_day: u32,
     /// Marketing mails a client may get per week (0: no cap).
     pub max_marketing_per_week: u32,
+    /// The share of clients (0 to 100, in percent) held out of all
+    /// marketing mail as a global control group, chosen by a hash of the
+    /// client id; reports show them as `global_control`.
+    pub global_control_percent: f64,
     /// No marketing mail in these local hours of the client (their timezone,
     /// else the business one): deferred, not dropped. `null` turns it off.
     pub quiet_hours: Option<QuietHours>,
@@ -237,6 +241,7 @@ impl Default for MailConfig {
             unsubscribe_secret: None,
             max_marketing_per_day: 2,
             max_marketing_per_week: 5,
+            global_control_percent: 0.0,
             quiet_hours: Some(QuietHours {
                 start: chrono::NaiveTime::from_hms_opt(21, 0, 0).expect("valid time"),
                 end: chrono::NaiveTime::from_hms_opt(8, 0, 0).expect("valid time"),

@@ -3,5 +3,7 @@
 //! stay outside.
 
 pub mod decide;
+pub mod report;
 pub mod rules;
 pub mod templates;
+pub mod texts;

@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use crate::core::rules::CompileError;
+use crate::core::texts::split_front_matter;
 
 /// `service` mail (welcome, account) or `marketing` mail (reminders, offers).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -101,6 +102,8 @@ pub struct TemplateSet {
     /// Per template: front-matter defaults and the variables it reads.
     vars: BTreeMap<String, (serde_json::Map<String, serde_json::Value>, Vec<VarUse>)>,
     pub errors: Vec<CompileError>,
+    /// Text-message templates (`NAME.sms`), loaded from the same directory.
+    pub texts: crate::core::texts::TextSet,
 }
 
 impl std::fmt::Debug for TemplateSet {
@@ -210,6 +213,7 @@ fn one_line(s: &str) -> String {
 pub struct TemplateLoader {
     dir: PathBuf,
     last_good: BTreeMap<String, Source>,
+    texts: crate::core::texts::TextLoader,
 }
 
 impl TemplateLoader {
@@ -217,6 +221,7 @@ impl TemplateLoader {
         Self {
             dir,
             last_good: BTreeMap::new(),
+            texts: Default::default(),
         }
     }
 
@@ -225,6 +230,13 @@ impl TemplateLoader {
     }
 
     pub fn load(&mut self) -> TemplateSet {
+        let mut set = self.load_mail();
+        set.texts = self.texts.load(&self.dir);
+        set.errors.extend(set.texts.errors.iter().cloned());
+        set
+    }
+
+    fn load_mail(&mut self) -> TemplateSet {
         let mut errors = Vec::new();
         let mut names = BTreeMap::new();
         match std::fs::read_dir(&self.dir) {
@@ -297,6 +309,7 @@ fn build(sources: &BTreeMap<String, Source>, errors: Vec<CompileError>) -> Templ
         kinds,
         vars,
         errors,
+        texts: Default::default(),
     }
 }
 
@@ -440,23 +453,6 @@ fn filter_known(env: &Environment<'static>, name: &str) -> bool {
         Ok(_) => true,
         Err(e) => e.kind() != minijinja::ErrorKind::UnknownFilter,
     }
-}
-
-/// Splits `---\nyaml\n---\nbody` into (yaml, body, 1-based line where body starts).
-fn split_front_matter(s: &str) -> Option<(&str, &str, usize)> {
-    let rest = s.strip_prefix("---")?;
-    let rest = rest
-        .strip_prefix("\r\n")
-        .or_else(|| rest.strip_prefix('\n'))?;
-    let end = rest.find("\n---")?;
-    let front = &rest[..end];
-    let after = &rest[end + 4..];
-    let body = after
-        .strip_prefix("\r\n")
-        .or_else(|| after.strip_prefix('\n'))
-        .unwrap_or(after);
-    let body_line = 1 + s[..s.len() - body.len()].matches('\n').count();
-    Some((front, body, body_line))
 }
 
 #[cfg(test)]

@@ -8,7 +8,9 @@
 //! is recognisable.
 
 pub mod mailer;
+pub mod sms;
 pub mod unsubscribe;
+pub mod webhook;
 
 use crate::config::QuietHours;
 use crate::config::{Config, DeliveryConfig};
@@ -55,6 +57,8 @@ pub struct Sender {
     next_slot: tokio::sync::Mutex<tokio::time::Instant>,
     /// Cancelled when nudge stops: recording an outcome stops retrying then.
     stop: CancellationToken,
+    /// Webhooks and the text gateway (`webhook.rs`, `sms.rs`).
+    channels: Arc<webhook::Channels>,
 }
 
 /// What one pass over the outbox did.
@@ -93,6 +97,7 @@ impl Sender {
             next_slot: tokio::sync::Mutex::new(tokio::time::Instant::now()),
             live: Live::default(),
             stop: CancellationToken::new(),
+            channels: Arc::new(webhook::Channels::from_config(config)),
         })
     }
 
@@ -150,7 +155,16 @@ impl Sender {
             return Ok(Outcome::Idle);
         }
         let n = items.len();
+        let claimed = if self.channels.forwards_mail() {
+            items.clone()
+        } else {
+            Vec::new()
+        };
         let outcomes = futures::future::join_all(items.into_iter().map(|i| self.deliver(i))).await;
+        // Queued before the outcomes are recorded, under keys derived from
+        // the mails': a crash in between sends the mail again and finds
+        // the forward already there, never missing nor doubled.
+        self.forward_outcomes(&claimed, &outcomes).await?;
         self.record(&outcomes).await?;
         Ok(Outcome::Handled(n))
     }
@@ -178,7 +192,7 @@ impl Sender {
                 };
             }
         };
-        let emit = matches!(kind, EffectKind::Emit { .. });
+        let [sent, retried, failed] = self.counters(&kind);
         let (what, result) = match kind {
             EffectKind::Mail { template, to, vars } => {
                 let mid = message_id(&item.key, &self.from);
@@ -224,6 +238,35 @@ impl Sender {
                     .await;
                 (format!("task mail to {team} ({to})"), r.map(|_| mid))
             }
+            EffectKind::Webhook {
+                name,
+                event_type,
+                at,
+                payload,
+            } => {
+                let r = self
+                    .send_webhook(&item, &name, &event_type, &at, &payload)
+                    .await;
+                (
+                    format!("webhook `{name}` ({event_type})"),
+                    r.map(|_| item.key.clone()),
+                )
+            }
+            EffectKind::Sms { template, to, vars } => {
+                match self.send_sms(&item, &template, &to, &vars).await {
+                    Ok(sms::TextSent::Deferred(until)) => {
+                        self.metrics.texts_deferred.fetch_add(1, Relaxed);
+                        tracing::info!(template, %to, %until, "marketing text deferred: quiet hours");
+                        return Delivery::Deferred {
+                            key: item.key,
+                            due_at: until,
+                            why: format!("deferred to {until}: quiet hours of the client"),
+                        };
+                    }
+                    Ok(sms::TextSent::Done(sid)) => (format!("text `{template}` to {to}"), Ok(sid)),
+                    Err(e) => (format!("text `{template}` to {to}"), Err(e)),
+                }
+            }
             EffectKind::Emit { event_type, event } => {
                 let r = self.publish(&event_type, &event).await;
                 let id = event["id"].as_str().unwrap_or_default().to_string();
@@ -233,12 +276,7 @@ impl Sender {
         match result {
             Ok(id) => {
                 tracing::info!(what, "delivered");
-                let counter = if emit {
-                    &self.metrics.emits_published
-                } else {
-                    &self.metrics.mails_sent
-                };
-                counter.fetch_add(1, Relaxed);
+                sent.fetch_add(1, Relaxed);
                 self.announce(&item, format!("{what} sent"));
                 Delivery::Sent {
                     log: log(Level::Notice, format!("{what} sent")),
@@ -248,12 +286,7 @@ impl Sender {
                 }
             }
             Err(e) if e.transient && item.attempts < self.cfg.max_attempts.get() => {
-                let counter = if emit {
-                    &self.metrics.emits_retried
-                } else {
-                    &self.metrics.mails_retried
-                };
-                counter.fetch_add(1, Relaxed);
+                retried.fetch_add(1, Relaxed);
                 let delay = backoff(self.cfg.retry_base_secs, item.attempts);
                 tracing::warn!(what, error = %e, attempt = item.attempts, retry_in_secs = delay.num_seconds(), "not delivered, will retry");
                 Delivery::Retry {
@@ -264,12 +297,7 @@ impl Sender {
             }
             Err(e) => {
                 tracing::error!(what, error = %e, attempt = item.attempts, "delivery failed");
-                let counter = if emit {
-                    &self.metrics.emits_failed
-                } else {
-                    &self.metrics.mails_failed
-                };
-                counter.fetch_add(1, Relaxed);
+                failed.fetch_add(1, Relaxed);
                 let why = format!("{what} failed: {}", e.message);
                 self.announce(&item, why.clone());
                 Delivery::Failed {
@@ -311,6 +339,7 @@ impl Sender {
             text,
             id: None,
             team: None,
+            board: None,
         });
     }
 

@@ -122,6 +122,11 @@ impl Counters {
         }
     }
 
+    /// The business timezone the periods are in.
+    pub fn tz(&self) -> Tz {
+        self.tz
+    }
+
     /// How many times counters were read or changed so far.
     pub fn uses(&self) -> u64 {
         self.uses

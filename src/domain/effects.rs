@@ -42,6 +42,23 @@ pub enum EffectKind {
         to: String,
         data: Map<String, Value>,
     },
+    /// A JSON post to the configured webhook `name` (`webhooks.<name>`),
+    /// signed when sent; the URL and secret are read then, never stored.
+    Webhook {
+        name: String,
+        /// What the receiver finds under `type` (`rule.<rule>` for a rule's
+        /// `webhook()`, `mail.sent` and the like for nudge's own happenings).
+        event_type: String,
+        /// When it happened (event time): the body's `timestamp`.
+        at: DateTime<Utc>,
+        payload: Value,
+    },
+    /// A text message to one number from `templates/NAME.sms`.
+    Sms {
+        template: String,
+        to: crate::domain::phone::Phone,
+        vars: Map<String, Value>,
+    },
 }
 
 impl EffectKind {
@@ -50,6 +67,8 @@ impl EffectKind {
             EffectKind::Mail { .. } => "mail",
             EffectKind::Emit { .. } => "emit",
             EffectKind::Task { .. } => "task",
+            EffectKind::Webhook { .. } => "webhook",
+            EffectKind::Sms { .. } => "sms",
         }
     }
 }

@@ -216,6 +216,8 @@ const TYPED_DATA: &[(&str, &str, Kind)] = &[
     ("client_registered", "marketing_consent", Kind::Bool),
     ("client_updated", "email", Kind::String),
     ("client_updated", "marketing_consent", Kind::Bool),
+    ("client_registered", "sms_consent", Kind::Bool),
+    ("client_updated", "sms_consent", Kind::Bool),
     ("order_placed", "total", Kind::Number),
     ("order_placed", "items", Kind::Array),
     ("product_viewed", "price", Kind::Number),
@@ -330,6 +332,28 @@ impl Envelope {
                 continue;
             }
             check_kind(&data, field, *kind)?;
+        }
+        if matches!(event_type.as_str(), "client_registered" | "client_updated")
+            && let Some(phone) = data.get("phone")
+        {
+            // Texts go to E.164 numbers only: a number in any other form is
+            // the producer's mistake, refused here with its reason.
+            match phone {
+                Value::String(s) => {
+                    crate::domain::phone::Phone::parse(s.clone()).map_err(|e| {
+                        Rejection::Invalid {
+                            field: "data.phone",
+                            reason: e.to_string(),
+                        }
+                    })?;
+                }
+                _ => {
+                    return Err(Rejection::Invalid {
+                        field: "data.phone",
+                        reason: "must be a string in E.164 form, e.g. +447700900123".into(),
+                    });
+                }
+            }
         }
         if event_type.as_str() == "client_registered" {
             match data.get("email") {

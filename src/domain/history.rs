@@ -6,6 +6,7 @@
 pub use crate::domain::bounds::{MAX_KEY_BYTES, MAX_MONEY_SUM, money_add, truncated};
 use crate::domain::bounds::{make_room, value_as_key};
 use crate::domain::event::{ClientId, Envelope};
+use crate::domain::experiments::Exposures;
 pub use crate::domain::settings::HistoryLimits;
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Deserializer, Serialize};
@@ -36,6 +37,9 @@ pub struct ClientState {
     /// The client's own counters (`client_add`), by `name/period-key`.
     #[serde(default)]
     pub counters: BTreeMap<String, f64>,
+    /// Experiments' variants and rules' exposures, for reports.
+    #[serde(default, skip_serializing_if = "Exposures::is_empty")]
+    pub exposures: Exposures,
 }
 
 /// [`ClientState`] as stored, decoded strictly: the fast path.
@@ -52,6 +56,8 @@ struct StoredState {
     facts: BTreeMap<String, Map<String, Value>>,
     #[serde(default, deserialize_with = "lenient_f64_map")]
     counters: BTreeMap<String, f64>,
+    #[serde(default)]
+    exposures: Exposures,
 }
 
 impl From<StoredState> for ClientState {
@@ -65,6 +71,7 @@ impl From<StoredState> for ClientState {
             timers: s.timers,
             facts: s.facts,
             counters: s.counters,
+            exposures: s.exposures,
         }
     }
 }
@@ -119,6 +126,7 @@ impl ClientState {
         state.facts = part(&mut parts, "facts", &id);
         let counters: LenientCounters = part(&mut parts, "counters", &id);
         state.counters = counters.0;
+        state.exposures = part(&mut parts, "exposures", &id);
         tracing::warn!(client = %id, "stored client state read in parts after: {strict}");
         Ok(state)
     }
@@ -203,6 +211,13 @@ pub struct Profile {
     pub marketing_consent: bool,
     /// Set by an `unsubscribed` event; marketing mail is never sent after it.
     pub unsubscribed: bool,
+    /// Where texts go (`data.phone`, E.164, checked at the edge).
+    #[serde(default)]
+    pub phone: Option<crate::domain::phone::Phone>,
+    /// Consent to texts (`data.sms_consent`, default false); a reply STOP
+    /// to a text withdraws it (an `client_updated` nudge publishes).
+    #[serde(default)]
+    pub sms_consent: bool,
     pub registered_at: Option<DateTime<Utc>>,
     pub first_seen: Option<DateTime<Utc>>,
     pub last_seen: Option<DateTime<Utc>>,
@@ -321,6 +336,7 @@ impl ClientState {
             timers: Vec::new(),
             facts: BTreeMap::new(),
             counters: BTreeMap::new(),
+            exposures: Exposures::default(),
         }
     }
 
@@ -387,6 +403,17 @@ impl ClientState {
                     p.marketing_consent = b;
                 } else if ty == "client_registered" && p.registered_at.is_none() {
                     p.marketing_consent = false;
+                }
+                // Checked at the edge: a stored event always parses.
+                if let Some(phone) = data
+                    .get("phone")
+                    .and_then(Value::as_str)
+                    .and_then(|s| crate::domain::phone::Phone::parse(s).ok())
+                {
+                    p.phone = Some(phone);
+                }
+                if let Some(b) = data.get("sms_consent").and_then(Value::as_bool) {
+                    p.sms_consent = b;
                 }
                 if ty == "client_registered" {
                     p.registered_at = Some(p.registered_at.map_or(at, |t| t.min(at)));

@@ -69,7 +69,7 @@ impl Tokens {
         found
     }
 
-    fn by_name(&self, name: &str) -> Option<Caller> {
+    pub(super) fn by_name(&self, name: &str) -> Option<Caller> {
         self.entries
             .iter()
             .find(|(n, _, _)| n == name)

@@ -9,13 +9,14 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use std::sync::LazyLock;
 
-/// The staff page's inline scripts, allowed by hash rather than with
+/// The staff and wall pages' inline scripts, allowed by hash rather than with
 /// `'unsafe-inline'`, so an injected script would not run. Computed from the
 /// page itself, so editing the page cannot leave a stale hash behind.
 static CSP: LazyLock<String> = LazyLock::new(|| {
     use base64_hashes::script_hashes;
     let scripts: Vec<String> = script_hashes(include_str!("staff.html"))
         .into_iter()
+        .chain(script_hashes(include_str!("wall.html")))
         .map(|h| format!("'sha256-{h}'"))
         .collect();
     format!(

@@ -131,3 +131,41 @@ pub(super) async fn run_rule(
         Err(TriggerError::Batch(e)) => Err(e.into()),
     }
 }
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(super) struct ReportQuery {
+    /// Exposures from this time on (RFC 3339).
+    since: Option<chrono::DateTime<chrono::Utc>>,
+    /// Exposures before this time (RFC 3339).
+    until: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// What a rule achieves, per experiment and variant (and the global
+/// control group): exposed, mailed, opened, clicked, converted,
+/// conversion_rate, revenue, revenue_per_exposed, and each variant's lift
+/// against the baseline (`control`, else the first variant) with 95 %
+/// intervals and p-values, or "not enough data". As `nudge report RULE --json`.
+#[utoipa::path(get, path = "/reports/{rule}", tag = "marketer",
+    security(("bearer" = ["marketer"])),
+    params(("rule" = String, Path, description = "the rule"), ReportQuery),
+    responses((status = 200, description = "rule, goal, since, until, experiments: [{experiment, baseline, variants: [{variant, exposed, mailed, opened, clicked, converted, conversion_rate, revenue, revenue_per_exposed, lift}]}]"),
+              (status = 404, description = "no such rule and no exposures of it")))]
+pub(super) async fn report(
+    State(s): State<ApiState>,
+    Path(rule): Path<String>,
+    Query(q): Query<ReportQuery>,
+) -> Result<Response, ApiError> {
+    let goal = s.catalog.rules().get(&rule).map(|r| r.goal.clone());
+    let report =
+        crate::tools::report::stored(&s.store, &rule, goal.clone().flatten(), q.since, q.until)
+            .await
+            .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    if goal.is_none() && report.experiments.is_empty() {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no rule `{rule}` and no exposures of it"),
+        ));
+    }
+    Ok(Json(report).into_response())
+}

@@ -6,11 +6,15 @@
 
 mod access;
 mod auth;
+mod boards;
 mod clients;
 mod guard;
+mod ingest;
 mod marketing;
 mod ops;
+mod segment;
 mod serve;
+pub mod texts;
 pub mod view;
 
 pub use auth::{Caller, Tokens};
@@ -135,6 +139,11 @@ impl utoipa::Modify for BearerScheme {
             "bearer",
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
         );
+        // Segment's libraries send the write key as the basic-auth user.
+        components.add_security_scheme(
+            "segment_write_key",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Basic).build()),
+        );
     }
 }
 
@@ -142,6 +151,7 @@ impl utoipa::Modify for BearerScheme {
 fn timed_api() -> OpenApiRouter<ApiState> {
     OpenApiRouter::new()
         .routes(routes!(access::whoami))
+        .routes(routes!(ingest::post_events))
         .routes(routes!(access::openapi_json))
         .routes(routes!(clients::search))
         .routes(routes!(clients::client_360, clients::erase_client))
@@ -155,7 +165,10 @@ fn timed_api() -> OpenApiRouter<ApiState> {
         .routes(routes!(clients::task_done))
         .routes(routes!(marketing::preview))
         .routes(routes!(marketing::preview_rule))
+        .routes(routes!(marketing::report))
         .routes(routes!(access::audit_log))
+        .routes(routes!(boards::list_boards))
+        .routes(routes!(boards::board))
 }
 
 /// `/api` routes that may take long: a rule run sweeps every client (cut
@@ -174,6 +187,19 @@ fn open_routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(ops::health))
         .routes(routes!(ops::metrics))
         .routes(routes!(ops::unsubscribe_page, ops::unsubscribe))
+        .routes(routes!(boards::wall_page))
+        .routes(routes!(texts::sms_inbound))
+        .merge(segment_routes())
+}
+
+/// Segment's endpoints, outside `/api`: they authenticate by write key
+/// (`segment.rs`), as Segment's libraries do.
+fn segment_routes() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::new()
+        .routes(routes!(segment::track))
+        .routes(routes!(segment::identify))
+        .routes(routes!(segment::page))
+        .routes(routes!(segment::batch))
 }
 
 /// The OpenAPI document, made from the route declarations above, with each
@@ -191,12 +217,15 @@ pub fn openapi() -> serde_json::Value {
         .map(|(_, i)| i)
     {
         for op in item.as_object_mut().into_iter().flatten().map(|(_, o)| o) {
+            let write_key = op["security"][0].get("segment_write_key").is_some();
             let role = op["security"][0]["bearer"][0]
                 .as_str()
-                .unwrap_or("open")
+                .unwrap_or(if write_key { "ingest" } else { "open" })
                 .to_string();
             let note = if role == "open" {
                 "Open: no token.".to_string()
+            } else if write_key {
+                "A write key of `ingest.segment` as the basic-auth user name.".to_string()
             } else {
                 format!("Role: `{role}` or higher.")
             };
@@ -338,11 +367,13 @@ mod tests {
                         .get(&m, path)
                         .unwrap_or_else(|| panic!("{method} {path}"));
                     assert_eq!(enforced.as_str(), declared, "{method} {path}");
+                } else if path.starts_with("/v1/") {
+                    assert_eq!(declared, "ingest", "{method} {path}");
                 } else {
                     assert_eq!(declared, "open", "{method} {path}");
                 }
             }
         }
-        assert_eq!(n, 18, "{doc:#}");
+        assert_eq!(n, 22, "{doc:#}");
     }
 }

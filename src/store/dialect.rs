@@ -7,6 +7,7 @@
 
 use super::StoreError;
 use crate::domain::event::ClientId;
+use crate::domain::experiments::ExposureRow;
 use crate::domain::history::ClientState;
 use chrono::{DateTime, Utc};
 use sqlx::{Database, QueryBuilder};
@@ -29,6 +30,9 @@ pub(crate) trait Dialect: Database {
     const CLAIM_DUE: &'static str;
     /// Searches clients for the pattern `$1` (see `queries::staff`).
     const SEARCH: &'static str;
+    /// Follows a text column in `ORDER BY` to order by bytes, as Rust
+    /// orders strings (SQLite's default; PostgreSQL's `"C"` collation).
+    const BYTE_ORDER: &'static str;
 
     fn time(t: DateTime<Utc>) -> Self::Time;
     fn read_time(row: &Self::Row, i: usize) -> Result<DateTime<Utc>, StoreError>;
@@ -106,6 +110,74 @@ macro_rules! insert_log {
     };
 }
 pub(crate) use insert_log;
+
+/// Writes exposures as they now are (insert or replace by rule, experiment
+/// and client), on `$conn` of dialect `$D`; a `Result<(), sqlx::Error>`.
+/// Only the last change of each exposure in `$rows` is written: one
+/// statement may not change a row twice. A macro for the reason
+/// [`insert_log`] is one.
+macro_rules! upsert_exposures {
+    ($D:ty, $conn:expr, $rows:expr) => {
+        async {
+            use $crate::store::dialect::{Dialect, chunk_rows, json, statement_chunks};
+            let rows = $crate::store::dialect::latest_exposures($rows);
+            for chunk in statement_chunks(&rows, chunk_rows::<$D>(13)) {
+                let mut q = sqlx::QueryBuilder::<$D>::new(
+                    "INSERT INTO exposures (rule, experiment, client_id, variant, held_out, \
+                     exposed_at, goal, mails, opened, clicked, converted_at, revenue, \
+                     conversion_event) ",
+                );
+                q.push_values(chunk, |mut b, r| {
+                    let e = &r.exposure;
+                    let c = e.converted.as_ref();
+                    b.push_bind(e.rule.as_str())
+                        .push_bind(e.experiment.as_str())
+                        .push_bind(r.client_id.as_str())
+                        .push_bind(e.variant.as_str())
+                        .push_bind(e.held_out)
+                        .push_bind(<$D>::time(e.at))
+                        .push_bind(e.goal.as_ref().map(json))
+                        .push_unseparated(<$D>::JSON)
+                        .push_bind(i64::from(e.mails))
+                        .push_bind(e.opened)
+                        .push_bind(e.clicked)
+                        .push_bind(c.map(|c| <$D>::time(c.at)))
+                        .push_bind(c.map(|c| c.revenue))
+                        .push_bind(c.map(|c| c.event_id.as_str()));
+                });
+                q.push(
+                    " ON CONFLICT (rule, experiment, client_id) DO UPDATE SET \
+                     variant = excluded.variant, held_out = excluded.held_out, \
+                     exposed_at = excluded.exposed_at, goal = excluded.goal, \
+                     mails = excluded.mails, opened = excluded.opened, \
+                     clicked = excluded.clicked, converted_at = excluded.converted_at, \
+                     revenue = excluded.revenue, conversion_event = excluded.conversion_event",
+                );
+                q.build().execute(&mut *$conn).await?;
+            }
+            Ok::<(), sqlx::Error>(())
+        }
+    };
+}
+pub(crate) use upsert_exposures;
+
+/// The last of each exposure's changes, in the order first changed.
+pub(crate) fn latest_exposures(rows: &[ExposureRow]) -> Vec<&ExposureRow> {
+    fn key(r: &ExposureRow) -> (&str, &str, &str) {
+        (
+            r.exposure.rule.as_str(),
+            r.exposure.experiment.as_str(),
+            r.client_id.as_str(),
+        )
+    }
+    let last: std::collections::HashMap<_, usize> =
+        rows.iter().enumerate().map(|(i, r)| (key(r), i)).collect();
+    rows.iter()
+        .enumerate()
+        .filter(|(i, r)| last[&key(r)] == *i)
+        .map(|(_, r)| r)
+        .collect()
+}
 
 /// Prepared statements kept per connection: the batch's statements, each
 /// in up to 37 lengths (see [`statement_chunks`]), and the rest.

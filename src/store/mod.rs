@@ -35,10 +35,13 @@ pub(crate) use error::db;
 pub use queries::admin::Admin;
 pub use queries::batches::{Batches, State};
 pub use queries::export::{Cell, ColType, Snapshot, Sql, StreamError};
+pub use queries::boards::Boards;
 pub use queries::history::History;
 pub use queries::outbox::Outbox;
+pub use queries::reports::Reports;
 pub use queries::schedules::Schedules;
 pub use queries::staff::{Staff, erasure_hash};
+pub use queries::texts::Texts;
 pub use queries::window::Window;
 pub use types::*;
 

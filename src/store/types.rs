@@ -4,6 +4,7 @@
 use crate::domain::counters::{CounterKey, CounterWrite};
 use crate::domain::effects::Effect;
 use crate::domain::event::{ClientId, Envelope};
+use crate::domain::experiments::ExposureRow;
 use crate::domain::history::ClientState;
 use crate::domain::log::LogEntry;
 use chrono::{DateTime, Utc};
@@ -49,6 +50,8 @@ pub struct BatchWrite {
     pub counters: Vec<CounterWrite>,
     /// New members of distinct counters.
     pub members: Vec<(CounterKey, String)>,
+    /// Exposures made or changed, as they are after each change.
+    pub exposures: Vec<ExposureRow>,
     /// Stream sequences this batch settles in the consumer's window.
     pub settled: Vec<u64>,
     /// An ack floor read before the batch: the window's messages at or

@@ -4,8 +4,12 @@
 
 pub mod check;
 pub mod export;
+mod offset;
 pub mod replay;
+pub mod report;
+mod ruleboards;
 pub mod ruletest;
+mod ruletest_channels;
 
 use crate::config::Config;
 use crate::core::decide::{Core, CoreSettings, client_view, mail_defaults};
@@ -111,6 +115,11 @@ pub struct RuleSummary {
     pub mails: BTreeMap<String, u64>,
     pub events: BTreeMap<String, u64>,
     pub tasks: BTreeMap<String, u64>,
+    /// Webhooks by name and texts by template.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub webhooks: BTreeMap<String, u64>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub texts: BTreeMap<String, u64>,
     pub errors: u64,
 }
 
@@ -120,6 +129,9 @@ pub struct Backtest {
     pub sweeps: u64,
     pub rules: BTreeMap<String, RuleSummary>,
     pub effects: Vec<FoundEffect>,
+    /// Per rule, what its exposures would have been and how many of those
+    /// clients converted anyway (a baseline: nothing was sent then).
+    pub reports: BTreeMap<String, crate::core::report::Report>,
 }
 
 /// Runs the rules in `rules_dir` over the stored history in stream order,
@@ -148,6 +160,7 @@ pub async fn backtest(
     };
     let mut replay = Replay::new(core, config.history.business_tz());
     let mut report = Backtest::default();
+    let mut exposures = report::Collected::default();
     let in_window = |t: DateTime<Utc>| since.is_none_or(|s| t >= s);
     let progress = walk(
         store,
@@ -159,6 +172,7 @@ pub async fn backtest(
                     report.rules.entry(rule.clone()).or_default().errors += 1;
                 }
             }
+            exposures.add(d.exposures);
             for e in d.effects {
                 if !in_window(e.at) {
                     continue;
@@ -177,6 +191,14 @@ pub async fn backtest(
                         *summary.tasks.entry(team.clone()).or_default() += 1;
                         ("task", team.clone())
                     }
+                    EffectKind::Webhook { name, .. } => {
+                        *summary.webhooks.entry(name.clone()).or_default() += 1;
+                        ("webhook", name.clone())
+                    }
+                    EffectKind::Sms { template, .. } => {
+                        *summary.texts.entry(template.clone()).or_default() += 1;
+                        ("sms", template.clone())
+                    }
                 };
                 report.effects.push(FoundEffect {
                     key: e.key,
@@ -194,6 +216,7 @@ pub async fn backtest(
     .await?;
     report.events = progress.events;
     report.sweeps = progress.sweeps;
+    report.reports = exposures.reports(|r| rules.get(r).and_then(|r| r.goal.clone()), since, until);
     Ok(report)
 }
 
@@ -417,6 +440,20 @@ pub async fn preview_rule(
             }
             EffectKind::Task { team, title, .. } => {
                 preview.other.push(format!("task for {team}: {title}"))
+            }
+            EffectKind::Webhook {
+                name, event_type, ..
+            } => preview
+                .other
+                .push(format!("webhook `{name}` ({event_type})")),
+            EffectKind::Sms { template, to, vars } => {
+                let text = templates
+                    .texts
+                    .render(&template, &vars)
+                    .unwrap_or_else(|e| format!("<render failed: {e}>"));
+                preview
+                    .other
+                    .push(format!("text `{template}` to {to}: {text}"))
             }
         }
     }

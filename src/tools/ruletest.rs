@@ -13,13 +13,16 @@ use crate::domain::effects::EffectKind;
 use crate::domain::event::{ClientId, Envelope};
 use crate::domain::history::ClientState;
 use crate::domain::log::Level;
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::path::{Path, PathBuf};
+
+use super::offset::offset;
+use super::ruletest_channels as channels;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -87,6 +90,13 @@ struct Expect {
     events: Vec<EmitExpect>,
     #[serde(default)]
     tasks: Vec<TaskExpect>,
+    /// Scores on boards as the test leaves them (`rank()` makes no effect).
+    #[serde(default)]
+    boards: Vec<super::ruleboards::BoardExpect>,
+    #[serde(default)]
+    webhooks: Vec<channels::WebhookExpect>,
+    #[serde(default)]
+    texts: Vec<channels::TextExpect>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -143,6 +153,8 @@ enum Seen {
         title: String,
         client: String,
     },
+    /// A webhook or a text (`ruletest_channels`).
+    Channel(channels::Seen),
 }
 
 impl std::fmt::Display for Seen {
@@ -169,6 +181,7 @@ impl std::fmt::Display for Seen {
                 title,
                 client,
             } => write!(f, "task for {team} about {client} (rule {rule}): {title:?}"),
+            Seen::Channel(c) => c.fmt(f),
         }
     }
 }
@@ -251,40 +264,6 @@ pub fn run_files(subject: &Subject<'_>, files: &[PathBuf]) -> Report {
     report
 }
 
-/// Parses `+15m`, `-2d`, `90s`, `+1d2h30m` (units s, m, h, d).
-fn offset(s: &str) -> Result<Duration, String> {
-    let bad = || format!("{s:?} is not an offset like +15m, -2d, 90s or +1d2h");
-    let t = s.trim();
-    let (sign, rest) = match t.strip_prefix('-') {
-        Some(r) => (-1, r),
-        None => (1, t.strip_prefix('+').unwrap_or(t)),
-    };
-    if rest.is_empty() {
-        return Err(bad());
-    }
-    let mut secs = 0i64;
-    let mut digits = String::new();
-    for c in rest.chars() {
-        if c.is_ascii_digit() {
-            digits.push(c);
-            continue;
-        }
-        let n: i64 = digits.parse().map_err(|_| bad())?;
-        digits.clear();
-        secs += n * match c {
-            's' => 1,
-            'm' => 60,
-            'h' => 3600,
-            'd' => 86_400,
-            _ => return Err(bad()),
-        };
-    }
-    if !digits.is_empty() {
-        return Err(bad());
-    }
-    Ok(Duration::seconds(sign * secs))
-}
-
 fn time_of(
     spec: &Option<String>,
     start: DateTime<Utc>,
@@ -360,13 +339,19 @@ fn run_case(subject: &Subject<'_>, case: &TestCase) -> Result<(), Vec<String>> {
     if case.no_effects
         && !(case.expect.mails.is_empty()
             && case.expect.events.is_empty()
-            && case.expect.tasks.is_empty())
+            && case.expect.tasks.is_empty()
+            && case.expect.webhooks.is_empty()
+            && case.expect.texts.is_empty())
     {
         return Err(vec![
             "a test cannot both expect effects and say no_effects".into(),
         ]);
     }
     problems.extend(compare(&case.expect, seen));
+    problems.extend(super::ruleboards::compare(
+        &case.expect.boards,
+        &world.counters,
+    ));
     if problems.is_empty() {
         Ok(())
     } else {
@@ -474,6 +459,10 @@ fn describe(templates: &TemplateSet, rule: &str, client: &str, kind: EffectKind)
             title,
             client: client.into(),
         },
+        other => match channels::describe(templates, rule, client, other) {
+            Some(c) => Seen::Channel(c),
+            None => unreachable!("every other kind is described above"),
+        },
     }
 }
 
@@ -561,6 +550,16 @@ fn compare(expect: &Expect, mut seen: Vec<Seen>) -> Vec<String> {
         }
         take(&|g| matches_task(t, g), label);
     }
+    let channel = |g: &Seen| match g {
+        Seen::Channel(c) => Some(c.clone()),
+        _ => None,
+    };
+    for w in &expect.webhooks {
+        take(&|g| channel(g).is_some_and(|c| w.matches(&c)), w.label());
+    }
+    for t in &expect.texts {
+        take(&|g| channel(g).is_some_and(|c| t.matches(&c)), t.label());
+    }
     for s in seen {
         problems.push(format!("+ got {s}"));
     }
@@ -575,6 +574,7 @@ pub fn default_dir(rules_dir: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chrono::Duration;
 
     #[test]
     fn offsets() {

@@ -70,8 +70,9 @@ async fn call(
 
 /// Every `/api` route, with the least role it needs: the contract this test
 /// holds the server to (written out here, not read from the server).
-const MATRIX: [(&str, &str, &str, &str); 18] = [
+const MATRIX: [(&str, &str, &str, &str); 22] = [
     ("GET", "/api/whoami", "/api/whoami", "ingest"),
+    ("POST", "/api/events", "/api/events", "ingest"),
     ("GET", "/api/openapi.json", "/api/openapi.json", "ingest"),
     ("GET", "/api/clients", "/api/clients?q=a", "staff"),
     ("GET", "/api/clients/{id}", "/api/clients/nobody", "staff"),
@@ -96,7 +97,15 @@ const MATRIX: [(&str, &str, &str, &str); 18] = [
     ),
     ("GET", "/api/live", "/api/live", "staff"),
     ("POST", "/api/live/ticket", "/api/live/ticket", "staff"),
+    ("GET", "/api/boards", "/api/boards", "staff"),
+    ("GET", "/api/boards/{board}", "/api/boards/sales", "staff"),
     ("GET", "/api/rules", "/api/rules", "marketer"),
+    (
+        "GET",
+        "/api/reports/{rule}",
+        "/api/reports/welcome",
+        "marketer",
+    ),
     (
         "POST",
         "/api/rules/{name}/run",

@@ -24,15 +24,15 @@ const TOKEN: &str = "a-browser-test-token";
 /// Everything the run takes; the script's own waits are 20 s each.
 const DEADLINE: Duration = Duration::from_secs(120);
 
-struct Tools {
-    node: String,
-    script: PathBuf,
-    chromium: PathBuf,
+pub(crate) struct Tools {
+    pub(crate) node: String,
+    pub(crate) script: PathBuf,
+    pub(crate) chromium: PathBuf,
 }
 
 /// Node, the script's packages and Chromium, or a panic saying how to
 /// install what is missing.
-fn tools() -> Tools {
+pub(crate) fn tools() -> Tools {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
     let node = std::env::var("NUDGE_TEST_NODE").unwrap_or("node".into());
     let how = "the staff page's browser test needs Node.js 20+ (apt-get install nodejs npm), \

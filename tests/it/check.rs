@@ -88,7 +88,7 @@ fn check_passes_the_shipped_project_and_says_which_config() {
     assert!(out.status.success(), "{}", all(&out));
     assert_eq!(
         stdout(&out),
-        "config: example.yaml (--config)\nok: 7 rules, 8 templates\n"
+        "config: example.yaml (--config)\nok: 8 rules, 8 templates\n"
     );
     let out = p.nudge(&["check", "--json"], &[("NUDGE_CONFIG", "example.yaml")]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -108,7 +108,7 @@ fn check_refuses_a_mail_of_a_template_that_does_not_exist() {
         &out,
         &lines,
         &[
-            "rules/browse_discount.rhai:34: mail(\"browse_discont\"): no such template (did you mean `browse_discount`?)",
+            "rules/browse_discount.rhai:47: mail(\"browse_discont\"): no such template (did you mean `browse_discount`?)",
         ],
     );
 }
@@ -124,7 +124,7 @@ fn check_refuses_a_typo_in_a_map_of_template_names() {
         &out,
         &lines,
         &[
-            "rules/welcome.rhai:21: `TEMPLATES` names template `welcome_trail`, which does not exist (did you mean `welcome_trial`?)",
+            "rules/welcome.rhai:25: `TEMPLATES` names template `welcome_trail`, which does not exist (did you mean `welcome_trial`?)",
         ],
     );
 }
@@ -198,7 +198,7 @@ fn test_explains_a_task_for_an_unknown_team_and_says_the_config() {
         t.contains("why: rule vip_callback, client vic: task for team `sales` not made: no such team in `teams`"),
         "{t}"
     );
-    assert!(t.contains("14 passed, 2 failed"), "{t}");
+    assert!(t.contains("18 passed, 2 failed"), "{t}");
 
     // NUDGE_CONFIG, then ./nudge.yaml, are found.
     let out = p.nudge(&["test"], &[("NUDGE_CONFIG", "example.yaml")]);
@@ -216,7 +216,7 @@ fn test_explains_a_task_for_an_unknown_team_and_says_the_config() {
         (Some("nudge.yaml"), Some(0)),
         "{v}"
     );
-    assert_eq!(v["passed"], 16, "{v}");
+    assert_eq!(v["passed"], 20, "{v}");
 }
 
 #[test]
@@ -231,7 +231,7 @@ fn test_names_a_mail_of_a_template_that_does_not_exist() {
     let t = all(&out);
     assert_eq!(out.status.code(), Some(1), "{t}");
     assert!(
-        t.contains("rules/browse_discount.rhai:34: mail(\"browse_discont\"): no such template"),
+        t.contains("rules/browse_discount.rhai:47: mail(\"browse_discont\"): no such template"),
         "{t}"
     );
     assert!(t.contains("fix them before testing"), "{t}");

@@ -47,6 +47,7 @@ async fn the_export_reads_back_in_duckdb_as_the_store_holds_it(backend: Backend)
         ("mails", "SELECT count(*) FROM outbox WHERE kind = 'mail'"),
         ("tasks", "SELECT count(*) FROM tasks"),
         ("counters", "SELECT count(*) FROM counters"),
+        ("exposures", "SELECT count(*) FROM exposures"),
     ];
     for (name, q) in pairs {
         let want = stored(q).await;
@@ -58,6 +59,18 @@ async fn the_export_reads_back_in_duckdb_as_the_store_holds_it(backend: Backend)
         );
     }
     assert_eq!(count(&dir, &table("events")), n as i64);
+    // The welcome mails are its exposures (the shipped welcome has a goal),
+    // and each exported mail says whether its client converted since.
+    assert!(stored("SELECT count(*) FROM exposures").await > 0);
+    assert_eq!(
+        count(&dir, &format!("{} WHERE converted", table("mails"))),
+        stored(
+            "SELECT count(*) FROM outbox o WHERE kind = 'mail' AND EXISTS (SELECT 1 FROM \
+             exposures x WHERE x.rule = o.rule AND x.client_id = o.client_id \
+             AND x.converted_at IS NOT NULL)"
+        )
+        .await
+    );
     assert!(count(&dir, &table("mails")) >= 3, "the welcome mails");
     let lines: usize = orders().iter().map(|o| o.4.len()).sum();
     assert_eq!(count(&dir, &table("order_items")), lines as i64);

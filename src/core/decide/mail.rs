@@ -7,7 +7,7 @@ use crate::core::templates::MailKind;
 use crate::domain::counters::Counters;
 use crate::domain::effects::EffectKind;
 use crate::domain::event::{ClientId, Envelope, EventId, EventType};
-use crate::domain::history::ClientState;
+use crate::domain::history::{ClientState, SentMail};
 use crate::domain::log::Level;
 use chrono::{DateTime, Duration, Utc};
 use serde_json::{Map, Value, json};
@@ -17,6 +17,7 @@ pub(super) fn describe(kind: &EffectKind) -> String {
         EffectKind::Mail { template, to, .. } => format!("mail `{template}` queued to {to}"),
         EffectKind::Emit { event_type, .. } => format!("event `{event_type}` emitted"),
         EffectKind::Task { team, title, .. } => format!("task for {team}: {title}"),
+        other => super::channels::describe(other),
     }
 }
 
@@ -29,32 +30,16 @@ impl Core<'_> {
         event: &Envelope,
         counters: &mut Counters,
     ) -> Result<(), String> {
-        let what = match event.event_type.as_str() {
-            "email_opened" => "opened",
-            "email_clicked" => "clicked",
-            _ => return Ok(()),
-        };
-        let Some(key) = event
-            .data
-            .get("message_id")
-            .and_then(Value::as_str)
-            .and_then(crate::domain::effects::key_of_message_id)
-        else {
+        let Some((mail, clicked)) = engaged_mail(state, event) else {
             return Ok(());
         };
-        let Some(mail) = state
-            .stats
-            .recent_mails
-            .iter()
-            .find(|m| m.key == key)
-            .cloned()
-        else {
-            return Ok(());
+        let what = if clicked {
+            state.stats.clicks += 1;
+            "clicked"
+        } else {
+            state.stats.opens += 1;
+            "opened"
         };
-        match what {
-            "opened" => state.stats.opens += 1,
-            _ => state.stats.clicks += 1,
-        }
         let key = counters.key(
             &format!("mail_{what}:{}:{}", mail.rule, mail.template),
             "all",
@@ -91,6 +76,25 @@ impl Core<'_> {
         })
     }
 
+    /// The marketing cap (`mail.max_marketing_per_day` / `_per_week`) the
+    /// client has reached at `at`, if any: mail and texts count together.
+    pub(super) fn marketing_cap_reached(
+        &self,
+        state: &ClientState,
+        at: DateTime<Utc>,
+    ) -> Option<(u32, &'static str)> {
+        let sent = &state.stats.marketing_sent;
+        let within = |d: Duration| sent.iter().filter(|t| at - **t < d).count() as u32;
+        let s = self.settings;
+        [
+            (s.max_marketing_per_day, "day", within(Duration::days(1))),
+            (s.max_marketing_per_week, "week", within(Duration::days(7))),
+        ]
+        .into_iter()
+        .find(|(cap, _, n)| *cap > 0 && n >= cap)
+        .map(|(cap, period, _)| (cap, period))
+    }
+
     /// Checks a mail request against what it needs now, so a mistake shows in
     /// the process log at decision time instead of as a failed send later.
     pub(super) fn mail(
@@ -118,23 +122,15 @@ impl Core<'_> {
                 format!("marketing mail `{template}` skipped: {why}"),
             ));
         }
-        if kind == MailKind::Marketing {
-            let sent = &state.stats.marketing_sent;
-            let within = |d: Duration| sent.iter().filter(|t| at - **t < d).count() as u32;
-            let s = self.settings;
-            for (cap, period, n) in [
-                (s.max_marketing_per_day, "day", within(Duration::days(1))),
-                (s.max_marketing_per_week, "week", within(Duration::days(7))),
-            ] {
-                if cap > 0 && n >= cap {
-                    return Err((
-                        Level::Notice,
-                        format!(
-                            "marketing mail `{template}` skipped: the cap of {cap} per {period} is reached"
-                        ),
-                    ));
-                }
-            }
+        if kind == MailKind::Marketing
+            && let Some((cap, period)) = self.marketing_cap_reached(state, at)
+        {
+            return Err((
+                Level::Notice,
+                format!(
+                    "marketing mail `{template}` skipped: the cap of {cap} per {period} is reached"
+                ),
+            ));
         }
         let Some(to) = p.email.clone() else {
             return Err((
@@ -150,4 +146,21 @@ impl Core<'_> {
             vars: all,
         })
     }
+}
+
+/// The mail an `email_opened` / `email_clicked` names (by its Message-ID),
+/// among the client's recent ones, and whether it was a click.
+pub(super) fn engaged_mail(state: &ClientState, event: &Envelope) -> Option<(SentMail, bool)> {
+    let clicked = match event.event_type.as_str() {
+        "email_opened" => false,
+        "email_clicked" => true,
+        _ => return None,
+    };
+    let key = event
+        .data
+        .get("message_id")
+        .and_then(Value::as_str)
+        .and_then(crate::domain::effects::key_of_message_id)?;
+    let mail = state.stats.recent_mails.iter().find(|m| m.key == key)?;
+    Some((mail.clone(), clicked))
 }

@@ -12,6 +12,7 @@ use crate::core::templates::{MailKind, TemplateSet};
 use crate::domain::counters::Counters;
 use crate::domain::effects::{Effect, EffectKind, effect_key};
 use crate::domain::event::{Envelope, EventId};
+use crate::domain::experiments::ExposureRow;
 use crate::domain::history::{ClientState, HistoryLimits, RECENT_MAILS, SentMail, Timer};
 use crate::domain::log::{Level, LogEntry};
 use crate::domain::settings::HistoryConfig;
@@ -20,9 +21,12 @@ use rhai::Dynamic;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 
+mod channels;
+mod goals;
 mod mail;
 mod views;
 
+pub use channels::{ChannelSettings, FORWARD_RULE, HAPPENINGS, forward_key};
 use mail::describe;
 pub use views::{client_view, event_view, mail_defaults};
 
@@ -37,11 +41,15 @@ pub struct Decision {
     pub events: Vec<Envelope>,
     /// A counter could not be read: the batch must not be committed.
     pub counter_failure: Option<String>,
+    /// Exposures made or changed, as they are after the change, oldest
+    /// change first (a later one of the same exposure supersedes it).
+    pub exposures: Vec<ExposureRow>,
 }
 
 impl Decision {
     fn extend(&mut self, other: Decision) {
         self.effects.extend(other.effects);
+        self.exposures.extend(other.exposures);
         self.log.extend(other.log);
         self.runs.extend(other.runs);
         self.events.extend(other.events);
@@ -83,6 +91,11 @@ pub struct CoreSettings {
     /// Marketing mails per client per day and per week (0: no cap).
     pub max_marketing_per_day: u32,
     pub max_marketing_per_week: u32,
+    /// `mail.global_control_percent`: the share of clients (0-100) held out
+    /// of all marketing mail, to measure what marketing achieves.
+    pub global_control_percent: f64,
+    /// Configured webhooks and what is forwarded to them (`channels`).
+    pub channels: ChannelSettings,
 }
 
 impl CoreSettings {
@@ -106,7 +119,15 @@ impl CoreSettings {
             public_url: public_url.trim_end_matches('/').to_string(),
             max_marketing_per_day,
             max_marketing_per_week,
+            global_control_percent: 0.0,
+            channels: ChannelSettings::default(),
         }
+    }
+
+    /// With `percent` of clients (0-100) in the global control group.
+    pub fn with_global_control(mut self, percent: f64) -> Self {
+        self.global_control_percent = percent;
+        self
     }
 }
 
@@ -144,6 +165,8 @@ impl Core<'_> {
         if let Err(e) = self.count_engagement(state, event, counters) {
             decision.counter_failure = Some(e);
         }
+        self.credit(state, event, &mut decision);
+        self.forward_event(event, &mut decision);
         let mut matching = self.rules.matching(ty).peekable();
         if matching.peek().is_none() {
             return decision;
@@ -325,6 +348,7 @@ impl Core<'_> {
             .filter(|t| t.rule == rule.name)
             .map(|t| t.name.clone())
             .collect();
+        ctx.variants = state.exposures.variants.clone();
         ctx.client_counters = std::mem::take(&mut state.counters);
         ctx.counters = std::mem::take(counters);
         let (ctx, result) = self.engine.run(rule, inputs, ctx);
@@ -355,6 +379,8 @@ impl Core<'_> {
             counters: lent,
             counter_failure,
             notes,
+            variants,
+            exposed,
             ..
         } = ctx;
         // Caps the run reached (rules.max_*): its excess was dropped.
@@ -365,6 +391,10 @@ impl Core<'_> {
         *counters = lent;
         decision.counter_failure = counter_failure;
         decision.runs.push((rule.name.clone(), true));
+        if !exposed.is_empty() {
+            state.exposures.keep_variants(variants);
+            self.expose(rule, trigger, state, exposed, &mut decision);
+        }
         if facts.is_empty() {
             state.facts.remove(&rule.name);
         } else {
@@ -393,6 +423,19 @@ impl Core<'_> {
             match req {
                 Request::Mail { template, vars } => {
                     match self.mail(&template, vars, state, trigger.at) {
+                        Ok(_)
+                            if self.templates.kind(&template) == Some(MailKind::Marketing)
+                                && self.held_out(state) =>
+                        {
+                            decision.log.push(log(
+                                Level::Notice,
+                                format!(
+                                    "marketing mail `{template}` held out: the client is in the \
+                                     global control group (mail.global_control_percent)"
+                                ),
+                            ));
+                            self.hold_out(rule, trigger, state, &mut decision);
+                        }
                         Ok(kind) => {
                             let key = next_key();
                             let st = &mut state.stats;
@@ -411,6 +454,7 @@ impl Core<'_> {
                             });
                             let excess = st.recent_mails.len().saturating_sub(RECENT_MAILS);
                             st.recent_mails.drain(..excess);
+                            self.mailed(rule, trigger, state, &mut decision);
                             effect(key, kind, &mut decision);
                         }
                         Err((level, why)) => decision.log.push(log(level, why)),
@@ -463,6 +507,18 @@ impl Core<'_> {
                         Err(why) => decision.log.push(log(Level::Warning, why)),
                     }
                 }
+                Request::Webhook { name, payload } => {
+                    match self.webhook(&rule.name, name, payload, trigger.at) {
+                        Ok(kind) => effect(next_key(), kind, &mut decision),
+                        Err((level, why)) => decision.log.push(log(level, why)),
+                    }
+                }
+                Request::Sms { template, vars } => {
+                    match self.sms(&template, vars, state, trigger.at) {
+                        Ok(kind) => effect(next_key(), kind, &mut decision),
+                        Err((level, why)) => decision.log.push(log(level, why)),
+                    }
+                }
                 Request::Task { team, title, data } => match self.settings.teams.get(&team) {
                     Some(to) => {
                         effect(
@@ -486,6 +542,7 @@ impl Core<'_> {
         if stopped && let Some(run) = decision.runs.last_mut() {
             run.1 = false;
         }
+        self.forward_tasks(&mut decision);
         (decision, emitted)
     }
 }
@@ -859,5 +916,121 @@ mod tests {
             .expect("noted");
         assert!(note.message.contains("max_mails_per_run"), "{note:?}");
         assert_eq!(d.runs, vec![("r".to_string(), true)]);
+    }
+
+    #[test]
+    fn variants_stick_exposures_are_recorded_and_goals_convert_in_event_time() {
+        let (engine, rules, templates, _d) = fixture(
+            "const ON = [\"client_registered\", \"login_succeeded\"];\n\
+             const GOAL = #{ event: \"order_placed\", within_days: 7, min_total: 10 };\n\
+             let v = variant(\"t\", if event.type == \"client_registered\" \
+                 { #{mail: 50, control: 50} } else { #{control: 1} });\n\
+             if v == \"mail\" { mail(\"t\"); }",
+        );
+        assert_eq!(
+            rules.get("r").unwrap().goal.as_ref().unwrap().within_days,
+            7
+        );
+        let core = core(&engine, &rules, &templates);
+        let (mut mailed, mut control) = (0, 0);
+        for i in 0..200 {
+            let id = format!("c{i}");
+            let mut state = ClientState::new(ClientId::parse(&id).unwrap());
+            let ev = |eid: &str, ty: &str, t: &str, data: Value| {
+                Envelope::from_value(json!({"id": format!("{eid}-{i}"), "type": ty,
+                    "client_id": id, "occurred_at": t, "data": data}))
+                .unwrap()
+            };
+            let mut counters = Counters::default();
+            let d = core.on_event(
+                &mut state,
+                &ev(
+                    "r",
+                    "client_registered",
+                    "2026-11-01T10:00:00Z",
+                    json!({"email": "a@example.com"}),
+                ),
+                &mut counters,
+            );
+            let want = crate::domain::experiments::choose(
+                &[("control".into(), 50.0), ("mail".into(), 50.0)],
+                crate::domain::experiments::bucket("t", &id),
+            )
+            .unwrap()
+            .to_string();
+            assert_eq!(d.exposures.last().unwrap().exposure.variant, want);
+            assert_eq!(d.effects.len(), usize::from(want == "mail"));
+            if want == "mail" {
+                mailed += 1
+            } else {
+                control += 1
+            }
+            // Weights changed to control only: the variant stays.
+            core.on_event(
+                &mut state,
+                &ev("l", "login_succeeded", "2026-11-02T10:00:00Z", json!({})),
+                &mut counters,
+            );
+            assert_eq!(state.exposures.variants["t"], want);
+            assert_eq!(state.exposures.rows.len(), 1);
+            // Too small, then in the window, then a second: one conversion.
+            for (eid, t, total) in [
+                ("o1", "2026-11-03T10:00:00Z", 5.0),
+                ("o2", "2026-11-04T10:00:00Z", 25.0),
+                ("o3", "2026-11-05T10:00:00Z", 40.0),
+            ] {
+                core.on_event(
+                    &mut state,
+                    &ev(
+                        eid,
+                        "order_placed",
+                        t,
+                        json!({"total": total, "currency": "EUR"}),
+                    ),
+                    &mut counters,
+                );
+            }
+            let row = &state.exposures.rows[0];
+            assert_eq!(row.converted.as_ref().unwrap().revenue, 25.0);
+            // The login ran the rule again: still `mail`, so a second mail.
+            assert_eq!(row.mails, 2 * u32::from(want == "mail"));
+        }
+        assert!(mailed > 70 && control > 70, "{mailed} {control}");
+    }
+
+    #[test]
+    fn the_global_control_group_gets_no_marketing_mail_and_is_reported() {
+        let (engine, rules, templates, _d) =
+            fixture("const ON = [\"client_updated\"];\nmail(\"m\");");
+        let settings = Box::leak(Box::new(CoreSettings::default().with_global_control(30.0)));
+        let core = Core {
+            engine: &engine,
+            rules: &rules,
+            templates: &templates,
+            settings,
+        };
+        let mut held = 0;
+        for i in 0..300 {
+            let id = format!("c{i}");
+            let mut state = ClientState::new(ClientId::parse(&id).unwrap());
+            let consent = Envelope::from_value(json!({"id": format!("u{i}"),
+                "type": "client_updated", "client_id": id, "occurred_at": "2026-11-01T11:00:00Z",
+                "data": {"email": "a@example.com", "marketing_consent": true}}))
+            .unwrap();
+            let d = core.on_event(&mut state, &consent, &mut Counters::default());
+            let out = crate::domain::experiments::in_global_control(&id, 30.0);
+            assert_eq!(d.effects.is_empty(), out);
+            let row = &d.exposures[0].exposure;
+            assert_eq!((row.held_out, row.mails), (out, u32::from(!out)));
+            if out {
+                held += 1;
+                assert!(
+                    d.log.iter().any(|l| l.message.contains("global control")),
+                    "{:?}",
+                    d.log
+                );
+            }
+        }
+        assert!((60..120).contains(&held), "{held}");
     }
 }

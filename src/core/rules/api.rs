@@ -41,6 +41,13 @@ pub enum Request {
         title: String,
         data: Map<String, Value>,
     },
+    /// `webhook(name, payload)`: post `payload` to `webhooks.<name>` (see `channels`).
+    Webhook { name: String, payload: Value },
+    /// `sms(template)` / `sms(template, vars)`: text the client (see `channels`).
+    Sms {
+        template: String,
+        vars: Map<String, Value>,
+    },
 }
 
 /// The state of one rule run: what the rule may read and what it asked for.
@@ -72,6 +79,12 @@ pub struct RunContext {
     pub counter_failure: Option<String>,
     /// `unique_code` calls so far, so two codes in one run differ.
     codes: u32,
+    /// The client's variant by experiment: lent by the state, kept only if
+    /// the run succeeds.
+    pub variants: BTreeMap<String, String>,
+    /// Experiments this run gave the client a variant in for the first time
+    /// (in this rule), with the variant: each becomes an exposure.
+    pub exposed: Vec<(String, String)>,
 }
 
 impl RunContext {
@@ -149,12 +162,19 @@ fn client_counter_key(
 
 /// Queues a request, or drops it with a note (once per kind and run) when
 /// the run already asked for as many of its kind as it may.
-fn push(req: Request) -> Result<(), Box<EvalAltResult>> {
+pub(super) fn push(req: Request) -> Result<(), Box<EvalAltResult>> {
     with_ctx(|ctx| {
         let (cap, what, key) = match &req {
             Request::Mail { .. } => (ctx.limits.max_mails, "mails", "rules.max_mails_per_run"),
             Request::Task { .. } => (ctx.limits.max_tasks, "tasks", "rules.max_tasks_per_run"),
             Request::Emit { .. } => (ctx.limits.max_emits, "emits", "rules.max_emits_per_run"),
+            // Texts are messages to the client like mails, webhooks are
+            // messages to other systems like emits: each kind has its own
+            // count, under the same cap as its kin.
+            Request::Sms { .. } => (ctx.limits.max_mails, "texts", "rules.max_mails_per_run"),
+            Request::Webhook { .. } => {
+                (ctx.limits.max_emits, "webhooks", "rules.max_emits_per_run")
+            }
             Request::After { name, .. } => {
                 let cap = ctx.limits.max_timers_per_rule;
                 if ctx.is_pending(name) || ctx.pending_names() < cap {
@@ -253,11 +273,11 @@ pub(crate) fn log_line(s: &str) -> Option<String> {
     })
 }
 
-fn to_json(v: Dynamic) -> Result<Value, Box<EvalAltResult>> {
+pub(super) fn to_json(v: Dynamic) -> Result<Value, Box<EvalAltResult>> {
     rhai::serde::from_dynamic(&v)
 }
 
-fn to_json_map(vars: RhaiMap) -> Result<Map<String, Value>, Box<EvalAltResult>> {
+pub(super) fn to_json_map(vars: RhaiMap) -> Result<Map<String, Value>, Box<EvalAltResult>> {
     match to_json(Dynamic::from_map(vars))? {
         Value::Object(m) => Ok(m),
         _ => {
@@ -298,6 +318,7 @@ fn unique_code(prefix: &str) -> Result<String, Box<EvalAltResult>> {
 }
 
 pub fn register(engine: &mut Engine) {
+    super::experiments::register(engine);
     engine.register_fn("mail", |template: &str| {
         check_name("a template name", template)?;
         push(Request::Mail {
@@ -436,6 +457,7 @@ pub fn register(engine: &mut Engine) {
     engine.register_fn("minutes", |n: i64| duration("minutes", n, 60));
     engine.register_fn("hours", |n: i64| duration("hours", n, 3600));
     engine.register_fn("days", |n: i64| duration("days", n, 86_400));
+    super::channels::register(engine);
 }
 
 /// Adds to the client's own counter. The total saturates within

@@ -7,11 +7,15 @@
 //! changes.
 
 pub mod api;
+pub mod boards;
+mod channels;
+mod experiments;
 pub mod limits;
 pub mod loader;
 pub mod settings;
 pub mod values;
 
+use crate::domain::experiments::Goal;
 use rhai::{AST, Dynamic, Engine, EvalAltResult, Scope};
 pub use settings::RulesConfig;
 use std::path::PathBuf;
@@ -30,6 +34,8 @@ pub struct Rule {
     pub triggers: Vec<String>,
     /// `const SCHEDULE`: when the rule sweeps all clients (cron syntax, UTC).
     pub schedule: Option<Schedule>,
+    /// `const GOAL`: what the rule is for, measured in its reports.
+    pub goal: Option<Goal>,
     pub ast: Arc<AST>,
     /// What the script reads of its inputs: only that is built for it.
     pub reads: Reads,
@@ -139,6 +145,7 @@ impl RuleEngine {
             }
         });
         api::register(&mut engine);
+        boards::register(&mut engine);
         Self {
             engine,
             limits: RunLimits::from_config(limits),
@@ -211,6 +218,10 @@ impl RuleEngine {
                 Some(Schedule { text, cron })
             }
         };
+        let goal = match consts.get("GOAL").cloned() {
+            None => None,
+            Some(v) => Some(parse_goal(v).map_err(refuse)?),
+        };
         if triggers.is_empty() && schedule.is_none() {
             return Err(refuse(
                 "the rule declares no triggers: add `const ON = [\"event_type\"];` \
@@ -223,6 +234,7 @@ impl RuleEngine {
             path,
             triggers,
             schedule,
+            goal,
             reads: Reads::of(&ast),
             ast: Arc::new(ast),
         })
@@ -256,6 +268,56 @@ impl RuleEngine {
         };
         (ctx, result)
     }
+}
+
+/// `const GOAL = #{ event: "order_placed", within_days: 7, min_total: 20 }`.
+fn parse_goal(v: Dynamic) -> Result<Goal, String> {
+    const SHAPE: &str = "`const GOAL` must be a map like #{ event: \"order_placed\", \
+                         within_days: 7 } (min_total optional)";
+    let Some(map) = v.try_cast::<rhai::Map>() else {
+        return Err(SHAPE.into());
+    };
+    let mut event = None;
+    let mut within_days = None;
+    let mut min_total = None;
+    for (k, v) in map {
+        match k.as_str() {
+            "event" => event = v.into_string().ok(),
+            "within_days" => within_days = Some(
+                v.as_int()
+                    .ok()
+                    .filter(|d| {
+                        (1..=i64::from(crate::domain::experiments::MAX_GOAL_DAYS)).contains(d)
+                    })
+                    .ok_or_else(|| {
+                        format!(
+                            "`const GOAL`: within_days must be a whole number of days from 1 to {}",
+                            crate::domain::experiments::MAX_GOAL_DAYS
+                        )
+                    })? as u32,
+            ),
+            "min_total" => {
+                let t = v
+                    .as_float()
+                    .ok()
+                    .or_else(|| v.as_int().ok().map(|i| i as f64));
+                min_total = Some(
+                    t.filter(|t| t.is_finite())
+                        .ok_or_else(|| "`const GOAL`: min_total must be a number".to_string())?,
+                )
+            }
+            other => return Err(format!("`const GOAL`: unknown key `{other}`; {SHAPE}")),
+        }
+    }
+    let event = event
+        .filter(|e| crate::domain::event::EventType::parse(e.as_str()).is_ok())
+        .ok_or_else(|| format!("`const GOAL`: `event` must name an event type; {SHAPE}"))?;
+    Ok(Goal {
+        event,
+        within_days: within_days
+            .ok_or_else(|| format!("`const GOAL`: within_days missing; {SHAPE}"))?,
+        min_total,
+    })
 }
 
 /// What the rules of one trigger see: `event`, `client`, `settings` and

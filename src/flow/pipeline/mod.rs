@@ -481,7 +481,8 @@ impl Pipeline {
         }
     }
 
-    /// Tells the live feed about notable events, then the tasks they led to.
+    /// Tells the live feed about notable events, then the tasks they led
+    /// to, then the board scores they moved.
     fn announce(&self, write: &BatchWrite) {
         for e in &write.events {
             let env = &e.envelope;
@@ -493,6 +494,7 @@ impl Pipeline {
                     text: env.event_type.to_string(),
                     id: None,
                     team: None,
+                    board: None,
                 });
             }
         }
@@ -505,8 +507,12 @@ impl Pipeline {
                     text: title.clone(),
                     id: Some(e.key.clone()),
                     team: Some(team.clone()),
+                    board: None,
                 });
             }
+        }
+        for item in crate::flow::live::board_items(&write.counters, chrono::Utc::now()) {
+            self.live.send(item);
         }
     }
 }

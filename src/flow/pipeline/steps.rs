@@ -314,6 +314,7 @@ impl Pipeline {
                 }
 
                 write.effects.extend(d.effects);
+                write.exposures.extend(d.exposures);
                 write.log.extend(d.log);
                 if let Step::Event(e) = step {
                     write.events.push(e.clone());

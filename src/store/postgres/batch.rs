@@ -9,7 +9,7 @@ use super::PgDb;
 use crate::domain::effects::EffectKind;
 use crate::domain::history::ClientState;
 use crate::domain::log::LogEntry;
-use crate::store::dialect::{chunk_rows, insert_log, json, statement_chunks};
+use crate::store::dialect::{chunk_rows, insert_log, json, statement_chunks, upsert_exposures};
 use crate::store::{BatchWrite, CommitOutcome, StoreError};
 use chrono::Utc;
 use sqlx::{Postgres, QueryBuilder};
@@ -217,6 +217,7 @@ async fn try_commit(store: &PgDb, batch: &BatchWrite) -> Result<CommitOutcome, s
     }
 
     let log: Vec<&LogEntry> = batch.log.iter().collect();
+    upsert_exposures!(Postgres, tx, &batch.exposures).await?;
     insert_log!(Postgres, tx, &log).await?;
 
     for chunk in statement_chunks(&batch.rejected, chunk_rows::<Postgres>(5)) {

@@ -99,7 +99,9 @@ impl Dialect for Postgres {
     /// PostgreSQL allows 65535 bound parameters per statement; stay below.
     const MAX_PARAMS: usize = 60_000;
     const JSON: &'static str = "::json";
-    const WIPE_DERIVED: &'static [&'static str] = &["TRUNCATE clients, counters, counter_members"];
+    const BYTE_ORDER: &'static str = " COLLATE \"C\"";
+    const WIPE_DERIVED: &'static [&'static str] =
+        &["TRUNCATE clients, counters, counter_members, exposures"];
     // SKIP LOCKED: senders of several instances take disjoint mails
     // without waiting on each other; a row locked here but left out by the
     // last limit is free again when the statement ends.

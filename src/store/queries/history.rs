@@ -2,7 +2,8 @@
 //! the derived history a replay rebuilds.
 
 use crate::domain::event::Envelope;
-use crate::store::dialect::{Dialect, chunk_rows, json, statement_chunks};
+use crate::domain::experiments::ExposureRow;
+use crate::store::dialect::{Dialect, chunk_rows, json, statement_chunks, upsert_exposures};
 use crate::store::{AnyStore, Derived, LogCursor, Pools, StoreError, db, shared};
 use chrono::{DateTime, Utc};
 use sqlx::{QueryBuilder, Row};
@@ -177,6 +178,19 @@ impl History for AnyStore {
                     .await
                     .map_err(db("writing replayed counter members"))?;
             }
+            let exposures: Vec<ExposureRow> = derived
+                .clients
+                .iter()
+                .flat_map(|c| {
+                    c.exposures.rows.iter().map(|e| ExposureRow {
+                        client_id: c.client_id.as_str().to_string(),
+                        exposure: e.clone(),
+                    })
+                })
+                .collect();
+            upsert_exposures!(D, tx, &exposures)
+                .await
+                .map_err(db("writing replayed exposures"))?;
             tx.commit().await.map_err(db("committing the replay"))
         })
     }

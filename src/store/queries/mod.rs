@@ -7,8 +7,11 @@
 pub mod admin;
 pub mod batches;
 pub mod export;
+pub mod boards;
 pub mod history;
 pub mod outbox;
+pub mod reports;
 pub mod schedules;
 pub mod staff;
+pub mod texts;
 pub mod window;

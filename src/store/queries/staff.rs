@@ -520,10 +520,14 @@ impl Staff for AnyStore {
 }
 
 /// An erasure's statements on the client's own rows, each with what it does.
-const ERASE: [(&str, &str); 5] = [
+const ERASE: [(&str, &str); 7] = [
     (
         "DELETE FROM clients WHERE client_id = $1",
         "erasing a client",
+    ),
+    (
+        "DELETE FROM exposures WHERE client_id = $1",
+        "erasing exposures",
     ),
     (
         "UPDATE events SET data = '{}', context = '{}' WHERE client_id = $1",
@@ -546,6 +550,10 @@ const ERASE: [(&str, &str); 5] = [
     (
         "UPDATE tasks SET title = '(erased)', data = '{}' WHERE client_id = $1",
         "erasing tasks",
+    ),
+    (
+        "DELETE FROM text_numbers WHERE client_id = $1",
+        "erasing texted numbers",
     ),
 ];
 

@@ -7,7 +7,7 @@ use super::SqliteDb;
 use crate::domain::effects::EffectKind;
 use crate::domain::history::{ClientState, Profile};
 use crate::domain::log::LogEntry;
-use crate::store::dialect::{chunk_rows, insert_log, json, statement_chunks, ts};
+use crate::store::dialect::{chunk_rows, insert_log, json, statement_chunks, ts, upsert_exposures};
 use crate::store::{BatchWrite, CommitOutcome, StoreError, db};
 use chrono::Utc;
 use sqlx::{QueryBuilder, Sqlite};
@@ -327,6 +327,9 @@ async fn write_batch(
     }
 
     let log: Vec<&LogEntry> = batch.log.iter().collect();
+    upsert_exposures!(Sqlite, tx, &batch.exposures)
+        .await
+        .map_err(db("writing exposures"))?;
     insert_log!(Sqlite, tx, &log)
         .await
         .map_err(db("writing the process log"))?;

@@ -203,10 +203,12 @@ impl Dialect for Sqlite {
     /// SQLite allows 32766 bound parameters per statement; stay well below.
     const MAX_PARAMS: usize = 30_000;
     const JSON: &'static str = "";
+    const BYTE_ORDER: &'static str = "";
     const WIPE_DERIVED: &'static [&'static str] = &[
         "DELETE FROM clients",
         "DELETE FROM counters",
         "DELETE FROM counter_members",
+        "DELETE FROM exposures",
     ];
     // Without row locks: the one writer connection makes claims atomic.
     const CLAIM_DUE: &'static str = claim_due_sql!("");

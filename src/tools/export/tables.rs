@@ -284,7 +284,7 @@ pub struct SnapshotTable {
 
 /// Every snapshot table, in the order a run writes them. Later issues'
 /// tables (experiments, exposures, boards) go here.
-pub const SNAPSHOT_TABLES: &[SnapshotTable] = &[CLIENTS, MAILS, TASKS, COUNTERS];
+pub const SNAPSHOT_TABLES: &[SnapshotTable] = &[CLIENTS, MAILS, TASKS, COUNTERS, EXPOSURES];
 
 fn as_is(row: Vec<Cell>) -> anyhow::Result<Vec<Cell>> {
     Ok(row)
@@ -363,8 +363,9 @@ fn client_row(row: Vec<Cell>) -> anyhow::Result<Vec<Cell>> {
 }
 
 /// A mail's first open, first click (events naming its Message-ID, whose
-/// effect key comes before `.nudge@`), and the client's first order nudge
-/// received after it was sent.
+/// effect key comes before `.nudge@`), and, from the exposures of its rule
+/// (see "Knowing what works"), the client's conversion toward the rule's
+/// goal and their variant in its experiment.
 macro_rules! mails_sql {
     ($template:literal, $names:literal) => {
         concat!(
@@ -380,8 +381,11 @@ macro_rules! mails_sql {
               AND e.type = 'email_clicked' AND ",
             $names,
             " > 0), \
-             (SELECT MIN(e.occurred_at) FROM events e WHERE e.client_id = o.client_id \
-              AND e.type = 'order_placed' AND e.received_at >= o.sent_at) \
+             (SELECT MIN(x.converted_at) FROM exposures x WHERE x.rule = o.rule \
+              AND x.client_id = o.client_id), \
+             (SELECT MIN(CASE WHEN x.held_out THEN 'global_control' ELSE x.variant END) \
+              FROM exposures x WHERE x.rule = o.rule AND x.client_id = o.client_id \
+              AND x.experiment <> '') \
              FROM outbox o WHERE o.kind = 'mail' ORDER BY o.created_at, o.key"
         )
     };
@@ -400,7 +404,7 @@ const MAILS: SnapshotTable = SnapshotTable {
         ),
     },
     reads: &[
-        Text, Text, Text, Text, Text, Int, Time, Time, Text, Time, Time, Time,
+        Text, Text, Text, Text, Text, Int, Time, Time, Text, Time, Time, Time, Text,
     ],
     columns: &[
         col("key", Text),
@@ -418,6 +422,7 @@ const MAILS: SnapshotTable = SnapshotTable {
         col("opened", Bool),
         col("clicked", Bool),
         col("converted", Bool),
+        col("variant", Text),
     ],
     partition_by: Some(6),
     client_col: Some(3),
@@ -425,13 +430,48 @@ const MAILS: SnapshotTable = SnapshotTable {
 };
 
 fn mail_row(mut row: Vec<Cell>) -> anyhow::Result<Vec<Cell>> {
+    let variant = row.pop().unwrap_or(Cell::Null);
     let flags: Vec<Cell> = row[9..12]
         .iter()
         .map(|c| Cell::Bool(!matches!(c, Cell::Null)))
         .collect();
     row.extend(flags);
+    row.push(variant);
     Ok(row)
 }
+
+/// Who was exposed to which rule and experiment, and what followed: the
+/// rows behind `nudge report`, for analyses of one's own.
+const EXPOSURES: SnapshotTable = SnapshotTable {
+    name: "exposures",
+    sql: Sql::same(
+        "SELECT client_id, rule, experiment, variant, held_out, exposed_at, \
+         CAST(goal AS TEXT), CAST(mails AS BIGINT), opened, clicked, converted_at, revenue, \
+         conversion_event \
+         FROM exposures ORDER BY exposed_at, rule, experiment, client_id",
+    ),
+    reads: &[
+        Text, Text, Text, Text, Bool, Time, Json, Int, Bool, Bool, Time, Float, Text,
+    ],
+    columns: &[
+        col("client_id", Text),
+        col("rule", Text),
+        col("experiment", Text),
+        col("variant", Text),
+        col("held_out", Bool),
+        col("exposed_at", Time),
+        col("goal", Json),
+        col("mails", Int),
+        col("opened", Bool),
+        col("clicked", Bool),
+        col("converted_at", Time),
+        col("revenue", Float),
+        col("conversion_event", Text),
+    ],
+    partition_by: Some(5),
+    client_col: Some(0),
+    shape: as_is,
+};
 
 const TASKS: SnapshotTable = SnapshotTable {
     name: "tasks",
