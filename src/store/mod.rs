@@ -37,6 +37,7 @@ pub use queries::batches::{Batches, State};
 pub use queries::boards::Boards;
 pub use queries::history::History;
 pub use queries::outbox::Outbox;
+pub use queries::products::Products;
 pub use queries::reports::Reports;
 pub use queries::schedules::Schedules;
 pub use queries::staff::{Staff, erasure_hash};

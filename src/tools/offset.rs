@@ -40,4 +40,3 @@ pub fn offset(s: &str) -> Result<Duration, String> {
     }
     Duration::try_seconds(sign * secs).ok_or_else(bad)
 }
-

@@ -100,7 +100,12 @@ const MATRIX: [(&str, &str, &str, &str); 22] = [
     ("GET", "/api/boards", "/api/boards", "staff"),
     ("GET", "/api/boards/{board}", "/api/boards/sales", "staff"),
     ("GET", "/api/rules", "/api/rules", "marketer"),
-    ("GET", "/api/reports/{rule}", "/api/reports/welcome", "marketer"),
+    (
+        "GET",
+        "/api/reports/{rule}",
+        "/api/reports/welcome",
+        "marketer",
+    ),
     (
         "POST",
         "/api/rules/{name}/run",

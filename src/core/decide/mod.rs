@@ -165,6 +165,10 @@ impl Core<'_> {
         if let Err(e) = self.count_engagement(state, event, counters) {
             decision.counter_failure = Some(e);
         }
+        // Product rankings count every view, cart add and order, rule or not.
+        if let Err(e) = crate::domain::products::count_event(counters, event) {
+            decision.counter_failure.get_or_insert(e);
+        }
         self.credit(state, event, &mut decision);
         self.forward_event(event, &mut decision);
         let mut matching = self.rules.matching(ty).peekable();

@@ -216,6 +216,19 @@ impl CounterSource for StoreCounters {
         }
         self.keep(self.runtime.block_on(self.store.is_member(key, member)))
     }
+    fn list(&mut self, name: &str) -> Result<Vec<(String, f64)>, String> {
+        use crate::store::Products;
+        let mut rows: std::collections::BTreeMap<String, f64> = self
+            .keep(self.runtime.block_on(self.store.counter_family(name)))?
+            .into_iter()
+            .collect();
+        if let Some((chain, turn)) = &self.ahead {
+            for (period, stored) in chain.family(name, *turn) {
+                rows.insert(period, stored.value);
+            }
+        }
+        Ok(rows.into_iter().collect())
+    }
 }
 
 impl Pipeline {

@@ -9,6 +9,7 @@ pub mod batches;
 pub mod boards;
 pub mod history;
 pub mod outbox;
+pub mod products;
 pub mod reports;
 pub mod schedules;
 pub mod staff;
