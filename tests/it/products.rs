@@ -22,9 +22,9 @@ let top = popular("viewed", "day", 1);
 if top.len() == 1 && top[0].product_id == pid {
     emit("day_leader", #{ product_id: pid, views: top[0].count });
 }
-let with = bought_with(pid, 1);
-if with.len() == 1 && with[0].product_id < pid {
-    emit("paired_before", #{ product_id: pid, with: with[0].product_id });
+let partner = bought_with(pid, 1);
+if partner.len() == 1 && partner[0].product_id < pid {
+    emit("paired_before", #{ product_id: pid, partner: partner[0].product_id });
 }
 "#;
 
@@ -326,16 +326,25 @@ async fn product_rankings_equal_the_reference_live_in_backtest_and_replay(backen
         .filter(|r| r.rule == "product_pick")
         .map(|r| r.key.clone())
         .collect();
-    assert_eq!(
+    let (live, reference) = (
         picks(
             outbox
                 .iter()
                 .filter(|r| r.rule == "product_pick")
                 .map(|r| r.cause.clone())
-                .collect()
+                .collect(),
         ),
         picks(want.emits.iter().map(|e| e.1.clone()).collect()),
-        "live picks against the reference"
+    );
+    let differ: Vec<_> = live
+        .iter()
+        .chain(&reference)
+        .filter(|(k, _)| live.get(*k) != reference.get(*k))
+        .map(|(k, _)| (k, live.get(k), reference.get(k)))
+        .collect();
+    assert!(
+        differ.is_empty(),
+        "live picks against the reference: (event, live, reference): {differ:?}"
     );
     let env = app.stop().await;
     let store = nudge::app::open_store(&env.config).await.unwrap();
