@@ -377,6 +377,6 @@ mod tests {
                 }
             }
         }
-        assert_eq!(n, 22, "{doc:#}");
+        assert_eq!(n, 24, "{doc:#}");
     }
 }
