@@ -216,7 +216,7 @@ fn test_explains_a_task_for_an_unknown_team_and_says_the_config() {
         (Some("nudge.yaml"), Some(0)),
         "{v}"
     );
-    assert_eq!(v["passed"], 20, "{v}");
+    assert_eq!(v["passed"], 21, "{v}");
 }
 
 #[test]
