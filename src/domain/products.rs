@@ -12,6 +12,13 @@
 //! `products:with:month:<period key>:<product id>` (its rows: the products
 //! bought with it).
 //!
+//! **Bought with.** Each pair of distinct products of one order counts once
+//! for each other; and each product of an order counts once with each
+//! product the same client bought in an earlier order within
+//! `history.bought_together_days` (and not in this order) - by the client's
+//! [`MAX_RECENT_BUYS`] latest products bought, kept in their state. Both go
+//! to the month of the later order.
+//!
 //! **Bound.** A family admits at most [`TOP_K`] products ([`WITH_K`] for a
 //! product's bought-with): a product is admitted the first time it is
 //! counted in the period while the family has room; once the family is
@@ -27,8 +34,9 @@
 use super::bounds::value_as_key;
 use super::counters::{CounterKey, Counters, period_key};
 use super::event::Envelope;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Duration, Utc};
 use chrono_tz::Tz;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// The rankings of popularity, with the event each counts.
@@ -49,8 +57,18 @@ pub const WITH_K: usize = 50;
 /// order): an order pairs each with every other, so this bounds the work
 /// of one event to `MAX_ORDER_PRODUCTS²` counter changes.
 pub const MAX_ORDER_PRODUCTS: usize = 20;
+/// Most of a client's latest products bought kept for bought-together
+/// across orders: an order pairs each of its products with each of them.
+pub const MAX_RECENT_BUYS: usize = 20;
 /// Most entries one answer lists (rules and the API).
 pub const MAX_LIMIT: usize = 100;
+
+/// A product a client bought, and when (their latest order of it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecentBuy {
+    pub product: String,
+    pub at: DateTime<Utc>,
+}
 
 /// The ranking `kind` (`viewed`, `carted`, `bought`), checked.
 pub fn check_kind(kind: &str) -> Result<(), String> {
@@ -159,9 +177,16 @@ pub fn bump(
 }
 
 /// Counts an event into the rankings: each of its products in the kind's
-/// ranking for the day, week and month of `at`, and for an order, each
-/// pair of its products in each other's bought-with.
-pub fn count_event(counters: &mut Counters, event: &Envelope) -> Result<(), String> {
+/// ranking for the day, week and month of its time; for an order, each
+/// pair of its products in each other's bought-with, and each of its
+/// products with the client's `recent` buys within `window` before it
+/// (`recent` then notes this order's products).
+pub fn count_event(
+    counters: &mut Counters,
+    event: &Envelope,
+    recent: &mut Vec<RecentBuy>,
+    window: Duration,
+) -> Result<(), String> {
     let ty = event.event_type.as_str();
     let Some((kind, _)) = KINDS.iter().find(|(_, t)| *t == ty) else {
         return Ok(());
@@ -177,15 +202,41 @@ pub fn count_event(counters: &mut Counters, event: &Envelope) -> Result<(), Stri
             bump(counters, &family, p, 1.0, TOP_K)?;
         }
     }
-    if *kind == "bought" && products.len() > 1 {
-        let month = period_key(WITH_PERIOD, at, tz)?;
+    if *kind != "bought" {
+        return Ok(());
+    }
+    let month = period_key(WITH_PERIOD, at, tz)?;
+    let pair = |counters: &mut Counters, a: &str, b: &str| {
+        bump(counters, &with_family(a, &month), b, 1.0, WITH_K).map(|_| ())
+    };
+    for p in &products {
+        for other in products.iter().filter(|o| *o != p) {
+            pair(counters, p, other)?;
+        }
+    }
+    if window > Duration::zero() {
+        // Earlier orders within the window (an order that arrives late is
+        // paired with those after it as well).
+        let earlier: Vec<String> = recent
+            .iter()
+            .filter(|b| (at - b.at).abs() <= window && !products.contains(&b.product))
+            .map(|b| b.product.clone())
+            .collect();
         for p in &products {
-            let family = with_family(p, &month);
-            for other in products.iter().filter(|o| *o != p) {
-                bump(counters, &family, other, 1.0, WITH_K)?;
+            for q in &earlier {
+                pair(counters, p, q)?;
+                pair(counters, q, p)?;
             }
         }
     }
+    // This order's products become the newest; the oldest go beyond the bound.
+    recent.retain(|b| !products.contains(&b.product));
+    recent.extend(products.iter().map(|p| RecentBuy {
+        product: p.clone(),
+        at,
+    }));
+    let over = recent.len().saturating_sub(MAX_RECENT_BUYS);
+    recent.drain(..over);
     Ok(())
 }
 

@@ -36,7 +36,7 @@ fn rankings_equal_a_reference_count() {
     for i in 0..300usize {
         let p = format!("p{}", (i * i + 7) % 23);
         next += 1;
-        count_event(&mut c, &view(next, &p)).unwrap();
+        count_event(&mut c, &view(next, &p), &mut Vec::new(), Duration::zero()).unwrap();
         *views.entry(p).or_default() += 1.0;
         if i % 5 == 0 {
             // An order of 1 to 4 products, one repeated (counted once).
@@ -55,7 +55,7 @@ fn rankings_equal_a_reference_count() {
                 "2026-12-06T11:00:00Z",
                 json!({"items": lines}),
             );
-            count_event(&mut c, &order).unwrap();
+            count_event(&mut c, &order, &mut Vec::new(), Duration::zero()).unwrap();
             for a in &items {
                 *bought.entry(a.clone()).or_default() += 1.0;
                 for b in items.iter().filter(|b| *b != a) {
@@ -115,12 +115,30 @@ fn storage_stays_within_the_bound_for_100000_products() {
     // Every product viewed once, then the last ones (admitted nowhere) again:
     // the first TOP_K are admitted, in stream order.
     for i in 0..100_000usize {
-        count_event(&mut c, &view(i, &format!("p{i:06}"))).unwrap();
+        count_event(
+            &mut c,
+            &view(i, &format!("p{i:06}")),
+            &mut Vec::new(),
+            Duration::zero(),
+        )
+        .unwrap();
     }
     for i in 99_990..100_000usize {
-        count_event(&mut c, &view(200_000 + i, &format!("p{i:06}"))).unwrap();
+        count_event(
+            &mut c,
+            &view(200_000 + i, &format!("p{i:06}")),
+            &mut Vec::new(),
+            Duration::zero(),
+        )
+        .unwrap();
     }
-    count_event(&mut c, &view(300_000, "p000001")).unwrap();
+    count_event(
+        &mut c,
+        &view(300_000, "p000001"),
+        &mut Vec::new(),
+        Duration::zero(),
+    )
+    .unwrap();
     // One product bought with 100,000 others, two at a time.
     for i in 0..50_000usize {
         let items = json!([{"product_id": "hub"}, {"product_id": format!("q{:06}", 2 * i)},
@@ -131,7 +149,7 @@ fn storage_stays_within_the_bound_for_100000_products() {
             "2026-12-06T11:00:00Z",
             json!({"items": items}),
         );
-        count_event(&mut c, &order).unwrap();
+        count_event(&mut c, &order, &mut Vec::new(), Duration::zero()).unwrap();
     }
     let (writes, members) = c.writes();
     let mut rows: BTreeMap<&str, usize> = BTreeMap::new();
@@ -168,4 +186,48 @@ fn storage_stays_within_the_bound_for_100000_products() {
     let hub = bought_with(&mut c, "hub", at(), 100).unwrap();
     assert_eq!(hub.len(), WITH_K);
     assert_eq!(hub[0], ("q000000".to_string(), 1.0));
+}
+
+#[test]
+fn a_clients_orders_within_the_window_are_bought_together_and_their_memory_is_bounded() {
+    let mut c = Counters::new(Box::new(MemorySource::default()), Tz::UTC);
+    let mut recent = Vec::new();
+    let window = Duration::days(30);
+    let order = |id: usize, at: &str, items: &[&str]| {
+        let lines: Vec<Value> = items.iter().map(|p| json!({"product_id": p})).collect();
+        event(id, "order_placed", at, json!({"items": lines}))
+    };
+    let mut buy = |c: &mut Counters, id, at, items: &[&str]| {
+        count_event(c, &order(id, at, items), &mut recent, window).unwrap();
+    };
+    buy(&mut c, 1, "2026-12-01T10:00:00Z", &["a"]);
+    buy(&mut c, 2, "2026-12-05T10:00:00Z", &["b", "c"]);
+    // 40 days later: nothing recent enough.
+    buy(&mut c, 3, "2027-01-14T10:00:00Z", &["d"]);
+    buy(&mut c, 4, "2027-01-15T10:00:00Z", &["a", "d"]);
+    let with =
+        |c: &mut Counters, p: &str, at: &str| bought_with(c, p, at.parse().unwrap(), 10).unwrap();
+    let n = |v: &[(&str, f64)]| -> Vec<(String, f64)> {
+        v.iter().map(|(p, n)| (p.to_string(), *n)).collect()
+    };
+    assert_eq!(
+        with(&mut c, "a", "2026-12-31T00:00:00Z"),
+        n(&[("b", 1.0), ("c", 1.0)])
+    );
+    assert_eq!(
+        with(&mut c, "b", "2026-12-31T00:00:00Z"),
+        n(&[("a", 1.0), ("c", 1.0)])
+    );
+    // In January: a and d in one order (d also bought the day before, so
+    // not paired again across orders).
+    assert_eq!(with(&mut c, "a", "2027-01-20T00:00:00Z"), n(&[("d", 1.0)]));
+    assert_eq!(with(&mut c, "d", "2027-01-20T00:00:00Z"), n(&[("a", 1.0)]));
+    // The memory keeps the latest MAX_RECENT_BUYS products, oldest first.
+    for i in 0..30 {
+        let p = format!("x{i:02}");
+        buy(&mut c, 10 + i, "2027-01-16T10:00:00Z", &[p.as_str()]);
+    }
+    assert_eq!(recent.len(), MAX_RECENT_BUYS);
+    assert_eq!(recent[0].product, "x10");
+    assert_eq!(recent[MAX_RECENT_BUYS - 1].product, "x29");
 }

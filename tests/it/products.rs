@@ -31,8 +31,13 @@ if partner.len() == 1 && partner[0].product_id < pid {
 /// The history: `(event, kind, time, products)` in time (and publishing) order.
 struct Generated {
     events: Vec<Value>,
-    /// Per event: its ranking kind, time and products (distinct, in order).
-    facts: Vec<(&'static str, chrono::DateTime<chrono::Utc>, Vec<String>)>,
+    /// Per event: its ranking kind, time, products (distinct, in order) and client.
+    facts: Vec<(
+        &'static str,
+        chrono::DateTime<chrono::Utc>,
+        Vec<String>,
+        String,
+    )>,
 }
 
 fn generate() -> Generated {
@@ -97,7 +102,7 @@ fn generate() -> Generated {
             )
         };
         events.push(event(&id, ty, &client, &when, data, json!({})));
-        facts.push((kind, at, products));
+        facts.push((kind, at, products, client));
     }
     Generated { events, facts }
 }
@@ -118,7 +123,11 @@ fn reference(g: &Generated) -> Reference {
             .max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(a.0)))
             .map(|(p, _)| p.clone())
     };
-    for (i, (kind, at, products)) in g.facts.iter().enumerate() {
+    // Per client, the latest products bought (oldest first, at most 20):
+    // an order's products are bought together with those within 30 days
+    // (`history.bought_together_days`) that it does not hold.
+    let mut recent: BTreeMap<&str, Vec<(String, chrono::DateTime<chrono::Utc>)>> = BTreeMap::new();
+    for (i, (kind, at, products, client)) in g.facts.iter().enumerate() {
         for period in ["day", "week", "month"] {
             let family = format!("{kind}/{period}/{}", period_key(period, *at, tz).unwrap());
             for p in products {
@@ -131,15 +140,33 @@ fn reference(g: &Generated) -> Reference {
         }
         let month = period_key("month", *at, tz).unwrap();
         if *kind == "bought" {
+            let mine = recent.entry(client.as_str()).or_default();
+            let earlier: Vec<String> = mine
+                .iter()
+                .filter(|(p, t)| {
+                    (*at - *t).abs() <= chrono::Duration::days(30) && !products.contains(p)
+                })
+                .map(|(p, _)| p.clone())
+                .collect();
+            let mut pairs: Vec<(&String, &String)> = Vec::new();
             for a in products {
-                for b in products.iter().filter(|b| *b != a) {
-                    *counts
-                        .entry(format!("with/{month}/{a}"))
-                        .or_default()
-                        .entry(b.clone())
-                        .or_default() += 1.0;
+                pairs.extend(products.iter().filter(|b| *b != a).map(|b| (a, b)));
+                for b in &earlier {
+                    pairs.push((a, b));
+                    pairs.push((b, a));
                 }
             }
+            for (a, b) in pairs {
+                *counts
+                    .entry(format!("with/{month}/{a}"))
+                    .or_default()
+                    .entry(b.clone())
+                    .or_default() += 1.0;
+            }
+            mine.retain(|(p, _)| !products.contains(p));
+            mine.extend(products.iter().map(|p| (p.clone(), *at)));
+            let over = mine.len().saturating_sub(20);
+            mine.drain(..over);
         }
         if *kind == "viewed" {
             let id = format!("ev{i}");
