@@ -414,4 +414,72 @@ async fn product_rankings_equal_the_reference_live_in_backtest_and_replay(backen
     );
 }
 
-backend_tests!(product_rankings_equal_the_reference_live_in_backtest_and_replay);
+/// Over NATS: orders by others, then a client browsing long enough for the
+/// shipped `browse_discount`: the mail lists what others bought with the
+/// products the client viewed most, not the viewed ones themselves.
+async fn the_browse_discount_shows_what_others_bought_with_the_viewed_products(backend: Backend) {
+    use crate::helpers::{ago, registered_at};
+    let app = TestApp::spawn(backend).await;
+    app.publish(&registered_at("reg-bea", "bea", &ago(3 * 86_400)))
+        .await;
+    let order = |id: &str, client: &str, items: &[&str]| {
+        let lines: Vec<Value> = items
+            .iter()
+            .map(|p| json!({"product_id": p, "quantity": 1, "price": 10}))
+            .collect();
+        event(
+            id,
+            "order_placed",
+            client,
+            &ago(3700),
+            json!({"order_id": id, "channel": "online", "total": 10, "currency": "EUR", "items": lines}),
+            json!({}),
+        )
+    };
+    app.publish(&order("o1", "cy", &["chair-1", "lamp-9"]))
+        .await;
+    app.publish(&order(
+        "o2",
+        "di",
+        &["chair-1", "lamp-9", "desk-2", "vase-4"],
+    ))
+    .await;
+    app.publish(&order("o3", "ed", &["rug-7", "mug-3"])).await;
+    let view = |id: &str, secs: i64, product: &str| {
+        event(
+            id,
+            "product_viewed",
+            "bea",
+            &ago(secs),
+            json!({"product_id": product, "price": 10}),
+            json!({"session_id": "s1"}),
+        )
+    };
+    app.publish(&view("v1", 3600, "chair-1")).await;
+    app.publish(&view("v2", 3300, "desk-2")).await;
+    app.publish(&view("v3", 3600 - 16 * 60, "chair-1")).await;
+    let mails = app.wait_mails(2).await; // the welcome and the discount
+    let discount = mails
+        .iter()
+        .find(|m| m.header("X-Nudge-Template").as_deref() == Some("browse_discount"))
+        .unwrap_or_else(|| panic!("a browse_discount mail: {mails:#?}"));
+    assert_eq!(discount.to, "bea@example.com");
+    // Mail lines end in CRLF on the wire.
+    let text = discount.text.replace("\r\n", "\n");
+    assert!(
+        text.contains("also bought:\n  - lamp-9\n  - vase-4\n"),
+        "{text}"
+    );
+    assert!(
+        discount.html.contains("<li>lamp-9</li><li>vase-4</li>"),
+        "{}",
+        discount.html
+    );
+    assert!(!discount.text.contains("rug-7"), "{}", discount.text);
+    app.stop().await;
+}
+
+backend_tests!(
+    product_rankings_equal_the_reference_live_in_backtest_and_replay,
+    the_browse_discount_shows_what_others_bought_with_the_viewed_products,
+);
