@@ -479,7 +479,60 @@ async fn the_browse_discount_shows_what_others_bought_with_the_viewed_products(b
     app.stop().await;
 }
 
+/// Three `nudge run` processes share the stream (on SQLite one consumes and
+/// the others stand by): the rankings are as exact as with one.
+async fn three_instances_count_the_rankings_exactly(backend: Backend) {
+    use crate::helpers::{daemon_vars, spawn_daemon};
+    use nudge::store::{Batches, Products};
+    let env = TestEnv::new(backend).await;
+    std::fs::remove_file(env.rules_dir().join("idle_reminder.rhai")).unwrap();
+    env.create_stream().await;
+    let vars = daemon_vars(
+        &env,
+        &[
+            ("NUDGE__HTTP__LISTEN", "127.0.0.1:0"),
+            // Small batches, several in flight: instances race for the
+            // same ranking rows all the time.
+            ("NUDGE__NATS__BATCH_SIZE", "10"),
+            ("NUDGE__DATABASE__MAX_CONNECTIONS", "4"),
+        ],
+    );
+    let _daemons: Vec<_> = (0..3).map(|_| spawn_daemon(&vars)).collect();
+    let g = generate();
+    let want = reference(&g);
+    for e in &g.events {
+        env.publish(e).await;
+    }
+    let store = nudge::app::open_store(&env.config).await.unwrap();
+    let ids: Vec<nudge::domain::event::EventId> = g
+        .events
+        .iter()
+        .map(|e| {
+            nudge::domain::event::EventId::parse(e["id"].as_str().unwrap().to_string()).unwrap()
+        })
+        .collect();
+    let refs: Vec<&nudge::domain::event::EventId> = ids.iter().collect();
+    eventually(Duration::from_secs(120), "every event stored", || async {
+        (store.known_events(&refs).await.ok()?.len() == refs.len()).then_some(())
+    })
+    .await;
+    // Each batch writes its ranking rows with its events, in one transaction.
+    for (family, counts) in &want.counts {
+        let parts: Vec<&str> = family.split('/').collect();
+        let name = match parts[..] {
+            ["with", month, p] => nudge::domain::products::with_family(p, month),
+            [kind, period, key] => nudge::domain::products::popular_family(kind, period, key),
+            _ => unreachable!("{family}"),
+        };
+        let mut rows = store.counter_family(&name).await.unwrap();
+        rows.sort_by(|a, b| a.0.cmp(&b.0));
+        let expected: Vec<(String, f64)> = counts.iter().map(|(p, n)| (p.clone(), *n)).collect();
+        assert_eq!(rows, expected, "{family}");
+    }
+}
+
 backend_tests!(
     product_rankings_equal_the_reference_live_in_backtest_and_replay,
     the_browse_discount_shows_what_others_bought_with_the_viewed_products,
+    three_instances_count_the_rankings_exactly,
 );
