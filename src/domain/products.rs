@@ -28,8 +28,17 @@
 //! ranking is *approximate* only for a period with more distinct products
 //! than the bound, where a late newcomer can be missing. The admitted
 //! products are a distinct counter (`<family>#`), whose members are the
-//! family's rows: storage per period is at most `2 × TOP_K` rows per
-//! ranking and `2 × WITH_K` per product bought.
+//! family's rows: storage per period is at most `2 × TOP_K + 1` rows per
+//! ranking (counters and members) and `2 × WITH_K + 1` per product bought.
+//! Memory is one batch's touched rows, and a ranking read lists at most
+//! [`TOP_K`] rows.
+//!
+//! Reading a ranking (`popular()`, `bought_with()`) is exact within one
+//! instance: steps that use counters are decided in stream order, on the
+//! pending values of the batches before them. Across instances the read
+//! itself takes no part in the compare-and-swap (only the counting does),
+//! so a rule may decide on a ranking that misses another instance's
+//! concurrent change.
 
 use super::bounds::value_as_key;
 use super::counters::{CounterKey, Counters, period_key};
