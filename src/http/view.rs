@@ -104,7 +104,12 @@ pub fn client_360(
                 .template
                 .as_deref()
                 .and_then(|t| mail_content(ctx.templates, t, &m.vars, p.locale.as_deref()));
+            // What the mail's rule exposed the client to, and whether they
+            // converted since (the report's view of this one client).
+            let exposure = c.exposures.rows.iter().find(|e| e.rule == m.rule);
             json!({"rule": m.rule, "template": m.template, "status": m.status, "at": m.at,
+                   "variant": exposure.map(|e| e.group()).filter(|g| !g.is_empty()),
+                   "converted": exposure.and_then(|e| e.converted.as_ref()).map(|v| json!({"at": v.at, "revenue": v.revenue})),
                    "sent_at": m.sent_at, "error": m.last_error, "message_id": m.message_id,
                    "opened": seen(ctx.opened), "clicked": seen(ctx.clicked),
                    "subject": content.as_ref().map(|c| c.subject.clone()),
@@ -114,7 +119,19 @@ pub fn client_360(
         .collect();
     let mut sessions: Vec<Value> = c.sessions.current.iter().map(session).collect();
     sessions.extend(c.sessions.recent.iter().map(session));
+    let experiments: Vec<Value> = c
+        .exposures
+        .rows
+        .iter()
+        .map(|e| {
+            json!({"rule": e.rule, "experiment": e.experiment, "variant": e.variant,
+                   "group": e.group(), "exposed_at": e.at, "mails": e.mails,
+                   "opened": e.opened, "clicked": e.clicked,
+                   "goal": e.goal, "converted": e.converted})
+        })
+        .collect();
     json!({
+        "experiments": experiments,
         "client_id": c.client_id,
         "email": p.email,
         "first_name": p.first_name,

@@ -128,6 +128,21 @@ try {
   check("open tasks after", await page.locator("#tasks li[data-task-id]").count(), 0);
   await page.locator("#tasks li.muted", { hasText: "none" }).waitFor();
   check("status line", await page.locator("#status").innerText(), "");
+
+  // Reports (the token is an admin's, so a marketer's view shows): the
+  // welcome rule mailed this client, so its report counts them exposed.
+  const experiment = page.locator("#experiments li", { hasText: "rule welcome" });
+  await experiment.waitFor();
+  await page.locator("#report-rule option", { hasText: "welcome" }).first().waitFor({ state: "attached" });
+  await page.locator("#report-rule").selectOption("welcome");
+  await page.locator("#report-show").click();
+  const mailedRow = page.locator("#report tr").filter({ has: page.locator("td", { hasText: /^mailed$/ }) });
+  await mailedRow.waitFor();
+  const exposed = Number(await mailedRow.locator("td").nth(1).innerText());
+  if (!(exposed >= 1)) fail(`the welcome report counts ${exposed} exposed`);
+  if (!(await page.locator("#report", { hasText: "goal: order_placed within 14 days" }).count())) fail("the report does not show the rule's goal");
+  await checkWidths("reports");
+  log("report of welcome:", exposed, "exposed");
   if (pageErrors.length) fail(`errors in the page: ${pageErrors.join("; ")}`);
   console.log(`DONE ${taskId}`);
   await browser.close();

@@ -194,6 +194,29 @@ async fn three_instances_one_killed_midway_on_postgres() {
         .unwrap();
     assert_eq!(tasks.len(), BUYERS + 1);
 
+    // Exposures and conversions exact despite three writers and a kill: each
+    // client exposed once to the welcome (its first mail), each buyer
+    // converted by their first order, whose total is the revenue.
+    let report = nudge::tools::report::stored(&store, "welcome", None, None, None)
+        .await
+        .unwrap();
+    let own = &report.experiments[0].variants[0];
+    assert_eq!(
+        (own.exposed, own.mailed, own.converted),
+        (CLIENTS as u64, CLIENTS as u64, BUYERS as u64),
+        "{report:?}"
+    );
+    // Which order converts a buyer follows the order their orders were
+    // applied in: the first, unless a batch gave up waiting for an earlier
+    // one held by a slow instance (see `Pipeline::process_in_order`), so
+    // the revenue is bounded, not fixed, here.
+    let all_first = (BUYERS / 4) as f64 * 1500.0 + (BUYERS - BUYERS / 4) as f64 * 100.0;
+    assert!(
+        own.revenue <= all_first && own.revenue >= BUYERS as f64 * 100.0,
+        "{}",
+        own.revenue
+    );
+
     // Every welcome mail went out; a copy only for mails in flight at the kill.
     let (mails, by_id) = copies(&env);
     let welcomes: HashMap<&str, usize> = mails

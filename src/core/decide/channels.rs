@@ -107,18 +107,10 @@ impl Core<'_> {
             ));
         };
         if kind == TextKind::Marketing {
-            let sent = &state.stats.marketing_sent;
-            let within = |d: Duration| sent.iter().filter(|t| at - **t < d).count() as u32;
-            let s = self.settings;
-            for (cap, period, n) in [
-                (s.max_marketing_per_day, "day", within(Duration::days(1))),
-                (s.max_marketing_per_week, "week", within(Duration::days(7))),
-            ] {
-                if cap > 0 && n >= cap {
-                    return skip(format!(
-                        "the cap of {cap} marketing messages per {period} is reached"
-                    ));
-                }
+            if let Some((cap, period)) = self.marketing_cap_reached(state, at) {
+                return skip(format!(
+                    "the cap of {cap} marketing messages per {period} is reached"
+                ));
             }
             let st = &mut state.stats;
             st.marketing_sent.retain(|t| at - *t < Duration::days(7));

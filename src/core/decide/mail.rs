@@ -76,6 +76,25 @@ impl Core<'_> {
         })
     }
 
+    /// The marketing cap (`mail.max_marketing_per_day` / `_per_week`) the
+    /// client has reached at `at`, if any: mail and texts count together.
+    pub(super) fn marketing_cap_reached(
+        &self,
+        state: &ClientState,
+        at: DateTime<Utc>,
+    ) -> Option<(u32, &'static str)> {
+        let sent = &state.stats.marketing_sent;
+        let within = |d: Duration| sent.iter().filter(|t| at - **t < d).count() as u32;
+        let s = self.settings;
+        [
+            (s.max_marketing_per_day, "day", within(Duration::days(1))),
+            (s.max_marketing_per_week, "week", within(Duration::days(7))),
+        ]
+        .into_iter()
+        .find(|(cap, _, n)| *cap > 0 && n >= cap)
+        .map(|(cap, period, _)| (cap, period))
+    }
+
     /// Checks a mail request against what it needs now, so a mistake shows in
     /// the process log at decision time instead of as a failed send later.
     pub(super) fn mail(
@@ -103,23 +122,15 @@ impl Core<'_> {
                 format!("marketing mail `{template}` skipped: {why}"),
             ));
         }
-        if kind == MailKind::Marketing {
-            let sent = &state.stats.marketing_sent;
-            let within = |d: Duration| sent.iter().filter(|t| at - **t < d).count() as u32;
-            let s = self.settings;
-            for (cap, period, n) in [
-                (s.max_marketing_per_day, "day", within(Duration::days(1))),
-                (s.max_marketing_per_week, "week", within(Duration::days(7))),
-            ] {
-                if cap > 0 && n >= cap {
-                    return Err((
-                        Level::Notice,
-                        format!(
-                            "marketing mail `{template}` skipped: the cap of {cap} per {period} is reached"
-                        ),
-                    ));
-                }
-            }
+        if kind == MailKind::Marketing
+            && let Some((cap, period)) = self.marketing_cap_reached(state, at)
+        {
+            return Err((
+                Level::Notice,
+                format!(
+                    "marketing mail `{template}` skipped: the cap of {cap} per {period} is reached"
+                ),
+            ));
         }
         let Some(to) = p.email.clone() else {
             return Err((
