@@ -32,7 +32,19 @@ pub struct Stored {
 pub trait CounterSource: Send {
     fn load(&mut self, key: &CounterKey) -> Result<Stored, String>;
     fn is_member(&mut self, key: &CounterKey, member: &str) -> Result<bool, String>;
+    /// The rows of a counter family (every period of the counter `name`),
+    /// as `(period, value)`: for rankings ([`super::products`]). At most
+    /// [`MAX_FAMILY_ROWS`] rows.
+    fn list(&mut self, name: &str) -> Result<Vec<(String, f64)>, String> {
+        Err(format!(
+            "counter family {name:?} cannot be listed here: shared counters are not available"
+        ))
+    }
 }
+
+/// Most rows one family listing reads: rankings admit fewer
+/// ([`super::products::TOP_K`]), so this is only a guard.
+pub const MAX_FAMILY_ROWS: usize = 10_000;
 
 /// A counter changed by a batch, to be written if its version is unchanged.
 #[derive(Debug, Clone, PartialEq)]
@@ -161,6 +173,37 @@ impl Counters {
         Ok(e.1)
     }
 
+    /// True if `member` is in the distinct set, without adding it.
+    pub fn has_member(&mut self, key: &CounterKey, member: &str) -> Result<bool, String> {
+        self.uses += 1;
+        let pair = (key.clone(), member.to_string());
+        if self.members.contains(&pair) {
+            return Ok(true);
+        }
+        let found = self.source.is_member(key, member)?;
+        if found {
+            self.members.insert(pair);
+        }
+        Ok(found)
+    }
+
+    /// The rows of the counter family `name` as this batch sees them
+    /// (stored, then changed by the batch), by period. Reading a family
+    /// does not take part in the compare-and-swap (only the rows' own reads
+    /// do): steps that read one are still decided in stream order within an
+    /// instance, as every step that uses counters.
+    pub fn list(&mut self, name: &str) -> Result<Vec<(String, f64)>, String> {
+        self.uses += 1;
+        let mut rows: std::collections::BTreeMap<String, f64> =
+            self.source.list(name)?.into_iter().collect();
+        for (key, (_, now)) in &self.values {
+            if key.name == name {
+                rows.insert(key.period.clone(), *now);
+            }
+        }
+        Ok(rows.into_iter().collect())
+    }
+
     /// Adds `member` to the distinct set; true if it was not there. The
     /// counter's value is the number of members.
     pub fn add_distinct(&mut self, key: &CounterKey, member: &str) -> Result<bool, String> {
@@ -218,6 +261,15 @@ impl CounterSource for MemorySource {
     }
     fn is_member(&mut self, key: &CounterKey, member: &str) -> Result<bool, String> {
         Ok(self.members.contains(&(key.clone(), member.to_string())))
+    }
+    fn list(&mut self, name: &str) -> Result<Vec<(String, f64)>, String> {
+        Ok(self
+            .values
+            .iter()
+            .filter(|(k, _)| k.name == name)
+            .map(|(k, s)| (k.period.clone(), s.value))
+            .take(MAX_FAMILY_ROWS)
+            .collect())
     }
 }
 

@@ -245,6 +245,11 @@ pub struct Stats {
     /// Products bought, by product id: the `history.max_purchases` most bought.
     #[serde(default)]
     pub purchases: BTreeMap<String, Purchase>,
+    /// The client's latest products bought, oldest first, for product
+    /// rankings' bought-together ([`crate::domain::products`]): at most
+    /// [`crate::domain::products::MAX_RECENT_BUYS`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recent_buys: Vec<crate::domain::products::RecentBuy>,
     /// The last errors the client met (`error_occurred`), newest last.
     #[serde(default)]
     pub recent_errors: Vec<ErrorSeen>,

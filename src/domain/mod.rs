@@ -10,4 +10,5 @@ pub mod experiments;
 pub mod history;
 pub mod log;
 pub mod phone;
+pub mod products;
 pub mod settings;

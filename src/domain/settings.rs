@@ -34,6 +34,10 @@ pub struct HistoryConfig {
     /// Distinct order channels kept per client in `orders_by_channel` (the
     /// channel is free text).
     pub max_order_channels: NonZeroUsize,
+    /// Days within which two orders of one client count their products as
+    /// bought together (product rankings' bought-with); 0: only products
+    /// of the same order.
+    pub bought_together_days: u32,
 }
 
 impl Default for HistoryConfig {
@@ -44,6 +48,7 @@ impl Default for HistoryConfig {
             max_purchases: nz!(200),
             max_event_types: nz!(200),
             max_order_channels: nz!(20),
+            bought_together_days: 30,
         }
     }
 }
@@ -52,6 +57,11 @@ impl HistoryConfig {
     /// The business time zone (parsed when the configuration was loaded).
     pub fn business_tz(&self) -> Tz {
         self.business_timezone
+    }
+
+    /// The window of `bought_together_days`.
+    pub fn bought_together(&self) -> chrono::Duration {
+        chrono::Duration::days(i64::from(self.bought_together_days))
     }
 
     pub fn session_gap(&self) -> chrono::Duration {

@@ -147,6 +147,17 @@ impl Chain {
         (*b < turn).then_some(*s)
     }
 
+    /// The pending rows of the counter family `name` that batches in flight
+    /// before the `turn`-th wrote, as `(period, stored)`.
+    pub fn family(&self, name: &str, turn: u64) -> Vec<(String, Stored)> {
+        self.lock()
+            .counters
+            .iter()
+            .filter(|(k, (b, _))| k.name == name && *b < turn)
+            .map(|(k, (_, s))| (k.period.clone(), *s))
+            .collect()
+    }
+
     /// True if a batch in flight before the `turn`-th added `member` to the
     /// distinct counter.
     pub fn is_member(&self, key: &CounterKey, member: &str, turn: u64) -> bool {

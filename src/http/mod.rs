@@ -12,6 +12,7 @@ mod guard;
 mod ingest;
 mod marketing;
 mod ops;
+mod products;
 mod segment;
 mod serve;
 pub mod texts;
@@ -169,6 +170,8 @@ fn timed_api() -> OpenApiRouter<ApiState> {
         .routes(routes!(access::audit_log))
         .routes(routes!(boards::list_boards))
         .routes(routes!(boards::board))
+        .routes(routes!(products::popular))
+        .routes(routes!(products::bought_with))
 }
 
 /// `/api` routes that may take long: a rule run sweeps every client (cut
@@ -374,6 +377,6 @@ mod tests {
                 }
             }
         }
-        assert_eq!(n, 22, "{doc:#}");
+        assert_eq!(n, 24, "{doc:#}");
     }
 }

@@ -38,6 +38,7 @@ pub use queries::export::{Cell, ColType, Snapshot, Sql, StreamError};
 pub use queries::boards::Boards;
 pub use queries::history::History;
 pub use queries::outbox::Outbox;
+pub use queries::products::Products;
 pub use queries::reports::Reports;
 pub use queries::schedules::Schedules;
 pub use queries::staff::{Staff, erasure_hash};

@@ -354,6 +354,12 @@ impl crate::domain::counters::CounterSource for ReadOnlyCounters {
             .block_on(self.store.is_member(key, member))
             .map_err(|e| e.to_string())
     }
+    fn list(&mut self, name: &str) -> Result<Vec<(String, f64)>, String> {
+        use crate::store::Products;
+        self.runtime
+            .block_on(self.store.counter_family(name))
+            .map_err(|e| e.to_string())
+    }
 }
 
 /// Runs `rule` for the client's stored history at `at`, as a sweep of it

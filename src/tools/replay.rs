@@ -384,6 +384,17 @@ impl CounterSource for Turn {
         let shared = self.turns.wait_turn(self.shard, self.step);
         Ok(shared.members.contains(&(key.clone(), member.to_string())))
     }
+
+    fn list(&mut self, name: &str) -> Result<Vec<(String, f64)>, String> {
+        let shared = self.turns.wait_turn(self.shard, self.step);
+        Ok(shared
+            .values
+            .iter()
+            .filter(|(k, _)| k.name == name)
+            .map(|(k, v)| (k.period.clone(), *v))
+            .take(crate::domain::counters::MAX_FAMILY_ROWS)
+            .collect())
+    }
 }
 
 /// How far a walk got.

@@ -70,7 +70,7 @@ async fn call(
 
 /// Every `/api` route, with the least role it needs: the contract this test
 /// holds the server to (written out here, not read from the server).
-const MATRIX: [(&str, &str, &str, &str); 22] = [
+const MATRIX: [(&str, &str, &str, &str); 24] = [
     ("GET", "/api/whoami", "/api/whoami", "ingest"),
     ("POST", "/api/events", "/api/events", "ingest"),
     ("GET", "/api/openapi.json", "/api/openapi.json", "ingest"),
@@ -99,6 +99,18 @@ const MATRIX: [(&str, &str, &str, &str); 22] = [
     ("POST", "/api/live/ticket", "/api/live/ticket", "staff"),
     ("GET", "/api/boards", "/api/boards", "staff"),
     ("GET", "/api/boards/{board}", "/api/boards/sales", "staff"),
+    (
+        "GET",
+        "/api/products/popular",
+        "/api/products/popular",
+        "staff",
+    ),
+    (
+        "GET",
+        "/api/products/{id}/bought-with",
+        "/api/products/p1/bought-with",
+        "staff",
+    ),
     ("GET", "/api/rules", "/api/rules", "marketer"),
     (
         "GET",

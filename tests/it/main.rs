@@ -19,6 +19,7 @@ mod faults;
 mod ingest;
 mod layers;
 mod ordering;
+mod products;
 
 mod rejects;
 mod reload;

@@ -24,6 +24,7 @@ fn vars_for(template: &str) -> Map<String, Value> {
         "rank": 3,
         "valid_days": 7,
         "code": "THANKYOU10",
+        "also_bought": ["P-1001", "P-2040"],
         "promo_code": "SPRING24",
         "idle_days": 30,
         "team": "sales",

@@ -96,6 +96,9 @@ pub struct CoreSettings {
     pub global_control_percent: f64,
     /// Configured webhooks and what is forwarded to them (`channels`).
     pub channels: ChannelSettings,
+    /// `history.bought_together_days`: a client's orders this close pair
+    /// their products in the product rankings.
+    pub bought_together: Duration,
 }
 
 impl CoreSettings {
@@ -121,6 +124,7 @@ impl CoreSettings {
             max_marketing_per_week,
             global_control_percent: 0.0,
             channels: ChannelSettings::default(),
+            bought_together: history.bought_together(),
         }
     }
 
@@ -164,6 +168,15 @@ impl Core<'_> {
         let ty = event.event_type.as_str();
         if let Err(e) = self.count_engagement(state, event, counters) {
             decision.counter_failure = Some(e);
+        }
+        // Product rankings count every view, cart add and order, rule or not.
+        if let Err(e) = crate::domain::products::count_event(
+            counters,
+            event,
+            &mut state.stats.recent_buys,
+            self.settings.bought_together,
+        ) {
+            decision.counter_failure.get_or_insert(e);
         }
         self.credit(state, event, &mut decision);
         self.forward_event(event, &mut decision);

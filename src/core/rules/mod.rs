@@ -12,6 +12,7 @@ mod channels;
 mod experiments;
 pub mod limits;
 pub mod loader;
+pub mod products;
 pub mod settings;
 pub mod values;
 
@@ -146,6 +147,7 @@ impl RuleEngine {
         });
         api::register(&mut engine);
         boards::register(&mut engine);
+        products::register(&mut engine);
         Self {
             engine,
             limits: RunLimits::from_config(limits),

@@ -216,6 +216,24 @@ impl CounterSource for StoreCounters {
         }
         self.keep(self.runtime.block_on(self.store.is_member(key, member)))
     }
+    fn list(&mut self, name: &str) -> Result<Vec<(String, f64)>, String> {
+        use crate::store::Products;
+        // The pending rows first, then the database, as `load` does: a
+        // batch that commits in between has retired its rows by the time
+        // the database shows them, so none falls between the two reads.
+        let pending = match &self.ahead {
+            Some((chain, turn)) => chain.family(name, *turn),
+            None => Vec::new(),
+        };
+        let mut rows: std::collections::BTreeMap<String, f64> = self
+            .keep(self.runtime.block_on(self.store.counter_family(name)))?
+            .into_iter()
+            .collect();
+        for (period, stored) in pending {
+            rows.insert(period, stored.value);
+        }
+        Ok(rows.into_iter().collect())
+    }
 }
 
 impl Pipeline {

@@ -10,6 +10,7 @@ pub mod export;
 pub mod boards;
 pub mod history;
 pub mod outbox;
+pub mod products;
 pub mod reports;
 pub mod schedules;
 pub mod staff;
