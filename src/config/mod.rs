@@ -13,8 +13,8 @@
 //! from the whole file ([`CoreSettings::from_config`]), so neither layer
 //! imports the configuration.
 
-mod export;
 mod channels;
+mod export;
 mod http;
 mod ingest;
 mod load;
@@ -26,8 +26,8 @@ mod docs;
 
 pub use crate::core::rules::RulesConfig;
 pub use crate::domain::settings::HistoryConfig;
-pub use export::{Cron, ExportConfig, ExportFormat};
 pub use channels::{HttpUrl, SmsConfig, WebhookConfig, WebhookSecret, channel_settings};
+pub use export::{Cron, ExportConfig, ExportFormat};
 pub use http::{HttpConfig, PublicUrl, Role, TokenConfig, TokenDigest};
 pub use ingest::{IngestConfig, SegmentSource};
 pub use secret::{Secret, SecretUrl, redact};

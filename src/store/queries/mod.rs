@@ -6,8 +6,8 @@
 
 pub mod admin;
 pub mod batches;
-pub mod export;
 pub mod boards;
+pub mod export;
 pub mod history;
 pub mod outbox;
 pub mod products;
