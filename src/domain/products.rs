@@ -64,11 +64,15 @@ pub const TOP_K: usize = 1000;
 pub const WITH_K: usize = 50;
 /// Most distinct products of one order counted (the first ones, in item
 /// order): an order pairs each with every other, so this bounds the work
-/// of one event to `MAX_ORDER_PRODUCTS²` counter changes.
-pub const MAX_ORDER_PRODUCTS: usize = 20;
+/// of one event to `MAX_ORDER_PRODUCTS²` counter changes. Each change can
+/// be a database read when a batch first meets its row, and steps on shared
+/// counters hold back the ones after them: a client sending huge orders
+/// must not hold everyone else back (`faults::hostile_data`).
+pub const MAX_ORDER_PRODUCTS: usize = 10;
 /// Most of a client's latest products bought kept for bought-together
-/// across orders: an order pairs each of its products with each of them.
-pub const MAX_RECENT_BUYS: usize = 20;
+/// across orders: an order pairs each of its products with each of them,
+/// both ways (at most `2 × MAX_ORDER_PRODUCTS × MAX_RECENT_BUYS` changes).
+pub const MAX_RECENT_BUYS: usize = 10;
 /// Most entries one answer lists (rules and the API).
 pub const MAX_LIMIT: usize = 100;
 

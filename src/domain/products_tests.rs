@@ -228,6 +228,6 @@ fn a_clients_orders_within_the_window_are_bought_together_and_their_memory_is_bo
         buy(&mut c, 10 + i, "2027-01-16T10:00:00Z", &[p.as_str()]);
     }
     assert_eq!(recent.len(), MAX_RECENT_BUYS);
-    assert_eq!(recent[0].product, "x10");
+    assert_eq!(recent[0].product, format!("x{:02}", 30 - MAX_RECENT_BUYS));
     assert_eq!(recent[MAX_RECENT_BUYS - 1].product, "x29");
 }

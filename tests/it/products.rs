@@ -123,7 +123,7 @@ fn reference(g: &Generated) -> Reference {
             .max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(a.0)))
             .map(|(p, _)| p.clone())
     };
-    // Per client, the latest products bought (oldest first, at most 20):
+    // Per client, the latest products bought (oldest first, at most MAX_RECENT_BUYS):
     // an order's products are bought together with those within 30 days
     // (`history.bought_together_days`) that it does not hold.
     let mut recent: BTreeMap<&str, Vec<(String, chrono::DateTime<chrono::Utc>)>> = BTreeMap::new();
@@ -165,7 +165,9 @@ fn reference(g: &Generated) -> Reference {
             }
             mine.retain(|(p, _)| !products.contains(p));
             mine.extend(products.iter().map(|p| (p.clone(), *at)));
-            let over = mine.len().saturating_sub(20);
+            let over = mine
+                .len()
+                .saturating_sub(nudge::domain::products::MAX_RECENT_BUYS);
             mine.drain(..over);
         }
         if *kind == "viewed" {
