@@ -57,6 +57,11 @@ fn stamp(path: &Path) -> Option<(u64, Option<SystemTime>)> {
         .map(|m| (m.len(), m.modified().ok()))
 }
 
+/// How long the rule and template folders must stay unchanged before a
+/// change is loaded: far longer than a save takes, far shorter than the
+/// poll (`rules.reload_poll_ms`).
+const SETTLE: Duration = Duration::from_millis(50);
+
 struct Loaders {
     rules: RuleLoader,
     templates: TemplateLoader,
@@ -188,15 +193,29 @@ impl Catalog {
     }
 
     /// Reloads when a file changed since the last look. Returns whether it did.
+    ///
+    /// Only files at rest are taken: a save seen half written (an editor's
+    /// truncate-then-write, a copy in progress) would be refused for what
+    /// it is not, or worse, compile to something else. So the folders must
+    /// look the same after a short pause, and again after loading; else the
+    /// next look tries again.
     pub fn reload_if_changed(&self) -> bool {
         let mut l = self.loaders.lock().unwrap_or_else(|p| p.into_inner());
-        let now = fingerprint(&[l.rules.dir(), l.templates.dir()]);
+        let dirs = |l: &Loaders| fingerprint(&[l.rules.dir(), l.templates.dir()]);
+        let now = dirs(&l);
         if now == l.fingerprint {
             return false;
         }
-        l.fingerprint = now;
+        std::thread::sleep(SETTLE);
+        if dirs(&l) != now {
+            return false;
+        }
         let rule_set = l.rules.load();
         let template_set = l.templates.load();
+        if dirs(&l) != now {
+            return false;
+        }
+        l.fingerprint = now;
         for e in rule_set.errors.iter().chain(&template_set.errors) {
             tracing::error!("refused, keeping the last good version: {e}");
         }
