@@ -8,15 +8,24 @@ use crate::store::Boards;
 use chrono::NaiveDate;
 use std::collections::BTreeMap;
 
-/// The business timezone: the one counters and boards count days in.
-fn business_tz(s: &ApiState) -> chrono_tz::Tz {
+/// The business timezone: the one counters, boards and rankings count days in.
+pub(super) fn business_tz(s: &ApiState) -> chrono_tz::Tz {
     s.config
         .as_ref()
         .map_or(chrono_tz::Tz::UTC, |c| c.history.business_tz())
 }
 
-fn bad(message: String) -> ApiError {
+pub(super) fn bad(message: String) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, message)
+}
+
+/// `at`, a date in the business timezone `tz` (today when absent), checked.
+pub(super) fn date_at(at: Option<&str>, tz: chrono_tz::Tz) -> Result<NaiveDate, ApiError> {
+    match at {
+        None | Some("") => Ok(chrono::Utc::now().with_timezone(&tz).date_naive()),
+        Some(d) => NaiveDate::parse_from_str(d, "%Y-%m-%d")
+            .map_err(|e| bad(format!("at: {d:?} is not a date like 2026-12-06: {e}"))),
+    }
 }
 
 /// The boards in use, each with its most recent day.
@@ -74,11 +83,7 @@ pub(super) async fn board(
     boards::check_board(&board).map_err(bad)?;
     let tz = business_tz(&s);
     let kind = q.period.as_deref().unwrap_or("day");
-    let date = match q.at.as_deref() {
-        None | Some("") => chrono::Utc::now().with_timezone(&tz).date_naive(),
-        Some(d) => NaiveDate::parse_from_str(d, "%Y-%m-%d")
-            .map_err(|e| bad(format!("at: {d:?} is not a date like 2026-12-06: {e}")))?,
-    };
+    let date = date_at(q.at.as_deref(), tz)?;
     let period = boards::period_of(kind, date, tz).map_err(|e| bad(format!("period: {e}")))?;
     let limit = match q.limit.as_deref() {
         None | Some("") => 50,

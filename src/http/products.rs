@@ -2,21 +2,12 @@
 //! adds or purchases for a day, week or month, and the products most bought
 //! with one product in a month ([`crate::domain::products`]).
 
+use super::boards::{bad, business_tz, date_at};
 use super::*;
 use crate::domain::boards::period_of;
 use crate::domain::products::{self, MAX_LIMIT};
 use crate::store::Products;
 use chrono::NaiveDate;
-
-fn bad(message: String) -> ApiError {
-    ApiError(StatusCode::BAD_REQUEST, message)
-}
-
-fn business_tz(s: &ApiState) -> chrono_tz::Tz {
-    s.config
-        .as_ref()
-        .map_or(chrono_tz::Tz::UTC, |c| c.history.business_tz())
-}
 
 /// `at` (a date in the business timezone, today when absent) and `limit`
 /// (1 to 100, 10 when absent), checked.
@@ -25,13 +16,7 @@ fn date_and_limit(
     at: Option<&str>,
     limit: Option<&str>,
 ) -> Result<(NaiveDate, usize), ApiError> {
-    let date = match at {
-        None | Some("") => chrono::Utc::now()
-            .with_timezone(&business_tz(s))
-            .date_naive(),
-        Some(d) => NaiveDate::parse_from_str(d, "%Y-%m-%d")
-            .map_err(|e| bad(format!("at: {d:?} is not a date like 2026-12-06: {e}")))?,
-    };
+    let date = date_at(at, business_tz(s))?;
     let limit = match limit {
         None | Some("") => 10,
         Some(l) => l
