@@ -36,6 +36,10 @@ pub const MAX_LIMIT: usize = 500;
 /// Most rows read for one board period (members × groups × labels): beyond
 /// it a ranking is refused rather than read without bound.
 pub const MAX_ROWS: usize = 100_000;
+/// Most rows a ranking answer lists as its `parts` when asked (the wall page
+/// ranks feed changes itself from them); a period with more answers without,
+/// and the page reloads the ranking on each change instead.
+pub const MAX_PARTS: usize = 2_000;
 
 /// Who is ranked: the member, the group it counts for, how it is shown.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]

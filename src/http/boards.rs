@@ -3,7 +3,7 @@
 //! ranking full screen and follows the live feed.
 
 use super::*;
-use crate::domain::boards::{self, MAX_LIMIT, MAX_ROWS};
+use crate::domain::boards::{self, MAX_LIMIT, MAX_PARTS, MAX_ROWS};
 use crate::store::Boards;
 use chrono::NaiveDate;
 use std::collections::BTreeMap;
@@ -67,14 +67,18 @@ pub(super) struct BoardQuery {
     group: Option<String>,
     /// Lines: 1 to 500, 50 when absent.
     limit: Option<String>,
+    /// `true`: also the period's rows (of `group`, when given) as `parts:
+    /// [{member, group, label, score}]`, when there are at most 2,000; the
+    /// wall page ranks live changes itself from them.
+    parts: Option<String>,
 }
 
 /// A board's ranking: equal scores share a rank.
 #[utoipa::path(get, path = "/boards/{board}", tag = "staff",
     security(("bearer" = ["staff"])),
     params(("board" = String, Path, description = "the board's name"), BoardQuery),
-    responses((status = 200, description = "`{board, period, start, entries: [{rank, member, label, group, score}]}`; no entries for a board or period with none"),
-              (status = 400, description = "a bad board name, period, date, group or limit")))]
+    responses((status = 200, description = "`{board, period, key, start, group, groups, entries: [{rank, member, label, group, score}]}`, and `parts` when asked; no entries for a board or period with none"),
+              (status = 400, description = "a bad board name, period, date, group, limit or parts")))]
 pub(super) async fn board(
     State(s): State<ApiState>,
     Path(board): Path<String>,
@@ -97,6 +101,11 @@ pub(super) async fn board(
                 ))
             })?,
     };
+    let parts = match q.parts.as_deref() {
+        None | Some("" | "false") => false,
+        Some("true") => true,
+        Some(p) => return Err(bad(format!("parts: {p:?} is neither true nor false"))),
+    };
     let group = q.group.filter(|g| !g.is_empty());
     if let Some(g) = &group {
         boards::check_part("group", g, false).map_err(bad)?;
@@ -115,7 +124,7 @@ pub(super) async fn board(
     let mut groups: Vec<&str> = rows.iter().map(|(e, _)| e.group.as_str()).collect();
     groups.sort_unstable();
     groups.dedup();
-    Ok(Json(json!({
+    let mut answer = json!({
         "board": board,
         "period": period.kind,
         "key": period.key,
@@ -123,8 +132,17 @@ pub(super) async fn board(
         "group": group,
         "groups": groups,
         "entries": entries,
-    }))
-    .into_response())
+    });
+    if parts && rows.len() <= MAX_PARTS {
+        answer["parts"] = rows
+            .iter()
+            .filter(|(e, _)| group.as_ref().is_none_or(|g| *g == e.group))
+            .map(|(e, score)| {
+                json!({"member": e.member, "group": e.group, "label": e.label, "score": score})
+            })
+            .collect();
+    }
+    Ok(Json(answer).into_response())
 }
 
 /// The wall page: a board's ranking full screen, with team tabs, following

@@ -76,6 +76,18 @@ try {
 
   const shown = await Promise.all(open.map((p) => drawnAt(p, first)));
   console.log(`SHOWN ${JSON.stringify(shown)}`);
+  // When the feed brought each page the sale (its day score, which here
+  // is the member's whole score): the rest of SHOWN is the page's reload.
+  const fed = await Promise.all(open.map((p) => p.evaluate((m) => (window.boardFeed || []).find((c) => c.member === m)?.at ?? null, member)));
+  console.log(`FED ${JSON.stringify(fed)}`);
+  // The page drew the sale ranked by itself from the rows it had; the answer
+  // it reloaded next must rank the same.
+  for (const [i, p] of open.entries()) {
+    const h = await p.waitForFunction(() => window.boardRankedThere && [window.boardRankedHere, window.boardRankedThere], null, { timeout: WAIT, polling: 50 });
+    const line = (es) => JSON.stringify(es.map((e) => [e.rank, e.member, e.label, e.group, e.score]));
+    const [here, there] = (await h.jsonValue()).map(line);
+    if (here !== there) fail(`page ${i} ranked ${here}, nudge ${there}`);
+  }
 
   // The changed row flashed on every page: each page notes whether the row
   // it drew had the flash animation; on the first page it is still on.

@@ -229,6 +229,37 @@ async fn a_day_of_phone_sales_ranks_like_the_reference(backend: Backend) {
     let top = ranking(&app, &format!("at={DAY}&limit=3")).await;
     assert_eq!(top["entries"], json!(want[..3]));
     assert_eq!(ranking(&app, "at=2026-11-11").await["entries"], json!([]));
+    // The rows behind a ranking (the wall page ranks feed changes from them)
+    // add up to it, member by member, and keep to the group asked for.
+    for group in ["", "team-2"] {
+        let got = ranking(
+            &app,
+            &format!("at={DAY}&limit=500&parts=true&group={group}"),
+        )
+        .await;
+        let mut sums: std::collections::BTreeMap<String, f64> = Default::default();
+        for p in got["parts"].as_array().expect("parts") {
+            assert!(group.is_empty() || p["group"] == group, "{p}");
+            *sums
+                .entry(p["member"].as_str().unwrap().into())
+                .or_default() += p["score"].as_f64().unwrap();
+        }
+        let entries = got["entries"].as_array().unwrap();
+        assert_eq!(sums.len(), entries.len(), "{group:?}");
+        for e in entries {
+            let sum = sums[e["member"].as_str().unwrap()];
+            assert!(
+                (sum - e["score"].as_f64().unwrap()).abs() < 1e-6,
+                "{e}: {sum}"
+            );
+        }
+    }
+    assert!(
+        ranking(&app, &format!("at={DAY}"))
+            .await
+            .get("parts")
+            .is_none()
+    );
 
     let boards: Value = app.get("/api/boards").await.json().await.unwrap();
     assert_eq!(
@@ -241,6 +272,7 @@ async fn a_day_of_phone_sales_ranks_like_the_reference(backend: Backend) {
         "limit=0",
         "limit=501",
         "limit=ten",
+        "parts=yes",
         "group=",
     ] {
         let r = app.get(&format!("/api/boards/sales?{bad}")).await;

@@ -93,6 +93,7 @@ async fn api(app: &TestApp, path: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn staff_page_search_live_task_and_done_in_chromium() {
+    let _alone = crate::ALONE.lock().await;
     let tools = tools();
     let app = TestEnv::with_env(Backend::Sqlite, &[("NUDGE__HTTP__TOKEN", TOKEN)])
         .await
