@@ -353,63 +353,75 @@ impl Batch {
             suspect = ISOLATE_AFTER;
             turn.wait().await;
         }
-        loop {
-            let result = if suspect >= ISOLATE_AFTER {
-                // The batch keeps failing: find out whether one message
-                // is to blame rather than hold up the stream behind it.
-                pipeline
-                    .isolate(&incoming, self.floor.as_ref(), self.ack_wait)
-                    .await
-            } else {
-                pipeline
-                    .process_in_order(&incoming, self.floor.as_ref(), self.ack_wait, &mut turn)
-                    .await
-            };
-            match result {
-                Ok(report) => {
-                    turn.finish();
-                    pipeline.metrics().batch_ok();
-                    tracing::debug!(?report, "batch committed");
-                    for m in &held {
-                        if let Err(e) = m.ack().await {
-                            // Redelivered later and dropped as a duplicate.
-                            tracing::warn!(error = %e, "ack failed");
-                        }
-                    }
-                    if report.effects > 0 {
-                        self.wake.notify_one();
-                    }
-                    return;
+        // While the batch is in hand (deciding, waiting for earlier
+        // messages, retrying), every third of the ack wait: the broker is
+        // told it is still at work on them (so it does not hand them to
+        // another instance), and the window that its claim runs on (so
+        // batches waiting for them know their holder is alive).
+        let seqs: Vec<u64> = incoming.iter().filter_map(|m| m.stream_seq).collect();
+        let keep_claims = async {
+            loop {
+                tokio::time::sleep(self.ack_wait / 3).await;
+                for m in &held {
+                    let _ = m.ack_with(jetstream::AckKind::Progress).await;
                 }
-                Err(e) => {
-                    failures += 1;
-                    // An outage, contention or a fault an operator must
-                    // fix is not the batch's: retry it as it is, never take
-                    // it apart as if a message were poison.
-                    if e.is_poison() {
-                        suspect += 1;
-                    }
-                    pipeline.metrics().batch_failed(e.class(), &e.to_string());
-                    let pause = Duration::from_millis(200 * 2u64.pow(failures.min(6)));
-                    tracing::error!(error = %e, retry_in = ?pause, "batch not committed; will retry");
-                    let progress = async {
+                if let Err(e) = pipeline.renew_claims(&seqs, self.ack_wait).await {
+                    tracing::warn!(error = %e, "cannot renew the batch's claim in the window");
+                }
+            }
+        };
+        let work = async {
+            loop {
+                let result = if suspect >= ISOLATE_AFTER {
+                    // The batch keeps failing: find out whether one message
+                    // is to blame rather than hold up the stream behind it.
+                    pipeline
+                        .isolate(&incoming, self.floor.as_ref(), self.ack_wait)
+                        .await
+                } else {
+                    pipeline
+                        .process_in_order(&incoming, self.floor.as_ref(), self.ack_wait, &mut turn)
+                        .await
+                };
+                match result {
+                    Ok(report) => {
+                        turn.finish();
+                        pipeline.metrics().batch_ok();
+                        tracing::debug!(?report, "batch committed");
                         for m in &held {
-                            // Keep the messages ours while we wait.
-                            let _ = m.ack_with(jetstream::AckKind::Progress).await;
+                            if let Err(e) = m.ack().await {
+                                // Redelivered later and dropped as a duplicate.
+                                tracing::warn!(error = %e, "ack failed");
+                            }
                         }
-                    };
-                    tokio::select! {
-                        // With the broker away these can wait for ever.
-                        _ = self.cancel.cancelled() => return,
-                        _ = progress => {}
+                        if report.effects > 0 {
+                            self.wake.notify_one();
+                        }
+                        return;
                     }
-                    tokio::select! {
-                        // Not acked: the broker redelivers after ack_wait.
-                        _ = self.cancel.cancelled() => return,
-                        _ = tokio::time::sleep(pause) => {}
+                    Err(e) => {
+                        failures += 1;
+                        // An outage, contention or a fault an operator must
+                        // fix is not the batch's: retry it as it is, never take
+                        // it apart as if a message were poison.
+                        if e.is_poison() {
+                            suspect += 1;
+                        }
+                        pipeline.metrics().batch_failed(e.class(), &e.to_string());
+                        let pause = Duration::from_millis(200 * 2u64.pow(failures.min(6)));
+                        tracing::error!(error = %e, retry_in = ?pause, "batch not committed; will retry");
+                        tokio::select! {
+                            // Cancelled, not acked: the broker redelivers after ack_wait.
+                            _ = self.cancel.cancelled() => return,
+                            _ = tokio::time::sleep(pause) => {}
+                        }
                     }
                 }
             }
+        };
+        tokio::select! {
+            _ = work => {}
+            _ = keep_claims => {}
         }
     }
 }

@@ -71,6 +71,17 @@ pub struct WindowBlockers {
     /// The first message of any client still pending in another batch
     /// (`u64::MAX`: none): steps that use shared counters wait for it.
     pub first_pending: u64,
+    /// One of these pending messages (of these clients, or the first of
+    /// any) is held under a lease that ran out: its holder stopped renewing
+    /// it (it died, or is stuck). It still holds back what follows it, as
+    /// long as the waiting batch's patience lasts; the broker hands it to
+    /// another instance after `nats.ack_wait_secs`, which claims it anew.
+    pub stale: bool,
+    /// The latest lease among other batches' pending messages below the
+    /// limit: it moves whenever a live holder renews its claim, which tells
+    /// a batch waiting on a stale message that the instances before it are
+    /// still at work (the stale one may be queued behind them).
+    pub latest_lease: Option<DateTime<Utc>>,
 }
 
 /// Where a walk through the event log got to: `(stream_seq, id)`. The log

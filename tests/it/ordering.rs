@@ -664,7 +664,7 @@ async fn held_at_the_gate(
         let store = store.clone();
         async move {
             let b = store
-                .window_blockers(&["nobody"], 0, below, &[], chrono::Utc::now())
+                .window_blockers(&["nobody"], &[], 0, below, &[], chrono::Utc::now())
                 .await
                 .ok()?;
             (b.first_pending == first).then_some(())

@@ -781,7 +781,7 @@ async fn the_window_holds_back_other_batches_pending_messages_until_settled(back
         .await
         .unwrap();
     let blockers = store
-        .window_blockers(&["b"], 10, 14, &["x"], now)
+        .window_blockers(&["b"], &[], 10, 14, &["x"], now)
         .await
         .unwrap();
     assert_eq!(blockers.pending, [("x".to_string(), 11)]);
@@ -789,7 +789,7 @@ async fn the_window_holds_back_other_batches_pending_messages_until_settled(back
     assert_eq!(blockers.first_gap, 14);
     // A message nobody announced is a gap.
     let blockers = store
-        .window_blockers(&["b"], 10, 20, &["x"], now)
+        .window_blockers(&["b"], &[], 10, 20, &["x"], now)
         .await
         .unwrap();
     assert_eq!(blockers.first_gap, 14);
@@ -800,25 +800,57 @@ async fn the_window_holds_back_other_batches_pending_messages_until_settled(back
     };
     assert_eq!(commit(&store, settle).await, CommitOutcome::Committed);
     let blockers = store
-        .window_blockers(&["b"], 10, 14, &["x"], now)
+        .window_blockers(&["b"], &[], 10, 14, &["x"], now)
         .await
         .unwrap();
     assert!(blockers.pending.is_empty(), "{blockers:?}");
     assert_eq!(blockers.first_pending, u64::MAX);
-    // A lease that ran out holds nothing back either.
+    assert!(!blockers.stale);
+    // A lease that ran out still holds back, as stale (its holder stopped
+    // renewing it); a renewal makes it live again, and never shortens it.
+    let later = lease + Duration::seconds(1);
     let blockers = store
-        .window_blockers(&["c"], 10, 14, &["x"], lease + Duration::seconds(1))
+        .window_blockers(&["c"], &[], 10, 14, &["x"], later)
         .await
         .unwrap();
-    assert!(blockers.pending.is_empty(), "{blockers:?}");
+    assert_eq!(blockers.pending, [("x".to_string(), 13)]);
+    assert_eq!(blockers.first_pending, 13);
+    assert!(blockers.stale, "{blockers:?}");
+    store
+        .window_renew(&[13], later + Duration::seconds(30))
+        .await
+        .unwrap();
+    store.window_renew(&[13], now).await.unwrap();
+    let blockers = store
+        .window_blockers(&["c"], &[], 10, 14, &["x"], later)
+        .await
+        .unwrap();
+    assert!(!blockers.stale, "{blockers:?}");
+    // Another client's stale message is stale for these events only as
+    // the first pending (which steps using shared counters wait for).
+    store
+        .window_register("gone", &items(&[(14, "w")]), now)
+        .await
+        .unwrap();
+    let blockers = store
+        .window_blockers(&["c"], &[], 10, 15, &["x"], later)
+        .await
+        .unwrap();
+    assert!(!blockers.stale, "{blockers:?}");
+    let blockers = store
+        .window_blockers(&["b"], &[], 10, 15, &["x"], later)
+        .await
+        .unwrap();
+    assert_eq!(blockers.first_pending, 14);
+    assert!(blockers.stale, "{blockers:?}");
     // Trimmed to the ack floor: what it passed is forgotten, so the first
     // gap is counted from the floor.
     store.window_trim(13).await.unwrap();
     let blockers = store
-        .window_blockers(&["b"], 13, 20, &["x"], now)
+        .window_blockers(&["b"], &[], 13, 20, &["x"], now)
         .await
         .unwrap();
-    assert_eq!(blockers.first_gap, 14);
+    assert_eq!(blockers.first_gap, 15);
     let floor = BatchWrite {
         window_floor: Some(13),
         ..Default::default()

@@ -101,6 +101,83 @@ pub(super) fn next_owner() -> String {
     format!("{instance}-{}", NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
+/// How long a batch waits for earlier messages. A live holder renews its
+/// lease, so waiting for it is waiting for progress: unbounded but for a
+/// last resort of [`Patience::MAX_LEASES`] leases (a holder alive but stuck
+/// that long, in an outage say). What nobody alive holds is *stale*: a gap
+/// (a message pulled and never announced: its instance died first, or it
+/// waits in a busy instance's queue) or a lease that ran out. The broker
+/// hands such a message to another instance after its ack wait (the
+/// lease), which announces it again; so a stale wait that has seen no
+/// change for one and a half leases is given up. A change is the floor
+/// moving, what holds it back changing, or a holder of an earlier message
+/// renewing its claim: a message pulled by a live instance waits in its
+/// queue, unannounced, while the batches before it work, and those renew.
+pub(super) struct Patience {
+    lease: std::time::Duration,
+    started: tokio::time::Instant,
+    /// The floor and blockers last seen.
+    seen: Option<(u64, WindowBlockers)>,
+    stale_since: Option<tokio::time::Instant>,
+}
+
+impl Patience {
+    /// Leases a batch waits at most, even for a holder that renews.
+    pub(super) const MAX_LEASES: u32 = 10;
+
+    pub(super) fn new(lease: std::time::Duration) -> Self {
+        Self {
+            lease,
+            started: tokio::time::Instant::now(),
+            seen: None,
+            stale_since: None,
+        }
+    }
+
+    /// Whether to stop waiting, given what holds back the events below
+    /// `below` now, and why.
+    pub(super) fn exhausted(
+        &mut self,
+        floor: u64,
+        b: &WindowBlockers,
+        below: u64,
+    ) -> Option<GaveUp> {
+        let now = tokio::time::Instant::now();
+        let stale = b.stale || b.first_gap < below;
+        let changed = self
+            .seen
+            .as_ref()
+            .is_none_or(|(f, seen)| *f != floor || seen != b);
+        if !stale {
+            self.stale_since = None;
+        } else if changed || self.stale_since.is_none() {
+            self.stale_since = Some(now);
+        }
+        if changed {
+            self.seen = Some((floor, b.clone()));
+        }
+        if self
+            .stale_since
+            .is_some_and(|since| now - since >= self.lease * 3 / 2)
+        {
+            Some(GaveUp::Stale)
+        } else if now - self.started >= self.lease * Self::MAX_LEASES {
+            Some(GaveUp::LastResort)
+        } else {
+            None
+        }
+    }
+}
+
+/// Why a batch stopped waiting for earlier messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum GaveUp {
+    /// Held back by what nobody alive holds, unchanged, for 1.5 leases.
+    Stale,
+    /// Held back for [`Patience::MAX_LEASES`] leases, whoever holds it.
+    LastResort,
+}
+
 /// Where a batch of the stream stands in the consumer's window.
 pub(super) struct Window<'a> {
     owner: &'a str,
@@ -109,6 +186,18 @@ pub(super) struct Window<'a> {
 }
 
 impl Pipeline {
+    /// Renews this instance's claim on messages its batch still works on
+    /// (deciding, waiting for earlier ones, or retrying), so that batches
+    /// waiting for them know their holder is alive.
+    pub async fn renew_claims(
+        &self,
+        seqs: &[u64],
+        lease: std::time::Duration,
+    ) -> Result<(), BatchError> {
+        let until = Utc::now() + chrono::Duration::from_std(lease).unwrap_or_default();
+        Ok(self.store.window_renew(seqs, until).await?)
+    }
+
     /// Commits the messages one at a time, each in the stream's order like
     /// any batch (through the consumer's window: an earlier message of the
     /// same client in another batch still goes first). A message that alone
@@ -149,11 +238,14 @@ impl Pipeline {
     ///   client, is settled, and on the counters as they left (shared state
     ///   in stream order; the commit's compare-and-swap checks the values).
     ///
-    /// Parts of the batch commit as they become free. Waiting is bounded by
-    /// `max_wait` (half the lease): a message held that long by nobody alive
-    /// (an instance that died holding or pulling it) stops holding the rest,
-    /// which is logged and counted; the message is then decided when it is
-    /// redelivered, as a late event.
+    /// Parts of the batch commit as they become free. A batch waits for a
+    /// live holder as long as it takes: holders renew their claim while
+    /// they work (see `flow::ingest`), and the earliest message is always
+    /// free, so the wait ends. Waiting is bounded only for what nobody
+    /// alive holds ([`Patience`]): a message never announced, or whose
+    /// lease ran out, that held things back unchanged for one and a half
+    /// leases stops holding the rest, which is logged and counted; the
+    /// message is then decided when it is redelivered, as a late event.
     ///
     /// A batch with a chained [`Turn`] commits only after the batch before
     /// it in its sequence, and is decided while that one commits, on top of
@@ -186,6 +278,10 @@ impl Pipeline {
             })
             .collect();
         items.extend(p.unclaimed.iter().map(|s| (*s, None)));
+        // A message redelivered while its first copy still waited for a
+        // batch is in this batch twice: announced once.
+        items.sort_by_key(|(seq, client)| (*seq, client.is_none()));
+        items.dedup_by_key(|(seq, _)| *seq);
         let lease_until = Utc::now() + chrono::Duration::from_std(lease).unwrap_or_default();
         self.store
             .window_register(&owner, &items, lease_until)
@@ -220,7 +316,8 @@ impl Pipeline {
         // one, so that batches still commit in the order they were pulled.
         turn.wait().await;
 
-        let deadline = tokio::time::Instant::now() + lease / 2;
+        let mut patience = Patience::new(lease);
+        let mine: Vec<u64> = items.iter().map(|(seq, _)| *seq).collect();
         let mut pause = std::time::Duration::from_millis(1);
         let mut waiting = p.events;
         let mut rejected = p.rejected;
@@ -231,39 +328,38 @@ impl Pipeline {
             ..Default::default()
         };
         let mut trimmed = false;
-        let mut last_blockers: Option<(u64, WindowBlockers)> = None;
         // A step at this sequence used shared counters and waits for every
         // message before it: the events from it on are not decided again
         // until the cut has passed it.
         let mut shared_wait: Option<u64> = None;
         while !waiting.is_empty() || !rejected.is_empty() || !settled_free.is_empty() {
-            let (mut ready, held, cut) = if tokio::time::Instant::now() >= deadline {
-                self.give_up_waiting(&waiting, last_blockers.as_ref());
-                (std::mem::take(&mut waiting), Vec::new(), None)
-            } else {
-                let floor = floor
-                    .floor()
-                    .await
-                    .map_err(|e| BatchError::Transient(Cause::AckFloor(e)))?;
-                if !trimmed {
-                    self.store.window_trim(floor).await?;
-                    trimmed = true;
-                }
-                let below = waiting
-                    .iter()
-                    .filter_map(|e| e.stream_seq)
-                    .max()
-                    .map_or(0, |s| s + 1);
-                let clients = clients_of(&waiting);
-                let blockers = self
-                    .store
-                    .window_blockers(&[&owner], floor, below, &clients, Utc::now())
-                    .await?;
-                let (ready, held) = split_free(std::mem::take(&mut waiting), &blockers);
-                let cut = shared_cut(&blockers, &held);
-                last_blockers = Some((floor, blockers));
-                (ready, held, Some(cut))
-            };
+            let floor = floor
+                .floor()
+                .await
+                .map_err(|e| BatchError::Transient(Cause::AckFloor(e)))?;
+            if !trimmed {
+                self.store.window_trim(floor).await?;
+                trimmed = true;
+            }
+            let below = waiting
+                .iter()
+                .filter_map(|e| e.stream_seq)
+                .max()
+                .map_or(0, |s| s + 1);
+            let clients = clients_of(&waiting);
+            let blockers = self
+                .store
+                .window_blockers(&[&owner], &mine, floor, below, &clients, Utc::now())
+                .await?;
+            let (mut ready, held, cut) =
+                if let Some(why) = patience.exhausted(floor, &blockers, below) {
+                    self.give_up_waiting(why, &waiting, &(floor, blockers));
+                    (std::mem::take(&mut waiting), Vec::new(), None)
+                } else {
+                    let (ready, held) = split_free(std::mem::take(&mut waiting), &blockers);
+                    let cut = shared_cut(&blockers, &held);
+                    (ready, held, Some(cut))
+                };
             waiting = held;
             // Still short of the step that waits for the messages before it.
             if let (Some(cut), Some(at)) = (cut, shared_wait) {
@@ -324,34 +420,47 @@ impl Pipeline {
     /// Says why held events are applied without waiting longer, and counts it.
     pub(super) fn give_up_waiting(
         &self,
+        why: GaveUp,
         waiting: &[StoredEvent],
-        last: Option<&(u64, WindowBlockers)>,
+        last: &(u64, WindowBlockers),
     ) {
         let first_held = waiting.iter().filter_map(|e| e.stream_seq).min();
-        let gap = last.is_some_and(|(_, b)| {
-            first_held.is_some_and(|h| b.first_gap <= h)
-                && b.first_gap < b.first_pending
-                && b.pending.is_empty()
-        });
-        if gap {
-            tracing::warn!(
-                held = waiting.len(),
-                ?first_held,
-                blockers = ?last,
-                "gave up waiting for an earlier message nobody announced (an instance died \
-                 holding it?): applying the held events now; that message is decided when \
-                 it is redelivered, after them"
-            );
-            self.metrics.order_gap_expired();
-        } else {
-            tracing::warn!(
-                held = waiting.len(),
-                ?first_held,
-                blockers = ?last,
-                "gave up waiting for earlier messages held by another batch whose lease runs on: \
-                 applying the held events now, in stream order among themselves"
-            );
-            self.metrics.order_wait_expired();
+        let blockers = &last.1;
+        let gap = first_held.is_some_and(|h| blockers.first_gap <= h);
+        match why {
+            GaveUp::Stale if gap => {
+                tracing::warn!(
+                    held = waiting.len(),
+                    ?first_held,
+                    ?last,
+                    "gave up waiting for an earlier message nobody announced for one and a half \
+                     nats.ack_wait_secs (an instance died holding it?): applying the held events \
+                     now; that message is decided when it is redelivered, after them"
+                );
+                self.metrics.order_gap_expired();
+            }
+            GaveUp::Stale => {
+                tracing::warn!(
+                    held = waiting.len(),
+                    ?first_held,
+                    ?last,
+                    "gave up waiting for earlier messages whose holder stopped renewing its claim \
+                     one and a half nats.ack_wait_secs ago: applying the held events now, in \
+                     stream order among themselves"
+                );
+                self.metrics.order_wait_expired();
+            }
+            GaveUp::LastResort => {
+                tracing::warn!(
+                    held = waiting.len(),
+                    ?first_held,
+                    ?last,
+                    "gave up waiting for earlier messages still held after ten nats.ack_wait_secs \
+                     (their holder renews its claim but does not commit): applying the held \
+                     events now, in stream order among themselves"
+                );
+                self.metrics.order_wait_expired();
+            }
         }
     }
 
@@ -429,9 +538,10 @@ impl Pipeline {
         };
         let owners: Vec<&str> = owners.iter().map(String::as_str).collect();
         let clients = clients_of(events);
+        let mine: Vec<u64> = events.iter().filter_map(|e| e.stream_seq).collect();
         let blockers = self
             .store
-            .window_blockers(&owners, floor, below + 1, &clients, Utc::now())
+            .window_blockers(&owners, &mine, floor, below + 1, &clients, Utc::now())
             .await?;
         let shared_free = shared.is_none_or(|s| s < shared_cut(&blockers, &[]));
         Ok((shared_free && held_from(events, &blockers).is_empty()).then_some(floor))
@@ -465,6 +575,8 @@ mod tests {
             first_gap: u64::MAX,
             pending: vec![("c".into(), 289)],
             first_pending: 289,
+            stale: false,
+            latest_lease: None,
         };
         let (free, held) = split_free(events, &blockers);
         assert_eq!(free.len(), 1);
@@ -479,6 +591,8 @@ mod tests {
             first_gap: u64::MAX,
             pending: vec![("c".into(), 290), ("c".into(), 291)],
             first_pending: 290,
+            stale: false,
+            latest_lease: None,
         };
         assert!(held_from(&events, &blockers).is_empty());
     }
@@ -507,6 +621,8 @@ mod tests {
             first_gap: 500,
             pending: Vec::new(),
             first_pending: 300,
+            stale: false,
+            latest_lease: None,
         };
         assert_eq!(shared_cut(&blockers, &[]), 300);
         assert_eq!(shared_cut(&blockers, &[stored("h", "c", 250)]), 250);
@@ -514,7 +630,79 @@ mod tests {
             first_gap: u64::MAX,
             pending: Vec::new(),
             first_pending: u64::MAX,
+            stale: false,
+            latest_lease: None,
         };
         assert_eq!(shared_cut(&free, &[]), u64::MAX);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn patience_outlasts_live_holders_and_gives_up_on_stale_ones() {
+        use std::time::Duration;
+        let t0 = Utc::now();
+        let lease = Duration::from_secs(10);
+        let step = |s| tokio::time::advance(Duration::from_secs(s));
+        let live = WindowBlockers {
+            first_gap: u64::MAX,
+            pending: vec![("c".into(), 5)],
+            first_pending: 5,
+            stale: false,
+            latest_lease: Some(t0),
+        };
+        let stale = WindowBlockers {
+            stale: true,
+            ..live.clone()
+        };
+
+        // A holder that renews is waited for, past any stale bound...
+        let mut p = Patience::new(lease);
+        assert_eq!(p.exhausted(0, &live, 9), None);
+        step(60).await;
+        assert_eq!(p.exhausted(0, &live, 9), None);
+        // ...but not for ever.
+        step(40).await;
+        assert_eq!(p.exhausted(0, &live, 9), Some(GaveUp::LastResort));
+
+        // Stale and unchanged: one and a half leases from when it went stale.
+        let mut p = Patience::new(lease);
+        step(5).await;
+        assert_eq!(p.exhausted(0, &live, 9), None);
+        assert_eq!(p.exhausted(0, &stale, 9), None);
+        step(14).await;
+        assert_eq!(p.exhausted(0, &stale, 9), None);
+        step(1).await;
+        assert_eq!(p.exhausted(0, &stale, 9), Some(GaveUp::Stale));
+
+        // A renewal by a holder of an earlier message, or the floor moving,
+        // starts the count again.
+        let mut p = Patience::new(lease);
+        assert_eq!(p.exhausted(0, &stale, 9), None);
+        step(14).await;
+        let renewed = WindowBlockers {
+            latest_lease: Some(t0 + chrono::Duration::seconds(3)),
+            ..stale.clone()
+        };
+        assert_eq!(p.exhausted(0, &renewed, 9), None);
+        step(14).await;
+        assert_eq!(p.exhausted(1, &renewed, 9), None);
+        step(14).await;
+        assert_eq!(p.exhausted(1, &renewed, 9), None);
+        step(1).await;
+        assert_eq!(p.exhausted(1, &renewed, 9), Some(GaveUp::Stale));
+
+        // A gap below the held events is stale: nobody announced it.
+        let gap = WindowBlockers {
+            first_gap: 7,
+            ..live.clone()
+        };
+        let mut p = Patience::new(lease);
+        assert_eq!(p.exhausted(0, &gap, 9), None);
+        step(15).await;
+        assert_eq!(p.exhausted(0, &gap, 9), Some(GaveUp::Stale));
+        // Above them, it holds nothing back.
+        let mut p = Patience::new(lease);
+        assert_eq!(p.exhausted(0, &gap, 7), None);
+        step(15).await;
+        assert_eq!(p.exhausted(0, &gap, 7), None);
     }
 }

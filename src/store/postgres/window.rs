@@ -38,11 +38,13 @@ pub(crate) async fn register(
 pub(crate) async fn blockers(
     store: &PgDb,
     owners: &[&str],
+    mine: &[u64],
     floor: u64,
     below: u64,
     clients: &[&str],
     now: DateTime<Utc>,
 ) -> Result<WindowBlockers, StoreError> {
+    let mine: Vec<i64> = mine.iter().map(|s| *s as i64).collect();
     // NULL: every sequence from the floor to `below` is known.
     let first_gap: Option<i64> = sqlx::query_scalar(
         "SELECT MIN(s + 1) FROM (SELECT $1::bigint AS s UNION ALL \
@@ -55,38 +57,69 @@ pub(crate) async fn blockers(
     .await
     .map_err(db("reading the window"))?;
     let rows = sqlx::query(
-        "SELECT client_id, seq FROM inflight WHERE NOT done AND owner <> ALL($1) \
-         AND lease_until > $2 AND seq < $3 AND client_id = ANY($4) AND seq > $5",
+        "SELECT client_id, seq, lease_until <= $2 FROM inflight WHERE NOT done \
+         AND owner <> ALL($1) AND seq < $3 AND client_id = ANY($4) AND seq > $5 \
+         AND seq <> ALL($6)",
     )
     .bind(owners)
     .bind(now)
     .bind(below as i64)
     .bind(clients)
     .bind(floor as i64)
+    .bind(&mine)
     .fetch_all(&store.pool)
     .await
     .map_err(db("reading the window"))?;
     // Any client's: steps that use shared counters wait for every
     // earlier message, not only their clients' own.
-    let first_pending: Option<i64> = sqlx::query_scalar(
-        "SELECT MIN(seq) FROM inflight WHERE NOT done AND owner <> ALL($1) \
-         AND lease_until > $2 AND seq < $3 AND seq > $4",
+    // The first pending, whether its lease ran out, and the latest lease of all.
+    let first_pending: Option<(i64, bool, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT seq, lease_until <= $2, MAX(lease_until) OVER () FROM inflight \
+         WHERE NOT done AND owner <> ALL($1) \
+         AND seq < $3 AND seq > $4 AND seq <> ALL($5) ORDER BY seq LIMIT 1",
     )
     .bind(owners)
     .bind(now)
     .bind(below as i64)
     .bind(floor as i64)
-    .fetch_one(&store.pool)
+    .bind(&mine)
+    .fetch_optional(&store.pool)
     .await
     .map_err(db("reading the window"))?;
+    let stale =
+        rows.iter().any(|r| r.get::<bool, _>(2)) || first_pending.is_some_and(|(_, e, _)| e);
     Ok(WindowBlockers {
         first_gap: first_gap.map_or(u64::MAX, |g| g as u64),
         pending: rows
             .into_iter()
             .map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1) as u64))
             .collect(),
-        first_pending: first_pending.map_or(u64::MAX, |s| s as u64),
+        first_pending: first_pending.map_or(u64::MAX, |(s, _, _)| s as u64),
+        stale,
+        latest_lease: first_pending.map(|(_, _, l)| l),
     })
+}
+
+pub(crate) async fn renew(
+    store: &PgDb,
+    seqs: &[u64],
+    lease_until: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let seqs: Vec<i64> = seqs.iter().map(|s| *s as i64).collect();
+    let mut tx = advisory_tx(store).await?;
+    sqlx::query(
+        "UPDATE inflight SET lease_until = GREATEST(lease_until, $2) \
+         WHERE seq = ANY($1) AND NOT done",
+    )
+    .bind(&seqs)
+    .bind(lease_until)
+    .execute(&mut *tx)
+    .await
+    .map_err(db("renewing the window's leases"))?;
+    tx.commit()
+        .await
+        .map_err(db("renewing the window's leases"))?;
+    Ok(())
 }
 
 pub(crate) async fn trim(store: &PgDb, floor: u64) -> Result<(), StoreError> {

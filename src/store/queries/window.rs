@@ -31,13 +31,23 @@ pub trait Window {
         items: &[(u64, Option<String>)],
         lease_until: DateTime<Utc>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Extends the lease on these messages to `lease_until` (never
+    /// shortens it), unless settled: their batch is still at work on them.
+    fn window_renew(
+        &self,
+        seqs: &[u64],
+        lease_until: DateTime<Utc>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
     /// What holds back this batch's events of `clients` below `below`, given
-    /// the stream's ack `floor`; leases that ran out hold nothing back, and
-    /// neither do the messages of `owners` (the batch itself, and the
-    /// batches it commits after).
+    /// the stream's ack `floor`: every earlier message not settled, whoever
+    /// holds it, but those of `owners` (the batch itself, and the batches it
+    /// commits after) and the batch's own messages `mine` (a copy of one
+    /// redelivered to another batch meanwhile is no earlier message); a
+    /// lease that ran out is reported as `stale`.
     fn window_blockers(
         &self,
         owners: &[&str],
+        mine: &[u64],
         floor: u64,
         below: u64,
         clients: &[&str],
@@ -74,18 +84,33 @@ impl Window for AnyStore {
         }
     }
 
+    async fn window_renew(
+        &self,
+        seqs: &[u64],
+        lease_until: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        match &self.0 {
+            Db::Sqlite(s) => {
+                s.window.renew(seqs, lease_until);
+                Ok(())
+            }
+            Db::Postgres(s) => postgres::window::renew(s, seqs, lease_until).await,
+        }
+    }
+
     async fn window_blockers(
         &self,
         owners: &[&str],
+        mine: &[u64],
         floor: u64,
         below: u64,
         clients: &[&str],
         now: DateTime<Utc>,
     ) -> Result<WindowBlockers, StoreError> {
         match &self.0 {
-            Db::Sqlite(s) => Ok(s.window.blockers(owners, floor, below, clients, now)),
+            Db::Sqlite(s) => Ok(s.window.blockers(owners, mine, floor, below, clients, now)),
             Db::Postgres(s) => {
-                postgres::window::blockers(s, owners, floor, below, clients, now).await
+                postgres::window::blockers(s, owners, mine, floor, below, clients, now).await
             }
         }
     }

@@ -61,10 +61,23 @@ impl MemoryWindow {
         }
     }
 
+    /// See [`crate::store::Window::window_renew`].
+    pub fn renew(&self, seqs: &[u64], lease_until: DateTime<Utc>) {
+        let mut slots = self.slots.lock().expect("window lock");
+        for seq in seqs {
+            if let Some(slot) = slots.get_mut(seq)
+                && !slot.done
+            {
+                slot.lease_until = slot.lease_until.max(lease_until);
+            }
+        }
+    }
+
     /// See [`crate::store::Window::window_blockers`].
     pub fn blockers(
         &self,
         owners: &[&str],
+        mine: &[u64],
         floor: u64,
         below: u64,
         clients: &[&str],
@@ -87,16 +100,25 @@ impl MemoryWindow {
         let clients: HashSet<&str> = clients.iter().copied().collect();
         let mut first_pending = u64::MAX;
         let mut pending = Vec::new();
+        let mut stale = false;
+        let mut latest_lease: Option<DateTime<Utc>> = None;
         if below > floor + 1 {
-            let others = slots.range(floor + 1..below).filter(|(_, slot)| {
-                !slot.done && slot.lease_until > now && !owners.contains(&slot.owner.as_str())
+            let others = slots.range(floor + 1..below).filter(|(seq, slot)| {
+                !slot.done && !owners.contains(&slot.owner.as_str()) && !mine.contains(seq)
             });
             for (seq, slot) in others {
-                first_pending = first_pending.min(*seq);
+                let expired = slot.lease_until <= now;
+                latest_lease = latest_lease.max(Some(slot.lease_until));
+                if first_pending == u64::MAX {
+                    // In order: the first is the first pending.
+                    first_pending = *seq;
+                    stale |= expired;
+                }
                 if let Some(client) = slot.client.as_deref()
                     && clients.contains(client)
                 {
                     pending.push((client.to_string(), *seq));
+                    stale |= expired;
                 }
             }
         }
@@ -104,6 +126,8 @@ impl MemoryWindow {
             first_gap,
             pending,
             first_pending,
+            stale,
+            latest_lease,
         }
     }
 
@@ -152,12 +176,15 @@ mod tests {
         let later = Utc::now() + chrono::Duration::seconds(30);
         w.register("a", &items(&[(11, "x"), (13, "y")]), later);
         let now = Utc::now();
-        assert_eq!(w.blockers(&["a"], 10, 20, &[], now).first_gap, 12);
-        assert_eq!(w.blockers(&["a"], 12, 20, &[], now).first_gap, 14);
-        assert_eq!(w.blockers(&["a"], 10, 12, &[], now).first_gap, 12);
+        assert_eq!(w.blockers(&["a"], &[], 10, 20, &[], now).first_gap, 12);
+        assert_eq!(w.blockers(&["a"], &[], 12, 20, &[], now).first_gap, 14);
+        assert_eq!(w.blockers(&["a"], &[], 10, 12, &[], now).first_gap, 12);
         // Everything from the floor up to the limit is known: no gap.
-        assert_eq!(w.blockers(&["a"], 10, 11, &[], now).first_gap, u64::MAX);
-        assert_eq!(w.blockers(&["a"], 9, 10, &[], now).first_gap, 10);
+        assert_eq!(
+            w.blockers(&["a"], &[], 10, 11, &[], now).first_gap,
+            u64::MAX
+        );
+        assert_eq!(w.blockers(&["a"], &[], 9, 10, &[], now).first_gap, 10);
     }
 
     #[test]
@@ -172,18 +199,46 @@ mod tests {
             &items(&[(5, "x")]),
             now - chrono::Duration::seconds(1),
         );
-        let b = w.blockers(&["c"], 0, 10, &["x"], now);
-        assert_eq!(b.pending, vec![("x".to_string(), 1), ("x".to_string(), 3)]);
+        // A lease that ran out still holds back, and says it is stale.
+        let b = w.blockers(&["c"], &[], 0, 10, &["x"], now);
+        assert_eq!(
+            b.pending,
+            vec![
+                ("x".to_string(), 1),
+                ("x".to_string(), 3),
+                ("x".to_string(), 5)
+            ]
+        );
+        assert!(b.stale);
+        assert!(!w.blockers(&["c"], &[], 0, 5, &["x"], now).stale);
+        // Renewed, it is live again; a renewal never shortens a lease.
+        w.renew(&[5], later);
+        w.renew(&[1], now);
+        assert!(!w.blockers(&["c"], &[], 0, 10, &["x"], now).stale);
+        // Another client's stale message is stale only when it is the first
+        // pending (which shared steps wait for).
+        w.register("gone", &items(&[(6, "w")]), now);
+        assert!(!w.blockers(&["c"], &[], 0, 10, &["x"], now).stale);
+        assert!(
+            w.blockers(&["a", "b", "dead"], &[], 0, 10, &["x"], now)
+                .stale
+        );
+        // A copy of the batch's own message held by another batch (it was
+        // redelivered there meanwhile) holds nothing back, shared steps
+        // included.
+        let b = w.blockers(&["b", "dead", "gone"], &[1], 0, 10, &["x"], now);
+        assert!(b.pending.is_empty(), "{b:?}");
+        assert_eq!(b.first_pending, 2, "{b:?}");
         // Its own messages, and those of the batches it commits after, do not.
-        let b = w.blockers(&["b", "a"], 0, 10, &["x", "z"], now);
+        let b = w.blockers(&["b", "a", "dead"], &[], 0, 10, &["x", "z"], now);
         assert!(b.pending.is_empty(), "{b:?}");
         // Settled messages no longer hold back; a redelivery does not revive them.
         w.settle(&[1], None);
         w.register("c", &items(&[(1, "x")]), later);
-        let b = w.blockers(&["b"], 0, 10, &["x"], now);
+        let b = w.blockers(&["b", "dead"], &[], 0, 10, &["x"], now);
         assert!(b.pending.is_empty(), "{b:?}");
         // Below the limit only.
-        let b = w.blockers(&["a"], 0, 3, &["x"], now);
+        let b = w.blockers(&["a"], &[], 0, 3, &["x"], now);
         assert!(b.pending.is_empty(), "{b:?}");
     }
 
