@@ -77,11 +77,6 @@ pub struct WindowBlockers {
     /// long as the waiting batch's patience lasts; the broker hands it to
     /// another instance after `nats.ack_wait_secs`, which claims it anew.
     pub stale: bool,
-    /// The latest lease among other batches' pending messages below the
-    /// limit: it moves whenever a live holder renews its claim, which tells
-    /// a batch waiting on a stale message that the instances before it are
-    /// still at work (the stale one may be queued behind them).
-    pub latest_lease: Option<DateTime<Utc>>,
 }
 
 /// Where a walk through the event log got to: `(stream_seq, id)`. The log

@@ -720,6 +720,113 @@ async fn a_later_batch_of_another_instance_waits_for_the_earlier_one_before_usin
     );
 }
 
+backend_tests!(
+    a_batch_waits_past_the_ack_wait_for_a_holder_that_renews_its_claim,
+    a_holder_that_stops_renewing_its_claim_is_given_up_on
+);
+
+/// The earlier batch's instance is slower than the ack wait (2 s here) but
+/// alive: it renews its claim, as a batch in hand does every third of the
+/// ack wait. The later batch waits for it however long it takes, so the
+/// counter shared by all clients still sees message 1 first. (It used to
+/// give up after half the ack wait, whoever held the message.)
+async fn a_batch_waits_past_the_ack_wait_for_a_holder_that_renews_its_claim(backend: Backend) {
+    let (slow, quick, store, _db) = two_instances_on(backend, "renewing").await;
+    let lease = Duration::from_secs(2);
+    let first: Vec<Incoming> = (1..=10).map(order_message).collect();
+    let second: Vec<Incoming> = (11..=20).map(order_message).collect();
+    let (slow_task, open) = held_at_the_gate(slow.clone(), first, &store).await;
+    // Its claim runs out in a second (announced a second ago with the 2 s
+    // ack wait as its lease), unless renewed.
+    let seqs: Vec<u64> = (1..=10).collect();
+    expire_claims(
+        &store,
+        &seqs,
+        chrono::Utc::now() + chrono::Duration::seconds(1),
+    )
+    .await;
+    let renewing = tokio::spawn(async move {
+        loop {
+            slow.renew_claims(&seqs, lease).await.unwrap();
+            tokio::time::sleep(lease / 3).await;
+        }
+    });
+    let quick_task = tokio::spawn(async move {
+        quick
+            .process_in_order(&second, &NoAcks, lease, &mut Default::default())
+            .await
+    });
+    // Twice the ack wait, four times the old patience.
+    tokio::time::sleep(2 * lease).await;
+    assert!(
+        !quick_task.is_finished(),
+        "the later batch waits for a live holder"
+    );
+    open.notify_one();
+    slow_task.await.unwrap().unwrap();
+    quick_task.await.unwrap().unwrap();
+    renewing.abort();
+    let (effects, _) = outbox_of(&store).await;
+    let tasks: Vec<_> = effects
+        .iter()
+        .filter(|(_, kind, _)| kind == "task")
+        .collect();
+    assert_eq!(
+        tasks,
+        vec![&("first".to_string(), "task".to_string(), "o1".to_string())],
+        "the first order of the month in stream order"
+    );
+}
+
+/// The other side of the bound: a holder that stops renewing (it died) holds
+/// the later batch back only until its claim has run out and half an ack
+/// wait more has passed with nothing changing; then the stream goes on.
+async fn a_holder_that_stops_renewing_its_claim_is_given_up_on(backend: Backend) {
+    let (slow, quick, store, _db) = two_instances_on(backend, "stopped").await;
+    let first: Vec<Incoming> = (1..=10).map(order_message).collect();
+    let second: Vec<Incoming> = (11..=20).map(order_message).collect();
+    // Announced with a 60 s lease, taken down to a moment ago: a holder
+    // that died after announcing.
+    let (slow_task, _open) = held_at_the_gate(slow, first, &store).await;
+    slow_task.abort();
+    let seqs: Vec<u64> = (1..=10).collect();
+    let past = chrono::Utc::now() - chrono::Duration::seconds(1);
+    expire_claims(&store, &seqs, past).await;
+    let lease = Duration::from_secs(2);
+    let started = std::time::Instant::now();
+    let report = tokio::time::timeout(
+        Duration::from_secs(30),
+        quick.process_in_order(&second, &NoAcks, lease, &mut Default::default()),
+    )
+    .await
+    .expect("the later batch goes on")
+    .unwrap();
+    assert_eq!(report.accepted, 10);
+    assert!(
+        started.elapsed() >= lease / 2,
+        "it waited half an ack wait first: {:?}",
+        started.elapsed()
+    );
+}
+
+/// Sets the claims on `seqs` to run out at `at`, as if their holder had
+/// stopped renewing them then.
+async fn expire_claims(
+    store: &nudge::store::AnyStore,
+    seqs: &[u64],
+    at: chrono::DateTime<chrono::Utc>,
+) {
+    // A fresh registration under a dead owner replaces the live one.
+    let items: Vec<(u64, Option<String>)> = seqs
+        .iter()
+        .map(|s| (*s, Some(format!("client-{s}"))))
+        .collect();
+    store
+        .window_register("dead-owner", &items, at)
+        .await
+        .unwrap();
+}
+
 /// A broker whose ack floor cannot be read for the first `failing` looks,
 /// and is 0 after.
 struct FlakyFloor {

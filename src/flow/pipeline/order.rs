@@ -108,11 +108,12 @@ pub(super) fn next_owner() -> String {
 /// (a message pulled and never announced: its instance died first, or it
 /// waits in a busy instance's queue) or a lease that ran out. The broker
 /// hands such a message to another instance after its ack wait (the
-/// lease), which announces it again; so a stale wait that has seen no
-/// change for one and a half leases is given up. A change is the floor
-/// moving, what holds it back changing, or a holder of an earlier message
-/// renewing its claim: a message pulled by a live instance waits in its
-/// queue, unannounced, while the batches before it work, and those renew.
+/// lease), which announces it again, so a claim that ran out is waited for
+/// a little longer; but a gap may also be a message redelivered to this
+/// very instance behind its own waiting batches, which only giving up
+/// frees. So a stale wait that has seen no change (of the floor or of what
+/// holds it back) for half a lease is given up, as every wait was before
+/// holders renewed their claims.
 pub(super) struct Patience {
     lease: std::time::Duration,
     started: tokio::time::Instant,
@@ -158,7 +159,7 @@ impl Patience {
         }
         if self
             .stale_since
-            .is_some_and(|since| now - since >= self.lease * 3 / 2)
+            .is_some_and(|since| now - since >= self.lease / 2)
         {
             Some(GaveUp::Stale)
         } else if now - self.started >= self.lease * Self::MAX_LEASES {
@@ -172,7 +173,7 @@ impl Patience {
 /// Why a batch stopped waiting for earlier messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum GaveUp {
-    /// Held back by what nobody alive holds, unchanged, for 1.5 leases.
+    /// Held back by what nobody alive holds, unchanged, for half a lease.
     Stale,
     /// Held back for [`Patience::MAX_LEASES`] leases, whoever holds it.
     LastResort,
@@ -239,13 +240,13 @@ impl Pipeline {
     ///   in stream order; the commit's compare-and-swap checks the values).
     ///
     /// Parts of the batch commit as they become free. A batch waits for a
-    /// live holder as long as it takes: holders renew their claim while
-    /// they work (see `flow::ingest`), and the earliest message is always
-    /// free, so the wait ends. Waiting is bounded only for what nobody
-    /// alive holds ([`Patience`]): a message never announced, or whose
-    /// lease ran out, that held things back unchanged for one and a half
-    /// leases stops holding the rest, which is logged and counted; the
-    /// message is then decided when it is redelivered, as a late event.
+    /// live holder as long as it takes (up to a last resort): holders renew
+    /// their claim while they work (see `flow::ingest`), and the earliest
+    /// message is always free, so the wait ends. What nobody alive holds
+    /// ([`Patience`]: a message never announced, or whose claim ran out)
+    /// and that held things back unchanged for half a lease stops holding
+    /// the rest, which is logged and counted; the message is then decided
+    /// when it is redelivered, as a late event.
     ///
     /// A batch with a chained [`Turn`] commits only after the batch before
     /// it in its sequence, and is decided while that one commits, on top of
@@ -433,7 +434,7 @@ impl Pipeline {
                     held = waiting.len(),
                     ?first_held,
                     ?last,
-                    "gave up waiting for an earlier message nobody announced for one and a half \
+                    "gave up waiting for an earlier message nobody announced for half \
                      nats.ack_wait_secs (an instance died holding it?): applying the held events \
                      now; that message is decided when it is redelivered, after them"
                 );
@@ -445,7 +446,7 @@ impl Pipeline {
                     ?first_held,
                     ?last,
                     "gave up waiting for earlier messages whose holder stopped renewing its claim \
-                     one and a half nats.ack_wait_secs ago: applying the held events now, in \
+                     half nats.ack_wait_secs ago: applying the held events now, in \
                      stream order among themselves"
                 );
                 self.metrics.order_wait_expired();
@@ -576,7 +577,6 @@ mod tests {
             pending: vec![("c".into(), 289)],
             first_pending: 289,
             stale: false,
-            latest_lease: None,
         };
         let (free, held) = split_free(events, &blockers);
         assert_eq!(free.len(), 1);
@@ -592,7 +592,6 @@ mod tests {
             pending: vec![("c".into(), 290), ("c".into(), 291)],
             first_pending: 290,
             stale: false,
-            latest_lease: None,
         };
         assert!(held_from(&events, &blockers).is_empty());
     }
@@ -622,7 +621,6 @@ mod tests {
             pending: Vec::new(),
             first_pending: 300,
             stale: false,
-            latest_lease: None,
         };
         assert_eq!(shared_cut(&blockers, &[]), 300);
         assert_eq!(shared_cut(&blockers, &[stored("h", "c", 250)]), 250);
@@ -631,7 +629,6 @@ mod tests {
             pending: Vec::new(),
             first_pending: u64::MAX,
             stale: false,
-            latest_lease: None,
         };
         assert_eq!(shared_cut(&free, &[]), u64::MAX);
     }
@@ -639,7 +636,6 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn patience_outlasts_live_holders_and_gives_up_on_stale_ones() {
         use std::time::Duration;
-        let t0 = Utc::now();
         let lease = Duration::from_secs(10);
         let step = |s| tokio::time::advance(Duration::from_secs(s));
         let live = WindowBlockers {
@@ -647,7 +643,6 @@ mod tests {
             pending: vec![("c".into(), 5)],
             first_pending: 5,
             stale: false,
-            latest_lease: Some(t0),
         };
         let stale = WindowBlockers {
             stale: true,
@@ -663,32 +658,33 @@ mod tests {
         step(40).await;
         assert_eq!(p.exhausted(0, &live, 9), Some(GaveUp::LastResort));
 
-        // Stale and unchanged: one and a half leases from when it went stale.
+        // Stale and unchanged: half a lease from when it went stale.
         let mut p = Patience::new(lease);
-        step(5).await;
+        step(20).await;
         assert_eq!(p.exhausted(0, &live, 9), None);
         assert_eq!(p.exhausted(0, &stale, 9), None);
-        step(14).await;
+        step(4).await;
         assert_eq!(p.exhausted(0, &stale, 9), None);
         step(1).await;
         assert_eq!(p.exhausted(0, &stale, 9), Some(GaveUp::Stale));
 
-        // A renewal by a holder of an earlier message, or the floor moving,
-        // starts the count again.
+        // The floor moving, or what holds it back changing, starts the
+        // count again.
         let mut p = Patience::new(lease);
         assert_eq!(p.exhausted(0, &stale, 9), None);
-        step(14).await;
-        let renewed = WindowBlockers {
-            latest_lease: Some(t0 + chrono::Duration::seconds(3)),
+        step(4).await;
+        assert_eq!(p.exhausted(1, &stale, 9), None);
+        step(4).await;
+        let other = WindowBlockers {
+            pending: vec![("c".into(), 6)],
+            first_pending: 6,
             ..stale.clone()
         };
-        assert_eq!(p.exhausted(0, &renewed, 9), None);
-        step(14).await;
-        assert_eq!(p.exhausted(1, &renewed, 9), None);
-        step(14).await;
-        assert_eq!(p.exhausted(1, &renewed, 9), None);
+        assert_eq!(p.exhausted(1, &other, 9), None);
+        step(4).await;
+        assert_eq!(p.exhausted(1, &other, 9), None);
         step(1).await;
-        assert_eq!(p.exhausted(1, &renewed, 9), Some(GaveUp::Stale));
+        assert_eq!(p.exhausted(1, &other, 9), Some(GaveUp::Stale));
 
         // A gap below the held events is stale: nobody announced it.
         let gap = WindowBlockers {
@@ -697,12 +693,12 @@ mod tests {
         };
         let mut p = Patience::new(lease);
         assert_eq!(p.exhausted(0, &gap, 9), None);
-        step(15).await;
+        step(5).await;
         assert_eq!(p.exhausted(0, &gap, 9), Some(GaveUp::Stale));
         // Above them, it holds nothing back.
         let mut p = Patience::new(lease);
         assert_eq!(p.exhausted(0, &gap, 7), None);
-        step(15).await;
+        step(5).await;
         assert_eq!(p.exhausted(0, &gap, 7), None);
     }
 }

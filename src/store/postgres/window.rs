@@ -72,10 +72,9 @@ pub(crate) async fn blockers(
     .map_err(db("reading the window"))?;
     // Any client's: steps that use shared counters wait for every
     // earlier message, not only their clients' own.
-    // The first pending, whether its lease ran out, and the latest lease of all.
-    let first_pending: Option<(i64, bool, DateTime<Utc>)> = sqlx::query_as(
-        "SELECT seq, lease_until <= $2, MAX(lease_until) OVER () FROM inflight \
-         WHERE NOT done AND owner <> ALL($1) \
+    // The first pending, and whether its lease ran out.
+    let first_pending: Option<(i64, bool)> = sqlx::query_as(
+        "SELECT seq, lease_until <= $2 FROM inflight WHERE NOT done AND owner <> ALL($1) \
          AND seq < $3 AND seq > $4 AND seq <> ALL($5) ORDER BY seq LIMIT 1",
     )
     .bind(owners)
@@ -86,17 +85,15 @@ pub(crate) async fn blockers(
     .fetch_optional(&store.pool)
     .await
     .map_err(db("reading the window"))?;
-    let stale =
-        rows.iter().any(|r| r.get::<bool, _>(2)) || first_pending.is_some_and(|(_, e, _)| e);
+    let stale = rows.iter().any(|r| r.get::<bool, _>(2)) || first_pending.is_some_and(|(_, e)| e);
     Ok(WindowBlockers {
         first_gap: first_gap.map_or(u64::MAX, |g| g as u64),
         pending: rows
             .into_iter()
             .map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1) as u64))
             .collect(),
-        first_pending: first_pending.map_or(u64::MAX, |(s, _, _)| s as u64),
+        first_pending: first_pending.map_or(u64::MAX, |(s, _)| s as u64),
         stale,
-        latest_lease: first_pending.map(|(_, _, l)| l),
     })
 }
 

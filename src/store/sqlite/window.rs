@@ -101,14 +101,12 @@ impl MemoryWindow {
         let mut first_pending = u64::MAX;
         let mut pending = Vec::new();
         let mut stale = false;
-        let mut latest_lease: Option<DateTime<Utc>> = None;
         if below > floor + 1 {
             let others = slots.range(floor + 1..below).filter(|(seq, slot)| {
                 !slot.done && !owners.contains(&slot.owner.as_str()) && !mine.contains(seq)
             });
             for (seq, slot) in others {
                 let expired = slot.lease_until <= now;
-                latest_lease = latest_lease.max(Some(slot.lease_until));
                 if first_pending == u64::MAX {
                     // In order: the first is the first pending.
                     first_pending = *seq;
@@ -127,7 +125,6 @@ impl MemoryWindow {
             pending,
             first_pending,
             stale,
-            latest_lease,
         }
     }
 
