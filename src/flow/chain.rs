@@ -215,6 +215,18 @@ impl Chain {
             .collect()
     }
 
+    /// The window owners of the batches in flight after `turn`: they commit
+    /// after it, so it cannot wait for their messages (a message redelivered
+    /// to this instance is pulled, and chained, after the batches waiting
+    /// for it).
+    pub fn owners_after(&self, turn: &Turn) -> Vec<String> {
+        self.lock()
+            .owners
+            .range(turn.ordinal + 1..)
+            .map(|(_, o)| o.clone())
+            .collect()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         // A panic while holding the lock leaves plain maps behind: usable.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
@@ -454,6 +466,8 @@ mod tests {
         let second = chain.enter(&two, "o2");
         assert_eq!(chain.owners_before(&three), vec!["o1", "o2"]);
         assert_eq!(chain.owners_before(&two), vec!["o1"]);
+        assert_eq!(chain.owners_after(&one), vec!["o2"]);
+        assert!(chain.owners_after(&two).is_empty());
         let seen = chain.seen();
         first.committed();
         assert!(chain.holds(seen));

@@ -348,9 +348,15 @@ impl Pipeline {
                 .max()
                 .map_or(0, |s| s + 1);
             let clients = clients_of(&waiting);
+            // Its own messages, and those of the batches chained after it,
+            // which can only commit after it, hold nothing back.
+            let after = self.chain.owners_after(turn);
+            let owners: Vec<&str> = std::iter::once(owner.as_str())
+                .chain(after.iter().map(String::as_str))
+                .collect();
             let blockers = self
                 .store
-                .window_blockers(&[&owner], &mine, floor, below, &clients, Utc::now())
+                .window_blockers(&owners, &mine, floor, below, &clients, Utc::now())
                 .await?;
             let (mut ready, held, cut) =
                 if let Some(why) = patience.exhausted(floor, &blockers, below) {
