@@ -14,9 +14,7 @@
 use crate::helpers::{Backend, TestApp, TestEnv, ago, event, registered_at};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::Command;
 
 const TOKEN: &str = "a-browser-test-token";
@@ -151,88 +149,40 @@ async fn staff_page_search_live_task_and_done_in_chromium() {
     let _ = std::fs::remove_dir_all(&shots);
     std::fs::create_dir_all(&shots).unwrap();
     let started = Instant::now();
-    let mut child = Command::new(&tools.node)
-        .arg(&tools.script)
-        .env("NUDGE_URL", format!("http://{}/", app.http))
-        .env("NUDGE_TOKEN", TOKEN)
-        .env("NUDGE_EXPECT", expect.to_string())
-        .env("CHROMIUM", &tools.chromium)
-        .env("NUDGE_SCREENSHOTS", &shots)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {}: {e}", tools.node));
-    let mut stderr = child.stderr.take().unwrap();
-    let stderr = tokio::spawn(async move {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s).await;
-        s
-    });
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-
-    // Follows the script's lines; on a failure, kills it and reports what it said.
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    let mut said = Vec::new();
-    let mut failure = None;
+    let mut script = crate::Script::start(
+        Command::new(&tools.node)
+            .arg(&tools.script)
+            .env("NUDGE_URL", format!("http://{}/", app.http))
+            .env("NUDGE_TOKEN", TOKEN)
+            .env("NUDGE_EXPECT", expect.to_string())
+            .env("CHROMIUM", &tools.chromium)
+            .env("NUDGE_SCREENSHOTS", &shots),
+        DEADLINE,
+    );
     let mut done = None;
-    loop {
-        match tokio::time::timeout_at(deadline, lines.next_line()).await {
-            Err(_) => {
-                failure = Some(format!("no end within {DEADLINE:?}"));
-                break;
-            }
-            Ok(Err(e)) => {
-                failure = Some(format!("reading its output: {e}"));
-                break;
-            }
-            Ok(Ok(None)) => break,
-            Ok(Ok(Some(line))) => {
-                said.push(line.clone());
-                if line == "READY_FOR_TASK" {
-                    // The third order this month: vip_callback makes a task.
-                    app.publish(&order(
-                        "o3",
-                        "ada",
-                        &at,
-                        "online",
-                        json!([{"product_id": "vase", "name": "Vase", "quantity": 1, "price": 30}]),
-                        30.0,
-                    ))
-                    .await;
-                } else if let Some(id) = line.strip_prefix("DONE ") {
-                    done = Some(id.to_string());
-                }
-            }
+    while let Some(line) = script.next().await {
+        if line == "READY_FOR_TASK" {
+            // The third order this month: vip_callback makes a task.
+            app.publish(&order(
+                "o3",
+                "ada",
+                &at,
+                "online",
+                json!([{"product_id": "vase", "name": "Vase", "quantity": 1, "price": 30}]),
+                30.0,
+            ))
+            .await;
+        } else if let Some(id) = line.strip_prefix("DONE ") {
+            done = Some(id.to_string());
         }
     }
-    let status = if failure.is_some() {
-        let _ = child.start_kill();
-        child.wait().await
-    } else {
-        match tokio::time::timeout_at(deadline, child.wait()).await {
-            Ok(s) => s,
-            Err(_) => {
-                failure = Some(format!("did not exit within {DEADLINE:?}"));
-                let _ = child.start_kill();
-                child.wait().await
-            }
-        }
-    };
-    let stderr = tokio::time::timeout(Duration::from_secs(10), stderr)
-        .await
-        .map(|r| r.unwrap_or_default())
-        .unwrap_or_else(|_| "(stderr still open)".into());
-    let status = status.expect("wait for node");
-    if failure.is_some() || !status.success() || done.is_none() {
-        panic!(
-            "the browser test failed: {} (exit: {status}; it printed {said:?})\n--- stderr of node staff.mjs ---\n{stderr}",
-            failure
-                .as_deref()
-                .unwrap_or("the script did not finish with DONE"),
-        );
-    }
+    let ended = script.end().await;
+    ended.check(
+        "staff page's browser",
+        done.is_some(),
+        "the script did not finish with DONE",
+    );
+    let stderr = &ended.stderr;
     let took = started.elapsed();
     println!("staff page in Chromium: {took:?}\n{stderr}");
 

@@ -8,9 +8,7 @@
 
 use crate::helpers::{Backend, TestApp, TestEnv, ago, event, free_port};
 use serde_json::{Value, json};
-use std::process::Stdio;
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::Command;
 
 const TOKEN: &str = "a-wall-board-admin-token";
@@ -79,47 +77,21 @@ async fn fifteen_wall_boards_show_a_sale_within_a_second_and_reconnect() {
         app.wait_events(3).await;
     }
 
-    let mut child = Command::new(&tools.node)
-        .arg(&script)
-        .env("NUDGE_URL", format!("http://127.0.0.1:{port}/"))
-        .env("NUDGE_TOKEN", STAFF)
-        .env("BOARD", "sales")
-        .env("MEMBER", "Ben")
-        .env("SCORES", "[150, 151]")
-        .env("PAGES", PAGES.to_string())
-        .env("CHROMIUM", &tools.chromium)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {}: {e}", tools.node));
-    let mut stderr = child.stderr.take().unwrap();
-    let stderr = tokio::spawn(async move {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s).await;
-        s
-    });
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    let mut said = Vec::new();
-    let mut failure = None;
+    let mut script = crate::Script::start(
+        Command::new(&tools.node)
+            .arg(&script)
+            .env("NUDGE_URL", format!("http://127.0.0.1:{port}/"))
+            .env("NUDGE_TOKEN", STAFF)
+            .env("BOARD", "sales")
+            .env("MEMBER", "Ben")
+            .env("SCORES", "[150, 151]")
+            .env("PAGES", PAGES.to_string())
+            .env("CHROMIUM", &tools.chromium),
+        DEADLINE,
+    );
     let mut published = 0.0;
     let (mut shown, mut fed, mut reconnected) = (None, None, None);
-    loop {
-        let line = match tokio::time::timeout_at(deadline, lines.next_line()).await {
-            Err(_) => {
-                failure = Some(format!("no end within {DEADLINE:?}"));
-                break;
-            }
-            Ok(Err(e)) => {
-                failure = Some(format!("reading its output: {e}"));
-                break;
-            }
-            Ok(Ok(None)) => break,
-            Ok(Ok(Some(line))) => line,
-        };
-        said.push(line.clone());
+    while let Some(line) = script.next().await {
         if line == "READY" {
             published = now_ms();
             app.as_ref()
@@ -142,28 +114,13 @@ async fn fifteen_wall_boards_show_a_sale_within_a_second_and_reconnect() {
             reconnected = Some(times(&line, "RECONNECTED "));
         }
     }
-    let status = if failure.is_some() {
-        let _ = child.start_kill();
-        child.wait().await
-    } else {
-        tokio::time::timeout_at(deadline, child.wait())
-            .await
-            .unwrap_or_else(|_| {
-                failure = Some("did not exit".into());
-                Ok(std::process::ExitStatus::default())
-            })
-    };
-    let stderr = tokio::time::timeout(Duration::from_secs(10), stderr)
-        .await
-        .map(|r| r.unwrap_or_default())
-        .unwrap_or_else(|_| "(stderr still open)".into());
-    let status = status.expect("wait for node");
-    if failure.is_some() || !status.success() || reconnected.is_none() {
-        panic!(
-            "the wall board test failed: {} (exit: {status}; it printed {said:?})\n--- stderr of node wall.mjs ---\n{stderr}",
-            failure.as_deref().unwrap_or("the script did not reconnect"),
-        );
-    }
+    let ended = script.end().await;
+    ended.check(
+        "wall board",
+        reconnected.is_some(),
+        "the script did not reconnect",
+    );
+    let stderr = &ended.stderr;
     let latencies: Vec<f64> = shown
         .expect("SHOWN")
         .iter()
